@@ -1,0 +1,51 @@
+"""``sage-ft``: the command-line client of the same core API the web UI uses.
+
+Each command group lives in its own module with a ``register(subparsers)`` function, so adding a
+command never touches another group's code. Handlers import heavy libraries lazily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# module name -> the commands it registers (documentation only; register() is the truth)
+COMMAND_MODULES = {
+    "train": ("train", "demo-model"),
+    "data": ("check-data", "prepare-docs"),
+    "tasks": ("tasks", "models", "gpu"),
+    "serve": ("serve", "chat", "switch"),
+    "export": ("export",),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sage-ft", description="SAGE Fine-Tune Studio: LoRA fine-tuning, live monitoring and vLLM chat."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="more log output")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        importlib.import_module(f"sage_ft.cli.{module}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

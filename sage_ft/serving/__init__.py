@@ -1,0 +1,1 @@
+"""sage_ft.serving"""

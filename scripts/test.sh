@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Install whatever is missing (test tools included), lint, then run the whole test suite.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k config`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh --dev
+PY=${PYTHON:-python3}
+"$PY" -m ruff check sage_ft tests bench scripts webui.py
+# pytest exits 5 when it collects no test: that is a failure here, never a pass.
+exec "$PY" -m pytest -p no:cacheprovider -ra "$@"

@@ -1,0 +1,1 @@
+"""Shared fixtures of the serving area (owned by that area)."""

@@ -1,0 +1,1 @@
+"""Shared fixtures of the tasks area (owned by that area)."""

@@ -1,0 +1,1 @@
+"""Shared fixtures of the training area (owned by that area)."""

@@ -1,0 +1,1 @@
+"""Shared fixtures of the webui area (owned by that area)."""

@@ -1,0 +1,145 @@
+"""TrainConfig: YAML round trip, LLaMA-Factory keys, CLI overrides and error messages."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+from sage_ft.config import ConfigError, TrainConfig, parse_overrides
+
+LLAMA_FACTORY_YAML = """\
+### model
+model_name_or_path: Qwen/Qwen2.5-0.5B-Instruct
+trust_remote_code: true
+
+### method
+stage: sft
+do_train: true
+finetuning_type: lora
+lora_rank: 16
+lora_target: all
+
+### dataset
+dataset: data/identity.json,data/alpaca_en_demo.json
+template: qwen
+cutoff_len: 2048
+max_samples: 1000
+overwrite_cache: true
+preprocessing_num_workers: 16
+
+### output
+output_dir: saves/qwen2.5-0.5b/lora/sft
+logging_steps: 10
+save_steps: 500
+plot_loss: true
+overwrite_output_dir: true
+save_only_model: false
+
+### train
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 8
+learning_rate: 1.0e-4
+num_train_epochs: 3.0
+lr_scheduler_type: cosine
+warmup_ratio: 0.1
+bf16: true
+ddp_timeout: 180000000
+"""
+
+
+def test_llama_factory_yaml_loads_and_reports_unknown_keys(tmp_path: Path) -> None:
+    path = tmp_path / "lf.yaml"
+    path.write_text(LLAMA_FACTORY_YAML)
+    config, unknown = TrainConfig.from_yaml(path)
+    assert config.model_name_or_path == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert config.lora_rank == 16 and config.effective_lora_alpha == 32
+    assert config.datasets == ["data/identity.json", "data/alpaca_en_demo.json"]
+    assert config.learning_rate == pytest.approx(1e-4)
+    assert config.precision == "bf16"
+    assert config.template == "qwen"
+    assert config.lora_targets == "all-linear"
+    assert unknown == ["save_only_model"]
+
+
+def test_yaml_round_trip_is_identical(tmp_path: Path) -> None:
+    config, _ = TrainConfig.from_dict({"dataset": "a.jsonl", "lora_rank": 32, "max_samples": 7,
+                                       "lora_target": "q_proj,v_proj", "precision": "fp32"})
+    path = config.save_yaml(tmp_path / "c.yaml")
+    again, unknown = TrainConfig.from_yaml(path)
+    assert again == config and unknown == []
+    assert again.to_yaml() == config.to_yaml()
+    assert again.lora_targets == ["q_proj", "v_proj"]
+
+
+def test_command_round_trip() -> None:
+    config, _ = TrainConfig.from_dict({"dataset": "my data.jsonl", "learning_rate": 3e-5, "packing": False,
+                                       "max_samples": None, "run_name": "héllo wörld"})
+    argv = shlex.split(config.to_command())
+    assert argv[:2] == ["sage-ft", "train"]
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    again, _ = TrainConfig.from_dict(parse_overrides(sets))
+    assert again == config
+
+
+def test_command_against_a_config_file_lists_only_differences(tmp_path: Path) -> None:
+    base, _ = TrainConfig.from_dict({"dataset": "a.jsonl", "lora_rank": 16})
+    path = base.save_yaml(tmp_path / "base.yaml")
+    changed, _ = TrainConfig.from_dict({**base.to_dict(), "learning_rate": 1e-3})
+    assert changed.to_argv(path) == ["sage-ft", "train", str(path), "--set", "learning_rate=0.001"]
+
+
+@pytest.mark.parametrize(
+    ("values", "fragment"),
+    [
+        ({"learning_rate": -1}, "learning_rate: -1 is too small; it must be > 0"),
+        ({"learning_rate": 0}, "learning_rate: 0 is too small; it must be > 0"),
+        ({"per_device_train_batch_size": 0}, "per_device_train_batch_size: 0 is too small; it must be >= 1"),
+        ({"per_device_train_batch_size": "four"}, "per_device_train_batch_size: 'four' is not a whole number"),
+        ({"lora_rank": 2.5}, "lora_rank: 2.5 is not a whole number"),
+        ({"packing": "maybe"}, "packing: 'maybe' is not true or false"),
+        ({"lr_scheduler_type": "zigzag"}, "lr_scheduler_type: 'zigzag' is not allowed; choose one of linear, cosine"),
+        ({"max_steps": 0}, "max_steps: 0 would train nothing"),
+        ({"stage": "dpo"}, "stage: 'dpo' is not supported"),
+        ({"lora_target": " "}, "lora_target: empty"),
+    ],
+)
+def test_bad_values_name_key_value_and_what_is_allowed(values: dict, fragment: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_dict({"dataset": "x.jsonl", **values})
+    assert fragment in str(err.value)
+
+
+def test_every_bad_key_is_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_dict({"learning_rate": "fast", "lora_rank": "big"})
+    assert len(err.value.problems) == 2
+
+
+def test_strict_mode_rejects_unknown_keys() -> None:
+    with pytest.raises(ConfigError, match="lora_rnak: unknown key"):
+        TrainConfig.from_dict({"lora_rnak": 8}, strict=True)
+
+
+def test_yaml_errors_name_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("lora_rank: 8\nlearning_rate: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: line \d+, column \d+ invalid YAML"):
+        TrainConfig.from_yaml(path)
+    with pytest.raises(ConfigError, match="file not found"):
+        TrainConfig.from_yaml(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        TrainConfig.from_yaml(tmp_path / "list.yaml")
+
+
+def test_overrides_need_key_equals_value() -> None:
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_overrides(["learning_rate"])
+
+
+def test_every_field_has_help_and_a_group() -> None:
+    for f in TrainConfig.fields():
+        ui = TrainConfig.ui(f.name)
+        assert ui.help and ui.group in ("basic", "data", "lora", "advanced", "output")

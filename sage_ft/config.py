@@ -105,6 +105,8 @@ class TrainConfig:
     eval_steps: int | None = _f(None, "advanced", "Evaluate every N steps when val_size > 0 (empty = save_steps).", min=1)
     save_total_limit: int | None = _f(3, "advanced", "Keep at most this many checkpoints (empty = all).", min=1)
     report_to: str = _f("none", "advanced", "Extra experiment trackers.", choices=("none", "tensorboard", "wandb"))
+    devices: str = _f("auto", "advanced", "Where to train: 'auto' (GPU if present), 'cpu', or GPU ids like '0,1'.")
+    num_processes: int = _f(1, "advanced", "Data-parallel processes; > 1 launches the run with `accelerate launch` (DDP).", min=1, max=64)
     # --- output ---
     output_dir: str = _f("", "output", "Run directory (empty = a new folder under the data home's runs/).")
     overwrite_output_dir: bool = _f(False, "output", "Allow writing into an existing, non-empty output_dir.")

@@ -15,7 +15,8 @@ import sys
 COMMAND_MODULES = {
     "train": ("train", "demo-model"),
     "data": ("check-data", "prepare-docs"),
-    "tasks": ("tasks", "models", "gpu"),
+    "tasks": ("tasks",),
+    "models": ("models", "gpu"),
     "serve": ("serve", "chat", "switch"),
     "export": ("export",),
 }

@@ -71,8 +71,8 @@ class EventEmitter:
         now = time.monotonic()
         record_it = True
         if event in ("batch_start", "batch_end"):
-            last = self._last_throttled.get(event, 0.0)
-            record_it = now - last >= self._throttle_s
+            last = self._last_throttled.get(event)
+            record_it = last is None or now - last >= self._throttle_s
             if record_it:
                 self._last_throttled[event] = now
         with self._lock:

@@ -1,1 +1,76 @@
-"""Shared fixtures of the data area (owned by that area)."""
+"""Shared fixtures of the data area: write small dataset files for any test that needs one.
+
+- ``write_jsonl(rows, path)`` / ``write_json(rows, path)``: plain helpers.
+- ``make_dataset(name, rows)``: a factory writing into the test's ``tmp_path`` (``.json`` names
+  become a JSON array, anything else JSON Lines).
+- ``memorize_dataset``: 4 short Q/A pairs in OpenAI messages format, for trainer tests whose loss
+  must fall; ``MEMORIZE_PAIRS`` holds the same pairs for asserting on generations.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+MEMORIZE_PAIRS = [
+    ("What colour is the sky?", "Blue."),
+    ("What is two plus two?", "Four."),
+    ("Who wrote Hamlet?", "Shakespeare."),
+    ("What is the capital of France?", "Paris."),
+]
+
+ALPACA_ROWS = [
+    {"instruction": "Say hello.", "input": "", "output": "Hello!"},
+    {"instruction": "Translate to French.", "input": "cat", "output": "chat", "system": "You translate."},
+    {"instruction": "And dog?", "output": "chien", "history": [["Translate cat", "chat"]]},
+]
+SHAREGPT_ROWS = [
+    {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
+    {"system": "Be brief.", "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"},
+                                              {"from": "human", "value": "3+3?"}, {"from": "gpt", "value": "6"}]},
+]
+OPENAI_ROWS = [
+    {"messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
+                  {"role": "assistant", "content": "Hello."}]},
+    {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Red."}]},
+]
+
+
+def write_jsonl(rows: Iterable[Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def write_json(rows: list[Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
+    return path
+
+
+def memorize_rows() -> list[dict]:
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in MEMORIZE_PAIRS]
+
+
+@pytest.fixture
+def make_dataset(tmp_path: Path) -> Callable[[str, list[Any]], Path]:
+    """``make_dataset("train.jsonl", rows)`` -> the written file under ``tmp_path``."""
+
+    def make(name: str, rows: list[Any]) -> Path:
+        path = tmp_path / name
+        return write_json(rows, path) if path.suffix == ".json" else write_jsonl(rows, path)
+
+    return make
+
+
+@pytest.fixture
+def memorize_dataset(tmp_path: Path) -> Path:
+    """A .jsonl of 4 short Q/A pairs (OpenAI messages) that a tiny model can memorise."""
+    return write_jsonl(memorize_rows(), tmp_path / "memorize.jsonl")

@@ -1,0 +1,427 @@
+"""Read and validate dataset files before any training starts.
+
+``load_dataset`` reads ``.json`` (an array of objects) and ``.jsonl`` (one object per line) files,
+detects or applies their format (see ``formats``), converts every row into a conversation, and
+returns a ``DatasetReport``. Two kinds of problems:
+
+- file-level (``DataError``): the file cannot be used at all — not found, wrong extension, too big,
+  binary, not UTF-8, invalid JSON, not an array of objects, a line over ``MAX_LINE_BYTES``, or zero
+  usable rows. The message names the file, the place (line/column, byte offset or index), what is
+  wrong and what to do. A bad file never starts a run.
+- row-level (``RowIssue`` in ``report.dropped``): one row is unusable (missing field, empty
+  response, unknown role, wrong turn order, ...). The row is dropped and reported, nothing aborts
+  unless no usable row is left.
+
+Memory: a file is refused before reading when it is over ``max_bytes``; JSON Lines are read line by
+line with a bounded ``readline`` so a single enormous line (zip-bomb style) is refused after reading
+at most ``MAX_LINE_BYTES`` of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sage_ft.data.formats import (
+    FORMATS,
+    MappingError,
+    RowError,
+    convert_row,
+    detect_row_format,
+    parse_column_mapping,
+)
+
+# Files over this size are refused unless the caller (or SAGE_FT_MAX_DATASET_BYTES) raises the limit.
+DEFAULT_MAX_BYTES = int(os.environ.get("SAGE_FT_MAX_DATASET_BYTES") or 512 * 1024**2)
+# One JSON Lines row larger than this is refused: a real training sample is a few KB of text.
+MAX_LINE_BYTES = 8 * 1024**2
+DETECT_ROWS = 20  # auto-detection looks at this many rows at the top of each file
+SUFFIXES = (".json", ".jsonl")
+_SHOWN_LOCATIONS = 3  # per reason in the summary
+
+_CONVERT_HINTS = {
+    ".csv": "convert it to JSON Lines, e.g. pandas.read_csv(f).to_json('data.jsonl', orient='records', lines=True)",
+    ".tsv": "convert it to JSON Lines, e.g. pandas.read_csv(f, sep='\\t').to_json('data.jsonl', orient='records', lines=True)",
+    ".parquet": "convert it to JSON Lines, e.g. pandas.read_parquet(f).to_json('data.jsonl', orient='records', lines=True)",
+    ".gz": "decompress it first (gunzip FILE) and pass the .json/.jsonl inside",
+    ".zip": "unzip it first and pass the .json/.jsonl files inside",
+    ".txt": "for plain documents use `sage-ft prepare-docs DIR -o data.jsonl` to build a dataset",
+    ".md": "for plain documents use `sage-ft prepare-docs DIR -o data.jsonl` to build a dataset",
+}
+_MAGIC = {
+    b"\x1f\x8b": "gzip-compressed data: decompress it first (gunzip)",
+    b"PK\x03\x04": "a zip archive: unzip it and pass the .json/.jsonl inside",
+    b"PAR1": "a Parquet file: convert it, e.g. pandas.read_parquet(f).to_json('data.jsonl', orient='records', lines=True)",
+    b"SQLite format 3": "an SQLite database, not a dataset file",
+    b"\x89PNG": "a PNG image, not a dataset file",
+    b"%PDF": "a PDF document: extract its text and use `sage-ft prepare-docs`",
+}
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used. ``problems`` lists each file-level problem; ``report`` is the
+    partial report (rows of the files that were fine) when one exists."""
+
+    def __init__(self, message: str, problems: list[str] | None = None, report: DatasetReport | None = None):
+        super().__init__(message)
+        self.problems = problems or [message]
+        self.report = report
+
+
+@dataclass
+class RowIssue:
+    """A dropped row: ``location`` is ``"line 7"`` (jsonl) or ``"index 3"`` (json array)."""
+
+    file: Path
+    location: str
+    reason: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.location}: {self.reason}" + (f" ({self.detail})" if self.detail else "")
+
+    def to_dict(self) -> dict[str, str]:
+        return {"file": str(self.file), "location": self.location, "reason": self.reason, "detail": self.detail}
+
+
+@dataclass
+class TokenStats:
+    """Token lengths of the conversations rendered with the chat template (before truncation)."""
+
+    count: int
+    min: int
+    mean: float
+    p95: int
+    max: int
+    cutoff_len: int
+    over_cutoff: int  # samples longer than cutoff_len (they get truncated)
+    no_labels_after_cutoff: int  # samples whose assistant tokens all fall beyond cutoff_len
+
+    def summary(self) -> str:
+        text = (f"Token lengths: min {self.min}, mean {self.mean:.1f}, p95 {self.p95}, max {self.max}; "
+                f"{self.over_cutoff} of {self.count} exceed cutoff_len {self.cutoff_len} (truncated)")
+        if self.no_labels_after_cutoff:
+            text += (f"; {self.no_labels_after_cutoff} keep no assistant tokens after truncation and teach "
+                     "nothing (raise cutoff_len or shorten their prompts)")
+        return text
+
+
+@dataclass
+class DatasetReport:
+    """What ``load_dataset`` found. ``conversations`` are the usable rows (after ``max_samples``)."""
+
+    conversations: list[list[dict[str, str]]] = field(default_factory=list)
+    format: str = ""  # alpaca / sharegpt / openai, or "mixed" when files differ (see file_formats)
+    files: list[Path] = field(default_factory=list)
+    rows_total: int = 0
+    rows_ok: int = 0  # valid rows before max_samples; len(conversations) is what training uses
+    dropped: list[RowIssue] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # file-level problems (only with raise_on_error=False)
+    file_formats: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # how each file's format was chosen
+    max_samples: int | None = None
+    token_stats: TokenStats | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.rows_ok > 0 and not self.errors
+
+    def preview(self, n: int = 3) -> list[list[dict[str, str]]]:
+        return self.conversations[:n]
+
+    def dropped_by_reason(self) -> dict[str, list[RowIssue]]:
+        groups: dict[str, list[RowIssue]] = {}
+        for issue in self.dropped:
+            groups.setdefault(issue.reason, []).append(issue)
+        return dict(sorted(groups.items(), key=lambda kv: -len(kv[1])))
+
+    def summary(self) -> str:
+        """A human-readable report: files and formats, rows ok/dropped by reason, token stats, errors."""
+        lines = [f"Format: {self.format or 'unknown'}"]
+        lines += [f"  {note}" for note in self.notes]
+        lines.append(f"Rows: {self.rows_total} read, {self.rows_ok} usable, {len(self.dropped)} dropped")
+        if self.dropped:
+            lines.append("Dropped rows by reason:")
+            lines += [f"  - {line}" for line in describe_reasons(self.dropped)]
+        if len(self.conversations) < self.rows_ok:
+            lines.append(f"Using the first {len(self.conversations)} usable rows (max_samples={self.max_samples}).")
+        if self.token_stats:
+            lines.append(self.token_stats.summary())
+        if self.errors:
+            lines.append("Unusable files:")
+            lines += [f"  - {error}" for error in self.errors]
+        lines.append("OK: the data can be used for training." if self.ok else "NOT OK: fix the problems above.")
+        return "\n".join(lines)
+
+    def to_dict(self, include_conversations: bool = False) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "ok": self.ok,
+            "format": self.format,
+            "files": [str(f) for f in self.files],
+            "file_formats": self.file_formats,
+            "notes": self.notes,
+            "rows_total": self.rows_total,
+            "rows_ok": self.rows_ok,
+            "rows_used": len(self.conversations),
+            "rows_dropped": len(self.dropped),
+            "dropped_by_reason": {reason: len(items) for reason, items in self.dropped_by_reason().items()},
+            "dropped": [issue.to_dict() for issue in self.dropped],
+            "errors": self.errors,
+            "token_stats": self.token_stats.__dict__ if self.token_stats else None,
+            "preview": self.preview(3),
+        }
+        if include_conversations:
+            data["conversations"] = self.conversations
+        return data
+
+    def compute_token_stats(self, tokenizer: Any, cutoff_len: int, template: str = "auto") -> TokenStats:
+        """Tokenise every conversation with the chat template (untruncated) and record length stats."""
+        from sage_ft.data.tokenize import tokenize_conversations
+
+        encoded = tokenize_conversations(self.conversations, tokenizer, _NO_CUTOFF, template)
+        lengths = sorted(len(sample["input_ids"]) for sample in encoded)
+        if not lengths:
+            raise DataError("no conversation could be tokenised; check the model's chat template")
+        no_labels = sum(1 for s in encoded if all(label == -100 for label in list(s["labels"])[:cutoff_len]))
+        self.token_stats = TokenStats(
+            count=len(lengths), min=lengths[0], mean=sum(lengths) / len(lengths),
+            p95=lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))], max=lengths[-1],
+            cutoff_len=cutoff_len, over_cutoff=sum(1 for n in lengths if n > cutoff_len),
+            no_labels_after_cutoff=no_labels)
+        return self.token_stats
+
+
+_NO_CUTOFF = 1_048_576  # TrainConfig's largest cutoff_len: lengths are measured untruncated
+
+
+def describe_reasons(dropped: list[RowIssue]) -> list[str]:
+    """``"empty response: 3 rows (a.jsonl line 4: 'output' is empty; line 9; ...)"`` per reason."""
+    groups: dict[str, list[RowIssue]] = {}
+    for issue in dropped:
+        groups.setdefault(issue.reason, []).append(issue)
+    lines = []
+    for reason, issues in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        shown = [f"{i.file.name} {i.location}" + (f": {i.detail}" if i.detail else "") for i in issues[:_SHOWN_LOCATIONS]]
+        more = f"; and {len(issues) - _SHOWN_LOCATIONS} more" if len(issues) > _SHOWN_LOCATIONS else ""
+        lines.append(f"{reason}: {len(issues)} row{'s' if len(issues) != 1 else ''} ({'; '.join(shown)}{more})")
+    return lines
+
+
+def split_paths(paths: str | Path | list[str | Path]) -> list[Path]:
+    """A comma-separated string, one path, or a list of either -> a list of paths."""
+    items = [paths] if isinstance(paths, (str, Path)) else list(paths or [])
+    out: list[Path] = []
+    for item in items:
+        parts = item.split(",") if isinstance(item, str) else [item]
+        out += [Path(str(p).strip()).expanduser() for p in parts if str(p).strip()]
+    return out
+
+
+def load_dataset(
+    paths: str | Path | list[str | Path],
+    fmt: str = "auto",
+    column_mapping: str = "",
+    max_samples: int | None = None,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
+    *,
+    raise_on_error: bool = True,
+) -> DatasetReport:
+    """Read, validate and merge dataset files (see the module docstring).
+
+    ``fmt``: ``auto`` (detected per file from its first rows) or alpaca / sharegpt / openai.
+    ``column_mapping``: ``"instruction=prompt,output=answer"`` style, see ``sage_ft.data.formats``.
+    ``max_samples`` keeps the first N usable rows. ``max_bytes=None`` removes the size limit.
+    With ``raise_on_error=False`` file-level problems go to ``report.errors`` instead of raising, so
+    a UI can show them next to the rows of the good files; ``report.ok`` is then False.
+    """
+    if fmt not in ("auto", *FORMATS):
+        raise DataError(f"format {fmt!r} is not known; choose one of auto, {', '.join(FORMATS)}")
+    if max_samples is not None and max_samples < 1:
+        raise DataError(f"max_samples {max_samples} must be >= 1 (or empty for all rows)")
+    try:
+        mapping = parse_column_mapping(column_mapping)
+    except MappingError as exc:
+        raise DataError(str(exc)) from None
+    files = split_paths(paths)
+    if not files:
+        raise DataError("no dataset file given; pass one or more .json/.jsonl files (comma separated)")
+    report = DatasetReport(files=files, max_samples=max_samples)
+    conversations: list[list[dict[str, str]]] = []
+    for path in files:
+        try:
+            conversations += _load_file(path, fmt, mapping, max_bytes, report)
+        except DataError as exc:
+            report.errors.append(str(exc))
+    formats = sorted(set(report.file_formats.values()))
+    report.format = formats[0] if len(formats) == 1 else ("mixed" if formats else fmt if fmt != "auto" else "")
+    report.rows_ok = len(conversations)
+    report.conversations = conversations[:max_samples] if max_samples else conversations
+    if report.errors and raise_on_error:
+        message = report.errors[0] if len(report.errors) == 1 else "\n".join(["Unusable dataset files:"] + report.errors)
+        raise DataError(message, problems=list(report.errors), report=report)
+    return report
+
+
+def _load_file(path: Path, fmt: str, mapping: dict[str, str], max_bytes: int | None,
+               report: DatasetReport) -> list[list[dict[str, str]]]:
+    rows = list(read_rows(path, max_bytes))
+    if not rows:
+        raise DataError(f"{path}: the file has no rows (it is empty or only blank lines); "
+                        "add at least one example or remove it from the list")
+    if fmt == "auto":
+        file_fmt, note = detect_format(path, rows, mapping)
+    else:
+        file_fmt, note = fmt, f"{path.name}: {fmt} (set by --format)"
+    report.file_formats[str(path)] = file_fmt
+    report.notes.append(note)
+    report.rows_total += len(rows)
+    conversations, dropped = [], []
+    for location, row in rows:
+        try:
+            conversations.append(convert_row(row, file_fmt, mapping))
+        except RowError as exc:
+            dropped.append(RowIssue(path, location, exc.reason, exc.detail))
+    report.dropped += dropped
+    if not conversations:
+        reasons = "\n  - ".join(describe_reasons(dropped))
+        raise DataError(
+            f"{path}: 0 usable rows out of {len(rows)} (read as {file_fmt}). Every row was dropped:\n  - {reasons}\n"
+            "Fix the rows, or check --format and --column-mapping "
+            "(e.g. --column-mapping 'instruction=question,output=answer').")
+    return conversations
+
+
+def detect_format(path: Path, rows: list[tuple[str, Any]], mapping: dict[str, str]) -> tuple[str, str]:
+    """The format most of the first ``DETECT_ROWS`` rows look like, and a note saying so."""
+    head = rows[:DETECT_ROWS]
+    votes = Counter(f for f in (detect_row_format(row, mapping) for _, row in head) if f)
+    if not any(isinstance(row, dict) for _, row in head):
+        location, row = head[0]
+        raise DataError(f"{path}: {location} is {type(row).__name__}, not a JSON object; every row must be an "
+                        'object such as {"instruction": "...", "output": "..."} or {"messages": [...]}')
+    if not votes:
+        first = next((row for _, row in head if isinstance(row, dict)), None)
+        keys = ", ".join(map(str, list(first)[:10])) if first else "no JSON objects"
+        raise DataError(
+            f"{path}: cannot tell the dataset format from the first {len(head)} rows ({head[0][0]} has keys: "
+            f"{keys}). Expected alpaca (instruction, output), sharegpt (conversations) or openai (messages); "
+            "give --format and --column-mapping, e.g. --format alpaca --column-mapping 'instruction=question,output=answer'")
+    fmt, count = votes.most_common(1)[0]
+    return fmt, f"{path.name}: {fmt} (auto-detected from {count} of the first {len(head)} rows)"
+
+
+def read_rows(path: Path, max_bytes: int | None = DEFAULT_MAX_BYTES) -> Iterator[tuple[str, Any]]:
+    """``(location, parsed JSON value)`` for every row of a .json/.jsonl file, after the file checks."""
+    check_file(path, max_bytes)
+    if path.suffix.lower() == ".jsonl":
+        yield from _read_jsonl(path)
+    else:
+        yield from _read_json_array(path)
+
+
+def check_file(path: Path, max_bytes: int | None) -> None:
+    """Existence, extension, size and binary checks that need at most the first 8 KiB."""
+    if not path.exists():
+        raise DataError(f"{path}: file not found (working directory: {Path.cwd()}); check the path")
+    if not path.is_file():
+        what = "a directory" if path.is_dir() else "not a regular file"
+        raise DataError(f"{path}: is {what}, not a dataset file; pass the .json/.jsonl files themselves")
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        hint = _CONVERT_HINTS.get(suffix, "save it as JSON Lines (one JSON object per line) with a .jsonl name")
+        raise DataError(f"{path}: unsupported file type {suffix or '(no extension)'!r}; only .json (an array of "
+                        f"objects) and .jsonl (one object per line) are read. To use it, {hint}")
+    size = path.stat().st_size
+    if max_bytes is not None and size > max_bytes:
+        raise DataError(
+            f"{path}: the file is {_human(size)}, over the {_human(max_bytes)} limit for one dataset file. "
+            "Split it or keep the rows you need; or raise the limit (max_bytes= in Python, --max-bytes in "
+            "`sage-ft check-data`, or the SAGE_FT_MAX_DATASET_BYTES environment variable)")
+    with path.open("rb") as fh:
+        head = fh.read(8192)
+    for magic, what in _MAGIC.items():
+        if head.startswith(magic):
+            raise DataError(f"{path}: this is {what} (binary, not JSON text) — was it renamed to {suffix}?")
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{path}: the file is UTF-16 text; re-save it as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
+    nul = head.find(b"\x00")
+    if nul >= 0:
+        line = head[:nul].count(b"\n") + 1
+        raise DataError(f"{path}: binary data (a NUL byte at byte offset {nul}, line {line}); "
+                        f"this is not JSON text — was a binary file renamed to {suffix}? Export the data as JSON Lines")
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open("rb") as fh:
+        offset, lineno = 0, 0
+        while True:
+            raw = fh.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            lineno += 1
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                raise DataError(
+                    f"{path}: line {lineno} is longer than {_human(MAX_LINE_BYTES)} (stopped reading there); one "
+                    "JSON Lines row must be a single training example. Split it, or if it is one big JSON "
+                    "array save the file as .json")
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(_not_utf8(path, exc, offset + exc.start, lineno)) from None
+            if lineno == 1:
+                text = text.removeprefix("\ufeff")
+            offset += len(raw)
+            if not text.strip():
+                continue
+            try:
+                yield f"line {lineno}", json.loads(text.rstrip("\r\n"))
+            except json.JSONDecodeError as exc:
+                hint = ("the file looks like one JSON array: rename it to .json" if lineno == 1
+                        and text.lstrip().startswith("[") and not text.rstrip().endswith("]")
+                        else f"fix or delete line {lineno}: each line must be one complete JSON object")
+                raise DataError(f"{path}: line {lineno}, column {exc.colno}: invalid JSON ({exc.msg}); {hint}") from None
+
+
+def _read_json_array(path: Path) -> Iterator[tuple[str, Any]]:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        raise DataError(_not_utf8(path, exc, exc.start, data[: exc.start].count(b"\n") + 1)) from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        hint = "fix the JSON at that place"
+        if exc.msg.startswith("Extra data") and exc.lineno > 1:
+            hint = "the file looks like JSON Lines (one object per line): rename it to .jsonl"
+        raise DataError(f"{path}: line {exc.lineno}, column {exc.colno}: invalid JSON ({exc.msg}); {hint}") from None
+    if isinstance(value, dict):
+        inner = [k for k, v in value.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+        hint = (f"the rows seem to be under the key {inner[0]!r}: save that array alone" if inner
+                else "wrap the rows in [ ... ] or write one object per line as .jsonl")
+        raise DataError(f"{path}: the top-level JSON value is an object; a .json dataset must be an array of "
+                        f"objects [{{...}}, {{...}}]; {hint}")
+    if not isinstance(value, list):
+        raise DataError(f"{path}: the top-level JSON value is {type(value).__name__}; a .json dataset must be an "
+                        "array of objects [{...}, {...}]")
+    for index, row in enumerate(value):
+        yield f"index {index}", row
+
+
+def _not_utf8(path: Path, exc: UnicodeDecodeError, offset: int, lineno: int) -> str:
+    byte = exc.object[exc.start: exc.start + 1].hex().upper()
+    return (f"{path}: line {lineno} (byte offset {offset}): not UTF-8 text (byte 0x{byte}: {exc.reason}); "
+            "re-save the file as UTF-8, e.g. iconv -f latin1 -t utf-8 IN > OUT")
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} bytes"

@@ -1,0 +1,368 @@
+"""Dataset reading and validation on real files: every format, detection, mapping, every bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sage_ft.data import DataError, load_dataset
+from sage_ft.data.load import MAX_LINE_BYTES
+from tests.fixtures_data import ALPACA_ROWS, OPENAI_ROWS, SHAREGPT_ROWS, write_json, write_jsonl
+
+ROWS = {"alpaca": ALPACA_ROWS, "sharegpt": SHAREGPT_ROWS, "openai": OPENAI_ROWS}
+
+
+def _roles(conversation):
+    return [m["role"] for m in conversation]
+
+
+def _assert_valid(conversation):
+    roles = _roles(conversation)
+    turns = roles[1:] if roles[0] == "system" else roles
+    assert turns == ["user", "assistant"] * (len(turns) // 2) and len(turns) % 2 == 0
+    assert all(isinstance(m["content"], str) and m["content"] for m in conversation)
+
+
+# ---------------------------------------------------------------- formats
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+@pytest.mark.parametrize("fmt", ["alpaca", "sharegpt", "openai"])
+def test_every_format_in_json_and_jsonl_is_detected_and_converted(make_dataset, fmt, suffix):
+    path = make_dataset(f"data{suffix}", ROWS[fmt])
+    report = load_dataset(path)
+    assert report.ok and report.format == fmt
+    assert report.rows_total == report.rows_ok == len(ROWS[fmt]) and not report.dropped
+    assert f"{fmt} (auto-detected" in report.summary()
+    for conversation in report.conversations:
+        _assert_valid(conversation)
+
+
+def test_alpaca_fields_become_system_history_and_joined_prompt(make_dataset):
+    report = load_dataset(make_dataset("a.jsonl", ALPACA_ROWS))
+    hello, translate, history = report.conversations
+    assert hello == [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello!"}]
+    assert translate == [{"role": "system", "content": "You translate."},
+                         {"role": "user", "content": "Translate to French.\n\ncat"},
+                         {"role": "assistant", "content": "chat"}]
+    assert _roles(history) == ["user", "assistant", "user", "assistant"]
+    assert history[0]["content"] == "Translate cat" and history[-1]["content"] == "chien"
+
+
+def test_sharegpt_top_level_system_and_role_aliases(make_dataset):
+    rows = SHAREGPT_ROWS + [{"conversations": [{"from": "user", "value": "a"}, {"from": "assistant", "value": "b"}]}]
+    report = load_dataset(make_dataset("s.json", rows))
+    assert report.conversations[1][0] == {"role": "system", "content": "Be brief."}
+    assert _roles(report.conversations[2]) == ["user", "assistant"]
+
+
+def test_format_override_wins_over_detection(make_dataset):
+    path = make_dataset("o.jsonl", OPENAI_ROWS)
+    report = load_dataset(path, fmt="sharegpt")  # chat formats read each other's key spellings
+    assert report.format == "sharegpt" and report.rows_ok == 2
+    assert "set by --format" in report.summary()
+    with pytest.raises(DataError) as err:
+        load_dataset(path, fmt="alpaca")
+    message = str(err.value)
+    assert "o.jsonl" in message and "0 usable rows" in message and "missing field 'instruction'" in message
+    assert "line 1" in message and "--column-mapping" in message
+
+
+def test_unknown_format_name_is_refused(make_dataset):
+    with pytest.raises(DataError, match="format 'csv' is not known"):
+        load_dataset(make_dataset("o.jsonl", OPENAI_ROWS), fmt="csv")
+
+
+def test_detection_says_what_it_saw_when_no_format_fits(make_dataset):
+    with pytest.raises(DataError) as err:
+        load_dataset(make_dataset("q.jsonl", [{"question": "a", "answer": "b"}]))
+    message = str(err.value)
+    assert "q.jsonl" in message and "cannot tell the dataset format" in message
+    assert "question, answer" in message and "--column-mapping" in message
+
+
+def test_column_mapping_for_alpaca(make_dataset):
+    rows = [{"question": "Q1", "context": "ctx", "answer": "A1", "sys": "S"}]
+    report = load_dataset(make_dataset("m.jsonl", rows),
+                          column_mapping="instruction=question, input=context,output=answer,system=sys")
+    assert report.format == "alpaca"
+    assert report.conversations[0] == [{"role": "system", "content": "S"},
+                                       {"role": "user", "content": "Q1\n\nctx"},
+                                       {"role": "assistant", "content": "A1"}]
+
+
+def test_column_mapping_for_chat_keys_and_role_tags(make_dataset):
+    rows = [{"dialog": [{"speaker": "Q", "text": "hi"}, {"speaker": "A", "text": "yo"}], "preamble": "P"}]
+    report = load_dataset(make_dataset("c.json", rows),
+                          column_mapping="messages=dialog,role=speaker,content=text,user_tag=Q,assistant_tag=A,"
+                                         "system=preamble")
+    assert report.format == "openai"
+    assert report.conversations[0] == [{"role": "system", "content": "P"}, {"role": "user", "content": "hi"},
+                                       {"role": "assistant", "content": "yo"}]
+
+
+@pytest.mark.parametrize(("mapping", "expected"), [
+    ("instruction", "is not field=key"),
+    ("prompt_text=q", "unknown field 'prompt_text'"),
+    ("output=", "maps to an empty key name"),
+])
+def test_bad_column_mapping_is_explained(make_dataset, mapping, expected):
+    with pytest.raises(DataError, match=expected):
+        load_dataset(make_dataset("a.jsonl", ALPACA_ROWS), column_mapping=mapping)
+
+
+def test_multiple_files_merge_in_order_with_formats_per_file(make_dataset):
+    a = make_dataset("a.jsonl", ALPACA_ROWS)
+    b = make_dataset("b.json", OPENAI_ROWS)
+    for paths in (f"{a},{b}", [a, b], [str(a), b]):
+        report = load_dataset(paths)
+        assert report.files == [a, b] and report.rows_ok == 5 and report.format == "mixed"
+        assert report.file_formats == {str(a): "alpaca", str(b): "openai"}
+        assert report.conversations[0][0]["content"] == "Say hello."
+        assert report.conversations[-1][-1]["content"] == "Red."
+    same = load_dataset([a, make_dataset("c.jsonl", ALPACA_ROWS)])
+    assert same.format == "alpaca" and same.rows_ok == 6
+
+
+def test_max_samples_truncates_after_validation(make_dataset):
+    rows = [{"instruction": "q", "output": ""}] + [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(5)]
+    report = load_dataset(make_dataset("a.jsonl", rows), max_samples=2)
+    assert report.rows_ok == 5 and len(report.conversations) == 2 and len(report.dropped) == 1
+    assert report.conversations[0][0]["content"] == "q0"
+    assert "Using the first 2 usable rows (max_samples=2)" in report.summary()
+    with pytest.raises(DataError, match="max_samples 0 must be >= 1"):
+        load_dataset(make_dataset("b.jsonl", rows), max_samples=0)
+
+
+def test_report_to_dict_and_preview(make_dataset):
+    report = load_dataset(make_dataset("o.jsonl", OPENAI_ROWS + [{"messages": []}]))
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["ok"] is True and data["rows_ok"] == 2 and data["rows_dropped"] == 1
+    assert data["dropped"][0]["location"] == "line 3" and data["dropped_by_reason"] == {"no messages": 1}
+    assert report.preview(1) == report.conversations[:1]
+    assert "conversations" in report.to_dict(include_conversations=True)
+
+
+# ---------------------------------------------------------------- row-level problems
+
+BAD_CHAT_ROWS = [
+    ({"messages": [{"role": "user", "content": "q"}]}, "wrong turn order", "must end with an assistant reply"),
+    ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]},
+     "wrong turn order", "message 0 is assistant where user was expected"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q"},
+                   {"role": "assistant", "content": "a"}]}, "wrong turn order", "message 1 is user"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"},
+                   {"role": "assistant", "content": "a"}]}, "wrong turn order", "system must come first"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "a"}]},
+     "unknown role", "message 1 has role 'tool'"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]},
+     "empty response", "message 1 is empty"),
+    ({"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}]},
+     "empty user message", "message 0"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 42}]},
+     "content is not a string", "message 1 (assistant) content is a number"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant"}]}, "missing field 'content'", "message 1"),
+    ({"messages": "hello"}, "messages are not a list", "'messages' is a string"),
+    ({"messages": [["user", "q"]]}, "message is not an object", "message 0 is a list"),
+    ({"text": "no messages key", "messages_": 1}, "missing field 'messages'", "row keys: text"),
+    ([1, 2], "row is not a JSON object", "got a list"),
+]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_bad_chat_rows_are_dropped_with_location_and_reason(make_dataset, suffix):
+    rows = [OPENAI_ROWS[1]] + [row for row, _, _ in BAD_CHAT_ROWS]
+    report = load_dataset(make_dataset(f"chat{suffix}", rows))
+    assert report.rows_ok == 1 and report.ok and report.rows_total == len(rows)
+    assert len(report.dropped) == len(BAD_CHAT_ROWS)
+    summary = report.summary()
+    for i, (issue, (_, reason, detail)) in enumerate(zip(report.dropped, BAD_CHAT_ROWS, strict=True)):
+        location = f"line {i + 2}" if suffix == ".jsonl" else f"index {i + 1}"
+        assert (issue.location, issue.reason) == (location, reason)
+        assert detail in issue.detail
+        assert issue.file.name == f"chat{suffix}"
+        assert reason in summary
+    assert f"chat{suffix} {'line 2' if suffix == '.jsonl' else 'index 1'}" in summary
+
+
+BAD_ALPACA_ROWS = [
+    ({"instruction": "q"}, "missing field 'output'"),
+    ({"output": "a", "input": "x"}, "missing field 'instruction'"),
+    ({"instruction": "q", "output": ""}, "empty response"),
+    ({"instruction": "", "input": " ", "output": "a"}, "empty prompt"),
+    ({"instruction": "q", "output": ["a"]}, "content is not a string"),
+    ({"instruction": "q", "output": "a", "history": [["only one"]]}, "bad history"),
+    ({"instruction": "q", "output": "a", "history": "x"}, "bad history"),
+]
+
+
+def test_bad_alpaca_rows_are_dropped_and_grouped_in_summary(make_dataset):
+    rows = [ALPACA_ROWS[0]] + [row for row, _ in BAD_ALPACA_ROWS] + [{"instruction": "q", "output": ""}] * 4
+    report = load_dataset(make_dataset("al.jsonl", rows))
+    assert report.format == "alpaca" and report.rows_ok == 1
+    assert [i.reason for i in report.dropped[: len(BAD_ALPACA_ROWS)]] == [r for _, r in BAD_ALPACA_ROWS]
+    groups = report.dropped_by_reason()
+    assert len(groups["empty response"]) == 5 and next(iter(groups)) == "empty response"  # biggest group first
+    summary = report.summary()
+    assert "empty response: 5 rows (al.jsonl line 4: 'output' is empty; al.jsonl line 9" in summary
+    assert "and 2 more" in summary
+
+
+# ---------------------------------------------------------------- file-level problems
+
+
+def _error(paths, **kwargs) -> str:
+    with pytest.raises(DataError) as err:
+        load_dataset(paths, **kwargs)
+    return str(err.value)
+
+
+def test_missing_file_and_directory(tmp_path):
+    message = _error(tmp_path / "nope.jsonl")
+    assert "nope.jsonl: file not found" in message
+    assert "is a directory" in _error(tmp_path)
+    assert "no dataset file given" in _error("")
+
+
+@pytest.mark.parametrize(("name", "hint"), [
+    ("data.csv", "to_json('data.jsonl'"), ("data.txt", "prepare-docs"), ("data", "(no extension)"),
+    ("data.json.gz", "gunzip"),
+])
+def test_wrong_extension_says_what_to_do(tmp_path, name, hint):
+    path = tmp_path / name
+    path.write_text("instruction,output\nq,a\n")
+    message = _error(path)
+    assert name in message and "only .json" in message and hint in message
+
+
+def test_invalid_json_in_jsonl_names_line_and_column(make_dataset, tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps(ALPACA_ROWS[0]) + "\n\n" + '{"instruction": "q", "output": "a",}\n')
+    message = _error(path)
+    assert "broken.jsonl: line 3, column 36: invalid JSON" in message and "fix or delete line 3" in message
+
+
+def test_invalid_json_in_json_array_names_line_and_column(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('[\n  {"instruction": "q", "output": "a"}\n  {"instruction": "q2", "output": "a2"}\n]\n')
+    message = _error(path)
+    assert "broken.json: line 3, column 3: invalid JSON (Expecting ',' delimiter)" in message
+
+
+def test_jsonl_content_in_a_json_file_and_array_in_jsonl_get_a_rename_hint(tmp_path):
+    jsonl_as_json = write_jsonl(ALPACA_ROWS, tmp_path / "rows.json")
+    assert "rename it to .jsonl" in _error(jsonl_as_json)
+    array_as_jsonl = write_json(ALPACA_ROWS, tmp_path / "rows.jsonl")
+    message = _error(array_as_jsonl)
+    assert "rows.jsonl: line 1" in message and "rename it to .json" in message
+
+
+def test_json_file_that_is_not_an_array_of_objects(tmp_path):
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"data": ALPACA_ROWS}))
+    message = _error(wrapped)
+    assert "wrapped.json" in message and "top-level JSON value is an object" in message and "'data'" in message
+    scalar = tmp_path / "scalar.json"
+    scalar.write_text("42")
+    assert "top-level JSON value is int" in _error(scalar)
+    numbers = tmp_path / "numbers.json"
+    numbers.write_text("[1, 2, 3]")
+    assert "numbers.json: index 0 is int, not a JSON object" in _error(numbers)
+    message = _error(numbers, fmt="openai")
+    assert "0 usable rows out of 3" in message and "row is not a JSON object: 3 rows" in message
+    assert "index 0" in message
+
+
+def test_not_utf8_names_line_and_byte_offset(tmp_path):
+    for name in ("latin1.jsonl", "latin1.json"):
+        path = tmp_path / name
+        good = json.dumps(ALPACA_ROWS[0]) + "\n"
+        bad = '{"instruction": "caf\u00e9", "output": "a"}\n'.encode("latin-1")
+        path.write_bytes((f"[{good}," if name.endswith(".json") else good).encode() + bad
+                         + (b"]" if name.endswith(".json") else b""))
+        message = _error(path)
+        offset = len(good) + (2 if name.endswith(".json") else 0) + len('{"instruction": "caf')
+        assert f"{name}: line 2 (byte offset {offset}): not UTF-8 text (byte 0xE9" in message
+        assert "re-save the file as UTF-8" in message
+
+
+def test_utf8_bom_is_accepted_and_utf16_is_explained(tmp_path):
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + (json.dumps(ALPACA_ROWS[0]) + "\n").encode())
+    assert load_dataset(bom).rows_ok == 1
+    utf16 = tmp_path / "utf16.jsonl"
+    utf16.write_text(json.dumps(ALPACA_ROWS[0]) + "\n", encoding="utf-16")
+    assert "utf16.jsonl: the file is UTF-16 text" in _error(utf16)
+
+
+def test_too_large_file_is_refused_before_reading(make_dataset):
+    path = make_dataset("big.jsonl", ALPACA_ROWS * 50)
+    message = _error(path, max_bytes=1000)
+    assert "big.jsonl" in message and "over the 1000 bytes limit" in message
+    assert "--max-bytes" in message and "SAGE_FT_MAX_DATASET_BYTES" in message
+    assert load_dataset(path, max_bytes=None).rows_ok == 150
+
+
+def test_binary_files_renamed_jsonl_are_refused(tmp_path):
+    gz = tmp_path / "data.jsonl"
+    gz.write_bytes(gzip.compress(b'{"instruction": "q", "output": "a"}\n'))
+    assert "data.jsonl: this is gzip-compressed data" in _error(gz)
+    blob = tmp_path / "blob.jsonl"
+    blob.write_bytes(b'{"a": 1}\n' + bytes(range(256)) * 4)
+    message = _error(blob)
+    assert "blob.jsonl: binary data (a NUL byte at byte offset 9, line 2)" in message and "renamed" in message
+    parquet = tmp_path / "table.json"
+    parquet.write_bytes(b"PAR1" + b"\x15\x04" * 100)
+    assert "a Parquet file" in _error(parquet)
+
+
+def test_huge_single_line_is_refused_without_reading_it_all(tmp_path):
+    path = tmp_path / "bomb.jsonl"
+    with path.open("wb") as fh:
+        fh.write(json.dumps(ALPACA_ROWS[0]).encode() + b"\n")
+        fh.write(b'{"instruction": "' + b"a" * (MAX_LINE_BYTES + 10) + b'", "output": "x"}\n')
+    message = _error(path)
+    assert "bomb.jsonl: line 2 is longer than 8.0 MiB" in message and "Split it" in message
+
+
+def test_zero_usable_rows_lists_the_reasons(make_dataset):
+    rows = [{"instruction": "q", "output": ""}, {"instruction": "q"}, {"instruction": "q", "output": ""}]
+    message = _error(make_dataset("useless.jsonl", rows))
+    assert "useless.jsonl: 0 usable rows out of 3 (read as alpaca)" in message
+    assert "empty response: 2 rows (useless.jsonl line 1: 'output' is empty; useless.jsonl line 3" in message
+    assert "missing field 'output': 1 row (useless.jsonl line 2" in message
+
+
+def test_empty_file_and_blank_lines_only(tmp_path):
+    for name, text in (("empty.jsonl", ""), ("blank.jsonl", "\n  \n"), ("empty.json", "[]")):
+        path = tmp_path / name
+        path.write_text(text)
+        assert f"{name}: the file has no rows" in _error(path)
+
+
+def test_errors_of_all_files_are_reported_together_or_collected(make_dataset, tmp_path):
+    good = make_dataset("good.jsonl", ALPACA_ROWS)
+    missing = tmp_path / "missing.jsonl"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{oops\n")
+    with pytest.raises(DataError) as err:
+        load_dataset([good, missing, bad])
+    assert len(err.value.problems) == 2 and "missing.jsonl: file not found" in str(err.value)
+    assert "bad.jsonl: line 1, column 2" in str(err.value)
+    assert err.value.report is not None and err.value.report.rows_ok == 3
+    report = load_dataset([good, missing, bad], raise_on_error=False)
+    assert not report.ok and report.rows_ok == 3 and len(report.errors) == 2
+    assert "NOT OK" in report.summary() and "missing.jsonl" in report.summary()
+
+
+def test_importing_the_package_does_not_load_tokenisation():
+    code = ("import sys, sage_ft.data as d; assert 'sage_ft.data.tokenize' not in sys.modules; "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules; "
+            "f = d.tokenize_conversations; assert callable(f); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

@@ -1,1 +1,65 @@
-"""Shared fixtures of the tasks area (owned by that area)."""
+"""Shared fixtures of the tasks area: a task database per test, tiny datasets and configs, managers.
+
+- ``tiny_task_config(dataset, **overrides)``: a config dict for a run of a few steps on the demo model.
+- ``task_dataset``: a small OpenAI-messages jsonl file in the test's tmp dir.
+- ``task_db``: a fresh database path; ``idle_manager`` (no worker) / ``worker_manager`` (runs tasks).
+- ``spawn_manager_process(db, script)``: a real Python process holding a TaskManager (for kill -9 tests).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sage_ft.tasks import TaskManager
+from tests.fixtures_data import memorize_rows, write_jsonl
+
+
+def tiny_task_config(dataset: str | Path, **overrides: Any) -> dict[str, Any]:
+    """A run of 4 optimizer steps on the demo model with a checkpoint every 2 steps."""
+    return {"model_name_or_path": "demo", "dataset": str(dataset), "max_steps": 4, "cutoff_len": 64,
+            "per_device_train_batch_size": 2, "save_steps": 2, "logging_steps": 1, "learning_rate": 1e-3,
+            "packing": False, **overrides}
+
+
+@pytest.fixture
+def task_dataset(tmp_path: Path) -> Path:
+    return write_jsonl(memorize_rows() * 2, tmp_path / "task_data.jsonl")
+
+
+@pytest.fixture
+def task_db(tmp_path: Path) -> Path:
+    return tmp_path / "tasks.db"
+
+
+@pytest.fixture
+def idle_manager(task_db: Path) -> Iterator[TaskManager]:
+    manager = TaskManager(task_db, start_worker=False)
+    yield manager
+    manager.shutdown()
+
+
+@pytest.fixture
+def worker_manager(task_db: Path) -> Iterator[TaskManager]:
+    manager = TaskManager(task_db, start_worker=True)
+    yield manager
+    manager.shutdown(timeout=60)
+
+
+def spawn_manager_process(db: Path, body: str, log_path: Path) -> subprocess.Popen:
+    """A real process that opens ``TaskManager(db)`` as ``manager`` and runs ``body`` (Python code)."""
+    script = textwrap.dedent("""
+        import sys, time
+        from sage_ft.tasks import TaskManager
+        manager = TaskManager(sys.argv[1])
+    """) + textwrap.dedent(body)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    return subprocess.Popen([sys.executable, "-c", script, str(db)], env=env,
+                            stdout=log_path.open("w"), stderr=subprocess.STDOUT)

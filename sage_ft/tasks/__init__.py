@@ -1,1 +1,11 @@
-"""sage_ft.tasks"""
+"""The persistent task store and sequential queue shared by the web UI, the CLI and the tests.
+
+``TaskManager`` is the whole public API; ``Task``/``TaskDetail`` are the snapshots it returns.
+"""
+
+from sage_ft.tasks.manager import ForegroundResult, TaskManager
+from sage_ft.tasks.status import TaskStatus
+from sage_ft.tasks.task import Task, TaskDetail, TaskError, TaskNotFound, TaskRefused
+
+__all__ = ["ForegroundResult", "Task", "TaskDetail", "TaskError", "TaskManager", "TaskNotFound", "TaskRefused",
+           "TaskStatus"]

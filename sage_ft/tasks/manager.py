@@ -1,0 +1,603 @@
+"""``TaskManager``: the one API over the task store and queue, shared by the web UI, CLI and tests.
+
+Every operation is a short database transaction, so any number of managers (the app, a CLI call,
+a second app) can work on one database at once; state changes that could race are single guarded
+UPDATE/DELETE statements (``... WHERE status = 'queued'``), never read-then-write.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import json
+import logging
+import re
+import shutil
+import threading
+import time
+import weakref
+import zipfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+
+from sage_ft import paths
+from sage_ft.config import ConfigError, TrainConfig
+from sage_ft.events import read_events
+from sage_ft.tasks import rundir
+from sage_ft.tasks.procinfo import ProcessIdentity, current_identity, end_process_tree
+from sage_ft.tasks.status import RESUMABLE_STATES, TaskStatus
+from sage_ft.tasks.store import TaskRecord, TaskStore, WorkerRecord
+from sage_ft.tasks.task import Task, TaskDetail, TaskError, TaskNotFound, TaskRefused
+from sage_ft.tasks.worker import LOCAL_RUNS, LOCAL_RUNS_LOCK, QueueWorker, TaskRun, claim_next
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("ui", "cli", "api")
+DOWNLOADABLE = {"lora": "lora", "merged": "merged_model"}
+Subscriber = Callable[[dict[str, Any]], None]
+
+
+class TaskManager:
+    """Create, follow and control fine-tuning tasks (see the method docstrings).
+
+    ``start_worker=True`` (the app) runs queued tasks one at a time on a training thread of this
+    process; ``start_worker=False`` (CLI commands) only reads and changes the store. Every manager
+    marks tasks whose process died as interrupted when it opens the database.
+    """
+
+    def __init__(self, db_path: str | Path | None = None, start_worker: bool = True, max_running: int = 1):
+        self.store = TaskStore(db_path)
+        self.max_running = max_running
+        self._subscribers: list[Subscriber] = []
+        self._sub_lock = threading.Lock()
+        self._foreground: dict[int, TaskRun] = {}
+        self._worker: QueueWorker | None = None
+        self._closed = False
+        self.recover()
+        if start_worker:
+            self.start_worker()
+        self_ref = weakref.ref(self)
+        self._atexit = lambda: (m := self_ref()) is not None and m.shutdown(timeout=10)
+        atexit.register(self._atexit)
+
+    # ================================================================== creating tasks
+    def create(self, config: TrainConfig | dict[str, Any], name: str | None = None, source: str = "ui",
+               *, parent_id: int | None = None) -> Task:
+        """Validate the config, dataset and model, then queue the task; ``TaskRefused`` says why not.
+
+        Nothing is written on refusal. The config is frozen (YAML snapshot, output_dir resolved) and
+        never changes afterwards; resume/retry/clone all start from it.
+        """
+        config, files, fingerprint = self._validate(config)
+        return self._insert(config, files, fingerprint, name, source, TaskStatus.QUEUED, parent_id)
+
+    def _validate(self, config: TrainConfig | dict[str, Any]) -> tuple[TrainConfig, list[Path], str]:
+        try:
+            if isinstance(config, TrainConfig):
+                config = dataclasses.replace(config)
+                config.validate()
+            elif isinstance(config, dict):
+                config, unknown = TrainConfig.from_dict(config)
+                if unknown:
+                    log.warning("ignoring unknown config keys: %s", ", ".join(unknown))
+            else:
+                raise TaskRefused([f"config: expected a TrainConfig or a dict, got {type(config).__name__}"])
+        except ConfigError as exc:
+            raise TaskRefused(exc.problems) from None
+        problems = _model_problems(config) + _output_dir_problems(config)
+        files: list[Path] = []
+        fingerprint = ""
+        if not config.datasets:
+            problems.append("dataset: empty; give one or more .json/.jsonl files (comma separated)")
+        else:
+            data_problems, files = _dataset_problems(config)
+            problems += data_problems
+            if not data_problems:
+                fingerprint = rundir.fingerprint_files(files)
+        if problems:
+            raise TaskRefused(problems)
+        return config, files, fingerprint
+
+    def _insert(self, config: TrainConfig, files: list[Path], fingerprint: str, name: str | None, source: str,
+                status: TaskStatus, parent_id: int | None, owner: ProcessIdentity | None = None) -> Task:
+        if source not in SOURCES:
+            raise TaskRefused([f"source: {source!r} is not one of {', '.join(SOURCES)}"])
+        name = (name or config.run_name or _default_name(config)).strip()[:200]
+        now = time.time()
+        with self.store.write() as s:
+            explicit_dir = config.output_dir.strip()
+            if explicit_dir:
+                clash = s.scalar(select(TaskRecord.id).where(
+                    TaskRecord.output_dir == str(Path(explicit_dir).expanduser().resolve()),
+                    TaskRecord.status.in_([TaskStatus.QUEUED.value, TaskStatus.RUNNING.value])))
+                if clash:
+                    raise TaskRefused([f"output_dir: {explicit_dir} is already used by task {clash}, which is "
+                                       "queued or running; choose another folder"])
+            position = (s.scalar(select(func.max(TaskRecord.position))) or 0) + 1
+            rec = TaskRecord(name=name, status=status.value, source=source, created_at=now, updated_at=now,
+                             config_yaml="", dataset=",".join(str(f.resolve()) for f in files),
+                             dataset_fingerprint=fingerprint, output_dir="", position=position,
+                             parent_id=parent_id, last_metrics="{}", step=0, total_steps=0, attempts=1,
+                             cancel_requested=False)
+            if owner is not None:
+                rec.pid, rec.pid_start_time, rec.started_at = owner.pid, owner.start_time, now
+            s.add(rec)
+            s.flush()  # assigns the id, which names the run folder
+            out = Path(explicit_dir).expanduser().resolve() if explicit_dir else _new_run_dir(rec.id, name)
+            frozen = dataclasses.replace(config, output_dir=str(out), resume_from_checkpoint=None,
+                                         dataset=rec.dataset)
+            rec.output_dir = str(out)
+            rec.config_yaml = frozen.to_yaml()
+            task = Task.from_record(rec)
+        self._notify({"type": "status", "task_id": task.id, "status": task.status.value})
+        if self._worker is not None and status is TaskStatus.QUEUED:
+            self._worker.wake()
+        return task
+
+    def run_foreground(self, config: TrainConfig | dict[str, Any], name: str | None = None,
+                       on_event: Subscriber | None = None) -> Any:
+        """Run a task in this thread now (``sage-ft train``), registered as source=cli.
+
+        The row is created already running under this process's pid, kept current like a queued
+        run's, and visible to a running web UI, which can also cancel it. Returns the trainer's
+        ``RunResult``-like outcome (``status``, ``output_dir``, ``metrics``, ``error``, ``task_id``).
+        Ctrl-C stops the run; the task is then interrupted (resumable) and KeyboardInterrupt re-raised.
+        """
+        config, files, fingerprint = self._validate(config)
+        with LOCAL_RUNS_LOCK:  # registered before any recover() can see the running row
+            task = self._insert(config, files, fingerprint, name, "cli", TaskStatus.RUNNING, None,
+                                owner=current_identity())
+            LOCAL_RUNS.add(task.id)
+
+        def notify(event: dict[str, Any]) -> None:
+            self._notify(event)
+            if on_event is not None:
+                on_event(event)
+
+        run = TaskRun(self.store, task, notify)
+        self._foreground[task.id] = run
+        try:
+            outcome = run.execute()
+        except KeyboardInterrupt:
+            run.interrupt()
+            self._mark_interrupted(task.id, "stopped with Ctrl-C")
+            raise
+        finally:
+            self._foreground.pop(task.id, None)
+        return ForegroundResult(outcome.status.value, outcome.output_dir, outcome.metrics, outcome.error, task.id)
+
+    # ================================================================== reading
+    def list(self, statuses: Iterable[TaskStatus | str] | None = None) -> list[Task]:
+        """All tasks, newest first (``statuses`` filters)."""
+        query = select(TaskRecord).order_by(TaskRecord.id.desc())
+        if statuses is not None:
+            query = query.where(TaskRecord.status.in_([TaskStatus(s).value for s in statuses]))
+        with self.store.read() as s:
+            return [Task.from_record(r) for r in s.scalars(query)]
+
+    def queue(self) -> list[Task]:
+        """Queued tasks in the order they will start."""
+        with self.store.read() as s:
+            rows = s.scalars(select(TaskRecord).where(TaskRecord.status == TaskStatus.QUEUED.value)
+                             .order_by(TaskRecord.position, TaskRecord.id))
+            return [Task.from_record(r) for r in rows]
+
+    def task(self, task_id: int) -> Task:
+        """The row only (cheap); ``get`` adds what the run directory holds."""
+        with self.store.read() as s:
+            rec = s.get(TaskRecord, int(task_id))
+            if rec is None:
+                raise TaskNotFound(task_id)
+            return Task.from_record(rec)
+
+    def get(self, task_id: int, log_lines: int = 50) -> TaskDetail:
+        """Config, metrics history (from events.jsonl), log tail, checkpoints, queue position and
+        estimated start (queued), remaining time (running)."""
+        task = self.task(task_id)
+        base = {f.name: getattr(task, f.name) for f in dataclasses.fields(Task)}
+        position = start = eta = None
+        if task.status is TaskStatus.QUEUED:
+            for index, (queued, when) in enumerate(self._queue_estimates(), start=1):
+                if queued.id == task.id:
+                    position, start = index, when
+                    break
+        elif task.status is TaskStatus.RUNNING:
+            eta = self._remaining_s(task)
+        return TaskDetail(**base, metrics_history=rundir.metrics_history(task.output_dir),
+                          log_tail=rundir.log_tail(task.output_dir, log_lines),
+                          checkpoints=[str(p) for p in rundir.checkpoints(task.output_dir)],
+                          queue_position=position, estimated_start=start, eta_seconds=eta)
+
+    def events(self, task_id: int, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+        """Events of a task's run appended since byte ``offset`` (live charts, any process)."""
+        return read_events(Path(self.task(task_id).output_dir) / "events.jsonl", offset)
+
+    def poll(self, since: str | None = None) -> tuple[str, list[Task] | None]:
+        """Cheap change check for a UI timer: ``(version, tasks)``, ``tasks`` None when unchanged.
+
+        ``version`` changes whenever any row is added, changed or deleted, by any process.
+        """
+        with self.store.read() as s:
+            count, last, top = s.execute(select(func.count(TaskRecord.id), func.max(TaskRecord.updated_at),
+                                                func.max(TaskRecord.id))).one()
+        version = f"{count}:{last or 0:.6f}:{top or 0}"
+        if version == since:
+            return version, None
+        return version, self.list()
+
+    def subscribe(self, fn: Subscriber) -> Callable[[], None]:
+        """Call ``fn(event)`` for every status change and training event of runs in this process.
+
+        Events are dicts with ``type`` ("status" or "event") and ``task_id``; they arrive on the
+        training thread, so ``fn`` must be quick. Returns a function that unsubscribes.
+        """
+        with self._sub_lock:
+            self._subscribers.append(fn)
+
+        def unsubscribe() -> None:
+            with self._sub_lock:
+                if fn in self._subscribers:
+                    self._subscribers.remove(fn)
+        return unsubscribe
+
+    def _notify(self, event: dict[str, Any]) -> None:
+        with self._sub_lock:
+            subscribers = list(self._subscribers)
+        for fn in subscribers:
+            try:
+                fn(event)
+            except Exception:
+                log.exception("task subscriber %r failed", fn)
+
+    def compare(self, task_ids: Iterable[int]) -> dict[str, Any]:
+        """Side by side: each task's final metrics and loss curves, and the config keys that differ."""
+        tasks = [self.task(i) for i in task_ids]
+        configs = {t.id: t.config_dict for t in tasks}
+        keys = sorted({k for c in configs.values() for k in c} - {"output_dir", "run_name"})
+        differing = {k: {t.id: configs[t.id].get(k) for t in tasks} for k in keys
+                     if len({json.dumps(configs[t.id].get(k), default=str) for t in tasks}) > 1}
+        curves = {}
+        for t in tasks:
+            history = rundir.metrics_history(t.output_dir)
+            curves[t.id] = {metric: [(e["step"], e[metric]) for e in history
+                                     if isinstance(e.get(metric), (int, float)) and "step" in e]
+                            for metric in ("loss", "eval_loss", "learning_rate")}
+        return {
+            "tasks": [{"id": t.id, "name": t.name, "status": t.status.value, "icon": t.icon, "steps": t.total_steps,
+                       "duration_s": t.duration_s, "metrics": t.last_metrics} for t in tasks],
+            "config_diff": differing,
+            "curves": curves,
+        }
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Live queue workers on this database (the app, ``sage-ft tasks work``)."""
+        with self.store.read() as s:
+            rows = list(s.scalars(select(WorkerRecord)))
+        return [{"pid": r.pid, "started_at": r.started_at, "heartbeat_at": r.heartbeat_at,
+                 "current_task_id": r.current_task_id}
+                for r in rows if ProcessIdentity(r.pid, r.start_time).is_alive()]
+
+    # ================================================================== changing tasks
+    def cancel(self, task_id: int) -> Task:
+        """Queued: leaves the queue at once (cancelled). Running: asks the run to stop after the
+        current step (any process); the adapter trained so far is kept and the status becomes
+        cancelled when it has stopped. Interrupted: becomes cancelled (still resumable)."""
+        task_id = int(task_id)
+        now = time.time()
+        with self.store.write() as s:
+            done = s.execute(update(TaskRecord).where(
+                TaskRecord.id == task_id,
+                TaskRecord.status.in_([TaskStatus.QUEUED.value, TaskStatus.INTERRUPTED.value]))
+                .values(status=TaskStatus.CANCELLED.value, finished_at=now, updated_at=now)).rowcount
+            if not done:
+                done = s.execute(update(TaskRecord).where(TaskRecord.id == task_id,
+                                                          TaskRecord.status == TaskStatus.RUNNING.value)
+                                 .values(cancel_requested=True, updated_at=now)).rowcount
+                if done:
+                    self._local_run(task_id, lambda run: run.cancel())
+        task = self.task(task_id)
+        if not done:
+            raise TaskError(f"task {task_id} is already {task.status.value}; nothing to cancel")
+        self._notify({"type": "status", "task_id": task_id, "status": task.status.value})
+        return task
+
+    def delete(self, task_id: int, remove_files: bool = False) -> None:
+        """Remove a task that is not running (a queued one leaves the queue). With ``remove_files``
+        its run folder goes too - only if it looks like a run folder (events/logs/meta inside)."""
+        task = self.task(task_id)
+        with self.store.write() as s:
+            gone = s.execute(delete(TaskRecord).where(TaskRecord.id == task.id,
+                                                      TaskRecord.status != TaskStatus.RUNNING.value)).rowcount
+        if not gone:
+            raise TaskError(f"task {task.id} is running; cancel it first (`sage-ft tasks cancel {task.id}`)")
+        if remove_files and task.output_dir and Path(task.output_dir).exists():
+            out = Path(task.output_dir)
+            if rundir.looks_like_run_dir(out):
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                log.warning("not removing %s: it does not look like a sage-ft run folder", out)
+        self._notify({"type": "status", "task_id": task.id, "status": "deleted"})
+
+    def resume(self, task_id: int) -> Task:
+        """Re-queue an interrupted, cancelled or failed task to continue from its last checkpoint,
+        in the same output folder, with the same frozen config (so the same total steps)."""
+        task = self.task(task_id)
+        if task.status not in RESUMABLE_STATES:
+            raise TaskError(f"task {task.id} is {task.status.value}; only interrupted, cancelled or failed "
+                            "tasks can be resumed")
+        checkpoint = rundir.last_checkpoint(task.output_dir)
+        if checkpoint is None:
+            raise TaskError(f"task {task.id} has no checkpoint in {task.output_dir} to resume from; "
+                            f"use retry to start it again (`sage-ft tasks retry {task.id}`)")
+        now = time.time()
+        with self.store.write() as s:
+            position = (s.scalar(select(func.max(TaskRecord.position))) or 0) + 1
+            done = s.execute(update(TaskRecord).where(TaskRecord.id == task.id,
+                                                      TaskRecord.status.in_([st.value for st in RESUMABLE_STATES]))
+                             .values(status=TaskStatus.QUEUED.value, resume_checkpoint=str(checkpoint),
+                                     position=position, error=None, finished_at=None, cancel_requested=False,
+                                     attempts=TaskRecord.attempts + 1, updated_at=now)).rowcount
+        if not done:
+            raise TaskError(f"task {task.id} changed state meanwhile; try again")
+        if self._worker is not None:
+            self._worker.wake()
+        self._notify({"type": "status", "task_id": task.id, "status": TaskStatus.QUEUED.value})
+        return self.task(task.id)
+
+    def retry(self, task_id: int) -> Task:
+        """A new queued task with the failed/cancelled/interrupted task's frozen config, from scratch
+        (new output folder); the old task stays as a record."""
+        task = self.task(task_id)
+        if task.status not in RESUMABLE_STATES:
+            raise TaskError(f"task {task.id} is {task.status.value}; retry is for failed, cancelled or "
+                            "interrupted tasks (use clone to run a finished config again)")
+        return self.clone(task.id, name=task.name)
+
+    def clone(self, task_id: int, overrides: dict[str, Any] | None = None, name: str | None = None) -> Task:
+        """A new queued task from a task's frozen config, with ``overrides`` applied (a new output
+        folder unless ``overrides`` names one)."""
+        task = self.task(task_id)
+        data = {**task.config_dict, "output_dir": "", "resume_from_checkpoint": None, **(overrides or {})}
+        return self.create(data, name=name or f"{task.name} (copy)", source=task.source, parent_id=task.id)
+
+    def download(self, task_id: int, what: str = "lora") -> Path:
+        """A zip of the task's ``lora/`` (or ``merged_model/`` for ``what="merged"``) plus
+        finetune_meta.json and config.yaml, written under the data home's exports/."""
+        if what not in DOWNLOADABLE:
+            raise TaskError(f"download: {what!r} is not one of {', '.join(DOWNLOADABLE)}")
+        task = self.task(task_id)
+        out = Path(task.output_dir)
+        source = out / DOWNLOADABLE[what]
+        if not source.is_dir() or not any(source.iterdir()):
+            hint = "enable merge_lora or run `sage-ft export`" if what == "merged" else "the run saved no adapter yet"
+            raise TaskError(f"task {task.id} has no {DOWNLOADABLE[what]}/ in {out} ({hint})")
+        target = paths.exports_dir() / f"task-{task.id}-{_slug(task.name)}-{what}.zip"
+        tmp = target.with_suffix(".zip.tmp")
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for file in sorted(source.rglob("*")):
+                if file.is_file():
+                    zf.write(file, f"{DOWNLOADABLE[what]}/{file.relative_to(source)}")
+            for extra in ("finetune_meta.json", "config.yaml"):
+                if (out / extra).is_file():
+                    zf.write(out / extra, extra)
+        tmp.replace(target)
+        return target
+
+    def wait(self, task_id: int, timeout: float | None = None, poll_s: float = 0.2,
+             until: Iterable[TaskStatus] | None = None) -> Task:
+        """Block until the task reaches one of ``until`` (default: any final state); returns it.
+        Raises ``TimeoutError`` naming its status when ``timeout`` passes first."""
+        wanted = set(until) if until is not None else {s for s in TaskStatus if s.is_final}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            task = self.task(task_id)
+            if task.status in wanted:
+                return task
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"task {task_id} is still {task.status.value} after {timeout:.0f} s")
+            time.sleep(poll_s)
+
+    # ================================================================== queue worker and recovery
+    def start_worker(self) -> None:
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = QueueWorker(self.store, self._notify, self.recover, self.max_running)
+            self._worker.start()
+
+    def process_queue(self, until_empty: bool = True, poll_s: float = 1.0) -> int:
+        """Run queued tasks in this thread (``sage-ft tasks work``); returns how many ran."""
+        ran = 0
+        me = current_identity()
+        while True:
+            self.recover()
+            task_id = claim_next(self.store, me, self.max_running)
+            if task_id is None:
+                if until_empty and not self.queue():
+                    return ran
+                time.sleep(poll_s)
+                continue
+            TaskRun(self.store, self.task(task_id), self._notify).execute()
+            ran += 1
+
+    def recover(self) -> list[int]:
+        """Mark tasks whose process is gone as interrupted (with their last checkpoint) and end the
+        worker child processes they left behind; returns the ids marked. Safe to call any time."""
+        with LOCAL_RUNS_LOCK:
+            return self._recover()
+
+    def _recover(self) -> list[int]:
+        me = current_identity()
+        with self.store.read() as s:
+            running = list(s.scalars(select(TaskRecord).where(TaskRecord.status == TaskStatus.RUNNING.value)))
+            dead_workers = [(w.pid, w.start_time) for w in s.scalars(select(WorkerRecord))
+                            if not ProcessIdentity(w.pid, w.start_time).is_alive()]
+        marked = []
+        for rec in running:
+            owner = ProcessIdentity(rec.pid, rec.pid_start_time or 0.0) if rec.pid else None
+            if owner is not None and owner.is_alive() and (owner != me or rec.id in LOCAL_RUNS):
+                continue
+            if rec.child_pid:
+                end_process_tree(ProcessIdentity(rec.child_pid, rec.child_start_time or 0.0))
+            who = f"process {rec.pid}" if rec.pid else "its process"
+            if self._mark_interrupted(rec.id, f"{who} stopped while the task was running", expect_pid=rec.pid):
+                marked.append(rec.id)
+        if dead_workers:
+            with self.store.write() as s:
+                for pid, start in dead_workers:
+                    s.execute(delete(WorkerRecord).where(WorkerRecord.pid == pid, WorkerRecord.start_time == start))
+        return marked
+
+    def _mark_interrupted(self, task_id: int, why: str, expect_pid: int | None = None) -> bool:
+        task = self.task(task_id)
+        checkpoint = rundir.last_checkpoint(task.output_dir)
+        hint = (f"resume continues from {checkpoint.name}" if checkpoint
+                else "no checkpoint was saved; retry starts it again")
+        now = time.time()
+        condition = [TaskRecord.id == task_id, TaskRecord.status == TaskStatus.RUNNING.value]
+        if expect_pid is not None:
+            condition.append(TaskRecord.pid == expect_pid)
+        with self.store.write() as s:
+            done = s.execute(update(TaskRecord).where(*condition).values(
+                status=TaskStatus.INTERRUPTED.value, finished_at=now, updated_at=now,
+                error=f"interrupted: {why}; {hint}", resume_checkpoint=str(checkpoint) if checkpoint else None,
+                cancel_requested=False, child_pid=None, child_start_time=None)).rowcount
+        if done:
+            log.warning("task %s interrupted: %s", task_id, why)
+            self._notify({"type": "status", "task_id": task_id, "status": TaskStatus.INTERRUPTED.value})
+        return bool(done)
+
+    def _local_run(self, task_id: int, action: Callable[[TaskRun], None]) -> None:
+        """Apply ``action`` at once when this manager runs the task (others see the DB flag within 1 s)."""
+        runs = [r for r in (self._worker.active if self._worker else None, self._foreground.get(task_id))
+                if r is not None and r.task.id == task_id]
+        for run in runs:
+            action(run)
+
+    def shutdown(self, timeout: float | None = 30.0) -> None:
+        """Stop the worker; a task it is running ends interrupted (resumable). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self._atexit)
+        if self._worker is not None:
+            self._worker.stop(timeout)
+        for run in list(self._foreground.values()):
+            run.interrupt()
+        self.store.close()
+
+    def __enter__(self) -> TaskManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ================================================================== estimates
+    def _remaining_s(self, task: Task) -> float | None:
+        eta = task.last_metrics.get("eta_seconds")
+        if isinstance(eta, (int, float)):
+            return float(eta)
+        if task.started_at and task.step and task.total_steps:
+            return (time.time() - task.started_at) / task.step * (task.total_steps - task.step)
+        return None
+
+    def _queue_estimates(self) -> list[tuple[Task, float | None]]:
+        """Each queued task with its estimated start time (None once any duration ahead is unknown)."""
+        queued = self.queue()
+        running = self.list([TaskStatus.RUNNING])
+        per_step, per_task = self._history_rates()
+        now = time.time()
+        clock: float | None = now
+        for task in running:
+            left = self._remaining_s(task)
+            clock = None if left is None or clock is None else clock + left / max(1, self.max_running)
+        estimates = []
+        for task in queued:
+            estimates.append((task, clock))
+            steps = task.config_dict.get("max_steps", -1)
+            duration = (per_step * steps if per_step and isinstance(steps, int) and steps > 0 else per_task)
+            clock = None if clock is None or duration is None else clock + duration
+        return estimates
+
+    def _history_rates(self) -> tuple[float | None, float | None]:
+        """Mean seconds per step and per task of the last completed tasks."""
+        with self.store.read() as s:
+            rows = s.execute(select(TaskRecord.started_at, TaskRecord.finished_at, TaskRecord.total_steps)
+                             .where(TaskRecord.status == TaskStatus.COMPLETED.value,
+                                    TaskRecord.started_at.is_not(None), TaskRecord.finished_at.is_not(None))
+                             .order_by(TaskRecord.finished_at.desc()).limit(20)).all()
+        durations = [f - st for st, f, _ in rows if f >= st]
+        steps = [(f - st) / n for st, f, n in rows if n and f >= st]
+        return (sum(steps) / len(steps) if steps else None, sum(durations) / len(durations) if durations else None)
+
+
+@dataclasses.dataclass
+class ForegroundResult:
+    """``run_foreground``'s answer: the trainer's RunResult fields plus the task id."""
+
+    status: str
+    output_dir: str
+    metrics: dict[str, Any]
+    error: str | None
+    task_id: int
+
+
+# ====================================================================== validation helpers
+def _model_problems(config: TrainConfig) -> list[str]:
+    """Local model paths are checked now; 'demo' and hub ids are resolved when the run starts."""
+    name = config.model_name_or_path.strip()
+    if name == "demo":
+        return []
+    if Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        from sage_ft.models.resolve import ModelError, resolve_model
+
+        try:
+            resolve_model(name)
+        except ModelError as exc:
+            return [f"model_name_or_path: {exc}"]
+    return []
+
+
+def _output_dir_problems(config: TrainConfig) -> list[str]:
+    if not config.output_dir.strip():
+        return []
+    out = Path(config.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        return [f"output_dir: {out} is a file; give a folder"]
+    if out.is_dir() and any(out.iterdir()) and not config.overwrite_output_dir:
+        return [f"output_dir: {out} exists and is not empty; choose a new folder, leave it empty for an "
+                "automatic one, or set overwrite_output_dir"]
+    return []
+
+
+def _dataset_problems(config: TrainConfig) -> tuple[list[str], list[Path]]:
+    from sage_ft.data.load import DataError, load_dataset, split_paths
+
+    files = split_paths(config.dataset)
+    try:
+        report = load_dataset(files, config.dataset_format, config.column_mapping, config.max_samples)
+    except DataError as exc:
+        return [f"dataset: {p}" for p in exc.problems], files
+    if not report.ok:
+        return [f"dataset: {config.dataset} has no usable rows\n{report.summary()}"], files
+    return [], files
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-._")[:40] or "run"
+
+
+def _default_name(config: TrainConfig) -> str:
+    model = Path(config.model_name_or_path.rstrip("/")).name or "model"
+    data = Path(config.datasets[0]).stem if config.datasets else "data"
+    return f"{model} · {data}"
+
+
+def _new_run_dir(task_id: int, name: str) -> Path:
+    base = paths.runs_dir() / f"task-{task_id:04d}-{_slug(name)}"
+    candidate, n = base, 1
+    while candidate.exists():  # left over from a deleted database: never write into it
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate

@@ -1,0 +1,79 @@
+"""What the task manager reads from a run directory (written by ``sage_ft.training``).
+
+Layout (docs/architecture.md): ``events.jsonl``, ``logs.txt``, ``finetune_meta.json``,
+``checkpoint-N/``, ``lora/``, ``merged_model/``, ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+from sage_ft.events import read_events
+
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# A checkpoint is complete once the Trainer wrote its state file (it is saved after the weights).
+_CHECKPOINT_DONE_MARKER = "trainer_state.json"
+# Files that mark a directory as a sage-ft run, so delete(remove_files=True) never wipes anything else.
+RUN_MARKERS = ("events.jsonl", "finetune_meta.json", "logs.txt", "config.yaml")
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete ``checkpoint-N`` directories, oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _CHECKPOINT_RE.match(child.name)
+        if match and child.is_dir() and (child / _CHECKPOINT_DONE_MARKER).exists():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def last_checkpoint(output_dir: str | Path) -> Path | None:
+    found = checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def checkpoint_step(path: str | Path) -> int:
+    match = _CHECKPOINT_RE.match(Path(path).name)
+    return int(match.group(1)) if match else 0
+
+
+def metrics_history(output_dir: str | Path) -> list[dict[str, Any]]:
+    """Every ``metric_update`` event of the run (loss curve, learning rate, eval loss), in order."""
+    events, _ = read_events(Path(output_dir) / "events.jsonl")
+    return [e for e in events if e.get("event") == "metric_update"]
+
+
+def log_tail(output_dir: str | Path, lines: int = 50, max_bytes: int = 64 * 1024) -> str:
+    """The last ``lines`` lines of ``logs.txt`` (reads at most ``max_bytes`` from the end)."""
+    path = Path(output_dir) / "logs.txt"
+    if not path.exists():
+        return ""
+    with path.open("rb") as fh:
+        fh.seek(0, 2)
+        size = fh.tell()
+        fh.seek(max(0, size - max_bytes))
+        data = fh.read()
+    return "\n".join(data.decode("utf-8", errors="replace").splitlines()[-lines:])
+
+
+def looks_like_run_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (any((path / marker).exists() for marker in RUN_MARKERS) or not any(path.iterdir()))
+
+
+def fingerprint_files(files: list[Path]) -> str:
+    """sha256 over each file's name and bytes (in the given order): identifies the exact data used."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()

@@ -1,0 +1,121 @@
+"""Immutable snapshots of tasks handed to clients (UI, CLI, tests); never live database rows."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import yaml
+
+from sage_ft.config import TrainConfig
+from sage_ft.tasks.status import TaskStatus
+from sage_ft.tasks.store import TaskRecord
+
+
+class TaskError(ValueError):
+    """An operation that cannot be done on a task; the message says why and what to do instead."""
+
+
+class TaskNotFound(TaskError, LookupError):
+    def __init__(self, task_id: int):
+        self.task_id = task_id
+        super().__init__(f"no task with id {task_id} (see `sage-ft tasks list`)")
+
+
+class TaskRefused(TaskError):
+    """``create`` refused a task before queuing it; ``problems`` lists every reason."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("Task not created:\n  - " + "\n  - ".join(problems))
+
+
+@dataclass(frozen=True)
+class Task:
+    id: int
+    name: str
+    status: TaskStatus
+    source: str
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    updated_at: float
+    config_yaml: str
+    dataset: str
+    dataset_fingerprint: str
+    output_dir: str
+    step: int
+    total_steps: int
+    last_metrics: dict[str, Any]
+    error: str | None
+    pid: int | None
+    resume_checkpoint: str | None
+    position: int
+    parent_id: int | None
+    attempts: int
+    cancel_requested: bool
+
+    @classmethod
+    def from_record(cls, rec: TaskRecord) -> Task:
+        return cls(
+            id=rec.id, name=rec.name, status=TaskStatus(rec.status), source=rec.source,
+            created_at=rec.created_at, started_at=rec.started_at, finished_at=rec.finished_at,
+            updated_at=rec.updated_at, config_yaml=rec.config_yaml, dataset=rec.dataset,
+            dataset_fingerprint=rec.dataset_fingerprint, output_dir=rec.output_dir, step=rec.step,
+            total_steps=rec.total_steps, last_metrics=json.loads(rec.last_metrics or "{}"), error=rec.error,
+            pid=rec.pid, resume_checkpoint=rec.resume_checkpoint, position=rec.position,
+            parent_id=rec.parent_id, attempts=rec.attempts, cancel_requested=bool(rec.cancel_requested))
+
+    @property
+    def icon(self) -> str:
+        return self.status.icon
+
+    @property
+    def config_dict(self) -> dict[str, Any]:
+        """The frozen config exactly as queued (plain values)."""
+        return yaml.safe_load(self.config_yaml) or {}
+
+    @property
+    def config(self) -> TrainConfig:
+        return TrainConfig.from_dict(self.config_dict)[0]
+
+    @property
+    def progress(self) -> float:
+        """0..1 from steps (1.0 for a completed task)."""
+        if self.status is TaskStatus.COMPLETED:
+            return 1.0
+        return min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.started_at is None:
+            return None
+        import time
+
+        return (self.finished_at or time.time()) - self.started_at
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (``sage-ft tasks list --json``)."""
+        data = asdict(self)
+        data["status"] = self.status.value
+        data["icon"] = self.icon
+        data["progress"] = round(self.progress, 4)
+        return data
+
+
+@dataclass(frozen=True)
+class TaskDetail(Task):
+    """A task with what its run directory holds (``TaskManager.get``)."""
+
+    metrics_history: list[dict[str, Any]] = field(default_factory=list)
+    log_tail: str = ""
+    checkpoints: list[str] = field(default_factory=list)
+    queue_position: int | None = None  # 1 = next to start
+    estimated_start: float | None = None  # unix time; None when unknown
+    eta_seconds: float | None = None  # remaining time of a running task
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data["config"] = self.config_dict
+        return data

@@ -1,0 +1,110 @@
+"""`sage-ft check-data` and `sage-ft prepare-docs` as a user runs them: real processes, exit codes, output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.fixtures_data import ALPACA_ROWS, OPENAI_ROWS
+
+
+def sage_ft(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sage_ft", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
+def _no_traceback(result: subprocess.CompletedProcess) -> None:
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+
+
+def test_check_data_good_files_exit_0_with_report(make_dataset):
+    a = make_dataset("a.jsonl", ALPACA_ROWS + [{"instruction": "q", "output": ""}])
+    b = make_dataset("b.json", OPENAI_ROWS)
+    result = sage_ft("check-data", a, b, "--show", "1")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "Format: mixed" in out and "a.jsonl: alpaca (auto-detected" in out and "b.json: openai" in out
+    assert "Rows: 6 read, 5 usable, 1 dropped" in out
+    assert "empty response: 1 row (a.jsonl line 4: 'output' is empty)" in out
+    assert "OK: the data can be used" in out and "[user] Say hello." in out
+
+
+def test_check_data_format_mapping_and_json_output(make_dataset):
+    path = make_dataset("qa.jsonl", [{"q": "Hi?", "a": "Hello."}, {"q": "Bye?", "a": ""}])
+    result = sage_ft("check-data", path, "--format", "alpaca", "--column-mapping", "instruction=q,output=a",
+                     "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] is True and report["format"] == "alpaca" and report["rows_ok"] == 1
+    assert report["dropped"] == [{"file": str(path), "location": "line 2", "reason": "empty response",
+                                  "detail": "'a' is empty"}]
+    assert report["preview"] == [[{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]]
+
+
+def test_check_data_unusable_file_exits_1_with_reason_on_stderr(tmp_path, make_dataset):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(ALPACA_ROWS[0]) + '\n{"instruction": "q", "output": \n')
+    result = sage_ft("check-data", bad)
+    assert result.returncode == 1
+    assert "error: " in result.stderr and "bad.jsonl: line 2, column" in result.stderr
+    assert "invalid JSON" in result.stderr and "NOT OK" in result.stdout
+    _no_traceback(result)
+    useless = make_dataset("useless.jsonl", [{"instruction": "q", "output": ""}])
+    result = sage_ft("check-data", useless, "--json")
+    assert result.returncode == 1 and json.loads(result.stdout)["ok"] is False
+    assert "0 usable rows out of 1" in result.stderr and "empty response" in result.stderr
+    _no_traceback(result)
+
+
+def test_check_data_argument_problems_exit_1_without_traceback(tmp_path, make_dataset):
+    missing = sage_ft("check-data", tmp_path / "missing.jsonl")
+    assert missing.returncode == 1 and "missing.jsonl: file not found" in missing.stderr
+    mapping = sage_ft("check-data", make_dataset("a.jsonl", ALPACA_ROWS), "--column-mapping", "nonsense")
+    assert mapping.returncode == 1 and "column_mapping: 'nonsense' is not field=key" in mapping.stderr
+    big = sage_ft("check-data", make_dataset("big.jsonl", ALPACA_ROWS), "--max-bytes", "10")
+    assert big.returncode == 1 and "over the 10 bytes limit" in big.stderr
+    for result in (missing, mapping, big):
+        _no_traceback(result)
+
+
+def test_check_data_with_model_reports_token_lengths(memorize_dataset):
+    result = sage_ft("check-data", memorize_dataset, "--model", "demo", "--cutoff-len", "256", "--json")
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)["token_stats"]
+    assert stats["count"] == 4 and stats["cutoff_len"] == 256
+    assert 0 < stats["min"] <= stats["mean"] <= stats["p95"] <= stats["max"] < 256
+    assert stats["over_cutoff"] == 0 and stats["no_labels_after_cutoff"] == 0
+    text = sage_ft("check-data", memorize_dataset, "--model", "demo", "--cutoff-len", "8")
+    assert text.returncode == 1, text.stdout
+    assert "Token lengths: min" in text.stdout and "4 of 4 exceed cutoff_len 8" in text.stdout
+    assert "no sample keeps an assistant token within cutoff_len 8" in text.stderr
+    bad_model = sage_ft("check-data", memorize_dataset, "--model", "/nonexistent/model")
+    assert bad_model.returncode == 1 and "--model /nonexistent/model" in bad_model.stderr
+    assert "does not exist" in bad_model.stderr
+    _no_traceback(bad_model)
+
+
+def test_prepare_docs_prints_count_and_path(tmp_path):
+    src = tmp_path / "docs"
+    src.mkdir()
+    (src / "a.md").write_text("# Title\n\nSome words about the title that are long enough to be continued "
+                              "by the assistant in a sample.\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    result = sage_ft("prepare-docs", src, "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert f"Wrote 2 samples (1 section QA pairs, 1 continuations) from 1 documents to {out}" in result.stdout
+    assert len(out.read_text().splitlines()) == 2
+    check = sage_ft("check-data", out)
+    assert check.returncode == 0 and "openai" in check.stdout
+    empty = sage_ft("prepare-docs", tmp_path / "nothing-here", "-o", out)
+    assert empty.returncode == 1 and "nothing-here: folder not found" in empty.stderr
+    _no_traceback(empty)
+
+
+def test_prepare_docs_builtin_and_help():
+    result = sage_ft("prepare-docs", "--builtin")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("sage-ft-docs.jsonl")
+    help_text = sage_ft("check-data", "--help").stdout
+    assert "--column-mapping" in help_text and "instruction=question,output=answer" in help_text

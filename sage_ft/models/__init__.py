@@ -1,1 +1,1 @@
-"""sage_ft.models"""
+"""Base models: the built-in demo model (``demo``) and resolution of names/paths (``resolve``)."""

@@ -1,0 +1,123 @@
+"""The bridge from transformers' ``Trainer`` loop to sage-ft events, live state and cancel/pause.
+
+Everything here runs between optimizer steps in the training thread. Per-step work is kept to a
+few attribute updates and two (throttled) ``batch_*`` events: no disk writes, no device syncs of our
+own — loss and grad norm are only read at logging steps, where the Trainer already syncs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+from sage_ft.events import EventEmitter
+from sage_ft.training.state import RunControl, RunState
+
+log = logging.getLogger("sage_ft.training")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm became NaN/inf: training diverged."""
+
+
+def build_callback(emitter: EventEmitter, state: RunState, control: RunControl, collator: Any,
+                   trainer_ref: dict[str, Any], extra_start: dict[str, Any]):
+    """A ``TrainerCallback`` instance wired to this run (transformers is imported lazily)."""
+    from transformers import TrainerCallback
+
+    class EventsCallback(TrainerCallback):
+        def __init__(self) -> None:
+            self.session_start_time = 0.0
+            self.session_start_step = 0
+            self.last_log_time = 0.0
+            self.last_log_tokens = 0
+
+        def _tokens_seen(self) -> int:
+            trainer = trainer_ref.get("trainer")
+            return int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0) if trainer else 0
+
+        def on_train_begin(self, args, hf_state, hf_control, **kwargs):
+            now = time.time()
+            self.session_start_time = self.last_log_time = now
+            self.session_start_step = hf_state.global_step
+            self.last_log_tokens = self._tokens_seen()
+            state.update(status="running", is_training=True, total_steps=hf_state.max_steps,
+                         total_epochs=float(args.num_train_epochs if args.max_steps <= 0 else
+                                            hf_state.num_train_epochs or args.num_train_epochs),
+                         current_step=hf_state.global_step, started_at=state.started_at or now)
+            emitter.emit("training_start", total_steps=hf_state.max_steps, start_step=hf_state.global_step,
+                         **extra_start)
+            log.info("training: %d optimizer steps (starting at %d)", hf_state.max_steps, hf_state.global_step)
+
+        def on_epoch_begin(self, args, hf_state, hf_control, **kwargs):
+            epoch = int(hf_state.epoch or 0)
+            state.update(current_epoch=float(hf_state.epoch or 0))
+            emitter.emit("epoch_start", epoch=epoch, step=hf_state.global_step)
+
+        def on_epoch_end(self, args, hf_state, hf_control, **kwargs):
+            emitter.emit("epoch_end", epoch=max(0, math.ceil(hf_state.epoch or 0) - 1), step=hf_state.global_step)
+
+        def on_step_begin(self, args, hf_state, hf_control, **kwargs):
+            emitter.emit("batch_start", step=hf_state.global_step + 1, total_steps=hf_state.max_steps)
+
+        def on_step_end(self, args, hf_state, hf_control, **kwargs):
+            step = hf_state.global_step
+            elapsed = time.time() - self.session_start_time
+            done = step - self.session_start_step
+            eta = elapsed / done * (hf_state.max_steps - step) if done > 0 else None
+            state.update(current_step=step, current_epoch=float(hf_state.epoch or 0), eta_seconds=eta,
+                         padding_fraction=collator.padding_fraction)
+            emitter.emit("batch_end", step=step, total_steps=hf_state.max_steps)
+            if control.paused and not control.cancelled:
+                state.update(status="paused")
+                log.info("paused at step %d", step)
+                control.wait_while_paused()
+                state.update(status="running")
+                log.info("resumed at step %d", step)
+            if control.cancelled:
+                log.info("cancel requested: stopping after step %d", step)
+                hf_control.should_training_stop = True
+                hf_control.should_save = False
+                hf_control.should_evaluate = False
+
+        def on_log(self, args, hf_state, hf_control, logs=None, **kwargs):
+            logs = dict(logs or {})
+            step = hf_state.global_step
+            if "eval_loss" in logs:
+                state.update(eval_loss=logs["eval_loss"])
+                emitter.emit("metric_update", step=step, total_steps=hf_state.max_steps, epoch=hf_state.epoch,
+                             eval_loss=logs["eval_loss"])
+                log.info("step %d/%d eval_loss %.4f", step, hf_state.max_steps, logs["eval_loss"])
+                return
+            if "loss" not in logs:
+                return  # the final train summary; reported in training_end
+            loss, grad_norm = logs.get("loss"), logs.get("grad_norm")
+            for name, value in (("loss", loss), ("grad_norm", grad_norm)):
+                if value is not None and not math.isfinite(float(value)):
+                    raise NonFiniteLossError(
+                        f"{name} became {value} at step {step}: training diverged. Lower learning_rate "
+                        f"(now {args.learning_rate:g}), keep max_grad_norm > 0, or use precision fp32/bf16 "
+                        "instead of fp16")
+            now = time.time()
+            tokens = self._tokens_seen()
+            tps = (tokens - self.last_log_tokens) / (now - self.last_log_time) if now > self.last_log_time else None
+            self.last_log_time, self.last_log_tokens = now, tokens
+            snapshot = state.snapshot()
+            state.update(current_loss=loss, learning_rate=logs.get("learning_rate"), grad_norm=grad_norm,
+                         tokens_per_second=tps)
+            emitter.emit("metric_update", step=step, total_steps=hf_state.max_steps, epoch=hf_state.epoch,
+                         loss=loss, learning_rate=logs.get("learning_rate"), grad_norm=grad_norm,
+                         tokens_per_second=tps, eta_seconds=snapshot["eta_seconds"],
+                         padding_fraction=collator.padding_fraction, tokens_seen=tokens)
+            log.info("step %d/%d epoch %.2f loss %.4f lr %.3g grad_norm %s tokens/s %s", step, hf_state.max_steps,
+                     hf_state.epoch or 0, loss, logs.get("learning_rate") or 0,
+                     f"{grad_norm:.3f}" if grad_norm is not None else "-", f"{tps:.0f}" if tps else "-")
+
+        def on_save(self, args, hf_state, hf_control, **kwargs):
+            path = f"{args.output_dir}/checkpoint-{hf_state.global_step}"
+            emitter.emit("checkpoint_saved", step=hf_state.global_step, path=path)
+            log.info("checkpoint saved: %s", path)
+
+    return EventsCallback()

@@ -1,0 +1,367 @@
+"""The heavy half of ``FineTuneRun``: model, LoRA, data pipeline and transformers' ``Trainer``.
+
+Imported only inside ``FineTuneRun.run()`` so that ``import sage_ft.training`` stays light.
+Choices that make the default path fast (see ``collate`` for the batching reasoning):
+
+- length-grouped batches + per-batch packing where it is cheaper (``collate``), so almost no
+  computed token is padding;
+- ``precision: auto`` = bf16 autocast where the hardware has bf16 matmuls (GPUs with bf16, CPUs with
+  AVX512-BF16/AMX), else fp32. LoRA weights stay fp32 (peft upcasts adapters), so the small
+  trainable update is accumulated exactly while the big matmuls run at bf16 speed. On CPU the base
+  weights stay fp32 (autocast casts per matmul; RAM is not the limit for CPU-sized models); on GPU
+  they are loaded in bf16/fp16 to halve memory and skip the per-step casts;
+- no per-step host work beyond a flag check: loss/grad-norm are read at logging steps only.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+from sage_ft.config import TrainConfig
+from sage_ft.data.tokenize import IGNORE_INDEX, token_length_stats, tokenize_conversations
+from sage_ft.training.callbacks import build_callback
+from sage_ft.training.collate import LengthGroupedSampler, PackingCollator, cost_model
+from sage_ft.training.run import FineTuneRun, RunFailure
+
+log = logging.getLogger("sage_ft.training")
+
+
+def train(run: FineTuneRun) -> tuple[str, dict[str, Any]]:
+    """Run ``run.config`` to completion, cancellation or an exception; returns (status, metrics)."""
+    from sage_ft.models.resolve import resolve_model
+    from sage_ft.training.inputs import load_run_dataset
+
+    config, out, meta = run.config, run.output_dir, run._meta
+    report = load_run_dataset(config)  # bad data fails before any model is loaded
+    meta["dataset_info"] = {"files": [str(f) for f in report.files], "format": report.format,
+                            "rows_total": report.rows_total, "rows_ok": report.rows_ok,
+                            "rows_used": len(report.conversations), "rows_dropped": len(report.dropped)}
+    model_dir = resolve_model(config.model_name_or_path)
+    meta["base_model_path"] = str(model_dir)
+    tokenizer = load_tokenizer(model_dir, config.template)
+    samples = tokenize_conversations(report.conversations, tokenizer, config.cutoff_len, config.template)
+    if not samples:
+        raise RunFailure(f"no sample keeps an assistant token within cutoff_len {config.cutoff_len}; "
+                         "raise cutoff_len or shorten the prompts")
+    train_set, eval_set = split_eval(list(samples), config.val_size, config.seed)
+    meta["dataset_info"].update(samples_train=len(train_set), samples_eval=len(eval_set),
+                                samples_truncated=samples.truncated, samples_no_labels=samples.dropped,
+                                token_stats=token_length_stats(train_set, config.cutoff_len))
+    device, precision = resolve_device_and_precision(config)
+    meta.update(device=device, precision=precision)
+    log.info("data: %d train / %d eval samples (%d truncated, %d without labels dropped); device %s, precision %s",
+             len(train_set), len(eval_set), samples.truncated, samples.dropped, device, precision)
+
+    model = trainer = None
+    try:
+        model = load_model(model_dir, precision, device)
+        packing = config.packing and supports_packing(model, train_set)
+        if config.packing and not packing:
+            log.warning("packing is off: this model does not give the same loss with position-id packing; "
+                        "using length-grouped padded batches")
+        model = apply_lora(model, config)
+        meta["lora"]["trainable_params"], meta["lora"]["total_params"] = count_params(model)
+        linear_cost, attention_cost = cost_model(model.config)
+        collator = PackingCollator(
+            pad_token_id=tokenizer.pad_token_id, max_row_len=config.cutoff_len, packing=packing,
+            linear_cost_per_token=linear_cost, attention_cost_per_pair=attention_cost,
+            attention_is_per_sample=getattr(model.config, "_attn_implementation", "") in (
+                "flash_attention_2", "flash_attention_3"))
+        trainer_ref: dict[str, Any] = {}
+        callback = build_callback(run.emitter, run._state, run._control, collator, trainer_ref, {
+            "config": config.to_dict(), "output_dir": str(out), "base_model_path": str(model_dir),
+            "samples_train": len(train_set), "samples_eval": len(eval_set), "packing": packing,
+            "precision": precision, "device": device})
+        trainer = make_trainer(model, tokenizer, config, out, precision, device, train_set, eval_set,
+                               collator, callback)
+        trainer_ref["trainer"] = trainer
+        checkpoint = find_resume_checkpoint(config, out)
+        if checkpoint:
+            step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+            meta["resumed_from"] = str(checkpoint)
+            run.emitter.emit("checkpoint_loaded", step=step, path=str(checkpoint))
+            log.info("resuming from %s (step %d)", checkpoint, step)
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        status = "cancelled" if run._control.cancelled else "completed"
+        save_adapter(model, tokenizer, out / "lora")
+        metrics = final_metrics(trainer, result, collator)
+        meta["padding_fraction"] = metrics.get("padding_fraction")
+        if status == "completed" and config.merge_lora:
+            merge_into(model, tokenizer, out / "merged_model")
+            model = None  # merged in place: the peft wrapper is gone
+        return status, metrics
+    finally:
+        del trainer, model
+        gc.collect()
+        _empty_device_cache()
+
+
+# ---------------------------------------------------------------------- pieces
+
+
+def load_tokenizer(model_dir: Path, template: str):
+    from transformers import AutoTokenizer
+
+    from sage_ft.data.templates import chat_template_for
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.pad_token_id is None:
+        raise RunFailure(f"the tokenizer of {model_dir} has no pad, eos or unk token to pad batches with")
+    try:
+        # Saved with the adapter so that serving renders prompts exactly as in training.
+        tokenizer.chat_template = chat_template_for(template, tokenizer)
+    except ValueError as exc:
+        raise RunFailure(f"template: {exc}") from None
+    return tokenizer
+
+
+def split_eval(samples: list[dict], val_size: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Hold out ``val_size`` (a fraction < 1, or a count >= 1) samples, chosen with ``seed``."""
+    if val_size <= 0:
+        return samples, []
+    n_eval = int(val_size) if val_size >= 1 else max(1, round(len(samples) * val_size))
+    if n_eval >= len(samples):
+        raise RunFailure(f"val_size {val_size:g} leaves no training sample out of {len(samples)}; lower val_size")
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    return [s for i, s in enumerate(samples) if i not in held], [samples[i] for i in sorted(held)]
+
+
+def resolve_device_and_precision(config: TrainConfig) -> tuple[str, str]:
+    """('cuda'|'cpu', 'bf16'|'fp16'|'fp32') from ``devices`` and ``precision`` (see module docstring)."""
+    import torch
+
+    if config.devices not in ("auto", "cpu") and not torch.cuda.is_initialized():
+        os.environ["CUDA_VISIBLE_DEVICES"] = config.devices
+    if config.num_processes > 1:
+        log.warning("num_processes %d: an in-process run uses one process; launch with `accelerate launch` "
+                    "for data-parallel training", config.num_processes)
+    device = "cuda" if config.devices != "cpu" and torch.cuda.is_available() else "cpu"
+    if config.devices not in ("auto", "cpu") and device == "cpu":
+        raise RunFailure(f"devices: {config.devices!r} asks for GPUs but none is available; use 'auto' or 'cpu'")
+    precision = config.precision
+    if precision == "auto":
+        if device == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "bf16" if cpu_has_bf16() else "fp32"
+    if precision == "fp16" and device == "cpu":
+        raise RunFailure("precision: fp16 needs a GPU; use bf16 (CPUs with AVX512-BF16) or fp32 on CPU")
+    return device, precision
+
+
+def cpu_has_bf16() -> bool:
+    """True on CPUs with native bf16 matmuls (AVX512-BF16 or AMX); emulated bf16 would be slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def load_model(model_dir: Path, precision: str, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32
+    if device == "cuda":
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    except OSError as exc:
+        raise RunFailure(f"could not load the model from {model_dir}: {exc}") from None
+    model.config.use_cache = False  # no KV cache in training (and it would disable packed masks)
+    return model
+
+
+def supports_packing(model: Any, samples: list[dict]) -> bool:
+    """Whether position-id packing gives the same loss as padding for this model (checked for real).
+
+    A forward pass on three short samples, padded vs packed: cheap, and it catches models whose
+    attention ignores position_ids-derived masks (they would silently attend across samples).
+    """
+    import inspect
+
+    import torch
+
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return False
+    probe = [{"input_ids": s["input_ids"][:24], "labels": s["labels"][:24]} for s in samples[:3]]
+    probe = [p for p in probe if any(x != IGNORE_INDEX for x in p["labels"][1:])]
+    if len(probe) < 2:
+        return True  # nothing to compare; the model accepts position_ids
+    collator = PackingCollator(pad_token_id=0, max_row_len=10_000)
+    padded = collator._padded(probe)
+    packed = collator._packed(probe, [list(range(len(probe)))])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            a = model(**{k: v.to(device) for k, v in padded.items()}).loss.float().item()
+            b = model(**{k: v.to(device) for k, v in packed.items()}).loss.float().item()
+    except Exception as exc:  # a model that rejects packed inputs: use padding
+        log.info("packing probe failed: %s", exc)
+        return False
+    finally:
+        model.train(was_training)
+    tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 3e-2
+    return math.isfinite(a) and abs(a - b) <= tolerance * max(1.0, abs(a))
+
+
+def lora_target_modules(model: Any, targets: str | list[str]) -> str | list[str]:
+    """peft's ``target_modules``; a name that matches no linear layer is an error listing the names."""
+    if targets == "all-linear":
+        return targets
+    linear = [name for name, module in model.named_modules()
+              if type(module).__name__ in ("Linear", "Conv1D", "Linear8bitLt", "Linear4bit")]
+    available = sorted({n.rsplit(".", 1)[-1] for n in linear} - {"lm_head"})
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
+    if missing:
+        raise RunFailure(f"lora_target: {', '.join(missing)} matches no linear module of this model; "
+                         f"available: {', '.join(available)} (or 'all')")
+    return targets
+
+
+def apply_lora(model: Any, config: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.effective_lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=lora_target_modules(model, config.lora_targets), use_rslora=config.use_rslora,
+                      use_dora=config.use_dora, bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    if config.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
+
+
+def count_params(model: Any) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def make_trainer(model, tokenizer, config: TrainConfig, out: Path, precision: str, device: str,
+                 train_set: list[dict], eval_set: list[dict], collator: PackingCollator, callback):
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+
+    eval_steps = config.eval_steps or config.save_steps
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate, num_train_epochs=config.num_train_epochs, max_steps=config.max_steps,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_steps if config.warmup_steps > 0 else min(config.warmup_ratio, 0.999),
+        weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, optim=config.optim,
+        seed=config.seed, data_seed=config.seed,
+        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=device == "cpu",
+        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        logging_strategy="steps", logging_steps=config.logging_steps, logging_nan_inf_filter=False,
+        save_strategy="steps", save_steps=config.save_steps, save_total_limit=config.save_total_limit,
+        eval_strategy="steps" if eval_set else "no", eval_steps=eval_steps if eval_set else None,
+        report_to=[] if config.report_to == "none" else [config.report_to],
+        remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=device == "cuda",
+        include_num_input_tokens_seen="non_padding", disable_tqdm=True, log_level="warning",
+    )
+    lengths = [len(s["input_ids"]) for s in train_set]
+
+    class SageTrainer(Trainer):
+        """Trainer whose training order is length-grouped (see ``collate.LengthGroupedSampler``)."""
+
+        def _get_train_sampler(self, train_dataset=None):
+            return LengthGroupedSampler(lengths, self.args.train_batch_size, config.seed)
+
+    trainer = SageTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set or None,
+                          data_collator=collator, processing_class=tokenizer, callbacks=[callback])
+    trainer.remove_callback(PrinterCallback)  # progress goes through our events and logs.txt instead
+    return trainer
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    """Checkpoints whose save finished (trainer_state.json, written last, parses), oldest first."""
+    found = []
+    for path in out.glob("checkpoint-*"):
+        if not path.name.split("-")[-1].isdigit():
+            continue
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        found.append(path)
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def find_resume_checkpoint(config: TrainConfig, out: Path) -> Path | None:
+    wanted = config.resume_from_checkpoint
+    if not wanted:
+        return None
+    if wanted == "last":
+        found = complete_checkpoints(out)
+        if not found:
+            log.warning("resume_from_checkpoint: last, but %s has no complete checkpoint; starting from step 0", out)
+            return None
+        return found[-1]
+    path = Path(wanted).expanduser().resolve()
+    if path not in complete_checkpoints(path.parent):
+        raise RunFailure(f"resume_from_checkpoint: {path} is not a complete checkpoint (no readable "
+                         "trainer_state.json); use 'last' or another checkpoint-N folder")
+    return path
+
+
+def save_adapter(model: Any, tokenizer: Any, target: Path) -> None:
+    model.save_pretrained(str(target))
+    tokenizer.save_pretrained(str(target))
+    log.info("adapter saved: %s", target)
+
+
+def merge_into(model: Any, tokenizer: Any, target: Path) -> None:
+    merged = model.merge_and_unload()
+    merged.save_pretrained(str(target), safe_serialization=True)
+    tokenizer.save_pretrained(str(target))
+    log.info("merged model saved: %s", target)
+
+
+def final_metrics(trainer: Any, result: Any, collator: PackingCollator) -> dict[str, Any]:
+    history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    runtime = float(result.metrics.get("train_runtime") or 0.0)
+    tokens = int(trainer.state.num_input_tokens_seen or 0) - int(getattr(trainer, "_initial_num_input_tokens_seen", 0))
+    metrics = {
+        "global_step": trainer.state.global_step,
+        "total_steps": trainer.state.max_steps,
+        "epoch": trainer.state.epoch,
+        "train_loss": result.metrics.get("train_loss"),
+        "final_loss": losses[-1] if losses else None,
+        "first_loss": losses[0] if losses else None,
+        "eval_loss": evals[-1] if evals else None,
+        "train_runtime": runtime,
+        "tokens_seen": int(trainer.state.num_input_tokens_seen or 0),
+        "tokens_per_second": tokens / runtime if runtime > 0 else None,
+        "padding_fraction": round(collator.padding_fraction, 4),
+        "packed_batches": collator.stats["packed_batches"],
+        "padded_batches": collator.stats["padded_batches"],
+    }
+    return metrics
+
+
+def _empty_device_cache() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # cleanup only
+        pass

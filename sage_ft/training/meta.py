@@ -1,0 +1,57 @@
+"""``finetune_meta.json``: what a run was, how it ended, and with which versions — written atomically.
+
+Every reader (task list, serving, export, the UI) trusts this one file, so it is always replaced in
+one rename (temp file + fsync + rename): a crash mid-write leaves the previous version, never half
+of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+META_NAME = "finetune_meta.json"
+STATUSES = ("running", "completed", "failed", "cancelled")
+
+
+def write_json_atomic(path: Path, data: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, default=str, ensure_ascii=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_meta(run_dir: str | Path) -> dict[str, Any]:
+    """The run's meta, or ``{}`` when the run has none yet (or it cannot be read)."""
+    try:
+        return json.loads((Path(run_dir) / META_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def write_meta(run_dir: str | Path, meta: dict[str, Any]) -> Path:
+    return write_json_atomic(Path(run_dir) / META_NAME, meta)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the result (recorded for reproducibility)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "accelerate", "sage-ft"):
+        try:
+            out[name.replace("-", "_")] = version(name)
+        except PackageNotFoundError:
+            out[name.replace("-", "_")] = "not installed"
+    return out

@@ -60,6 +60,13 @@ def test_sharegpt_top_level_system_and_role_aliases(make_dataset):
     assert _roles(report.conversations[2]) == ["user", "assistant"]
 
 
+def test_openai_text_content_parts_are_joined(make_dataset):
+    row = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+                        {"role": "assistant", "content": "Hello."}]}
+    report = load_dataset(make_dataset("parts.jsonl", [row]))
+    assert report.conversations[0][0] == {"role": "user", "content": "Hi there"}
+
+
 def test_format_override_wins_over_detection(make_dataset):
     path = make_dataset("o.jsonl", OPENAI_ROWS)
     report = load_dataset(path, fmt="sharegpt")  # chat formats read each other's key spellings
@@ -170,6 +177,8 @@ BAD_CHAT_ROWS = [
     ({"messages": [["user", "q"]]}, "message is not an object", "message 0 is a list"),
     ({"text": "no messages key", "messages_": 1}, "missing field 'messages'", "row keys: text"),
     ([1, 2], "row is not a JSON object", "got a list"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+                   {"role": "assistant", "content": "a"}]}, "content is not a string", "non-text content part"),
 ]
 
 

@@ -202,7 +202,7 @@ def _turn(turn: Any, i: int, keys: ChatKeys) -> dict[str, str]:
         raise RowError(f"missing field '{keys.role[0]}'", f"message {i} keys: {_keys(turn)}")
     if content_key is None:
         raise RowError(f"missing field '{keys.content[0]}'", f"message {i} keys: {_keys(turn)}")
-    raw_role, content = turn[role_key], turn[content_key]
+    raw_role, content = turn[role_key], _text_parts(turn[content_key], i)
     role = keys.role_names.get(raw_role) if isinstance(raw_role, str) else None
     if role is None:
         allowed = ", ".join(sorted(keys.role_names))
@@ -213,6 +213,18 @@ def _turn(turn: Any, i: int, keys: ChatKeys) -> dict[str, str]:
     if not content.strip() and role != "system":
         raise RowError("empty response" if role == "assistant" else "empty user message", f"message {i} is empty")
     return {"role": role, "content": content}
+
+
+def _text_parts(content: Any, i: int) -> Any:
+    """OpenAI's list-of-parts content (``[{"type": "text", "text": ...}]``) joined into one string."""
+    if not isinstance(content, list) or not all(isinstance(p, dict) for p in content):
+        return content
+    kinds = [p.get("type") for p in content]
+    other = next((k for k in kinds if k != "text"), None)
+    if other is not None or not all(isinstance(p.get("text"), str) for p in content):
+        raise RowError("content is not a string", f"message {i} has a non-text content part {other!r}; "
+                                                  "only text can be trained on")
+    return "".join(p["text"] for p in content)
 
 
 def check_turn_order(conversation: list[dict[str, str]]) -> None:

@@ -1,9 +1,128 @@
-"""CLI commands: see COMMAND_MODULES in sage_ft/cli/__init__.py. (Filled in by the module's owner.)"""
+"""``sage-ft train`` and ``sage-ft demo-model``: a thin shell around ``FineTuneRun``.
+
+The run logic lives in ``sage_ft.training`` (the UI and the task queue use the same object); this
+module only parses, validates the dataset up front (a bad dataset never starts a run), prints one
+progress line per logging step and maps the outcome to an exit code: 0 completed, 1 failed, 2 bad
+config, 130 cancelled (Ctrl-C: the first one cancels cleanly and saves the adapter, a second one
+aborts).
+"""
 
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
+from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_CANCELLED = 0, 1, 2, 130
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add this group's commands to the `sage-ft` parser."""
+    """Add ``train`` and ``demo-model`` to the ``sage-ft`` parser."""
+    p = sub.add_parser("train", help="fine-tune a model with LoRA from a YAML config",
+                       description="Fine-tune with LoRA. Precedence: defaults < CONFIG.yaml < --set key=value.")
+    p.add_argument("config", nargs="?", help="YAML config (LLaMA-Factory style keys accepted)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key (repeatable), e.g. --set learning_rate=1e-4")
+    p.add_argument("--help-config", action="store_true", help="list every config key with default and help")
+    p.set_defaults(handler=train_command)
+
+    d = sub.add_parser("demo-model", help="build the built-in tiny demo model and print its path")
+    d.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    d.add_argument("--path", help="where to build it (default: the data home's models/)")
+    d.set_defaults(handler=demo_model_command)
+
+
+def demo_model_command(args: argparse.Namespace) -> int:
+    from sage_ft.models.demo import build_demo_model
+
+    print(build_demo_model(args.path, force=args.force))
+    return EXIT_OK
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from sage_ft.config import ConfigError, TrainConfig, describe_fields, parse_overrides
+
+    if args.help_config:
+        print(describe_fields())
+        return EXIT_OK
+    try:
+        if args.config:
+            config, unknown = TrainConfig.from_yaml(args.config, args.overrides)
+        else:
+            config, unknown = TrainConfig.from_dict(parse_overrides(args.overrides))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    for key in unknown:
+        print(f"warning: unknown config key {key!r} ignored (see `sage-ft train --help-config`)", file=sys.stderr)
+
+    if not check_dataset(config):
+        return EXIT_FAILED
+    from sage_ft.training import FineTuneRun
+
+    try:
+        run = FineTuneRun(config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"Run directory: {run.output_dir}", flush=True)
+    run.emitter.on("metric_update", _print_progress)
+    run.emitter.on("checkpoint_saved", lambda e: print(f"checkpoint saved: {e['path']}", flush=True))
+    previous = _install_cancel_handler(run)
+    try:
+        result = run.run()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if result.error:
+        print(f"error: {result.error}", file=sys.stderr)
+    metrics = result.metrics
+    if metrics.get("final_loss") is not None:
+        print(f"Steps {metrics.get('global_step')}/{metrics.get('total_steps')}, final loss "
+              f"{metrics['final_loss']:.4f}, padding {100 * (metrics.get('padding_fraction') or 0):.1f}%")
+    print(f"Run {result.status}: {result.output_dir}")
+    print(result.output_dir, flush=True)
+    return {"completed": EXIT_OK, "cancelled": EXIT_CANCELLED}.get(result.status, EXIT_FAILED)
+
+
+def check_dataset(config: Any) -> bool:
+    """Print the data report; False (with the reasons) when the dataset cannot be used."""
+    from sage_ft.data.load import DataError
+    from sage_ft.training.inputs import load_run_dataset
+
+    try:
+        report = load_run_dataset(config)
+    except DataError as exc:
+        print(f"error: dataset cannot be used, the run was not started:\n{exc}", file=sys.stderr)
+        return False
+    print(report.summary(), flush=True)
+    return True
+
+
+def _print_progress(event: dict[str, Any]) -> None:
+    step, total = event.get("step"), event.get("total_steps")
+    if event.get("eval_loss") is not None and event.get("loss") is None:
+        print(f"step {step}/{total}  eval_loss {event['eval_loss']:.4f}", flush=True)
+        return
+    parts = [f"step {step}/{total}", f"epoch {event.get('epoch') or 0:.2f}", f"loss {event.get('loss', 0):.4f}"]
+    if event.get("learning_rate") is not None:
+        parts.append(f"lr {event['learning_rate']:.3g}")
+    if event.get("tokens_per_second"):
+        parts.append(f"{event['tokens_per_second']:.0f} tok/s")
+    if event.get("eta_seconds") is not None:
+        parts.append(f"eta {event['eta_seconds']:.0f}s")
+    print("  ".join(parts), flush=True)
+
+
+def _install_cancel_handler(run: Any):
+    """First Ctrl-C (or SIGTERM) cancels after the current step; a second Ctrl-C aborts at once."""
+    def on_signal(signum, frame):
+        if run.cancel_requested:
+            raise KeyboardInterrupt
+        print("\ncancelling after the current step (the adapter will be saved); Ctrl-C again to abort",
+              file=sys.stderr, flush=True)
+        run.cancel()
+
+    previous = signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return previous

@@ -64,6 +64,10 @@ class FineTuneRun:
         """Stop after the current step; the adapter is saved as it is and the meta says cancelled."""
         self._control.cancel()
 
+    @property
+    def cancel_requested(self) -> bool:
+        return self._control.cancelled
+
     def pause(self) -> None:
         self._control.pause()
 

@@ -1,0 +1,77 @@
+"""Assistant-only labels, truncation and length stats on the demo model's real tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sage_ft.data.tokenize import IGNORE_INDEX, token_length_stats, tokenize_conversations
+
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello there!"},
+    {"role": "user", "content": "Capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_model: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(demo_model)
+
+
+def trainable_text(tokenizer, sample) -> str:
+    return tokenizer.decode([t for t, lab in zip(sample["input_ids"], sample["labels"], strict=True) if lab != IGNORE_INDEX])
+
+
+def test_only_assistant_turns_are_trained_multi_turn_with_system(tokenizer) -> None:
+    [sample] = tokenize_conversations([CHAT], tokenizer, cutoff_len=1024)
+    assert len(sample["input_ids"]) == len(sample["labels"])
+    full = tokenizer.decode(sample["input_ids"])
+    assert full == tokenizer.apply_chat_template(CHAT, tokenize=False)
+    # Both assistant turns with their end-of-turn token; nothing of system or user.
+    assert trainable_text(tokenizer, sample) == "Hello there!<|im_end|>\nParis.<|im_end|>\n"
+    trained_ids = [lab for lab in sample["labels"] if lab != IGNORE_INDEX]
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in trained_ids
+    # Labels equal the input ids where they are trained (the model shifts them itself).
+    assert all(lab in (IGNORE_INDEX, tok) for tok, lab in zip(sample["input_ids"], sample["labels"], strict=True))
+
+
+def test_template_with_injected_system_prompt(tokenizer) -> None:
+    """The qwen template adds a default system prompt: spans must still land on the answers only."""
+    [sample] = tokenize_conversations([CHAT[1:3]], tokenizer, cutoff_len=1024, template="qwen")
+    assert "You are a helpful assistant." in tokenizer.decode(sample["input_ids"])
+    assert trainable_text(tokenizer, sample) == "Hello there!<|im_end|>\n"
+
+
+def test_llama3_style_template(tokenizer) -> None:
+    [sample] = tokenize_conversations([CHAT], tokenizer, cutoff_len=1024, template="llama3")
+    assert "Hello there!" in trainable_text(tokenizer, sample)
+    assert "Capital" not in trainable_text(tokenizer, sample)
+    assert "Be brief" not in trainable_text(tokenizer, sample)
+
+
+def test_truncation_keeps_the_start_and_drops_samples_without_trainable_tokens(tokenizer) -> None:
+    [full] = tokenize_conversations([CHAT], tokenizer, cutoff_len=1024)
+    first_answer_end = max(i for i, lab in enumerate(full["labels"][:30]) if lab != IGNORE_INDEX) + 1
+    cut = tokenize_conversations([CHAT], tokenizer, cutoff_len=first_answer_end + 3)
+    assert cut.truncated == 1 and cut.dropped == 0
+    assert cut[0]["input_ids"] == full["input_ids"][: first_answer_end + 3]
+    assert "Paris" not in trainable_text(tokenizer, cut[0])
+    # A cutoff inside the prompt leaves nothing to learn: the sample is dropped and counted.
+    dropped = tokenize_conversations([CHAT, CHAT[1:3]], tokenizer, cutoff_len=8)
+    assert len(dropped) == 0 and dropped.dropped == 2
+
+
+def test_token_length_stats(tokenizer) -> None:
+    samples = tokenize_conversations([CHAT, CHAT[1:3]], tokenizer, cutoff_len=1024)
+    stats = token_length_stats(samples, cutoff_len=1024)
+    lengths = sorted(len(s["input_ids"]) for s in samples)
+    assert stats["count"] == 2 and stats["min"] == lengths[0] and stats["max"] == lengths[1]
+    assert stats["total_tokens"] == sum(lengths)
+    assert 0 < stats["trainable_tokens"] < stats["total_tokens"]
+    assert token_length_stats([], 16)["count"] == 0

@@ -254,9 +254,26 @@ def default_gguf_path(model_dir: Path, outtype: str) -> Path:
     return paths.exports_dir() / f"{model_dir.name}-{outtype}.gguf"
 
 
+@dataclass
+class GGUFExport:
+    """What ``convert_to_gguf`` wrote; ``verify`` is None when verification was skipped."""
+
+    path: Path
+    outtype: str
+    size_bytes: int
+    verify: VerifyResult | None
+
+
 def export_gguf(model_dir: str | Path, out_file: str | Path | None = None, outtype: str = "f16",
                 verify: bool = True, overwrite: bool = False, atol: float | None = None,
                 progress: Callable[[str, float], None] | None = None) -> Path:
+    """``convert_to_gguf(...).path``: the GGUF file written (and verified unless ``verify=False``)."""
+    return convert_to_gguf(model_dir, out_file, outtype, verify, overwrite, atol, progress).path
+
+
+def convert_to_gguf(model_dir: str | Path, out_file: str | Path | None = None, outtype: str = "f16",
+                    verify: bool = True, overwrite: bool = False, atol: float | None = None,
+                    progress: Callable[[str, float], None] | None = None) -> GGUFExport:
     """Convert a Hugging Face Llama/Qwen2 model directory (e.g. a merged export) to one GGUF file.
 
     With ``verify`` (default) the file is loaded back with transformers' GGUF loader and its logits
@@ -321,7 +338,7 @@ def export_gguf(model_dir: str | Path, out_file: str | Path | None = None, outty
                                   f"{result.max_abs_diff:.3g}, {result.details}); it was removed", result)
     _record_gguf(model_dir, out, outtype, result)
     report("done", 1.0)
-    return out
+    return GGUFExport(path=out, outtype=outtype, size_bytes=out.stat().st_size, verify=result)
 
 
 def _record_gguf(model_dir: Path, out: Path, outtype: str, result: VerifyResult | None) -> None:

@@ -117,3 +117,24 @@ def resolve_source(path: str | Path) -> ExportSource:
         name = run_dir.name
     return ExportSource(adapter_dir=adapter_dir, base_model=base_model, tokenizer_dir=tokenizer_dir,
                         name=name, run_dir=run_dir, meta=meta)
+
+
+def run_dir_for(task_id_or_path: str | int | Path) -> Path:
+    """A task id (looked up in the task store) or a path -> the directory to export from."""
+    text = str(task_id_or_path)
+    path = Path(text).expanduser()
+    if path.exists() or not text.isdigit():
+        return path
+    try:
+        from sage_ft.tasks import TaskManager, TaskNotFound
+    except ImportError as exc:
+        raise ExportError(f"{text!r} is not a directory, and the task store is not available to look it up "
+                          f"as a task id ({exc}); pass the run directory instead") from exc
+    manager = TaskManager(start_worker=False)
+    try:
+        task = manager.task(int(text))
+    except TaskNotFound as exc:
+        raise ExportError(f"no task with id {text} and no directory {path}; list tasks with `sage-ft tasks`") from exc
+    finally:
+        manager.shutdown()
+    return Path(task.output_dir)

@@ -1,0 +1,140 @@
+"""The chat path: messages in, text chunks out, through the ``openai`` client to the managed server.
+
+``stream_chat(manager, messages, ...)`` is what the web UI's Chat tab and ``sage-ft chat`` call; it
+works the same with the in-process transformers backend. Every failure becomes a ``ChatError`` whose
+``retryable`` flag tells the UI whether "try again" can help (server restarting/switching) or the
+request itself is wrong (unknown model, prompt too long). Every HTTP call has a timeout, so a dead
+server never hangs a chat; setting ``cancel_event`` closes the stream (vLLM aborts the request).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sage_ft.serving.manager import ServerManager
+
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 120.0  # longest silence between two streamed chunks
+
+
+class ChatError(RuntimeError):
+    """A chat request failed. ``retryable``: the same request may succeed in a few seconds."""
+
+    def __init__(self, message: str, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def build_messages(messages: list[dict[str, Any]], system_prompt: str | None = None) -> list[dict[str, str]]:
+    """Validate chat messages and put ``system_prompt`` first (replacing any system message given)."""
+    if not isinstance(messages, list) or not messages:
+        raise ChatError("no messages to send; give a list like [{'role': 'user', 'content': 'Hello'}]")
+    out = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant"):
+            raise ChatError(f"message {i} must be a dict with role system/user/assistant and content; got {msg!r:.80}")
+        content = msg.get("content")
+        if not isinstance(content, str):
+            raise ChatError(f"message {i} ({msg['role']}): content must be text, got {type(content).__name__}")
+        if system_prompt and msg["role"] == "system":
+            continue
+        out.append({"role": msg["role"], "content": content})
+    if system_prompt:
+        out.insert(0, {"role": "system", "content": system_prompt})
+    return out
+
+
+@lru_cache(maxsize=16)
+def openai_client(base_url: str, api_key: str):
+    """One client (and HTTP connection pool) per server start; no automatic retries (we report instead)."""
+    import httpx
+    from openai import OpenAI
+
+    timeout = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S, write=30.0, pool=CONNECT_TIMEOUT_S)
+    return OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
+
+
+def stream_openai(base_url: str, api_key: str, model: str, messages: list[dict[str, str]], *,
+                  temperature: float = 0.7, top_p: float = 1.0, max_tokens: int = 256,
+                  stop: list[str] | str | None = None,
+                  cancel_event: threading.Event | None = None) -> Iterator[str]:
+    """Stream the reply of an OpenAI-compatible server; errors become ``ChatError``."""
+    import openai
+
+    client = openai_client(base_url, api_key)
+    try:
+        stream = client.chat.completions.create(model=model, messages=messages, stream=True,
+                                                temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                                stop=stop or None)
+    except openai.APIError as exc:
+        raise _chat_error(exc, model) from None
+    try:
+        for chunk in stream:
+            if cancel_event is not None and cancel_event.is_set():
+                return
+            if chunk.choices and chunk.choices[0].delta and chunk.choices[0].delta.content:
+                yield chunk.choices[0].delta.content
+    except openai.APIError as exc:
+        raise _chat_error(exc, model) from None
+    except Exception as exc:  # httpx errors while streaming (server killed mid-answer)
+        import httpx
+
+        if isinstance(exc, httpx.HTTPError):
+            raise ChatError(f"the chat server stopped answering mid-reply ({type(exc).__name__}); it may have "
+                            "been switched or restarted — send the message again", retryable=True) from None
+        raise
+    finally:
+        stream.close()  # closing the response makes vLLM abort the request (cancellation)
+
+
+def _chat_error(exc: Exception, model: str) -> ChatError:
+    import openai
+
+    if isinstance(exc, openai.APITimeoutError):
+        return ChatError(f"the chat server did not answer within {READ_TIMEOUT_S:.0f} s; try again", retryable=True)
+    if isinstance(exc, openai.APIConnectionError):
+        return ChatError("the chat server is not reachable (it may be restarting or switching models); "
+                         "try again in a few seconds", retryable=True)
+    if isinstance(exc, openai.APIStatusError):
+        detail = _status_detail(exc)
+        if exc.status_code == 404:
+            return ChatError(f"model {model!r} is not served right now ({detail}); switch to it first")
+        if exc.status_code == 401:
+            return ChatError("the chat server refused our API key (it was restarted by another process?); "
+                             "restart the chat server", retryable=True)
+        if exc.status_code >= 500:
+            return ChatError(f"the chat server failed ({exc.status_code}: {detail}); try again", retryable=True)
+        return ChatError(f"the chat request was refused ({exc.status_code}): {detail}")
+    return ChatError(f"chat failed: {exc}", retryable=True)
+
+
+def _status_detail(exc: Any) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])[:400]
+        if isinstance(body.get("message"), str):
+            return body["message"][:400]
+    return str(exc)[:400]
+
+
+def stream_chat(manager: ServerManager, messages: list[dict[str, Any]], model: str | None = None,
+                system_prompt: str | None = None, temperature: float = 0.7, top_p: float = 1.0,
+                max_tokens: int = 256, stop: list[str] | str | None = None,
+                cancel_event: threading.Event | None = None) -> Iterator[str]:
+    """Stream a reply from ``manager``'s current model (or ``model``: a served name or label).
+
+    Yields text chunks; raises ``ChatError`` (with ``retryable``). The function the Chat tab calls.
+    """
+    return manager.stream_chat(messages, model=model, system_prompt=system_prompt, temperature=temperature,
+                               top_p=top_p, max_tokens=max_tokens, stop=stop, cancel_event=cancel_event)
+
+
+def chat(manager: ServerManager, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+    """The whole reply as one string (same arguments as ``stream_chat``)."""
+    return "".join(stream_chat(manager, messages, **kwargs))

@@ -1,0 +1,854 @@
+"""``ServerManager``: which model answers the chat, and every change of it.
+
+One manager owns the chat backend of an app (web UI, ``sage-ft serve``, tests): a vLLM child
+(``VLLMServer``) or, without vLLM, the in-process transformers backend. It
+
+- starts the server with verified readiness and streamed progress, adopts or ends leftovers of a
+  previous app (registry file), stops it on exit (atexit + chained SIGTERM/SIGINT handlers);
+- switches models: a LoRA of the served base is loaded at runtime under a new name per adapter
+  version (sub-second); a different base or merged model gets a new server — zero-downtime (new
+  server on another port, verified, then traffic moves and the old one drains) when memory allows,
+  else stop-then-start; adapters vLLM cannot load at runtime are merged first;
+- notices a crash within a second (watcher thread) and brings the server back on the next chat;
+- releases memory for a training run and restores the server afterwards.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import importlib.util
+import logging
+import os
+import re
+import signal
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from sage_ft import paths
+from sage_ft.serving import registry
+from sage_ft.serving.chat import ChatError, build_messages, stream_openai
+from sage_ft.serving.ports import find_free_port
+from sage_ft.serving.targets import (
+    ModelTarget,
+    TargetError,
+    adapter_fingerprint,
+    resolve_target,
+    runtime_lora_problems,
+)
+from sage_ft.serving.vllm_server import (
+    AdapterLoadError,
+    ProgressCallback,
+    ServerSpec,
+    ServerStartError,
+    StartProgress,
+    VLLMServer,
+    cuda_device_count,
+    end_process_group,
+)
+
+log = logging.getLogger(__name__)
+
+DISABLE_VLLM_ENV = "SAGE_FT_DISABLE_VLLM"  # "1": behave as if vLLM were not installed
+Backend = Literal["auto", "vllm", "transformers", "none"]
+State = Literal["stopped", "starting", "ready", "crashed", "switching", "released"]
+Outcome = Literal["live", "restart_needed", "failed"]
+_CPU_SERVER_OVERHEAD_BYTES = 3 * 2**30  # measured: API server + engine + worker of a tiny model ~3.2 GB RSS
+
+
+def vllm_available() -> bool:
+    """True when the ``vllm`` package is importable and not disabled with ``SAGE_FT_DISABLE_VLLM=1``."""
+    if os.environ.get(DISABLE_VLLM_ENV, "").strip().lower() in ("1", "true", "yes"):
+        return False
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@dataclass
+class ServedModel:
+    """What answers a chat: ``name`` is the ``model`` field of a request."""
+
+    name: str
+    kind: str  # base | adapter | merged
+    label: str
+    path: str
+    base_path: str
+    backend: str  # vllm | transformers
+    port: int | None = None
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SwitchResult:
+    outcome: Outcome
+    message: str
+    timings: dict[str, float] = field(default_factory=dict)
+    served: ServedModel | None = None
+    mode: str = ""  # runtime-adapter | same-server | zero-downtime | stop-then-start | first-start | local
+
+
+    @property
+    def icon(self) -> str:
+        return {"live": "✅", "restart_needed": "⚠️", "failed": "❌"}[self.outcome]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"outcome": self.outcome, "message": self.message, "timings": self.timings, "mode": self.mode,
+                "served": self.served.to_dict() if self.served else None}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:48] or "model"
+
+
+class ServerManager:
+    """Owns the chat backend. Thread-safe: the UI may chat, switch and poll status concurrently."""
+
+    def __init__(self, model: str | Path | None = None, *, backend: Backend = "auto", allow_fallback: bool = True,
+                 port: int | None = None, max_model_len: int = 1024, dtype: str = "auto",
+                 gpu_memory_utilization: float | None = None, max_lora_rank: int = 16, max_loras: int = 4,
+                 max_cpu_loras: int | None = None, start_timeout_s: float = 300.0,
+                 zero_downtime: bool | None = None, drain_timeout_s: float = 60.0,
+                 enable_sleep_mode: bool | None = None, adopt: bool = True, install_exit_handlers: bool = True,
+                 extra_args: list[str] | None = None):
+        self.default_model = str(model) if model else "demo"
+        self.requested_backend = backend
+        self.allow_fallback = allow_fallback
+        self.preferred_port = port or paths.llm_port()
+        self.max_model_len = max_model_len
+        self.dtype = dtype
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.max_lora_rank = max_lora_rank
+        self.max_loras = max_loras
+        self.max_cpu_loras = max_cpu_loras or 2 * max_loras
+        self.start_timeout_s = start_timeout_s
+        self.zero_downtime = zero_downtime  # None: when memory allows
+        self.drain_timeout_s = drain_timeout_s
+        self.on_gpu = cuda_device_count() > 0
+        self.enable_sleep_mode = self.on_gpu if enable_sleep_mode is None else enable_sleep_mode
+        self.adopt = adopt
+        self.extra_args = list(extra_args or [])
+        self.backend = self._choose_backend()
+
+        self._lock = threading.RLock()  # short critical sections only (chats take it to pick a route)
+        self._switch_lock = threading.RLock()  # one start/switch/restart at a time (held for minutes)
+        self._state: State = "stopped"
+        self._server: VLLMServer | None = None
+        self._local: Any = None  # LocalBackend
+        self._adapters: dict[str, dict[str, Any]] = {}  # served name -> {path, label, fingerprint, loaded_at}
+        self._current: ServedModel | None = None
+        self._target: ModelTarget | None = None  # the user's choice (kept while stopped/released)
+        self._last_error: str = ""
+        self._crash_log_tail: str = ""
+        self._status_message: str = ""
+        self._sleeping = False
+        self._inflight: dict[int, int] = {}  # id(server) -> chats streaming from it
+        self._inflight_cv = threading.Condition()
+        self._watcher: threading.Thread | None = None
+        self._closed = threading.Event()
+        if install_exit_handlers:
+            _install_exit_handlers()
+        _MANAGERS.add(self)
+
+    # ------------------------------------------------------------------ backend choice / status
+    def _choose_backend(self) -> str:
+        if self.requested_backend == "none":
+            return "none"
+        if self.requested_backend == "transformers":
+            return "transformers"
+        if vllm_available():
+            return "vllm"
+        if self.requested_backend == "vllm" or not self.allow_fallback:
+            return "none"
+        log.warning("vLLM is not installed (or %s=1): chat uses the slower in-process transformers backend",
+                    DISABLE_VLLM_ENV)
+        return "transformers"
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def current(self) -> ServedModel | None:
+        return self._current
+
+    @property
+    def server(self) -> VLLMServer | None:
+        return self._server
+
+    def status(self) -> dict[str, Any]:
+        """Everything the UI shows about the chat backend (cheap: no HTTP calls)."""
+        self._check_alive()
+        server, current = self._server, self._current
+        target = self._target
+        return {
+            "state": self._state,
+            "backend": self.backend,
+            "backend_reason": self._backend_reason(),
+            "model": current.name if current else None,
+            "model_label": current.label if current else (target.label if target else None),
+            "model_type": current.kind if current else (target.kind if target else None),
+            "model_path": current.path if current else (str(target.path) if target else None),
+            "base_model": current.base_path if current else (str(target.serving_base) if target else None),
+            "adapters": {name: info["label"] for name, info in self._adapters.items()},
+            "port": server.port if server else None,
+            "base_url": server.base_url if server else None,
+            "pid": server.pid if server else None,
+            "uptime_s": round(time.time() - server.ready_at, 1) if server and server.ready_at and
+            self._state == "ready" else None,
+            "log_path": str(server.log_path) if server else None,
+            "last_error": self._last_error,
+            "log_tail": self._crash_log_tail if self._state == "crashed" else "",
+            "message": self._status_message,
+        }
+
+    def _backend_reason(self) -> str:
+        if self.backend == "vllm":
+            return "vLLM server (OpenAI-compatible API)"
+        if self.backend == "transformers":
+            why = ("chosen" if self.requested_backend == "transformers" else
+                   f"vLLM not installed or disabled ({DISABLE_VLLM_ENV})")
+            return f"in-process transformers ({why}; slower, one reply at a time)"
+        return "no chat server allowed (--no-llm, or vLLM missing with the fallback disabled)"
+
+    def endpoint(self) -> dict[str, Any] | None:
+        """``{base_url, api_key, model}`` of the current vLLM server (for other OpenAI clients)."""
+        server, current = self._server, self._current
+        if not server or not current:
+            return None
+        return {"base_url": server.base_url, "api_key": server.api_key, "model": current.name}
+
+    def metrics(self) -> dict[str, Any]:
+        server = self._server
+        if not server or self._state != "ready":
+            return {}
+        try:
+            return server.metrics().to_dict()
+        except Exception as exc:  # metrics are informational
+            return {"error": str(exc)}
+
+    # ------------------------------------------------------------------ start / stop
+    def start(self, model: str | Path | None = None, progress: ProgressCallback | None = None,
+              timeout_s: float | None = None) -> ServedModel:
+        """Serve ``model`` (default: the constructor's). Raises ``ServerStartError``/``TargetError``."""
+        result = self.switch(model or self.default_model, progress=progress, timeout_s=timeout_s)
+        if result.outcome == "failed":
+            raise ServerStartError(result.message, self._crash_log_tail)
+        if result.outcome == "restart_needed":
+            raise ServerStartError(result.message)
+        assert result.served is not None
+        return result.served
+
+    def stop(self) -> None:
+        """Stop the server (the whole process group) and forget adapters; the model choice is kept."""
+        with self._lock:
+            server, self._server = self._server, None
+            self._local = None
+            self._adapters.clear()
+            self._current = None
+            self._state = "stopped"
+        if server is not None:
+            server.stop()
+
+    def close(self) -> None:
+        """Stop everything this manager started; used by exit handlers and tests."""
+        self._closed.set()
+        self.stop()
+
+    def restart(self, progress: ProgressCallback | None = None) -> SwitchResult:
+        """Bring the chosen model back (after a crash, a release or a stop)."""
+        with self._switch_lock:
+            target = self._target or resolve_target(self.default_model)
+            with self._lock:
+                old = self._server
+                self._server, self._current = None, None
+                self._adapters.clear()
+                self._state = "stopped"
+            if old is not None:
+                old.stop()
+            return self.switch(str(target.path), progress=progress)
+
+    def ensure_ready(self, progress: ProgressCallback | None = None) -> None:
+        """Restart a crashed server (the next chat request brings it back); raise ChatError if impossible."""
+        self._check_alive()
+        if self._state == "ready" or (self._state == "switching" and self._server is not None):
+            return  # a zero-downtime switch keeps the old server answering until the new one is ready
+        if self._state in ("crashed", "stopped") and self.backend != "none" and self._target is not None:
+            with self._switch_lock:  # concurrent chats after a crash: one restarts, the others wait for it
+                if self._state in ("crashed", "stopped"):
+                    result = self.restart(progress)
+                    if result.outcome != "live":
+                        raise ChatError(f"the chat server could not be restarted: {result.message}",
+                                        retryable=True)
+            if self._state == "ready":
+                return
+        if self._state == "released":
+            raise ChatError(f"the chat model is paused while training uses the memory; {self._status_message}",
+                            retryable=True)
+        if self._state in ("starting", "switching"):
+            raise ChatError("the chat model is being switched; try again in a few seconds", retryable=True)
+        raise ChatError(self._backend_reason())
+
+    # ------------------------------------------------------------------ crash detection
+    def _check_alive(self) -> bool:
+        """Mark the state ``crashed`` when the vLLM child died (cheap: a waitpid / pid check)."""
+        server = self._server
+        if server is None or self._state not in ("ready",) or server.is_alive():
+            return True
+        with self._lock:
+            if self._server is not server or self._state != "ready":
+                return True
+            code = server.exit_code()
+            self._crash_log_tail = server.log_tail(40)
+            self._last_error = (f"the vLLM server (pid {server.pid}) exited with code {code}: "
+                                f"{server.failure_reason()}; it restarts on the next chat request or with restart()")
+            self._state = "crashed"
+            self._current = None
+            self._adapters.clear()
+            self._server = None
+        log.error("%s", self._last_error)
+        server.stop()  # ends what is left of its process group and drops the registry entry
+        return False
+
+    def _start_watcher(self) -> None:
+        if self._watcher and self._watcher.is_alive():
+            return
+        ref = weakref.ref(self)
+
+        def _watch() -> None:
+            while True:
+                manager = ref()
+                if manager is None or manager._closed.is_set():
+                    return
+                with contextlib.suppress(Exception):
+                    manager._check_alive()
+                del manager
+                time.sleep(1.0)
+
+        self._watcher = threading.Thread(target=_watch, name="sage-ft-vllm-watcher", daemon=True)
+        self._watcher.start()
+
+    # ------------------------------------------------------------------ switching
+    def switch(self, model: str | Path, progress: ProgressCallback | None = None,
+               strategy: Literal["auto", "zero_downtime", "stop_then_start"] = "auto",
+               timeout_s: float | None = None) -> SwitchResult:
+        """Make ``model`` the chat model. Idempotent; never raises for bad input (outcome ``failed``)."""
+        t0 = time.monotonic()
+        timings: dict[str, float] = {}
+        try:
+            target = resolve_target(model)
+        except TargetError as exc:
+            return SwitchResult("failed", str(exc), {"total_s": time.monotonic() - t0})
+        timings["resolve_s"] = time.monotonic() - t0
+        with self._switch_lock:
+            self._target = target
+            self._check_alive()
+            try:
+                if self.backend == "none":
+                    return SwitchResult("restart_needed", f"saved {target.label} as the chat model, but "
+                                        f"{self._backend_reason()}", timings)
+                if self.backend == "transformers":
+                    result = self._switch_local(target, timings)
+                else:
+                    result = self._switch_vllm(target, progress, strategy, timeout_s, timings)
+            except (ServerStartError, AdapterLoadError, TargetError, OSError) as exc:
+                self._last_error = str(exc)
+                if isinstance(exc, ServerStartError):
+                    self._crash_log_tail = exc.log_tail
+                result = SwitchResult("failed", str(exc), timings, self._current)
+            except Exception as exc:  # merge/peft/transformers errors: reported, never a stack trace
+                log.exception("switch to %s failed", target.label)
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                result = SwitchResult("failed", f"switch to {target.label} failed: {self._last_error}",
+                                      timings, self._current)
+            if self._state in ("switching", "starting"):
+                self._state = "ready" if self._current else "stopped"
+            timings["total_s"] = time.monotonic() - t0
+            if result.outcome == "live":
+                self._last_error = ""
+                self._status_message = result.message
+            return result
+
+    def _switch_vllm(self, target: ModelTarget, progress: ProgressCallback | None, strategy: str,
+                     timeout_s: float | None, timings: dict[str, float]) -> SwitchResult:
+        note = target.note
+        if target.kind == "adapter":
+            problems = runtime_lora_problems(target.path, self.max_lora_rank)
+            if problems:
+                target, why = self._merged_target(target, problems, progress, timings), "; ".join(problems)
+                note = (f"{note}; " if note else "") + f"merged into {target.path} because {why}"
+        server = self._server
+        if self._state == "ready" and server is not None:
+            if target.kind == "adapter" and Path(server.spec.model_path) == target.serving_base:
+                return self._select_adapter(target, note, timings)
+            if target.kind != "adapter" and Path(server.spec.model_path) == target.path:
+                self._current = self._base_served(server, target, note)
+                self._update_registry()
+                return SwitchResult("live", f"now chatting with {target.label} (already served)",
+                                    timings, self._current, "same-server")
+        return self._switch_server(target, note, progress, strategy, timeout_s, timings)
+
+    def _merged_target(self, target: ModelTarget, problems: list[str], progress: ProgressCallback | None,
+                       timings: dict[str, float]) -> ModelTarget:
+        from sage_ft.serving.merging import is_fresh_merge, merge_for_serving, merged_dir_for
+
+        t0 = time.monotonic()
+        assert target.base_path is not None
+        out_dir = merged_dir_for(target.path, target.run_dir)
+        fingerprint = adapter_fingerprint(target.path)
+        if not is_fresh_merge(out_dir, fingerprint):
+            if progress:
+                progress(StartProgress(f"merging adapter ({'; '.join(problems)})", 0.0))
+            merge_for_serving(target.path, target.base_path, out_dir, fingerprint)
+        timings["merge_s"] = time.monotonic() - t0
+        return ModelTarget("merged", out_dir, None, f"{target.label} (merged)", target.run_dir)
+
+    def _select_adapter(self, target: ModelTarget, note: str, timings: dict[str, float]) -> SwitchResult:
+        server = self._server
+        assert server is not None
+        t0 = time.monotonic()
+        name = self._ensure_adapter(server, target)
+        timings["adapter_load_s"] = time.monotonic() - t0
+        info = self._adapters[name]
+        self._current = ServedModel(name, "adapter", target.label, str(target.path), server.spec.model_path,
+                                    "vllm", server.port, note)
+        self._update_registry()
+        return SwitchResult("live", f"now chatting with {target.label} (adapter {name} loaded "
+                            f"{'now' if info['loaded_now'] else 'earlier'} on the running server, no restart)"
+                            + (f"; {note}" if note else ""), timings, self._current, "runtime-adapter")
+
+    def _ensure_adapter(self, server: VLLMServer, target: ModelTarget) -> str:
+        """Load ``target`` under a name unique to this version of its files; reuse when already loaded."""
+        fingerprint = adapter_fingerprint(target.path)
+        name = f"{_slug(target.label.replace('/', '-'))}-{fingerprint}"
+        for info in self._adapters.values():
+            info["loaded_now"] = False
+        if name in self._adapters:
+            self._adapters[name]["last_used"] = time.time()
+            return name
+        # an older version of the same adapter files: its name would serve stale weights/prefix cache
+        for stale in [n for n, i in self._adapters.items() if i["path"] == str(target.path)]:
+            self._unload(server, stale)
+        while len(self._adapters) >= self.max_cpu_loras:
+            oldest = min((n for n in self._adapters if not self._current or n != self._current.name),
+                         key=lambda n: self._adapters[n]["last_used"], default=None)
+            if oldest is None:
+                break
+            self._unload(server, oldest)
+        server.load_adapter(name, target.path)
+        self._adapters[name] = {"path": str(target.path), "label": target.label, "fingerprint": fingerprint,
+                                "loaded_at": time.time(), "last_used": time.time(), "loaded_now": True}
+        return name
+
+    def _unload(self, server: VLLMServer, name: str) -> None:
+        with contextlib.suppress(AdapterLoadError, OSError, Exception):
+            server.unload_adapter(name)
+        self._adapters.pop(name, None)
+
+    def load_adapter(self, model: str | Path) -> str:
+        """Load an adapter next to the current one without selecting it; returns its served name."""
+        target = resolve_target(model)
+        if target.kind != "adapter":
+            raise TargetError(f"{target.path} is not an adapter")
+        with self._lock:
+            self.ensure_ready()
+            if self.backend == "transformers":
+                name = f"{_slug(target.label.replace('/', '-'))}-{adapter_fingerprint(target.path)}"
+                self._local.add_adapter(name, target.path)
+                self._adapters.setdefault(name, {"path": str(target.path), "label": target.label,
+                                                 "last_used": time.time()})
+                return name
+            server = self._server
+            assert server is not None
+            if Path(server.spec.model_path) != target.serving_base:
+                raise TargetError(f"adapter {target.label} belongs to base {target.serving_base}, but the server "
+                                  f"runs {server.spec.model_path}; switch to it instead")
+            problems = runtime_lora_problems(target.path, self.max_lora_rank)
+            if problems:
+                raise TargetError(f"adapter {target.label} cannot be loaded at runtime: {'; '.join(problems)}")
+            name = self._ensure_adapter(server, target)
+            self._update_registry()
+            return name
+
+    def _base_served(self, server: VLLMServer, target: ModelTarget, note: str) -> ServedModel:
+        return ServedModel(server.spec.served_name, target.kind, target.label, str(target.path),
+                           server.spec.model_path, "vllm", server.port, note)
+
+    def _new_server(self, target: ModelTarget, port: int) -> VLLMServer:
+        base = target.serving_base
+        spec = ServerSpec(model_path=str(base), served_name=_slug(target.label if target.kind != "adapter"
+                                                                  else base.name),
+                          port=port, max_model_len=self.max_model_len, dtype=self.dtype,
+                          gpu_memory_utilization=self.gpu_memory_utilization, max_lora_rank=self.max_lora_rank,
+                          max_loras=self.max_loras, max_cpu_loras=self.max_cpu_loras,
+                          enable_sleep_mode=self.enable_sleep_mode, extra_args=self.extra_args)
+        kind = "base" if target.kind == "adapter" else target.kind
+        return VLLMServer(spec, meta={"kind": kind, "display_name": target.label if kind != "base" else base.name,
+                                      "current": False})
+
+    def _switch_server(self, target: ModelTarget, note: str, progress: ProgressCallback | None, strategy: str,
+                       timeout_s: float | None, timings: dict[str, float]) -> SwitchResult:
+        """A new server for a different base/merged model (or the first start)."""
+        old = self._server if self._state == "ready" else None
+        if old is None and self._server is not None:  # crashed/released leftovers
+            self._server.stop()
+            self._server = None
+        if old is None and self.adopt and self._adopt_or_clean(target):
+            timings["adopted"] = 1.0
+            return self._switch_vllm(target, progress, strategy, timeout_s, timings)
+        mode, reason = "first-start", ""
+        if old is not None:
+            fits, reason = self.second_server_fits(target.serving_base)
+            if strategy == "zero_downtime" or (strategy == "auto" and self.zero_downtime is not False and fits):
+                mode = "zero-downtime"
+            else:
+                mode = "stop-then-start"
+                reason = "requested" if strategy == "stop_then_start" or self.zero_downtime is False else reason
+        with self._lock:
+            self._state = "switching" if old is not None else "starting"
+            self._status_message = f"starting {target.label}" + (f" ({mode}: {reason})" if old is not None else "")
+        if mode == "stop-then-start":
+            with self._lock:
+                self._current, self._server = None, None
+                self._adapters.clear()
+            self._retire(old, drain=True)
+            old = None
+        port = find_free_port(self.preferred_port, exclude={old.port} if old else frozenset())
+        server = self._new_server(target, port)
+        t0 = time.monotonic()
+        try:
+            server.start(timeout_s or self.start_timeout_s, progress)
+        except ServerStartError:
+            with self._lock:
+                self._state = "ready" if old is not None else "stopped"
+            raise
+        timings["server_start_s"] = time.monotonic() - t0
+        with self._lock:  # from here on new chats go to the new server
+            self._server = server
+            self._adapters = {}
+            self._current = self._base_served(server, target if target.kind != "adapter" else
+                                              ModelTarget("base", target.serving_base, None, target.serving_base.name),
+                                              note if target.kind != "adapter" else "")
+            self._state = "ready"
+            self._crash_log_tail = ""
+        self._start_watcher()
+        if target.kind == "adapter":
+            result = self._select_adapter(target, note, timings)
+        else:
+            self._update_registry()
+            result = SwitchResult("live", f"now serving {target.label} on port {port}" + (f"; {note}" if note else ""),
+                                  timings, self._current)
+        result.mode = mode
+        if old is not None:
+            self._retire(old, drain=True, background=True)
+            result.message += " (zero-downtime: the previous server finishes its replies, then stops)"
+        elif mode == "stop-then-start":
+            result.message += f" (stop-then-start: {reason})"
+        return result
+
+    def _retire(self, server: VLLMServer, drain: bool, background: bool = False) -> None:
+        """Stop ``server`` after its in-flight chats finish (bounded by ``drain_timeout_s``)."""
+
+        def _do() -> None:
+            if drain:
+                deadline = time.monotonic() + self.drain_timeout_s
+                with self._inflight_cv:
+                    while self._inflight.get(id(server), 0) > 0 and time.monotonic() < deadline:
+                        self._inflight_cv.wait(timeout=0.5)
+            server.stop()
+
+        if background:
+            threading.Thread(target=_do, name="sage-ft-vllm-retire", daemon=False).start()
+        else:
+            _do()
+
+    def second_server_fits(self, model_dir: Path) -> tuple[bool, str]:
+        """Whether a second server for ``model_dir`` fits beside the running one (RAM on CPU, GPU memory)."""
+        weights = sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in Path(model_dir).glob(pattern))
+        if self.on_gpu:
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                try:
+                    mem = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0))
+                finally:
+                    pynvml.nvmlShutdown()
+            except Exception as exc:
+                return False, f"GPU memory unknown ({exc})"
+            need = (self.gpu_memory_utilization or 0.85) * mem.total
+            ok = mem.free >= need
+            return ok, f"GPU free {mem.free / 2**30:.1f} GiB, a second server needs {need / 2**30:.1f} GiB"
+        import psutil
+
+        kv = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")) * 2**30
+        need = weights * 1.2 + kv + _CPU_SERVER_OVERHEAD_BYTES
+        avail = psutil.virtual_memory().available
+        return avail >= need * 1.25, f"RAM available {avail / 2**30:.1f} GiB, a second server needs ~{need / 2**30:.1f} GiB"
+
+    # ------------------------------------------------------------------ registry / adoption
+    def _update_registry(self) -> None:
+        server = self._server
+        if server is None or not server.owned or not server.pid:
+            return
+        current = self._current
+        registry.update(server.pid, current=True, model=current.name if current else None,
+                        display_name=current.label if current else None,
+                        adapters={n: {"path": i["path"], "label": i["label"]} for n, i in self._adapters.items()})
+
+    def _adopt_or_clean(self, target: ModelTarget) -> bool:
+        """Adopt a server an earlier (dead) app left for this base; end every other orphan. True = adopted."""
+        adopted = False
+        for entry in registry.live_entries():
+            if registry.owner_alive(entry):
+                continue  # a live app (maybe this one) owns it
+            server = VLLMServer.from_registry(entry)
+            wanted = not adopted and entry.get("current") and Path(server.spec.model_path) == target.serving_base
+            if wanted and server.health():
+                try:
+                    served = [m.get("id") for m in server.served_models()]
+                except Exception:
+                    served = []
+                if server.spec.served_name in served:
+                    self._server, self._state = server, "ready"
+                    self._adapters = {n: {"path": i["path"], "label": i["label"], "fingerprint": "",
+                                          "loaded_at": time.time(), "last_used": time.time(), "loaded_now": False}
+                                      for n, i in (entry.get("adapters") or {}).items() if n in served}
+                    self._current = self._base_served(server, target if target.kind != "adapter" else
+                                                      ModelTarget("base", target.serving_base, None,
+                                                                  target.serving_base.name), "")
+                    registry.update(server.pid, **registry.owner_identity())
+                    self._start_watcher()
+                    log.warning("adopted the vLLM server (pid %s, port %s) left by a previous run", server.pid,
+                                server.port)
+                    adopted = True
+                    continue
+            log.warning("ending leftover vLLM server pid %s (port %s) of a previous run", entry["pid"], entry["port"])
+            end_process_group(entry["pid"], entry["create_time"])
+            registry.remove(entry["pid"])
+        return adopted
+
+    @classmethod
+    def connect_existing(cls, **kwargs: Any) -> ServerManager | None:
+        """A client-only manager for the current server another live sage-ft process runs (``sage-ft chat``)."""
+        for entry in registry.live_entries():
+            if not entry.get("current") or not registry.owner_alive(entry) or registry.owned_by_me(entry):
+                continue
+            server = VLLMServer.from_registry(entry)
+            if not server.health():
+                continue
+            server.owned = False
+            manager = cls(entry.get("spec", {}).get("model_path"), backend="vllm", adopt=False,
+                          install_exit_handlers=False, **kwargs)
+            manager._server, manager._state = server, "ready"
+            manager._adapters = {n: {"path": i["path"], "label": i["label"], "fingerprint": "",
+                                     "loaded_at": time.time(), "last_used": time.time(), "loaded_now": False}
+                                 for n, i in (entry.get("adapters") or {}).items()}
+            name = entry.get("model") or server.spec.served_name
+            kind = "adapter" if name in manager._adapters else entry.get("kind", "base")
+            manager._current = ServedModel(name, kind, entry.get("display_name") or name,
+                                           manager._adapters.get(name, {}).get("path", server.spec.model_path),
+                                           server.spec.model_path, "vllm", server.port)
+            return manager
+        return None
+
+    # ------------------------------------------------------------------ transformers backend
+    def _switch_local(self, target: ModelTarget, timings: dict[str, float]) -> SwitchResult:
+        from sage_ft.serving.local_backend import LocalBackend
+
+        base = target.serving_base
+        t0 = time.monotonic()
+        if self._local is None or self._local.model_path != base:
+            self._state = "starting"
+            local = LocalBackend(base, _slug(base.name if target.kind == "adapter" else target.label))
+            local.load()
+            self._local, self._adapters = local, {}
+            timings["load_s"] = time.monotonic() - t0
+        local = self._local
+        if target.kind == "adapter":
+            name = f"{_slug(target.label.replace('/', '-'))}-{adapter_fingerprint(target.path)}"
+            local.add_adapter(name, target.path)
+            self._adapters.setdefault(name, {"path": str(target.path), "label": target.label,
+                                             "last_used": time.time()})
+            timings["adapter_load_s"] = time.monotonic() - t0
+        else:
+            name = local.served_name
+        self._current = ServedModel(name, target.kind, target.label, str(target.path), str(base), "transformers",
+                                    None, target.note)
+        self._state = "ready"
+        return SwitchResult("live", f"now chatting with {target.label} (in-process transformers backend: "
+                            f"{self._backend_reason()})", timings, self._current, "local")
+
+    # ------------------------------------------------------------------ chat
+    def _resolve_chat_model(self, model: str | None) -> str:
+        current = self._current
+        if model is None:
+            if current is None:
+                raise ChatError("no chat model is loaded; pick one with switch()", retryable=False)
+            return current.name
+        if model in self._adapters or (current and model == current.name):
+            return model
+        base_name = self._server.spec.served_name if self._server else (self._local.served_name if self._local else "")
+        if model == base_name:
+            return model
+        for name, info in self._adapters.items():
+            if model in (info["label"], info["path"]):
+                return name
+        loaded = ", ".join([base_name, *self._adapters]) if base_name else "none"
+        raise ChatError(f"model {model!r} is not loaded (loaded: {loaded}); switch to it first")
+
+    @contextlib.contextmanager
+    def _route(self, model: str | None) -> Iterator[tuple[Any, str]]:
+        """The backend + model name for one chat, counted as in flight so a retiring server drains."""
+        with self._lock:
+            backend = self._server if self.backend == "vllm" else self._local
+            if backend is None:
+                raise ChatError(f"the chat server is {self._state}; try again in a few seconds",
+                                retryable=self._state != "stopped")
+            name = self._resolve_chat_model(model)
+            key = id(backend)
+            with self._inflight_cv:
+                self._inflight[key] = self._inflight.get(key, 0) + 1
+            if name in self._adapters:
+                self._adapters[name]["last_used"] = time.time()
+        try:
+            yield backend, name
+        finally:
+            with self._inflight_cv:
+                self._inflight[key] -= 1
+                if not self._inflight[key]:
+                    del self._inflight[key]
+                self._inflight_cv.notify_all()
+
+    def stream_chat(self, messages: list[dict[str, Any]], model: str | None = None, system_prompt: str | None = None,
+                    temperature: float = 0.7, top_p: float = 1.0, max_tokens: int = 256,
+                    stop: list[str] | str | None = None, cancel_event: threading.Event | None = None,
+                    auto_restart: bool = True) -> Iterator[str]:
+        """Stream a reply (see ``chat.stream_chat``). A crashed server is restarted first when ``auto_restart``."""
+        msgs = build_messages(messages, system_prompt)
+        if auto_restart:
+            self.ensure_ready()
+        elif self._state != "ready":
+            raise ChatError(f"the chat server is {self._state}", retryable=self._state != "stopped")
+        with self._route(model) as (backend, name):
+            if self.backend == "transformers":
+                yield from backend.stream(msgs, name, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                          stop=stop, cancel_event=cancel_event)
+                return
+            try:
+                yield from stream_openai(backend.base_url, backend.api_key, name, msgs, temperature=temperature,
+                                         top_p=top_p, max_tokens=max_tokens, stop=stop, cancel_event=cancel_event)
+            except ChatError as exc:
+                if exc.retryable and not self._check_alive():
+                    raise ChatError(f"the chat server crashed ({self._last_error}); send the message again to "
+                                    "restart it", retryable=True) from None
+                raise
+
+    # ------------------------------------------------------------------ memory arbitration
+    def release_for_training(self, estimate_bytes: int | None = None) -> str:
+        """Free the memory the chat server holds for a training run; the returned text is for the UI.
+
+        With ``estimate_bytes`` (the run's need) and enough free memory beside the server, nothing
+        happens. Otherwise vLLM sleeps (GPU with sleep mode) or the server is stopped.
+        """
+        with self._lock:
+            if self._state != "ready" or self._server is None:
+                return "chat server not running; nothing to release"
+            if estimate_bytes is not None and self._fits_beside(estimate_bytes):
+                return "chat server kept: the training run fits beside it"
+            label = self._current.label if self._current else "the chat model"
+            if self.on_gpu and self.enable_sleep_mode:
+                self._server.sleep(level=1)
+                self._sleeping = True
+            else:
+                self._server.stop()
+                self._server, self._current = None, None
+                self._adapters.clear()
+            self._state = "released"
+            self._status_message = (f"chat model {label} paused to free memory for training; it comes back when "
+                                    "the run ends")
+            return self._status_message
+
+    def restore_after_training(self, progress: ProgressCallback | None = None) -> str:
+        """Undo ``release_for_training`` (wake up or restart the chosen model)."""
+        with self._lock:
+            if self._state != "released":
+                return "chat server was not released; nothing to restore"
+            if self._sleeping and self._server is not None:
+                self._server.wake_up()
+                self._sleeping = False
+                self._state = "ready"
+                self._status_message = "chat model is back after training"
+                return self._status_message
+            self._state = "stopped"
+        result = self.restart(progress)
+        self._status_message = ("chat model is back after training" if result.outcome == "live"
+                                else f"chat model could not be restarted after training: {result.message}")
+        return self._status_message
+
+    def _fits_beside(self, estimate_bytes: int) -> bool:
+        if self.on_gpu:
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                try:
+                    free = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).free
+                finally:
+                    pynvml.nvmlShutdown()
+            except Exception:
+                return False
+        else:
+            import psutil
+
+            free = psutil.virtual_memory().available
+        return free >= estimate_bytes * 1.1
+
+
+# ---------------------------------------------------------------------- exit handling
+_MANAGERS: weakref.WeakSet[ServerManager] = weakref.WeakSet()
+_HANDLERS_INSTALLED = False
+_PREVIOUS_HANDLERS: dict[int, Any] = {}
+
+
+def stop_all_servers() -> None:
+    """Stop every server any manager of this process owns (exit path)."""
+    for manager in list(_MANAGERS):
+        with contextlib.suppress(Exception):
+            manager.close()
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    stop_all_servers()
+    previous = _PREVIOUS_HANDLERS.get(signum)
+    if callable(previous):
+        previous(signum, frame)
+    elif previous == signal.SIG_DFL:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+def _install_exit_handlers() -> None:
+    """atexit + SIGTERM/SIGINT handlers that stop our servers and then chain to the previous handlers."""
+    global _HANDLERS_INSTALLED
+    if _HANDLERS_INSTALLED:
+        return
+    _HANDLERS_INSTALLED = True
+    atexit.register(stop_all_servers)
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread; atexit still covers normal exits
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        _PREVIOUS_HANDLERS[sig] = signal.getsignal(sig)
+        signal.signal(sig, _on_signal)
+
+
+ProgressFn = Callable[[StartProgress], None]

@@ -1,0 +1,143 @@
+"""The serving registry: which chat-server children this data home started, and who owns them.
+
+One JSON file under the data home (``serving/servers.json``, mode 0600 because it holds the API
+keys). Each entry names the process by pid **and** create time, so a restarted app can adopt its
+server or end it, and a pid reused by an unrelated process is never touched (style rule 9: record,
+don't rediscover by process name). Read-modify-write happens under an ``flock``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from sage_ft import paths
+
+# psutil derives create_time from boot time + start ticks; allow for rounding between readings.
+_CREATE_TIME_TOLERANCE_S = 1.0
+
+
+def registry_path() -> Path:
+    directory = paths.home() / "serving"
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / "servers.json"
+
+
+def create_time_of(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, ValueError):
+        return None
+
+
+def process_matches(pid: int | None, create_time: float | None) -> bool:
+    """True when ``pid`` is alive, not a zombie, and started at ``create_time`` (same process)."""
+    if not pid or create_time is None:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if abs(proc.create_time() - create_time) > _CREATE_TIME_TOLERANCE_S:
+            return False
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, ValueError):
+        return False
+
+
+def same_start(pid: int, create_time: float | None) -> bool:
+    """True when ``pid`` (alive or zombie) started at ``create_time``."""
+    current = create_time_of(pid)
+    return current is not None and create_time is not None and abs(current - create_time) <= _CREATE_TIME_TOLERANCE_S
+
+
+def owner_identity() -> dict[str, Any]:
+    """This process as a registry owner."""
+    return {"owner_pid": os.getpid(), "owner_create_time": create_time_of(os.getpid())}
+
+
+def owner_alive(entry: dict[str, Any]) -> bool:
+    return process_matches(entry.get("owner_pid"), entry.get("owner_create_time"))
+
+
+def owned_by_me(entry: dict[str, Any]) -> bool:
+    return entry.get("owner_pid") == os.getpid() and owner_alive(entry)
+
+
+@contextlib.contextmanager
+def _locked() -> Iterator[Path]:
+    path = registry_path()
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield path
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [e for e in data.get("servers", []) if isinstance(e, dict)] if isinstance(data, dict) else []
+
+
+def _write(path: Path, entries: list[dict[str, Any]]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".servers.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump({"servers": entries}, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_entries() -> list[dict[str, Any]]:
+    with _locked() as path:
+        return _read(path)
+
+
+def upsert(entry: dict[str, Any]) -> None:
+    """Add or replace the entry of process ``entry['pid']``."""
+    with _locked() as path:
+        entries = [e for e in _read(path) if e.get("pid") != entry["pid"]]
+        entries.append(entry)
+        _write(path, entries)
+
+
+def update(pid: int, **fields: Any) -> None:
+    with _locked() as path:
+        entries = _read(path)
+        for entry in entries:
+            if entry.get("pid") == pid:
+                entry.update(fields)
+        _write(path, entries)
+
+
+def remove(pid: int) -> None:
+    with _locked() as path:
+        entries = _read(path)
+        kept = [e for e in entries if e.get("pid") != pid]
+        if len(kept) != len(entries):
+            _write(path, kept)
+
+
+def live_entries() -> list[dict[str, Any]]:
+    """Entries whose server process is still the one recorded; dead ones are dropped from the file."""
+    with _locked() as path:
+        entries = _read(path)
+        live = [e for e in entries if process_matches(e.get("pid"), e.get("create_time"))]
+        if len(live) != len(entries):
+            _write(path, live)
+        return live

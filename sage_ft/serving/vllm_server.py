@@ -1,0 +1,438 @@
+"""One managed vLLM OpenAI-compatible server child: start, readiness, log, stop, crash detection.
+
+The child runs ``python -m vllm.entrypoints.openai.api_server`` in its own session (process group),
+bound to 127.0.0.1 with a random API key, its stdout/stderr going to a log file under the data home.
+Ending it always ends the whole group (API server, engine core, workers), so a failed or timed-out
+start never leaves orphans. Readiness is verified: ``/health`` answers 200 *and* ``/v1/models``
+lists the served name we asked for, so we never chat with some other model that happens to answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from sage_ft import paths
+from sage_ft.serving import registry
+from sage_ft.serving.metrics import ServerMetrics, server_metrics
+from sage_ft.serving.ports import LOOPBACK
+
+log = logging.getLogger(__name__)
+
+HTTP_TIMEOUT_S = 5.0  # every control-plane call is bounded; nothing may hang
+ADAPTER_LOAD_TIMEOUT_S = 60.0
+STOP_GRACE_S = 10.0
+
+
+class ServerStartError(RuntimeError):
+    """The server did not become ready; ``log_tail`` holds the end of its log."""
+
+    def __init__(self, message: str, log_tail: str = "", log_path: str | None = None):
+        super().__init__(message)
+        self.log_tail = log_tail
+        self.log_path = log_path
+
+
+class AdapterLoadError(RuntimeError):
+    """vLLM refused an adapter (message from the server; ``status`` is the HTTP code)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class StartProgress:
+    """One start-up progress report for the caller (UI status line, CLI spinner)."""
+
+    stage: str
+    elapsed_s: float
+    last_log_line: str = ""
+
+    def __str__(self) -> str:
+        return f"[{self.elapsed_s:5.1f}s] {self.stage}" + (f" — {self.last_log_line}" if self.last_log_line else "")
+
+
+ProgressCallback = Callable[[StartProgress], None]
+
+# (pattern in a log line, stage reached) — vLLM 0.11 .. 0.32 wording
+_STAGES = (
+    (re.compile(r"non-default args|vLLM API server version"), "reading model config"),
+    (re.compile(r"Initializing a V1 LLM engine|Initializing an LLM engine"), "starting engine"),
+    (re.compile(r"Starting to load model"), "loading weights"),
+    (re.compile(r"Loading weights took|Model loading took"), "allocating KV cache"),
+    (re.compile(r"init engine|KV cache size|Graph capturing|torch.compile"), "warming up"),
+    (re.compile(r"Starting vLLM (API )?server on|Application startup complete"), "opening HTTP port"),
+)
+_ERROR_LINE = re.compile(r"(Error|Exception|error:|No such file|not found|does not exist|Traceback)")
+
+
+def cuda_device_count() -> int:
+    """Number of NVIDIA GPUs via NVML (no torch import; 0 when no driver)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return 0
+
+
+@dataclass
+class ServerSpec:
+    """How to launch one server. ``served_name`` is what ``/v1/models`` must list."""
+
+    model_path: str
+    served_name: str
+    port: int
+    max_model_len: int = 1024
+    dtype: str = "auto"
+    gpu_memory_utilization: float | None = None  # None: 0.3 on CPU, 0.85 on a GPU
+    enable_lora: bool = True
+    max_lora_rank: int = 16
+    max_loras: int = 4
+    max_cpu_loras: int | None = None
+    enable_sleep_mode: bool = False
+    enforce_eager: bool = False
+    extra_args: list[str] = field(default_factory=list)
+
+    def argv(self, api_key: str, on_gpu: bool) -> list[str]:
+        util = self.gpu_memory_utilization or (0.85 if on_gpu else 0.3)
+        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                "--model", self.model_path, "--served-model-name", self.served_name,
+                "--host", LOOPBACK, "--port", str(self.port), "--api-key", api_key,
+                "--max-model-len", str(self.max_model_len), "--dtype", self.dtype,
+                "--gpu-memory-utilization", str(util), "--disable-uvicorn-access-log"]
+        if self.enable_lora:
+            argv += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank),
+                     "--max-loras", str(self.max_loras),
+                     "--max-cpu-loras", str(max(self.max_cpu_loras or 2 * self.max_loras, self.max_loras))]
+        if self.enable_sleep_mode and on_gpu:
+            argv.append("--enable-sleep-mode")
+        if self.enforce_eager:
+            argv.append("--enforce-eager")
+        return argv + list(self.extra_args)
+
+
+def child_env(on_gpu: bool, sleep_mode: bool = False) -> dict[str, str]:
+    env = dict(os.environ)
+    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not on_gpu:
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default would take far more
+    if sleep_mode:
+        env["VLLM_SERVER_DEV_MODE"] = "1"  # exposes /sleep and /wake_up (loopback + API key only)
+    return env
+
+
+class VLLMServer:
+    """A single vLLM child. Thread-safe enough for one owner plus a watcher thread."""
+
+    def __init__(self, spec: ServerSpec, api_key: str | None = None, log_path: Path | None = None,
+                 meta: dict[str, Any] | None = None):
+        self.spec = spec
+        self.api_key = api_key or secrets.token_urlsafe(24)
+        self.log_path = Path(log_path) if log_path else (
+            paths.logs_dir() / f"vllm-{spec.served_name}-{spec.port}-{time.strftime('%Y%m%d-%H%M%S')}.log")
+        self.meta = dict(meta or {})  # what the manager wants recorded (kind, base, adapters)
+        self.pid: int | None = None
+        self.create_time: float | None = None
+        self.started_at: float | None = None
+        self.ready_at: float | None = None
+        self.on_gpu = cuda_device_count() > 0
+        self._proc: subprocess.Popen | None = None
+        self._log_fh = None
+        self.owned = True  # False: a server another live sage-ft process started (we only chat with it)
+
+    # ---- addresses -------------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        return self.spec.port
+
+    @property
+    def root_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.spec.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.root_url}/v1"
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    # ---- life cycle ------------------------------------------------------------------------
+    def launch(self) -> None:
+        """Spawn the child (returns at once) and record it in the registry."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_fh = open(self.log_path, "ab", buffering=0)  # noqa: SIM115 - closed in _cleanup
+        argv = self.spec.argv(self.api_key, self.on_gpu)
+        shown = [("***" if prev == "--api-key" else a) for prev, a in zip(["", *argv], argv, strict=False)]
+        self._log_fh.write(f"$ {' '.join(shown)}\n".encode())
+        self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log_fh,
+                                      stderr=subprocess.STDOUT, start_new_session=True,
+                                      env=child_env(self.on_gpu, self.spec.enable_sleep_mode),
+                                      cwd=str(paths.home()))
+        self.pid = self._proc.pid
+        self.create_time = registry.create_time_of(self.pid)
+        self.started_at = time.time()
+        registry.upsert(self.registry_entry())
+
+    def start(self, timeout_s: float = 300.0, progress: ProgressCallback | None = None) -> None:
+        """Launch and wait until verified ready; on any failure the whole process group is ended."""
+        self.launch()
+        try:
+            self.wait_ready(timeout_s, progress)
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_ready(self, timeout_s: float, progress: ProgressCallback | None = None) -> None:
+        t0 = time.monotonic()
+        stage, last_reported, offset = "launching process", ("", ""), 0
+        with httpx.Client(timeout=HTTP_TIMEOUT_S) as http:
+            while True:
+                elapsed = time.monotonic() - t0
+                new_lines, offset = self._read_log_from(offset)
+                for text in new_lines:
+                    for pattern, name in _STAGES:
+                        if pattern.search(text):
+                            stage = name
+                line = self.last_log_line()
+                if progress and (stage, line) != last_reported:
+                    last_reported = (stage, line)
+                    _safe_call(progress, StartProgress(stage, elapsed, line))
+                code = self.exit_code()
+                if code is not None:
+                    raise ServerStartError(
+                        f"vLLM exited with code {code} while starting {self.spec.model_path}: "
+                        f"{self.failure_reason()} (full log: {self.log_path})", self.log_tail(), str(self.log_path))
+                if elapsed > timeout_s:
+                    raise ServerStartError(
+                        f"vLLM did not become ready within {timeout_s:.0f} s (last stage: {stage}); the server was "
+                        f"stopped. Log: {self.log_path}", self.log_tail(), str(self.log_path))
+                if self._verified_ready(http):
+                    self.ready_at = time.time()
+                    if progress:
+                        _safe_call(progress, StartProgress("ready", time.monotonic() - t0, line))
+                    return
+                time.sleep(0.5)
+
+    def _verified_ready(self, http: httpx.Client) -> bool:
+        try:
+            if http.get(f"{self.root_url}/health").status_code != 200:
+                return False
+            resp = http.get(f"{self.base_url}/models", headers=self._headers())
+        except httpx.HTTPError:
+            return False
+        if resp.status_code != 200:
+            return False
+        ids = [m.get("id") for m in resp.json().get("data", [])]
+        return self.spec.served_name in ids
+
+    def is_alive(self) -> bool:
+        if self._proc is not None:
+            return self._proc.poll() is None
+        return registry.process_matches(self.pid, self.create_time)
+
+    def exit_code(self) -> int | None:
+        """The child's exit code once it has exited (-9 for kill -9), else None."""
+        if self._proc is not None:
+            return self._proc.poll()
+        return None if self.is_alive() else -1
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """End the whole process group (SIGTERM, then SIGKILL after ``grace_s``); idempotent."""
+        if self.owned and self.pid:
+            end_process_group(self.pid, self.create_time, grace_s)
+            if self._proc is not None:
+                try:
+                    self._proc.wait(timeout=grace_s)
+                except subprocess.TimeoutExpired:
+                    log.error("vLLM child %s did not exit after SIGKILL", self.pid)
+        if self.owned and self.pid:
+            registry.remove(self.pid)
+        if self._log_fh:
+            self._log_fh.close()
+            self._log_fh = None
+
+    # ---- log -------------------------------------------------------------------------------
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                size = fh.tell()
+                fh.seek(max(0, size - 16384))
+                text = fh.read().decode("utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _read_log_from(self, offset: int) -> tuple[list[str], int]:
+        """Complete log lines written since byte ``offset`` (for start-up stage detection)."""
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(offset)
+                chunk = fh.read(1 << 20)
+        except OSError:
+            return [], offset
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            return [], offset
+        return chunk[: end + 1].decode("utf-8", errors="replace").splitlines(), offset + end + 1
+
+    def last_log_line(self) -> str:
+        lines = [ln.strip() for ln in self.log_tail(8).splitlines() if ln.strip()]
+        for line in reversed(lines):  # prefer vLLM's own log records over Python warning noise
+            if re.search(r"\b(INFO|WARNING|ERROR)\b|Error", line):
+                return line[:300]
+        return lines[-1][:300] if lines else ""
+
+    def failure_reason(self) -> str:
+        """The most telling error line of the log (the last one that names an error)."""
+        for line in reversed(self.log_tail(80).splitlines()):
+            if _ERROR_LINE.search(line) and "warnings.warn" not in line and "UserWarning" not in line:
+                return line.strip()[:500]
+        return self.last_log_line() or "no output"
+
+    # ---- API -------------------------------------------------------------------------------
+    def health(self) -> bool:
+        try:
+            return httpx.get(f"{self.root_url}/health", timeout=HTTP_TIMEOUT_S).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def served_models(self) -> list[dict[str, Any]]:
+        resp = httpx.get(f"{self.base_url}/models", headers=self._headers(), timeout=HTTP_TIMEOUT_S)
+        resp.raise_for_status()
+        return list(resp.json().get("data", []))
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        resp = httpx.post(f"{self.base_url}/load_lora_adapter", headers=self._headers(),
+                          json={"lora_name": name, "lora_path": str(path)}, timeout=ADAPTER_LOAD_TIMEOUT_S)
+        if resp.status_code != 200:
+            raise AdapterLoadError(_error_message(resp), resp.status_code)
+
+    def unload_adapter(self, name: str) -> None:
+        resp = httpx.post(f"{self.base_url}/unload_lora_adapter", headers=self._headers(),
+                          json={"lora_name": name}, timeout=HTTP_TIMEOUT_S)
+        if resp.status_code not in (200, 404):
+            raise AdapterLoadError(_error_message(resp), resp.status_code)
+
+    def metrics(self) -> ServerMetrics:
+        resp = httpx.get(f"{self.root_url}/metrics", headers=self._headers(), timeout=HTTP_TIMEOUT_S)
+        resp.raise_for_status()
+        return server_metrics(resp.text)
+
+    def sleep(self, level: int = 1) -> None:
+        """Free accelerator memory (CUDA only, needs ``enable_sleep_mode``)."""
+        httpx.post(f"{self.root_url}/sleep", params={"level": level}, headers=self._headers(),
+                   timeout=120).raise_for_status()
+
+    def wake_up(self) -> None:
+        httpx.post(f"{self.root_url}/wake_up", headers=self._headers(), timeout=120).raise_for_status()
+
+    # ---- registry --------------------------------------------------------------------------
+    def registry_entry(self) -> dict[str, Any]:
+        return {"pid": self.pid, "create_time": self.create_time, "port": self.spec.port,
+                "api_key": self.api_key, "log_path": str(self.log_path), "started_at": self.started_at,
+                "spec": asdict(self.spec), **self.meta, **registry.owner_identity()}
+
+    @classmethod
+    def from_registry(cls, entry: dict[str, Any]) -> VLLMServer:
+        """A handle on a server some sage-ft process started earlier (no Popen: watched by pid)."""
+        spec_fields = {k: v for k, v in entry.get("spec", {}).items() if k in ServerSpec.__dataclass_fields__}
+        server = cls(ServerSpec(**spec_fields), api_key=entry["api_key"], log_path=Path(entry["log_path"]),
+                     meta={k: entry[k] for k in ("kind", "base_path", "display_name", "adapters") if k in entry})
+        server.pid, server.create_time = entry["pid"], entry["create_time"]
+        server.started_at = entry.get("started_at")
+        server.ready_at = time.time()
+        return server
+
+
+def end_process_group(pid: int, create_time: float | None, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM the child's process group (and any descendant that left it), SIGKILL what remains.
+
+    The leader is checked against its recorded create time first, so a reused pid is never
+    signalled. When the leader already died (kill -9, crash), the rest of its group (engine core,
+    workers) is found by process-group id — the kernel never hands out a pid that is still in use as
+    a group id, so those are ours (unless the pid itself was reused, which is checked).
+    """
+    procs: list[psutil.Process] = []
+    if registry.process_matches(pid, create_time):
+        try:
+            procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        except psutil.Error:
+            procs = []
+        _signal_group(pid, signal.SIGTERM)
+    elif registry.create_time_of(pid) is not None and not registry.same_start(pid, create_time):
+        return  # the pid now belongs to another process: neither it nor its group is ours
+    procs += [p for p in group_members(pid) if p not in procs]
+    for proc in procs:
+        _signal_proc(proc, signal.SIGTERM)
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    if alive:
+        log.warning("vLLM group %s ignored SIGTERM for %.0f s; sending SIGKILL", pid, grace_s)
+        for proc in alive:
+            _signal_proc(proc, signal.SIGKILL)
+        psutil.wait_procs(alive, timeout=grace_s)
+
+
+def group_members(pgid: int) -> list[psutil.Process]:
+    """Live processes whose process group is ``pgid`` (not zombies)."""
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                members.append(proc)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return members
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _signal_proc(proc: psutil.Process, sig: int) -> None:
+    try:
+        proc.send_signal(sig)
+    except psutil.Error:
+        pass
+
+
+def _error_message(resp: httpx.Response) -> str:
+    try:
+        body = resp.json()
+        if isinstance(body, dict):
+            err = body.get("error", body)
+            return str(err.get("message", err) if isinstance(err, dict) else err)
+    except (ValueError, json.JSONDecodeError):
+        pass
+    return resp.text.strip()[:500] or f"HTTP {resp.status_code}"
+
+
+def _safe_call(fn: ProgressCallback, item: StartProgress) -> None:
+    try:
+        fn(item)
+    except Exception:  # a UI callback must never break the start
+        log.exception("start progress callback failed")

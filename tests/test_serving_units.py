@@ -1,0 +1,177 @@
+"""Serving pieces that need no vLLM server: ports, targets, adapter checks, metrics, registry, backends."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from sage_ft.serving import ChatError, ServerManager, TargetError, resolve_target
+from sage_ft.serving.chat import build_messages
+from sage_ft.serving.metrics import server_metrics
+from sage_ft.serving.ports import find_free_port, is_port_free
+from sage_ft.serving.registry import process_matches
+from sage_ft.serving.targets import runtime_lora_problems
+from tests.fixtures_serving import free_port, make_lora_adapter
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_taken_port_is_skipped_for_the_next_free_one():
+    port = free_port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+        assert not is_port_free(port)
+        chosen = find_free_port(port)
+    assert chosen > port
+    assert is_port_free(chosen)
+
+
+def _write_run(run_dir: Path, base: Path, adapter_src: Path, checkpoints: tuple[int, ...] = ()) -> Path:
+    import shutil
+
+    run_dir.mkdir(parents=True)
+    (run_dir / "finetune_meta.json").write_text(json.dumps({"base_model": str(base), "status": "completed"}))
+    shutil.copytree(adapter_src, run_dir / "lora")
+    for step in checkpoints:
+        shutil.copytree(adapter_src, run_dir / f"checkpoint-{step}")
+    return run_dir
+
+
+def test_targets_base_run_checkpoint_and_bad_dirs(serving_demo_model, serving_adapters, tmp_path):
+    base = resolve_target("demo")
+    assert (base.kind, base.path) == ("base", serving_demo_model)
+    run = _write_run(tmp_path / "run-1", serving_demo_model, serving_adapters["a"], checkpoints=(10, 20))
+    target = resolve_target(str(run))
+    assert (target.kind, target.path, target.base_path, target.label) == (
+        "adapter", run / "lora", serving_demo_model, "run-1")
+    ckpt = resolve_target(str(run / "checkpoint-20"))
+    assert (ckpt.kind, ckpt.base_path, ckpt.label) == ("adapter", serving_demo_model, "run-1/checkpoint-20")
+    (run / "lora" / "adapter_config.json").unlink()
+    latest = resolve_target(str(run))
+    assert latest.path == run / "checkpoint-20" and "checkpoint-20" in latest.note
+    with pytest.raises(TargetError, match="does not exist|no config.json"):
+        resolve_target(str(tmp_path / "missing"))
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    with pytest.raises(TargetError, match="config.json"):
+        resolve_target(str(empty))
+
+
+def test_runtime_lora_problems_name_each_reason(serving_adapters, tmp_path):
+    assert runtime_lora_problems(serving_adapters["a"], 16) == []
+    assert "above the server's --max-lora-rank 4" in runtime_lora_problems(serving_adapters["a"], 4)[0]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    cfg = json.loads((serving_adapters["a"] / "adapter_config.json").read_text())
+    cfg.update(use_dora=True, modules_to_save=["lm_head"], target_modules=["q_proj", "embed_tokens"])
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    problems = " | ".join(runtime_lora_problems(bad, 16))
+    assert "DoRA" in problems and "modules_to_save" in problems and "embed_tokens" in problems
+
+
+def test_metrics_parser_reads_vllm_names():
+    text = textwrap.dedent("""\
+        # HELP vllm:num_requests_running Number of requests in model execution batches.
+        vllm:num_requests_running{engine="0",model_name="demo"} 2.0
+        vllm:num_requests_waiting{engine="0",model_name="demo"} 1.0
+        vllm:kv_cache_usage_perc{engine="0",model_name="demo"} 0.25
+        vllm:prompt_tokens_total{engine="0",model_name="demo"} 22.0
+        vllm:generation_tokens_total{engine="0",model_name="demo"} 24.0
+        vllm:lora_requests_info{max_lora="4",running_lora_adapters="",waiting_lora_adapters=""} 1.0e+09
+        vllm:lora_requests_info{max_lora="4",running_lora_adapters="a1,b2",waiting_lora_adapters=""} 2.0e+09
+        """)
+    m = server_metrics(text)
+    assert (m.requests_running, m.requests_waiting, m.kv_cache_usage) == (2.0, 1.0, 0.25)
+    assert (m.prompt_tokens_total, m.generation_tokens_total, m.running_adapters) == (22.0, 24.0, ("a1", "b2"))
+
+
+def test_process_identity_needs_pid_and_create_time():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        import psutil
+
+        created = psutil.Process(proc.pid).create_time()
+        assert process_matches(proc.pid, created)
+        assert not process_matches(proc.pid, created - 100)  # same pid, other start time: not ours
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not process_matches(proc.pid, created)
+
+
+def test_chat_messages_are_validated():
+    assert build_messages([{"role": "user", "content": "hi"}], "be brief") == [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    with pytest.raises(ChatError, match="no messages"):
+        build_messages([])
+    with pytest.raises(ChatError, match="message 0"):
+        build_messages([{"role": "robot", "content": "x"}])
+
+
+def test_no_llm_backend_saves_choice_as_restart_needed(serving_demo_model):
+    manager = ServerManager("demo", backend="none", install_exit_handlers=False)
+    result = manager.switch("demo")
+    assert result.outcome == "restart_needed" and result.icon == "⚠️"
+    assert manager.status()["model_label"] == "demo" and manager.status()["backend"] == "none"
+    with pytest.raises(ChatError):
+        list(manager.stream_chat([{"role": "user", "content": "hi"}]))
+    bad = manager.switch("/nonexistent/model")
+    assert bad.outcome == "failed" and "does not exist" in bad.message
+
+
+_FALLBACK_SCRIPT = textwrap.dedent("""
+    import importlib.abc, json, sys
+    if sys.argv[1] == "block-import":
+        class _NoVllm(importlib.abc.MetaPathFinder):   # vLLM really cannot be imported in this process
+            def find_spec(self, name, path=None, target=None):
+                if name == "vllm" or name.startswith("vllm."):
+                    raise ModuleNotFoundError("No module named 'vllm'")
+        sys.meta_path.insert(0, _NoVllm())
+    from sage_ft.serving import ServerManager, stream_chat
+    m = ServerManager("demo")
+    out = {"backend": m.backend}
+    m.start()
+    msgs = [{"role": "user", "content": "Hello"}]
+    out["base"] = "".join(stream_chat(m, msgs, temperature=0, max_tokens=8))
+    r = m.switch(sys.argv[2])
+    out["switch"] = [r.outcome, r.mode]
+    out["adapter"] = "".join(stream_chat(m, msgs, temperature=0, max_tokens=8))
+    out["base_again"] = "".join(stream_chat(m, msgs, model="demo", temperature=0, max_tokens=8))
+    out["status"] = m.status()
+    m.close()
+    print("RESULT " + json.dumps(out))
+""")
+
+
+@pytest.mark.parametrize("how", ["env", "block-import"])
+def test_transformers_fallback_when_vllm_is_absent(how, serving_adapters, data_home):
+    env = dict(os.environ, SAGE_FT_HOME=str(data_home))
+    if how == "env":
+        env["SAGE_FT_DISABLE_VLLM"] = "1"
+    proc = subprocess.run([sys.executable, "-c", _FALLBACK_SCRIPT, how, str(serving_adapters["a"])],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and line, proc.stderr[-3000:]
+    out = json.loads(line[0][7:])
+    assert out["backend"] == "transformers"
+    assert out["status"]["backend"] == "transformers" and "transformers" in out["status"]["backend_reason"]
+    assert out["switch"] == ["live", "local"]
+    assert out["base"] and out["adapter"] != out["base"]
+    assert out["base_again"] == out["base"]
+
+
+def test_adapter_fixture_changes_weights(serving_adapters, serving_demo_model, tmp_path):
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(serving_adapters["b"] / "adapter_model.safetensors"))
+    assert tensors and all(t.abs().sum() > 0 for t in tensors.values())
+    again = make_lora_adapter(serving_demo_model, tmp_path / "again", seed=2)
+    assert (again / "adapter_config.json").exists()

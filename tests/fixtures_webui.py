@@ -1,1 +1,81 @@
-"""Shared fixtures of the webui area (owned by that area)."""
+"""Shared fixtures of the webui area (owned by that area).
+
+- ``start_webui(tmp, ...)``: the real app (build_app + launch_app) on a free loopback port with its own
+  task database; returns a ``WebUI`` (url, services, demo) to ``close()``.
+- ``webui`` (module scope): a local app with a training worker; ``webui_client``: a gradio_client on it.
+- ``form_args(**overrides)``: the Train form's values (TrainConfig field order) for ``/start`` etc.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sage_ft.config import TrainConfig
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class WebUI:
+    url: str
+    services: Any
+    demo: Any
+
+    def client(self, **kwargs: Any):
+        from gradio_client import Client
+
+        return Client(self.url, verbose=False, **kwargs)
+
+    def close(self) -> None:
+        self.demo.close()
+        self.services.tasks.shutdown(timeout=60)
+        self.services.shutdown()
+
+
+def start_webui(tmp: Path, *, start_worker: bool = True, exposed: bool = False, guard: Any = None,
+                lang: str = "en", max_upload_bytes: int | None = None) -> WebUI:
+    from sage_ft.tasks import TaskManager
+    from sage_ft.webui.app import build_app, launch_app
+    from sage_ft.webui.services import AppServices
+    from sage_ft.webui.uploads import PathGuard
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    services = AppServices(tasks=TaskManager(tmp / "tasks.db", start_worker=start_worker),
+                           guard=PathGuard.for_share() if exposed else PathGuard(), default_lang=lang,
+                           configs_dir=tmp / "configs", llm_disabled=True)
+    if max_upload_bytes is not None:
+        services.max_upload_bytes = max_upload_bytes
+    demo = build_app(services, lang)
+    _, url, _ = launch_app(demo, port=free_port(), guard=guard, prevent_thread_lock=True, quiet=True)
+    return WebUI(url=url, services=services, demo=demo)
+
+
+def form_args(**overrides: Any) -> list[Any]:
+    """Form values in ``TrainConfig`` field order: defaults, then ``overrides``."""
+    values = {**TrainConfig().to_dict(), **overrides}
+    unknown = set(overrides) - set(values) | (set(overrides) - set(TrainConfig.field_names()))
+    if unknown:
+        raise KeyError(f"not config fields: {sorted(unknown)}")
+    return [values[name] for name in TrainConfig.field_names()]
+
+
+@pytest.fixture(scope="module")
+def webui(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebUI]:
+    app = start_webui(tmp_path_factory.mktemp("webui"))
+    yield app
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def webui_client(webui: WebUI):
+    return webui.client()

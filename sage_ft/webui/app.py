@@ -1,0 +1,69 @@
+"""``build_app``: the Blocks page (top bar + one tab per module) over one set of ``AppServices``.
+
+Tabs lay out and wire; the registry (``components.Registry``) lets one handler relabel the whole
+page when the language changes. ``launch_app`` is the one place that calls ``Blocks.launch`` with
+the security settings (login, upload size, no extra allowed paths, no run history in the browser).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import gradio as gr
+
+from sage_ft.webui import chat_tab, export_tab, i18n, monitor_tab, render, topbar, train_tab
+from sage_ft.webui.auth import LoginGuard
+from sage_ft.webui.components import Registry
+from sage_ft.webui.services import AppServices
+
+log = logging.getLogger(__name__)
+
+TABS = (("tab.train", train_tab), ("tab.monitor", monitor_tab), ("tab.chat", chat_tab), ("tab.export", export_tab))
+
+
+def build_app(services: AppServices, lang: str | None = None) -> gr.Blocks:
+    """The whole page. ``demo.registry`` holds the components by ``"tab.elem"`` id (tests use it)."""
+    lang = i18n.normalize(lang or services.default_lang)
+    reg = Registry()
+    with gr.Blocks(title="SAGE Fine-Tune Studio") as demo:
+        topbar.build(reg, services, lang)
+        with gr.Tabs(elem_id="main-tabs"):
+            for tab_id, module in TABS:
+                with reg.add(tab_id, gr.Tab(i18n.t(tab_id, lang), id=tab_id.split(".")[1],
+                                            elem_id=tab_id.replace(".", "-"))):
+                    module.build(reg, services, lang)
+        topbar.wire(reg, services)
+        for _, module in TABS:
+            module.wire(reg, services)
+        localized = [e.component for e in reg.localized()]
+        reg["top.lang"].change(lambda lg: reg.relabel(i18n.normalize(lg)), reg["top.lang"], localized,
+                               api_name="set_lang", show_progress="hidden")
+        demo.load(lambda lg: on_load(services, i18n.normalize(lg)), reg["top.lang"],
+                  [reg["train.task_id"], reg["train.progress"], reg["mon.table"], reg["mon.version"], reg["mon.task"],
+                   reg["mon.compare"]], api_name="reattach", show_progress="hidden")
+        fields = [reg[f"train.{n}"] for n in train_tab.FIELDS]
+        demo.load(lambda lg, *v: train_tab.preview(lg, *v), [reg["top.lang"], *fields],
+                  [reg["train.command"], reg["train.yaml"]], api_name=False, show_progress="hidden")
+    demo.registry = reg  # type: ignore[attr-defined]
+    demo.services = services  # type: ignore[attr-defined]
+    return demo
+
+
+def on_load(services: AppServices, lang: str) -> list[Any]:
+    """Re-attach a fresh page to the state kept in the core: the current task and the task list."""
+    task_id, progress = train_tab.on_load(services, lang)
+    table, version, choices, compare = monitor_tab.refresh(services, None, lang)
+    return [task_id, progress, table, version, gr.update(choices=choices["choices"], value=task_id), compare]
+
+
+def launch_app(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
+               guard: LoginGuard | None = None, prevent_thread_lock: bool = False, quiet: bool = False,
+               **extra: Any) -> tuple[Any, str, str | None]:
+    """Launch with the app's security settings; returns (fastapi app, local url, share url or None)."""
+    demo.queue(default_concurrency_limit=4)
+    return demo.launch(
+        server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock, quiet=quiet,
+        auth=guard.check if guard else None, auth_message="SAGE Fine-Tune Studio" if guard else None,
+        max_file_size=demo.services.max_upload_bytes, allowed_paths=[], run_history=False, show_error=False,
+        css=render.CSS, theme=gr.themes.Soft(), footer_links=["api", "settings"], **extra)

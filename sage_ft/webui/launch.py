@@ -1,0 +1,161 @@
+"""``python webui.py``: parse the flags, open the core services, build and launch the page.
+
+Exposure rules: with ``--share`` (or a ``--host`` other than loopback) the app always requires a
+login — from ``--auth``/``--auth-file`` or a random password printed once here — failed logins are
+slowed down, and every path a user types is confined to the data home and ``configs/``. When the
+share link cannot be created (no internet), this says so and the app keeps serving locally.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+log = logging.getLogger("sage_ft.webui")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="webui.py", description="SAGE Fine-Tune Studio: the web UI.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("SAGE_FT_PORT") or 7860), help="port (default 7860)")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (login required)")
+    p.add_argument("--auth", metavar="USER:PASS", help="require this login")
+    p.add_argument("--auth-file", metavar="FILE", help="require a login from FILE (one user:password per line)")
+    p.add_argument("--lang", choices=("en", "zh"), default="en", help="initial language of the page")
+    p.add_argument("--no-llm", action="store_true", help="do not start the chat server")
+    p.add_argument("--llm-model", metavar="MODEL", help="chat model to serve (a base model name/path or a run folder)")
+    p.add_argument("--use-finetuned", nargs="?", const="latest", metavar="TASK_ID|latest",
+                   help="serve a fine-tuned adapter: the newest completed run, or the given task id")
+    p.add_argument("--list-finetuned", action="store_true", help="list completed fine-tuned runs and exit")
+    p.add_argument("--data-home", metavar="DIR", help="data home (default $SAGE_FT_HOME or ~/.sage_ft)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.data_home:
+        os.environ["SAGE_FT_HOME"] = str(Path(args.data_home).expanduser().resolve())
+    from sage_ft.webui.auth import AuthError
+
+    try:
+        return _run(args)
+    except AuthError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from sage_ft.tasks import TaskManager
+
+    if args.list_finetuned:
+        return list_finetuned(TaskManager(start_worker=False))
+    exposed = args.share or args.host not in LOOPBACK
+    guard = login_guard(args, exposed)
+    from sage_ft.webui.app import build_app, launch_app
+    from sage_ft.webui.services import AppServices
+    from sage_ft.webui.uploads import PathGuard
+
+    tasks = TaskManager(start_worker=True)
+    services = AppServices(tasks=tasks, guard=PathGuard.for_share() if exposed else PathGuard(),
+                           default_lang=args.lang, llm_disabled=args.no_llm)
+    threading.Thread(target=_ensure_demo, daemon=True, name="demo-model").start()
+    if not args.no_llm:
+        services.server = start_chat_server(args, tasks)
+    demo = build_app(services, args.lang)
+    try:
+        _, local_url, share_url = launch_app(demo, host=args.host, port=args.port, share=args.share, guard=guard,
+                                             prevent_thread_lock=True)
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port} ({exc}); is another app using it? "
+              "Pick another with --port", file=sys.stderr)
+        tasks.shutdown()
+        return 1
+    if args.share and not share_url:
+        print("\n*** Could not create a public share link (no internet connection, or the gradio tunnel is "
+              f"blocked). The app keeps running locally at {local_url} with the same login. ***\n", flush=True)
+    try:
+        demo.block_thread()
+    finally:
+        if services.server is not None and hasattr(services.server, "stop"):
+            services.server.stop()
+        tasks.shutdown()
+        services.shutdown()
+    return 0
+
+
+def login_guard(args: argparse.Namespace, exposed: bool):
+    """The login to require (None on loopback without --auth); prints a generated password once."""
+    from sage_ft.webui.auth import LoginGuard, generate_password, parse_pair, read_auth_file
+
+    pairs = []
+    if args.auth:
+        pairs.append(parse_pair(args.auth))
+    if args.auth_file:
+        pairs += read_auth_file(args.auth_file)
+    if not pairs and exposed:
+        password = generate_password()
+        pairs = [("admin", password)]
+        print(f"\n*** The app is reachable from other machines, so it requires a login.\n"
+              f"*** user: admin   password: {password}\n"
+              f"*** (shown only now; pass --auth user:pass or --auth-file FILE to choose your own)\n", flush=True)
+    return LoginGuard.from_pairs(pairs) if pairs else None
+
+
+def list_finetuned(tasks: Any) -> int:
+    """Completed runs with an adapter, newest first: id, name, folder."""
+    done = [t for t in tasks.list(["completed"]) if (Path(t.output_dir) / "lora").is_dir()]
+    if not done:
+        print("No completed fine-tuned runs yet (start one in the Train tab or with `sage-ft train`).")
+    for t in done:
+        print(f"{t.id:>5}  {t.name:<40}  {t.output_dir}")
+    tasks.shutdown()
+    return 0
+
+
+def chat_model_for(args: argparse.Namespace, tasks: Any) -> str:
+    """What to serve: --use-finetuned (newest completed run or a task id) > --llm-model > the demo."""
+    if args.use_finetuned:
+        if args.use_finetuned == "latest":
+            done = [t for t in tasks.list(["completed"]) if (Path(t.output_dir) / "lora").is_dir()]
+            if done:
+                return done[0].output_dir
+            log.warning("--use-finetuned: no completed run yet; serving the base model instead")
+        else:
+            return tasks.task(int(args.use_finetuned)).output_dir
+    return args.llm_model or "demo"
+
+
+def start_chat_server(args: argparse.Namespace, tasks: Any) -> Any:
+    """The managed chat server, started in the background (the top bar shows its state)."""
+    try:
+        from sage_ft.serving import ServerManager
+    except ImportError:
+        log.warning("chat serving is not available in this build; the Chat tab stays disabled")
+        return None
+    manager = ServerManager()
+    model = chat_model_for(args, tasks)
+    threading.Thread(target=_safe_switch, args=(manager, model), daemon=True, name="chat-server-start").start()
+    return manager
+
+
+def _safe_switch(manager: Any, model: str) -> None:
+    try:
+        manager.switch(model)
+    except Exception:
+        log.exception("could not start the chat server with %s", model)
+
+
+def _ensure_demo() -> None:
+    try:
+        from sage_ft.models.demo import ensure_demo_model
+
+        ensure_demo_model()
+    except Exception:
+        log.exception("could not build the demo model")

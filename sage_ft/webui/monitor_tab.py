@@ -1,0 +1,249 @@
+"""Monitoring tab: the task table, one task's details (progress, charts, log, checkpoints, paths)
+and actions, and an overlay of several runs' curves.
+
+Everything is read from the task store and the runs' ``events.jsonl``/``logs.txt`` through the
+``TaskManager``, so a refreshed page, a second browser or a restarted app shows the same thing,
+and finished runs keep their charts. The shared timer polls with ``TaskManager.poll`` (one cheap
+query) and redraws details only when the selected task changed.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from sage_ft.tasks import TaskError, TaskStatus
+from sage_ft.webui import charts, i18n, render
+from sage_ft.webui.components import Registry
+from sage_ft.webui.services import AppServices
+
+log = logging.getLogger(__name__)
+LOG_LINES = 200
+
+
+def build(reg: Registry, services: AppServices, lang: str) -> None:
+    reg.add("mon.version", gr.State(None), kind="none")
+    reg.add("mon.stamp", gr.State(None), kind="none")
+    reg.add("mon.table", gr.Dataframe(headers=render.table_headers(lang), value=[], interactive=False,
+                                      label=i18n.t("mon.table", lang), elem_id="task-table", max_height=320,
+                                      wrap=True))
+    with gr.Row():
+        reg.add("mon.task", gr.Dropdown(choices=[], value=None, label=i18n.t("mon.task", lang), scale=2,
+                                        elem_id="task-select"))
+        reg.add("mon.compare", gr.Dropdown(choices=[], value=[], multiselect=True, scale=3,
+                                           label=i18n.t("mon.compare", lang),
+                                           info=i18n.t("mon.compare.info", lang)), kind="label_info")
+    reg.add("mon.progress", gr.HTML(render.progress_html(None, lang), elem_id="mon-progress"), kind="none")
+    with gr.Row():
+        for action in ("cancel", "resume", "retry", "delete", "download", "use_chat"):
+            variant = "stop" if action in ("cancel", "delete") else "secondary"
+            reg.add(f"mon.{action}", gr.Button(i18n.t(f"mon.{action}", lang), variant=variant, size="sm"))
+    reg.add("mon.message", gr.Markdown(""), kind="none")
+    reg.add("mon.file", gr.File(label=i18n.t("mon.file", lang), visible=False, interactive=False))
+    with gr.Row():
+        reg.add("mon.log_y", gr.Checkbox(value=False, label=i18n.t("mon.log_y", lang)))
+        reg.add("mon.smoothing", gr.Slider(0, 0.99, value=0.6, step=0.01, label=i18n.t("mon.smoothing", lang)))
+    with gr.Row():
+        reg.add("mon.loss", gr.Plot(label=i18n.t("mon.loss", lang), elem_id="loss-chart"))
+        reg.add("mon.eval", gr.Plot(label=i18n.t("mon.eval", lang)))
+        reg.add("mon.lr", gr.Plot(label=i18n.t("mon.lr", lang)))
+    with reg.add("mon.details", gr.Accordion(i18n.t("mon.details", lang), open=True)):
+        with gr.Row():
+            with gr.Column(scale=3):
+                reg.add("mon.log", gr.Textbox(label=i18n.t("mon.log", lang), lines=14, max_lines=14, autoscroll=True,
+                                              interactive=False, elem_id="task-log"))
+                reg.add("mon.download_log", gr.Button(i18n.t("mon.download_log", lang), size="sm"))
+            with gr.Column(scale=2):
+                reg.add("mon.paths", gr.Markdown(""), kind="none")
+                reg.add("mon.checkpoints", gr.Markdown(""), kind="none")
+                reg.add("mon.metrics", gr.JSON(label=i18n.t("mon.metrics", lang)))
+        reg.add("mon.config", gr.Code(label=i18n.t("mon.config", lang), language="yaml", interactive=False,
+                                      lines=6, max_lines=16))
+
+
+def detail_outputs(reg: Registry) -> list[Any]:
+    return [reg[f"mon.{n}"] for n in ("progress", "loss", "eval", "lr", "config", "log", "checkpoints", "metrics",
+                                      "paths")]
+
+
+def wire(reg: Registry, services: AppServices) -> None:
+    lang = reg["top.lang"]
+    view = [reg["mon.task"], reg["mon.compare"], reg["mon.log_y"], reg["mon.smoothing"], lang]
+    table_out = [reg["mon.table"], reg["mon.version"], reg["mon.task"], reg["mon.compare"]]
+    reg["top.timer"].tick(lambda ver, stamp, *v: tick(services, ver, stamp, *v),
+                          [reg["mon.version"], reg["mon.stamp"], *view],
+                          [*table_out, reg["mon.stamp"], *detail_outputs(reg)], api_name="monitor_tick",
+                          concurrency_limit=None, show_progress="hidden")
+    reg["mon.table"].select(select_row, [reg["mon.table"]], reg["mon.task"], api_name=False)
+    details = lambda *v: task_details(services, *v)  # noqa: E731
+    gr.on([reg["mon.task"].change, reg["mon.compare"].change, reg["mon.log_y"].change, reg["mon.smoothing"].release],
+          details, view, [reg["mon.stamp"], *detail_outputs(reg)], api_name="task_details", show_progress="hidden",
+          trigger_mode="always_last")
+    lang.change(lambda lg: refresh(services, None, lg), lang, table_out, api_name=False)
+    for action in ("cancel", "resume", "retry", "delete"):
+        reg[f"mon.{action}"].click(_action_handler(services, action), [reg["mon.task"], lang],
+                                   [reg["mon.message"], reg["mon.task"]], api_name=f"task_{action}")
+    reg["mon.download"].click(lambda tid, lg: download(services, tid, lg), [reg["mon.task"], lang],
+                              [reg["mon.message"], reg["mon.file"]], api_name="task_download")
+    reg["mon.download_log"].click(lambda tid, lg: download_log(services, tid, lg), [reg["mon.task"], lang],
+                                  [reg["mon.message"], reg["mon.file"]], api_name="task_download_log")
+    reg["mon.use_chat"].click(lambda tid, lg: use_as_chat(services, tid, lg), [reg["mon.task"], lang],
+                              reg["mon.message"], api_name="task_use_chat")
+
+
+# ====================================================================== handlers
+def refresh(services: AppServices, version: str | None, lang: str) -> tuple[Any, Any, Any, Any]:
+    """Table, version, and the choices of the task pickers (``gr.skip`` when nothing changed)."""
+    new_version, tasks = services.tasks.poll(version)
+    if tasks is None:
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    rows = [render.task_row(t, lang) for t in tasks]
+    choices = [(f"#{t.id} {t.name}", t.id) for t in tasks]
+    table = gr.update(value={"headers": render.table_headers(lang), "data": rows})
+    return table, new_version, gr.update(choices=choices), gr.update(choices=choices)
+
+
+def tick(services: AppServices, version: str | None, stamp: str | None, task_id: Any, compare: list[Any],
+         log_y: bool, smoothing: float, lang: str) -> list[Any]:
+    table = list(refresh(services, version, lang))
+    if task_id in (None, ""):
+        return [*table, gr.skip(), *([gr.skip()] * 9)]
+    new_stamp = _stamp(services, task_id, compare, log_y, smoothing, lang)
+    if new_stamp == stamp:
+        return [*table, gr.skip(), *([gr.skip()] * 9)]
+    return [*table, *task_details(services, task_id, compare, log_y, smoothing, lang)]
+
+
+def _stamp(services: AppServices, task_id: Any, compare: list[Any], log_y: bool, smoothing: float, lang: str) -> str:
+    """Changes whenever anything the details show could have changed."""
+    ids = [int(task_id), *[int(c) for c in compare or [] if str(c) != str(task_id)]]
+    parts = []
+    for i in ids:
+        try:
+            parts.append(f"{i}@{services.tasks.task(i).updated_at}")
+        except TaskError:
+            parts.append(f"{i}@gone")
+    return json.dumps([parts, bool(log_y), float(smoothing or 0), lang])
+
+
+def select_row(table: Any, evt: gr.SelectData) -> Any:
+    row = evt.row_value if getattr(evt, "row_value", None) is not None else None
+    if not row:
+        return gr.skip()
+    try:
+        return int(row[0])
+    except (TypeError, ValueError):
+        return gr.skip()
+
+
+def task_details(services: AppServices, task_id: Any, compare: list[Any], log_y: bool, smoothing: float,
+                 lang: str) -> list[Any]:
+    """Progress, three charts (with overlays), frozen config, log tail, checkpoints, metrics, paths."""
+    empty = [None, render.progress_html(None, lang), None, None, None, "", "", "", None, ""]
+    if task_id in (None, ""):
+        return empty
+    try:
+        detail = services.tasks.get(int(task_id), log_lines=LOG_LINES)
+    except TaskError as exc:
+        return [None, html.escape(str(exc)), None, None, None, "", "", "", None, ""]
+    runs = [(f"#{detail.id} {detail.name}", detail.metrics_history)]
+    for other in compare or []:
+        if str(other) == str(detail.id):
+            continue
+        try:
+            o = services.tasks.get(int(other), log_lines=1)
+            runs.append((f"#{o.id} {o.name}", o.metrics_history))
+        except TaskError:
+            continue
+    empty_text = i18n.t("mon.no_data", lang)
+    smoothing = float(smoothing or 0)
+    loss = charts.loss_figure(runs, log_y=bool(log_y), smoothing=smoothing, title=i18n.t("mon.loss", lang),
+                              empty_text=empty_text)
+    evals = charts.metric_figure(runs, "eval_loss", title=i18n.t("mon.eval", lang), log_y=bool(log_y),
+                                 empty_text=i18n.t("mon.no_eval", lang))
+    lr = charts.metric_figure(runs, "learning_rate", title=i18n.t("mon.lr", lang), empty_text=empty_text)
+    out = Path(detail.output_dir)
+    checkpoints = "\n".join(f"- `{Path(c).name}`" for c in detail.checkpoints) or i18n.t("mon.no_checkpoints", lang)
+    adapter = out / "lora"
+    paths_md = (f"**{i18n.t('mon.output', lang)}**: `{out}`\n\n"
+                f"**{i18n.t('mon.adapter', lang)}**: `{adapter}`"
+                + (" ✅" if adapter.is_dir() else f" ({i18n.t('mon.not_yet', lang)})"))
+    if detail.status is TaskStatus.QUEUED and detail.queue_position:
+        paths_md += f"\n\n{i18n.t('mon.queue_position', lang, n=detail.queue_position)}"
+    stamp = _stamp(services, task_id, compare, log_y, smoothing, lang)
+    return [stamp, render.progress_html(detail, lang, detail.eta_seconds), loss, evals, lr, detail.config_yaml,
+            detail.log_tail, f"**{i18n.t('mon.checkpoints', lang)}**\n\n{checkpoints}", detail.last_metrics, paths_md]
+
+
+def _action_handler(services: AppServices, action: str):
+    def handler(task_id: Any, lang: str) -> tuple[str, Any]:
+        if task_id in (None, ""):
+            gr.Warning(i18n.t("alert.no_task", lang))
+            return f"⚠️ {i18n.t('alert.no_task', lang)}", gr.skip()
+        try:
+            if action == "delete":
+                task = services.tasks.task(int(task_id))
+                services.tasks.delete(int(task_id))
+                text = i18n.t("alert.deleted", lang, id=task.id, path=task.output_dir)
+                gr.Info(text)
+                return text, None
+            task = getattr(services.tasks, action)(int(task_id))
+        except TaskError as exc:
+            gr.Warning(str(exc))
+            return f"⚠️ {html.escape(str(exc))}", gr.skip()
+        text = i18n.t(f"alert.task_{action}", lang, id=task.id)
+        gr.Info(text)
+        return text, task.id
+    return handler
+
+
+def download(services: AppServices, task_id: Any, lang: str) -> tuple[str, Any]:
+    if task_id in (None, ""):
+        return f"⚠️ {i18n.t('alert.no_task', lang)}", gr.skip()
+    try:
+        archive = services.tasks.download(int(task_id))
+    except (TaskError, OSError) as exc:
+        gr.Warning(str(exc))
+        return f"⚠️ {html.escape(str(exc))}", gr.update(visible=False)
+    staged = services.stage_download(archive)
+    return i18n.t("alert.download_ready", lang, name=Path(archive).name), gr.update(value=staged, visible=True)
+
+
+def download_log(services: AppServices, task_id: Any, lang: str) -> tuple[str, Any]:
+    if task_id in (None, ""):
+        return f"⚠️ {i18n.t('alert.no_task', lang)}", gr.skip()
+    try:
+        task = services.tasks.task(int(task_id))
+    except TaskError as exc:
+        return f"⚠️ {html.escape(str(exc))}", gr.skip()
+    logs = Path(task.output_dir) / "logs.txt"
+    if not logs.is_file():
+        return i18n.t("alert.no_log", lang), gr.update(visible=False)
+    staged = services.stage_download(logs, f"task-{task.id}-logs.txt")
+    return i18n.t("alert.download_ready", lang, name=Path(staged).name), gr.update(value=staged, visible=True)
+
+
+def use_as_chat(services: AppServices, task_id: Any, lang: str) -> str:
+    """Serve the task's adapter through the managed chat server (the Chat tab chats with it)."""
+    if task_id in (None, ""):
+        return f"⚠️ {i18n.t('alert.no_task', lang)}"
+    if services.server is None:
+        gr.Warning(i18n.t("alert.chat_disabled", lang))
+        return i18n.t("alert.chat_disabled", lang)
+    try:
+        task = services.tasks.task(int(task_id))
+        if task.status is not TaskStatus.COMPLETED and not (Path(task.output_dir) / "lora").is_dir():
+            raise TaskError(i18n.t("alert.no_adapter", lang, id=task.id))
+        result = services.server.switch(task.output_dir)
+    except Exception as exc:  # the server manager's message says what failed
+        gr.Warning(str(exc))
+        return f"⚠️ {html.escape(str(exc))}"
+    ok = getattr(result, "ok", True)
+    text = getattr(result, "message", None) or i18n.t("alert.chat_switched", lang, id=task_id)
+    (gr.Success if ok else gr.Warning)(str(text))
+    return html.escape(str(text))

@@ -1,0 +1,130 @@
+"""HTML/text pieces shown by several tabs: progress bars, task rows, chat-turn previews.
+
+Pure functions of core snapshots (``Task``, conversations); every user-provided string is escaped.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from sage_ft.tasks import Task
+from sage_ft.webui import i18n
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    seconds = int(max(0, seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def clock(ts: float | None) -> str:
+    if not ts:
+        return ""
+    fmt = "%H:%M:%S" if time.time() - ts < 86400 else "%Y-%m-%d %H:%M"
+    return time.strftime(fmt, time.localtime(ts))
+
+
+def number(value: Any, digits: int = 4) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:.{digits}g}"
+    return ""
+
+
+def status_text(task: Task, lang: str) -> str:
+    return f"{task.icon} {i18n.t(f'status.{task.status.value}', lang)}"
+
+
+def task_row(task: Task, lang: str) -> list[Any]:
+    """One row of the task table (see ``table_headers``)."""
+    m = task.last_metrics
+    epoch = m.get("epoch", m.get("current_epoch"))
+    config = task.config_dict
+    dataset = ", ".join(p.rsplit("/", 1)[-1] for p in task.dataset.split(",") if p) or config.get("dataset", "")
+    return [task.id, status_text(task, lang), task.name, str(config.get("model_name_or_path", "")), dataset,
+            f"{task.progress * 100:.0f}%", number(epoch, 3), f"{task.step}/{task.total_steps or '?'}",
+            number(m.get("loss")), clock(task.started_at), duration(task.duration_s)]
+
+
+TABLE_COLUMNS = ("id", "status", "name", "model", "dataset", "progress", "epoch", "step", "loss", "started",
+                 "duration")
+
+
+def table_headers(lang: str) -> list[str]:
+    return [i18n.t(f"mon.col.{c}", lang) for c in TABLE_COLUMNS]
+
+
+def progress_html(task: Task | None, lang: str, eta_s: float | None = None) -> str:
+    """A progress bar with step/total, epoch, tokens/s and ETA (or the queue/final state)."""
+    if task is None:
+        return f'<div class="sage-progress empty">{html.escape(i18n.t("mon.no_task", lang))}</div>'
+    m = task.last_metrics
+    pct = task.progress * 100
+    epoch = m.get("epoch", m.get("current_epoch"))
+    tps = m.get("tokens_per_second")
+    eta = eta_s if eta_s is not None else m.get("eta_seconds")
+    bits = [f'{i18n.t("mon.step", lang)} {task.step}/{task.total_steps or "?"}']
+    if epoch is not None:
+        bits.append(f'{i18n.t("mon.epoch", lang)} {number(epoch, 3)}')
+    if isinstance(tps, (int, float)):
+        bits.append(f"{tps:,.0f} tok/s")
+    if task.status.value == "running" and isinstance(eta, (int, float)):
+        bits.append(f'{i18n.t("mon.eta", lang)} {duration(eta)}')
+    if isinstance(m.get("loss"), (int, float)):
+        bits.append(f'loss {number(m["loss"])}')
+    error = f'<div class="err">{html.escape(task.error)}</div>' if task.error else ""
+    return (f'<div class="sage-progress status-{task.status.value}" data-task="{task.id}" data-step="{task.step}">'
+            f'<div class="head"><b>#{task.id} {html.escape(task.name)}</b> · {html.escape(status_text(task, lang))}'
+            f' · {pct:.0f}%</div>'
+            f'<div class="bar"><div class="fill" style="width:{pct:.1f}%"></div></div>'
+            f'<div class="meta">{html.escape(" · ".join(bits))}</div>{error}</div>')
+
+
+def chat_preview_html(conversations: Sequence[Sequence[dict[str, str]]], lang: str, max_chars: int = 600) -> str:
+    """The first rows of a dataset rendered as chat turns."""
+    if not conversations:
+        return f'<div class="sage-preview empty">{html.escape(i18n.t("data.no_preview", lang))}</div>'
+    cards = []
+    for n, conv in enumerate(conversations, 1):
+        turns = []
+        for msg in conv:
+            role = str(msg.get("role", "?"))
+            text = str(msg.get("content", ""))
+            if len(text) > max_chars:
+                text = text[:max_chars] + " …"
+            turns.append(f'<div class="turn role-{html.escape(role)}"><span class="role">{html.escape(role)}</span>'
+                         f'<div class="text">{html.escape(text)}</div></div>')
+        cards.append(f'<div class="conv"><div class="conv-title">{html.escape(i18n.t("data.row", lang))} {n}</div>'
+                     + "".join(turns) + "</div>")
+    return '<div class="sage-preview">' + "".join(cards) + "</div>"
+
+
+CSS = """
+#topbar {align-items: center;}
+#app-title h2 {margin: 0;}
+.sage-status {display: flex; gap: 18px; flex-wrap: wrap; font-size: 0.92em; align-items: center;}
+.sage-status .tag {background: #e0e7ff; color: #3730a3; border-radius: 6px; padding: 1px 6px; font-size: 0.85em;}
+.sage-status .state-ready, .sage-status .state-running {color: #15803d;}
+.sage-status .state-error, .sage-status .state-failed {color: #b91c1c;}
+.sage-progress {border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 8px 12px;}
+.sage-progress .bar {height: 10px; background: var(--neutral-200); border-radius: 5px; margin: 6px 0; overflow: hidden;}
+.sage-progress .fill {height: 100%; background: #2563eb; transition: width 0.6s;}
+.sage-progress.status-completed .fill {background: #16a34a;}
+.sage-progress.status-failed .fill {background: #dc2626;}
+.sage-progress .meta {font-size: 0.9em; opacity: 0.85;}
+.sage-progress .err {color: #b91c1c; font-size: 0.9em; white-space: pre-wrap;}
+.sage-preview {max-height: 360px; overflow-y: auto;}
+.sage-preview .conv {border: 1px solid var(--border-color-primary); border-radius: 8px; margin-bottom: 8px; padding: 6px;}
+.sage-preview .conv-title {font-size: 0.8em; opacity: 0.7;}
+.sage-preview .turn {margin: 4px 0; padding: 4px 8px; border-radius: 8px; white-space: pre-wrap;}
+.sage-preview .role {font-size: 0.75em; font-weight: bold; text-transform: uppercase; opacity: 0.7;}
+.sage-preview .role-user {background: var(--neutral-100);}
+.sage-preview .role-assistant {background: #eef2ff;}
+.sage-preview .role-system {background: #fef9c3;}
+.fit-warning {border-left: 4px solid #dc2626; padding-left: 8px;}
+"""

@@ -1,0 +1,145 @@
+"""What the UI holds on to: one TaskManager (with its worker thread), the optional chat-server
+manager, the path guard, and thin calls into core modules that are imported lazily.
+
+Handlers ask these for data and render it; no training, data or serving logic lives here. Core
+modules still being written are imported inside the calls, so the app starts (and says what is
+missing) even before they exist.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from sage_ft import paths
+from sage_ft.tasks import TaskManager
+from sage_ft.webui.uploads import MAX_UPLOAD_BYTES, PathGuard
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelChoice:
+    label: str
+    value: str
+    kind: str = "base"
+
+
+@dataclass
+class AppServices:
+    tasks: TaskManager
+    guard: PathGuard = field(default_factory=PathGuard)
+    server: Any | None = None  # sage_ft.serving ServerManager, None with --no-llm
+    default_lang: str = "en"
+    configs_dir: Path = field(default_factory=lambda: paths.project_root() / "configs")
+    downloads_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sage_ft_dl_")))
+    llm_disabled: bool = False
+    max_upload_bytes: int = MAX_UPLOAD_BYTES
+
+    # ------------------------------------------------------------------ models
+    def model_choices(self) -> list[ModelChoice]:
+        """Models from the registry (the demo first); falls back to the demo alone."""
+        try:
+            from sage_ft.models.registry import list_models
+        except ImportError:
+            return [ModelChoice("demo · built-in tiny model", "demo", "demo")]
+        out = []
+        for entry in list_models():
+            value = getattr(entry, "name", None) or str(getattr(entry, "path", ""))
+            label = getattr(entry, "label", None) or value
+            out.append(ModelChoice(str(label), str(value), str(getattr(entry, "kind", "base"))))
+        return out
+
+    def add_local_model(self, path: str) -> str:
+        """Register a local model directory; returns the value to select. Raises ValueError."""
+        self.guard.check(path, "model path")
+        from sage_ft.models.resolve import check_model_dir
+
+        directory = check_model_dir(Path(path).expanduser())
+        try:
+            from sage_ft.models.registry import add_local_model
+        except ImportError:
+            return str(directory)
+        entry = add_local_model(directory)
+        return str(getattr(entry, "name", None) or directory)
+
+    # ------------------------------------------------------------------ datasets
+    def dataset_choices(self) -> list[tuple[str, str]]:
+        """Dataset files under the data home's datasets/ (uploads and generated ones)."""
+        root = paths.datasets_dir()
+        files = sorted((p for p in root.rglob("*") if p.suffix.lower() in (".json", ".jsonl") and p.is_file()),
+                       key=lambda p: p.stat().st_mtime, reverse=True)
+        return [(str(p.relative_to(root)), str(p)) for p in files[:200]]
+
+    # ------------------------------------------------------------------ configs
+    def config_choices(self) -> list[tuple[str, str]]:
+        out = []
+        for root in (self.configs_dir, paths.home() / "configs" / "uploads"):
+            if root.is_dir():
+                out += [(p.name, str(p)) for p in sorted(root.glob("*.y*ml"))]
+        return out
+
+    def config_path_for(self, name: str) -> Path:
+        """``configs/<name>.yaml`` for a user-typed name (letters, digits, ``-_.`` only)."""
+        stem = name.strip().removesuffix(".yaml").removesuffix(".yml")
+        if not stem or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,80}", stem) or ".." in stem:
+            raise ValueError(f"config name {name!r}: use letters, digits, '-', '_' or '.' (no folders), "
+                             "e.g. my-chat-run")
+        return self.configs_dir / f"{stem}.yaml"
+
+    # ------------------------------------------------------------------ files for the browser
+    def stage_download(self, src: str | Path, name: str | None = None) -> str:
+        """Copy a file into this app's download folder (a temp dir), so ``allowed_paths`` stays empty."""
+        src = Path(src)
+        target = self.downloads_dir / (name or src.name)
+        shutil.copyfile(src, target)
+        return str(target)
+
+    # ------------------------------------------------------------------ status for the top bar
+    def device_summary(self) -> dict[str, Any]:
+        """GPU memory/utilisation per device, or CPU and RAM use (cheap reads)."""
+        try:
+            from sage_ft.gpu import device_info
+
+            info = device_info()
+            return info if isinstance(info, dict) else {"devices": info}
+        except ImportError:
+            pass
+        import psutil
+
+        mem = psutil.virtual_memory()
+        return {"kind": "cpu", "cpu_percent": psutil.cpu_percent(interval=None), "cpu_count": os.cpu_count(),
+                "ram_used_gb": (mem.total - mem.available) / 1024**3, "ram_total_gb": mem.total / 1024**3}
+
+    def serving_summary(self) -> dict[str, Any]:
+        """``{"model", "kind", "state", "detail"}`` of the chat server (cheap: the manager's own state)."""
+        if self.server is None:
+            return {"model": None, "kind": None, "state": "disabled" if self.llm_disabled else "not started",
+                    "detail": ""}
+        try:
+            status = self.server.status()
+        except Exception as exc:  # a status read must never break the page
+            log.exception("server status failed")
+            return {"model": None, "kind": None, "state": "error", "detail": str(exc)}
+        get = status.get if isinstance(status, dict) else (lambda k, d=None: getattr(status, k, d))
+        return {"model": get("model") or get("served_model"), "kind": get("kind") or get("model_kind"),
+                "state": get("state") or get("status") or "unknown", "detail": get("detail") or get("message") or ""}
+
+    def shutdown(self) -> None:
+        shutil.rmtree(self.downloads_dir, ignore_errors=True)
+
+
+@lru_cache(maxsize=4)
+def tokenizer_for(model: str, template: str):
+    """The tokenizer (with chat template) the trainer would use, cached per model/template."""
+    from sage_ft.models.resolve import resolve_model
+    from sage_ft.training.engine import load_tokenizer
+
+    return load_tokenizer(resolve_model(model), template)

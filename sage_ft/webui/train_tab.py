@@ -1,0 +1,441 @@
+"""Train tab: model, dataset (upload / registered / built-in sample) with an immediate report,
+presets and the hardware recommender, the generated config form, command + YAML preview,
+save/load, and Start / Cancel / Resume.
+
+Layout and wiring only: every value goes through ``TrainConfig``; data checks call
+``sage_ft.data``; tasks are created and controlled through the app's one ``TaskManager``.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from sage_ft.config import ConfigError, TrainConfig
+from sage_ft.tasks import TaskError, TaskStatus
+from sage_ft.webui import charts, form, i18n, render
+from sage_ft.webui.components import Registry
+from sage_ft.webui.presets import PRESETS
+from sage_ft.webui.services import AppServices, tokenizer_for
+from sage_ft.webui.uploads import PathRefused, UploadError, store_upload
+
+log = logging.getLogger(__name__)
+
+FIELDS = TrainConfig.field_names()
+BASIC_ROW = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+             "gradient_accumulation_steps")
+PREVIEW_ROWS = 3
+TOKEN_STATS_ROWS = 2000  # token lengths are measured on at most this many rows (fast feedback)
+
+
+def build(reg: Registry, services: AppServices, lang: str) -> None:
+    choices = services.model_choices()
+    model_override = {"widget": "dropdown", "choices": [(c.label, c.value) for c in choices],
+                      "allow_custom_value": True, "value": "demo" if any(c.value == "demo" for c in choices)
+                      else (choices[0].value if choices else "")}
+    with gr.Row():
+        with gr.Column(scale=3):
+            form.build_fields(["model_name_or_path"], lang, reg, overrides={"model_name_or_path": model_override})
+            reg.add("train.model_help", gr.Markdown(model_help(choices, lang)), kind="none")
+            with gr.Row():
+                reg.add("train.add_path", gr.Textbox(label=i18n.t("train.add_path", lang), scale=4,
+                                                     placeholder="/path/to/model"))
+                reg.add("train.add_model", gr.Button(i18n.t("train.add_model", lang), scale=1))
+        with gr.Column(scale=2):
+            reg.add("train.preset", gr.Radio(choices=list(PRESETS), label=i18n.t("train.preset", lang),
+                                             value=None), key="train.preset")
+            reg.add("train.recommend", gr.Button(i18n.t("train.recommend", lang), variant="secondary"))
+            reg.add("train.fit", gr.Markdown("", elem_classes=[]), kind="none")
+    with gr.Row():
+        form.build_fields(BASIC_ROW, lang, reg)
+
+    with gr.Group():
+        reg.add("train.data_title", gr.Markdown(i18n.t("train.data_title", lang)))
+        with gr.Row():
+            reg.add("train.upload", gr.File(label=i18n.t("train.upload", lang), file_types=[".json", ".jsonl"],
+                                            file_count="single", height=120, elem_id="dataset-upload"))
+            with gr.Column():
+                reg.add("train.registered", gr.Dropdown(choices=services.dataset_choices(), value=None,
+                                                        label=i18n.t("train.registered", lang), allow_custom_value=False))
+                with gr.Row():
+                    reg.add("train.use_sample", gr.Button(i18n.t("train.use_sample", lang), size="sm"))
+                    reg.add("train.refresh_datasets", gr.Button(i18n.t("train.refresh_datasets", lang), size="sm"))
+        form.build_fields(["dataset"], lang, reg)
+        with reg.add("train.data_options", gr.Accordion(i18n.t("train.data_options", lang), open=False)):
+            with gr.Row():
+                form.build_fields([n for n in form.names_in("data")], lang, reg)
+        reg.add("train.check_data", gr.Button(i18n.t("train.check_data", lang), size="sm"))
+        reg.add("train.data_report", gr.Markdown("", elem_id="data-report"), kind="none")
+        with gr.Row():
+            reg.add("train.histogram", gr.Plot(label=i18n.t("train.histogram", lang), show_label=False))
+            reg.add("train.preview", gr.HTML(render.chat_preview_html([], lang)), kind="none")
+
+    with reg.add("train.lora_box", gr.Accordion(i18n.t("train.lora_box", lang), open=False)):
+        with gr.Row():
+            form.build_fields(form.names_in("lora"), lang, reg)
+    with reg.add("train.advanced_box", gr.Accordion(i18n.t("train.advanced_box", lang), open=False)):
+        with gr.Row():
+            form.build_fields(form.names_in("advanced") + form.names_in("output"), lang, reg)
+
+    with reg.add("train.preview_box", gr.Accordion(i18n.t("train.preview_box", lang), open=True)):
+        reg.add("train.command", gr.Code(label=i18n.t("train.command", lang), language="shell", interactive=False,
+                                         lines=1, max_lines=4, elem_id="command-preview"))
+        reg.add("train.yaml", gr.Code(label=i18n.t("train.yaml", lang), language="yaml", interactive=False,
+                                      lines=8, max_lines=20))
+    with gr.Row():
+        reg.add("train.config_name", gr.Textbox(label=i18n.t("train.config_name", lang), scale=2,
+                                                placeholder="my-run"))
+        reg.add("train.save", gr.Button(i18n.t("train.save", lang), scale=1))
+        reg.add("train.config_list", gr.Dropdown(choices=services.config_choices(), value=None, scale=2,
+                                                 label=i18n.t("train.config_list", lang)))
+        reg.add("train.load", gr.Button(i18n.t("train.load", lang), scale=1))
+        reg.add("train.config_upload", gr.UploadButton(i18n.t("train.config_upload", lang), file_types=[".yaml", ".yml"],
+                                                       scale=1))
+    reg.add("train.config_message", gr.Markdown(""), kind="none")
+
+    with gr.Row(equal_height=True):
+        reg.add("train.start", gr.Button(i18n.t("train.start", lang), variant="primary", elem_id="start-btn", scale=2))
+        reg.add("train.cancel", gr.Button(i18n.t("train.cancel", lang), variant="stop", scale=1))
+        reg.add("train.resume", gr.Button(i18n.t("train.resume", lang), scale=1))
+        reg.add("train.task_id", gr.Number(label=i18n.t("train.task_id", lang), precision=0, value=None, scale=1,
+                                           elem_id="train-task-id"))
+    reg.add("train.message", gr.Markdown("", elem_id="train-message"), kind="none")
+    reg.add("train.progress", gr.HTML(render.progress_html(None, lang), elem_id="train-progress"), kind="none")
+
+
+# ====================================================================== wiring
+def wire(reg: Registry, services: AppServices) -> None:
+    fields = [reg[f"train.{n}"] for n in FIELDS]
+    lang = reg["top.lang"]
+    data_inputs = [reg[f"train.{n}"] for n in ("dataset", "dataset_format", "column_mapping", "max_samples",
+                                                "model_name_or_path", "template", "cutoff_len")]
+    data_outputs = [reg["train.data_report"], reg["train.histogram"], reg["train.preview"]]
+
+    gr.on([f.change for f in fields], lambda *v: preview(v[-1], *v[:-1]), inputs=[*fields, lang],
+          outputs=[reg["train.command"], reg["train.yaml"]], api_name="preview", show_progress="hidden",
+          trigger_mode="always_last", concurrency_limit=None)
+
+    reg["train.add_model"].click(lambda p, lg: add_model(services, p, lg), [reg["train.add_path"], lang],
+                                 [reg["train.model_name_or_path"], reg["train.model_help"]], api_name="add_model")
+    reg["train.preset"].input(lambda p, lg, *v: apply_preset(p, lg, *v), [reg["train.preset"], lang, *fields],
+                              [*fields, reg["train.message"]], api_name="apply_preset")
+    reg["train.recommend"].click(lambda lg, *v: recommend(lg, *v), [lang, *fields], [*fields, reg["train.fit"]],
+                                 api_name="recommend")
+
+    reg["train.upload"].upload(lambda f, lg: upload_dataset(services, f, lg), [reg["train.upload"], lang],
+                               [reg["train.dataset"], reg["train.registered"], reg["train.message"]],
+                               api_name="upload_dataset")
+    reg["train.registered"].input(lambda p: p or gr.skip(), reg["train.registered"], reg["train.dataset"],
+                                  api_name="pick_dataset")
+    reg["train.use_sample"].click(lambda lg: use_sample(services, lg), lang,
+                                  [reg["train.dataset"], reg["train.registered"], reg["train.message"]],
+                                  api_name="use_sample")
+    reg["train.refresh_datasets"].click(lambda: gr.update(choices=services.dataset_choices()), None,
+                                        reg["train.registered"], api_name="refresh_datasets")
+    check = lambda lg, *v: check_dataset(services, lg, *v)  # noqa: E731
+    reg["train.dataset"].change(check, [lang, *data_inputs], data_outputs, api_name="check_dataset",
+                                trigger_mode="always_last")
+    reg["train.check_data"].click(check, [lang, *data_inputs], data_outputs, api_name=False)
+
+    reg["train.save"].click(lambda name, lg, *v: save_config(services, name, lg, *v),
+                            [reg["train.config_name"], lang, *fields],
+                            [reg["train.config_message"], reg["train.config_list"]], api_name="save_config")
+    reg["train.load"].click(lambda p, lg: load_config(services, p, lg), [reg["train.config_list"], lang],
+                            [*fields, reg["train.config_message"]], api_name="load_config")
+    reg["train.config_upload"].upload(lambda f, lg: upload_config(services, f, lg), [reg["train.config_upload"], lang],
+                                      [*fields, reg["train.config_message"], reg["train.config_list"]],
+                                      api_name="upload_config")
+
+    progress_out = [reg["train.task_id"], reg["train.message"], reg["train.progress"]]
+    reg["train.start"].click(lambda lg, *v: start(services, lg, *v), [lang, *fields], progress_out, api_name="start")
+    reg["train.cancel"].click(lambda tid, lg: cancel(services, tid, lg), [reg["train.task_id"], lang], progress_out,
+                              api_name="cancel")
+    reg["train.resume"].click(lambda tid, lg: resume(services, tid, lg), [reg["train.task_id"], lang], progress_out,
+                              api_name="resume")
+    reg["top.timer"].tick(lambda tid, lg: train_progress(services, tid, lg), [reg["train.task_id"], lang],
+                          reg["train.progress"], api_name="train_progress", concurrency_limit=None,
+                          show_progress="hidden")
+
+
+def on_load(services: AppServices, lang: str) -> tuple[Any, str]:
+    """Re-attach to the newest running (else queued, else latest) task after a refresh or restart."""
+    tasks = services.tasks.list()
+    current = (next((t for t in tasks if t.status is TaskStatus.RUNNING), None)
+               or next((t for t in tasks if t.status is TaskStatus.QUEUED), None)
+               or (tasks[0] if tasks else None))
+    return (current.id if current else None), render.progress_html(current, lang)
+
+
+# ====================================================================== handlers
+def _config(values: tuple[Any, ...]) -> TrainConfig:
+    return form.values_to_config(FIELDS, list(values))
+
+
+def _problems_md(title: str, problems: list[str]) -> str:
+    return f"**{html.escape(title)}**\n\n" + "\n".join(f"- {html.escape(p)}" for p in problems)
+
+
+def preview(lang: str, *values: Any) -> tuple[str, str]:
+    try:
+        config = _config(values)
+    except ConfigError as exc:
+        text = i18n.t("train.invalid", lang) + "\n# " + "\n# ".join(exc.problems)
+        return text, ""
+    return config.to_command(), config.to_yaml()
+
+
+def model_help(choices: list[Any], lang: str) -> str:
+    if not choices:
+        return i18n.t("train.no_models", lang)
+    return ""
+
+
+def add_model(services: AppServices, path: str, lang: str) -> tuple[Any, str]:
+    if not (path or "").strip():
+        gr.Warning(i18n.t("alert.empty_path", lang))
+        return gr.skip(), i18n.t("alert.empty_path", lang)
+    try:
+        value = services.add_local_model(path.strip())
+    except (ValueError, OSError) as exc:
+        gr.Warning(str(exc))
+        return gr.skip(), f"⚠️ {html.escape(str(exc))}"
+    choices = [(c.label, c.value) for c in services.model_choices()]
+    if value not in [v for _, v in choices]:
+        choices.append((value, value))
+    gr.Success(i18n.t("alert.model_added", lang, model=value))
+    return gr.update(choices=choices, value=value), ""
+
+
+def apply_preset(preset: str, lang: str, *values: Any) -> list[Any]:
+    overlay = PRESETS.get(preset or "")
+    if overlay is None:
+        return [gr.skip()] * (len(FIELDS) + 1)
+    try:
+        config = _config(values)
+        data = {**config.to_dict(), **overlay}
+        config, _ = TrainConfig.from_dict(data)
+    except ConfigError as exc:
+        gr.Warning(i18n.t("alert.invalid_config", lang))
+        return [gr.skip()] * len(FIELDS) + [_problems_md(i18n.t("alert.invalid_config", lang), exc.problems)]
+    gr.Info(i18n.t("alert.preset_applied", lang, preset=preset))
+    return [*form.config_to_values(config, FIELDS), i18n.t("alert.preset_applied", lang, preset=preset)]
+
+
+def recommend(lang: str, *values: Any) -> list[Any]:
+    """Fill batch/accumulation/cutoff/precision/checkpointing from the recommender; warn when it won't fit."""
+    skip = [gr.skip()] * len(FIELDS)
+    try:
+        config = _config(values)
+    except ConfigError as exc:
+        return [*skip, _problems_md(i18n.t("alert.invalid_config", lang), exc.problems)]
+    try:
+        from sage_ft.gpu import recommend as core_recommend
+    except ImportError:
+        return [*skip, i18n.t("train.recommender_missing", lang)]
+    try:
+        from sage_ft.models.resolve import resolve_model
+
+        result = core_recommend(config, resolve_model(config.model_name_or_path))
+    except Exception as exc:  # the recommender names what it could not read
+        gr.Warning(str(exc))
+        return [*skip, f"⚠️ {html.escape(str(exc))}"]
+    new_config, fits, message = _read_recommendation(config, result)
+    if not fits:
+        gr.Warning(i18n.t("alert.will_not_fit", lang))
+        return [*form.config_to_values(new_config, FIELDS),
+                f'<div class="fit-warning">⛔ <b>{html.escape(i18n.t("alert.will_not_fit", lang))}</b><br>'
+                f"{html.escape(message)}</div>"]
+    gr.Info(i18n.t("alert.recommended", lang))
+    return [*form.config_to_values(new_config, FIELDS), f"✅ {html.escape(message)}"]
+
+
+def _read_recommendation(config: TrainConfig, result: Any) -> tuple[TrainConfig, bool, str]:
+    """Accept the recommender's result as an object or dict: a config or changes, fits, a message."""
+    get = result.get if isinstance(result, dict) else (lambda k, d=None: getattr(result, k, d))
+    new = get("config")
+    if not isinstance(new, TrainConfig):
+        changes = get("changes") or get("settings") or {}
+        new = TrainConfig.from_dict({**config.to_dict(), **dict(changes)})[0] if changes else config
+    fits = get("fits")
+    fits = True if fits is None else bool(fits)
+    message = get("message") or get("summary") or get("explanation") or ""
+    if not isinstance(message, str):
+        message = "\n".join(map(str, message))
+    return new, fits, message
+
+
+def upload_dataset(services: AppServices, file: Any, lang: str) -> tuple[Any, Any, str]:
+    if not file:
+        return gr.skip(), gr.skip(), ""
+    try:
+        stored = store_upload(file if isinstance(file, str) else file.name, "dataset", services.max_upload_bytes)
+    except UploadError as exc:
+        gr.Warning(str(exc))
+        return gr.skip(), gr.skip(), f"⚠️ {html.escape(str(exc))}"
+    gr.Info(i18n.t("alert.uploaded", lang, name=stored.name))
+    return str(stored), gr.update(choices=services.dataset_choices(), value=str(stored)), ""
+
+
+def use_sample(services: AppServices, lang: str) -> tuple[Any, Any, str]:
+    from sage_ft.data import DataError, builtin_sample_dataset
+
+    try:
+        path = builtin_sample_dataset()
+    except DataError as exc:
+        gr.Warning(str(exc))
+        return gr.skip(), gr.skip(), f"⚠️ {html.escape(str(exc))}"
+    return str(path), gr.update(choices=services.dataset_choices(), value=str(path)), ""
+
+
+def check_dataset(services: AppServices, lang: str, dataset: str, fmt: str, column_mapping: str,
+                  max_samples: Any, model: str, template: str, cutoff_len: Any) -> tuple[str, Any, str]:
+    """Validation report, token-length histogram and chat preview of the chosen dataset files."""
+    from sage_ft.data import DataError, load_dataset
+
+    dataset = (dataset or "").strip()
+    if not dataset:
+        return i18n.t("alert.no_dataset", lang), None, render.chat_preview_html([], lang)
+    try:
+        for part in dataset.split(","):
+            services.guard.check(part, "dataset")
+        max_n = int(max_samples) if max_samples not in (None, "") else None
+        report = load_dataset(dataset, fmt or "auto", column_mapping or "", max_n, raise_on_error=False)
+    except (PathRefused, DataError, ValueError) as exc:
+        gr.Warning(str(exc).splitlines()[0])
+        return f"❌ {html.escape(str(exc))}", None, render.chat_preview_html([], lang)
+    figure = None
+    token_line = ""
+    if report.conversations:
+        try:
+            from sage_ft.data.tokenize import token_length_stats, tokenize_conversations
+
+            cutoff = int(cutoff_len or 1024)
+            tokenizer = tokenizer_for(model or "demo", template or "auto")
+            sample = report.conversations[:TOKEN_STATS_ROWS]
+            encoded = tokenize_conversations(sample, tokenizer, 1_048_576, template or "auto")
+            lengths = [len(s["input_ids"]) for s in encoded]
+            stats = token_length_stats(list(encoded), cutoff)
+            figure = charts.token_histogram(lengths, cutoff, title=i18n.t("train.histogram", lang))
+            token_line = i18n.t("data.token_stats", lang, count=stats["count"], mean=stats["mean"], p95=stats["p95"],
+                                max=stats["max"], over=sum(1 for n in lengths if n > cutoff), cutoff=cutoff)
+        except Exception as exc:  # token stats are extra information; the report stands without them
+            log.info("token stats unavailable: %s", exc)
+            token_line = i18n.t("data.no_token_stats", lang, reason=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    head = "✅ " + i18n.t("data.ok", lang) if report.ok else "❌ " + i18n.t("data.not_ok", lang)
+    body = html.escape(report.summary())
+    text = f"**{head}** — {i18n.t('data.rows', lang, ok=report.rows_ok, total=report.rows_total, dropped=len(report.dropped))}"
+    if token_line:
+        text += f"\n\n{token_line}"
+    text += f"\n\n<details><summary>{i18n.t('data.details', lang)}</summary><pre>{body}</pre></details>"
+    return text, figure, render.chat_preview_html(report.preview(PREVIEW_ROWS), lang)
+
+
+def save_config(services: AppServices, name: str, lang: str, *values: Any) -> tuple[str, Any]:
+    try:
+        config = _config(values)
+        path = services.config_path_for(name or "")
+    except ConfigError as exc:
+        gr.Warning(i18n.t("alert.invalid_config", lang))
+        return _problems_md(i18n.t("alert.invalid_config", lang), exc.problems), gr.skip()
+    except ValueError as exc:
+        gr.Warning(str(exc))
+        return f"⚠️ {html.escape(str(exc))}", gr.skip()
+    config.save_yaml(path)
+    gr.Success(i18n.t("alert.saved", lang, path=path.name))
+    return i18n.t("alert.saved", lang, path=str(path)), gr.update(choices=services.config_choices(), value=str(path))
+
+
+def load_config(services: AppServices, path: str, lang: str) -> list[Any]:
+    skip = [gr.skip()] * len(FIELDS)
+    if not path:
+        return [*skip, i18n.t("alert.pick_config", lang)]
+    try:
+        services.guard.check(path, "config file")
+        config, unknown = TrainConfig.from_yaml(path)
+    except PathRefused as exc:
+        gr.Warning(str(exc))
+        return [*skip, f"⚠️ {html.escape(str(exc))}"]
+    except ConfigError as exc:
+        gr.Warning(i18n.t("alert.invalid_config", lang))
+        return [*skip, _problems_md(i18n.t("alert.invalid_config", lang), exc.problems)]
+    message = i18n.t("alert.loaded", lang, path=Path(path).name)
+    if unknown:
+        note = i18n.t("alert.unknown_keys", lang, keys=", ".join(unknown))
+        gr.Warning(note)
+        message += f"\n\n⚠️ {html.escape(note)}"
+    else:
+        gr.Success(i18n.t("alert.loaded", lang, path=Path(path).name))
+    return [*form.config_to_values(config, FIELDS), message]
+
+
+def upload_config(services: AppServices, file: Any, lang: str) -> list[Any]:
+    if not file:
+        return [gr.skip()] * (len(FIELDS) + 2)
+    try:
+        stored = store_upload(file if isinstance(file, str) else file.name, "config", services.max_upload_bytes)
+    except UploadError as exc:
+        gr.Warning(str(exc))
+        return [gr.skip()] * len(FIELDS) + [f"⚠️ {html.escape(str(exc))}", gr.skip()]
+    out = load_config(services, str(stored), lang)
+    return [*out, gr.update(choices=services.config_choices(), value=str(stored))]
+
+
+def start(services: AppServices, lang: str, *values: Any) -> tuple[Any, str, str]:
+    try:
+        config = _config(values)
+    except ConfigError as exc:
+        gr.Warning(i18n.t("alert.invalid_config", lang))
+        return gr.skip(), _problems_md(i18n.t("alert.invalid_config", lang), exc.problems), gr.skip()
+    if not config.datasets:
+        gr.Warning(i18n.t("alert.no_dataset", lang))
+        return gr.skip(), f"⚠️ {i18n.t('alert.no_dataset', lang)}", gr.skip()
+    problems = services.guard.check_config(config)
+    if problems:
+        gr.Warning(problems[0])
+        return gr.skip(), _problems_md(i18n.t("alert.not_started", lang), problems), gr.skip()
+    try:
+        task = services.tasks.create(config, source="ui")
+    except TaskError as exc:
+        found = getattr(exc, "problems", [str(exc)])
+        gr.Warning(i18n.t("alert.not_started", lang))
+        return gr.skip(), _problems_md(i18n.t("alert.not_started", lang), found), gr.skip()
+    gr.Success(i18n.t("alert.queued", lang, id=task.id, name=task.name))
+    return task.id, "✅ " + html.escape(i18n.t("alert.queued", lang, id=task.id, name=task.name)), \
+        render.progress_html(task, lang)
+
+
+def _task_action(services: AppServices, task_id: Any, lang: str, action: str) -> tuple[Any, str, str]:
+    if task_id in (None, ""):
+        gr.Warning(i18n.t("alert.no_task", lang))
+        return gr.skip(), f"⚠️ {i18n.t('alert.no_task', lang)}", gr.skip()
+    try:
+        task = getattr(services.tasks, action)(int(task_id))
+    except TaskError as exc:
+        gr.Warning(str(exc))
+        return gr.skip(), f"⚠️ {html.escape(str(exc))}", gr.skip()
+    text = i18n.t("alert.cancel_requested" if action == "cancel" else "alert.resumed", lang, id=task.id)
+    gr.Info(text)
+    return task.id, html.escape(text), render.progress_html(task, lang)
+
+
+def cancel(services: AppServices, task_id: Any, lang: str) -> tuple[Any, str, str]:
+    return _task_action(services, task_id, lang, "cancel")
+
+
+def resume(services: AppServices, task_id: Any, lang: str) -> tuple[Any, str, str]:
+    return _task_action(services, task_id, lang, "resume")
+
+
+def train_progress(services: AppServices, task_id: Any, lang: str) -> Any:
+    if task_id in (None, ""):
+        return gr.skip()
+    try:
+        task = services.tasks.task(int(task_id))
+    except TaskError:
+        return render.progress_html(None, lang)
+    return render.progress_html(task, lang)
+

@@ -1,0 +1,90 @@
+"""``sage-ft tasks ...``: the CLI client of the task store (in-process ``main`` and one real process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from sage_ft.cli import main
+from sage_ft.tasks import TaskManager, TaskStatus
+from tests.fixtures_tasks import tiny_task_config
+
+
+def _cli(capsys, db: Path, *args: str) -> tuple[int, str, str]:
+    code = main(["tasks", "--db", str(db), *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_list_and_show(capsys, idle_manager, task_dataset):
+    db = idle_manager.store.path
+    assert _cli(capsys, db, "list") == (0, "no tasks\n", "")
+    a = idle_manager.create(tiny_task_config(task_dataset), name="first run")
+    b = idle_manager.create(tiny_task_config(task_dataset), name="second run")
+    idle_manager.cancel(b.id)
+
+    code, out, _ = _cli(capsys, db, "list")
+    assert code == 0
+    header, row_b, row_a = out.splitlines()
+    assert header.split()[:3] == ["ID", "STATUS", "PROGRESS"]
+    assert row_a.split()[:4] == [str(a.id), "⏳", "queued", "0/?"] and row_a.endswith("first run")
+    assert row_b.split()[:3] == [str(b.id), "⏹", "cancelled"]
+
+    code, out, _ = _cli(capsys, db, "list", "--json", "--status", "queued")
+    [data] = json.loads(out)
+    assert (code, data["id"], data["status"], data["icon"], data["name"]) == (0, a.id, "queued", "⏳", "first run")
+
+    code, out, _ = _cli(capsys, db, "show", str(a.id))
+    assert code == 0 and "status:    ⏳ queued" in out and "queue:     position 1" in out
+    assert "max_steps: 4" in out and str(task_dataset.resolve()) in out
+
+    code, out, _ = _cli(capsys, db, "show", str(a.id), "--json")
+    data = json.loads(out)
+    assert (data["queue_position"], data["config"]["max_steps"], data["checkpoints"]) == (1, 4, [])
+
+
+def test_cancel_delete_resume_and_unknown_ids(capsys, idle_manager, task_dataset):
+    db = idle_manager.store.path
+    task = idle_manager.create(tiny_task_config(task_dataset))
+    for action in ("show", "cancel", "delete", "resume", "retry"):
+        assert _cli(capsys, db, action, "999") == (1, "", "error: no task with id 999 (see `sage-ft tasks list`)\n")
+
+    assert _cli(capsys, db, "cancel", str(task.id))[:2] == (0, f"task {task.id}: ⏹ cancelled\n")
+    code, _, err = _cli(capsys, db, "cancel", str(task.id))
+    assert code == 1 and "already cancelled" in err
+    code, _, err = _cli(capsys, db, "resume", str(task.id))
+    assert code == 1 and "no checkpoint" in err and f"sage-ft tasks retry {task.id}" in err
+    code, out, _ = _cli(capsys, db, "retry", str(task.id))
+    assert code == 0 and "queued" in out and "sage-ft tasks work" in out  # no app runs to start it
+    assert _cli(capsys, db, "delete", str(task.id))[0] == 0
+    assert [t.status for t in idle_manager.list()] == [TaskStatus.QUEUED]
+
+
+def test_work_runs_the_queue_then_show_and_delete_files(capsys, task_db, task_dataset):
+    manager = TaskManager(task_db, start_worker=False)
+    task = manager.create(tiny_task_config(task_dataset))
+    manager.shutdown()
+    code, out, _ = _cli(capsys, task_db, "work", "--until-empty")
+    assert code == 0 and "working on the task queue" in out
+
+    code, out, _ = _cli(capsys, task_db, "show", str(task.id))
+    assert "status:    ✅ completed" in out and "checkpoints: checkpoint-2, checkpoint-4" in out
+    assert "progress:  step 4/4" in out and "loss" in out
+    code, out, _ = _cli(capsys, task_db, "show", str(task.id), "--json")
+    data = json.loads(out)
+    assert [m["step"] for m in data["metrics_history"] if "loss" in m] == [1, 2, 3, 4]
+
+    assert Path(task.output_dir).is_dir()
+    code, out, _ = _cli(capsys, task_db, "delete", str(task.id), "--files")
+    assert code == 0 and not Path(task.output_dir).exists()
+
+
+def test_real_process_exit_code_and_message(task_db):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run([sys.executable, "-m", "sage_ft", "tasks", "--db", str(task_db), "show", "7"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr.strip() == "error: no task with id 7 (see `sage-ft tasks list`)"

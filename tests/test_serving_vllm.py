@@ -1,0 +1,160 @@
+"""The shared session vLLM server: verified readiness, chat, runtime LoRA, several adapters, security.
+
+Every test leaves the session manager serving the demo base (other areas reuse ``vllm_manager``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sage_ft.serving import ChatError, stream_chat
+from sage_ft.serving.chat import chat
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+HELLO = [{"role": "user", "content": "Hello, who are you?"}]
+
+
+def _greedy(manager, model=None, max_tokens=12) -> str:
+    return chat(manager, HELLO, model=model, temperature=0.0, max_tokens=max_tokens)
+
+
+@pytest.fixture
+def base_after(vllm_manager):
+    yield vllm_manager
+    result = vllm_manager.switch("demo")
+    assert result.outcome == "live"
+
+
+def test_start_is_verified_and_status_complete(vllm_manager):
+    status = vllm_manager.status()
+    assert status["state"] == "ready" and status["backend"] == "vllm"
+    assert status["model"] == "demo" and status["model_type"] == "base"
+    assert Path(status["log_path"]).is_file() and status["pid"] and status["port"]
+    assert status["base_url"] == f"http://127.0.0.1:{status['port']}/v1"
+    server = vllm_manager.server
+    assert httpx.get(f"{server.root_url}/health", timeout=5).status_code == 200
+    ids = [m["id"] for m in server.served_models()]
+    assert ids == ["demo"]
+
+
+def test_server_binds_loopback_and_requires_the_api_key(vllm_manager):
+    import psutil
+
+    server = vllm_manager.server
+    listening = {c.laddr.ip for c in psutil.Process(server.pid).net_connections(kind="tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == server.port}
+    assert listening == {"127.0.0.1"}
+    assert httpx.get(f"{server.base_url}/models", timeout=5).status_code == 401
+    no_key = httpx.post(f"{server.base_url}/load_lora_adapter", json={"lora_name": "x", "lora_path": "/etc"},
+                        timeout=5)
+    assert no_key.status_code == 401
+    wrong = httpx.get(f"{server.base_url}/models", headers={"Authorization": "Bearer wrong"}, timeout=5)
+    assert wrong.status_code == 401
+
+
+def test_chat_completion_stream_and_options(vllm_manager):
+    chunks = list(stream_chat(vllm_manager, HELLO, system_prompt="You are terse.", temperature=0.0, max_tokens=16))
+    assert len(chunks) > 1 and "".join(chunks).strip()
+    assert _greedy(vllm_manager) == _greedy(vllm_manager)  # greedy is deterministic
+    # max_tokens and stop are honoured by the server
+    short = chat(vllm_manager, HELLO, temperature=0.0, max_tokens=2)
+    assert len(short) < len(_greedy(vllm_manager, max_tokens=16))
+    metrics = vllm_manager.metrics()
+    assert metrics["generation_tokens_total"] > 0 and metrics["prompt_tokens_total"] > 0
+
+
+def test_cancel_event_stops_the_stream(vllm_manager):
+    cancel = threading.Event()
+    received = []
+    for chunk in stream_chat(vllm_manager, HELLO, temperature=0.0, max_tokens=400, cancel_event=cancel):
+        received.append(chunk)
+        if len(received) == 3:
+            cancel.set()
+    assert len(received) == 3
+
+
+def test_unknown_model_is_a_clear_non_retryable_error(vllm_manager):
+    with pytest.raises(ChatError) as info:
+        _greedy(vllm_manager, model="no-such-adapter")
+    assert not info.value.retryable and "not loaded" in str(info.value)
+
+
+def test_runtime_lora_changes_outputs_and_is_listed_with_parent(base_after, serving_adapters):
+    manager = base_after
+    base_answer = _greedy(manager)
+    result = manager.switch(str(serving_adapters["a"]))
+    assert result.outcome == "live" and result.mode == "runtime-adapter", result.message
+    assert result.served.kind == "adapter" and result.served.base_path == manager.server.spec.model_path
+    name = result.served.name
+    models = {m["id"]: m for m in manager.server.served_models()}
+    assert models[name]["parent"] == "demo" and models[name]["root"] == str(serving_adapters["a"])
+    assert manager.status()["model"] == name and manager.status()["model_type"] == "adapter"
+    assert _greedy(manager) != base_answer
+    assert _greedy(manager, model="demo") == base_answer  # the base is still there, by name
+    again = manager.switch(str(serving_adapters["a"]))  # idempotent: same name, nothing reloaded
+    assert again.outcome == "live" and again.served.name == name and "earlier" in again.message
+
+
+def test_several_adapters_at_once_answer_differently(base_after, serving_adapters):
+    manager = base_after
+    names = {key: manager.switch(str(path)).served.name for key, path in serving_adapters.items()}
+    assert len(set(names.values())) == 3
+    listed = {m["id"] for m in manager.server.served_models()}
+    assert set(names.values()) <= listed
+    answers = {}
+    threads = [threading.Thread(target=lambda k=k, n=n: answers.__setitem__(k, _greedy(manager, model=n)))
+               for k, n in names.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(answers) == 3 and len(set(answers.values())) == 3, answers
+    assert set(manager.status()["adapters"]) >= set(names.values())
+
+
+def test_changed_adapter_files_get_a_new_name(base_after, serving_adapters, tmp_path):
+    import shutil
+
+    from tests.fixtures_serving import make_lora_adapter
+
+    manager = base_after
+    path = tmp_path / "retrained"
+    shutil.copytree(serving_adapters["a"], path)
+    first = manager.switch(str(path)).served.name
+    answer_first = _greedy(manager)
+    time.sleep(0.01)
+    make_lora_adapter(Path(manager.server.spec.model_path), path, seed=42)
+    second = manager.switch(str(path))
+    assert second.outcome == "live" and second.served.name != first
+    assert first not in manager.status()["adapters"]  # the stale version was unloaded
+    assert _greedy(manager) != answer_first
+
+
+def test_adapter_vllm_refuses_is_a_failed_switch_not_a_crash(base_after, tmp_path):
+    bad = tmp_path / "broken-adapter"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text("{not json")
+    result = base_after.switch(str(bad))
+    assert result.outcome == "failed" and result.icon == "❌"
+    assert base_after.status()["state"] == "ready"
+    assert _greedy(base_after)
+
+
+def test_chat_cli_uses_the_running_server(vllm_manager, data_home):
+    env = dict(os.environ, SAGE_FT_HOME=str(data_home))
+    proc = subprocess.run([sys.executable, "-m", "sage_ft", "chat", "--max-tokens", "6", "--temperature", "0"],
+                          input="Hello\n/quit\n", env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "chatting with demo (vllm)" in proc.stderr
+    assert proc.stdout.strip()
+    assert vllm_manager.status()["state"] == "ready"  # the client did not stop the owner's server

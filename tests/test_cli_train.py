@@ -1,0 +1,112 @@
+"""``sage-ft train`` / ``demo-model`` as real subprocesses: exit codes, Ctrl-C, kill -9 then resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sage_ft.events import read_events
+from sage_ft.training import read_meta
+
+FAST = ["--set", "precision=fp32", "--set", "devices=cpu", "--set", "lora_rank=8", "--set", "cutoff_len=128",
+        "--set", "learning_rate=1e-3", "--set", "per_device_train_batch_size=2"]
+
+
+def sage_ft(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sage_ft", *args], capture_output=True, text=True,
+                          timeout=timeout, env=os.environ.copy())
+
+
+def start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "sage_ft", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early ({proc.returncode}): {proc.stdout.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.05)
+
+
+def test_demo_model_and_help_config(demo_model: Path) -> None:
+    out = sage_ft("demo-model")
+    assert out.returncode == 0 and out.stdout.strip() == str(demo_model)
+    help_out = sage_ft("train", "--help-config")
+    assert help_out.returncode == 0 and "lora_rank (default 8)" in help_out.stdout
+
+
+def test_bad_config_and_bad_dataset_exit_non_zero_without_a_run(tmp_path: Path, data_home: Path) -> None:
+    bad_value = sage_ft("train", "--set", "lora_rank=zero", "--set", "dataset=x.jsonl")
+    assert bad_value.returncode == 2 and "lora_rank" in bad_value.stderr and "whole number" in bad_value.stderr
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"instruction": "Q", "output": ""}) + "\n")
+    runs_before = set((data_home / "runs").iterdir()) if (data_home / "runs").exists() else set()
+    out = sage_ft("train", "--set", f"dataset={empty}")
+    assert out.returncode == 1 and "not started" in out.stderr and "empty.jsonl" in out.stderr
+    assert (set((data_home / "runs").iterdir()) if (data_home / "runs").exists() else set()) == runs_before
+
+
+def test_yaml_config_with_unknown_key_trains_and_prints_the_run_dir(memorize_jsonl: Path, tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model_name_or_path: demo\ndataset: {memorize_jsonl}\nmax_steps: 2\nlogging_steps: 1\n"
+                      f"output_dir: {tmp_path / 'out'}\nmystery_key: 1\n")
+    out = sage_ft("train", str(config), *FAST)
+    assert out.returncode == 0, out.stderr
+    assert "mystery_key" in out.stderr
+    assert "step 2/2" in out.stdout and "Rows: 4 read, 4 usable" in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == str(tmp_path / "out")
+    assert read_meta(tmp_path / "out")["status"] == "completed"
+
+
+def test_ctrl_c_cancels_cleanly(memorize_jsonl: Path, tmp_path: Path) -> None:
+    out_dir = tmp_path / "run"
+    proc = start("train", "--set", f"dataset={memorize_jsonl}", "--set", f"output_dir={out_dir}",
+                 "--set", "max_steps=2000", *FAST)
+    wait_for(lambda: any(e["event"] == "metric_update" for e in read_events(out_dir / "events.jsonl")[0]), proc)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    meta = read_meta(out_dir)
+    assert meta["status"] == "cancelled" and meta["metrics"]["global_step"] < 2000
+    assert (out_dir / "lora" / "adapter_model.safetensors").exists()
+    assert output.strip().splitlines()[-1] == str(out_dir)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_from_last_checkpoint(memorize_jsonl: Path, tmp_path: Path) -> None:
+    out_dir = tmp_path / "run"
+    total = 24
+    args = ["train", "--set", f"dataset={memorize_jsonl}", "--set", f"output_dir={out_dir}",
+            "--set", f"max_steps={total}", "--set", "save_steps=4", "--set", "save_total_limit=2", *FAST]
+    proc = start(*args)
+    wait_for(lambda: (out_dir / "checkpoint-8" / "trainer_state.json").exists(), proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    killed_at = max(e["step"] for e in read_events(out_dir / "events.jsonl")[0] if e["event"] == "metric_update")
+    assert read_meta(out_dir)["status"] == "running" and killed_at < total  # died mid-run
+
+    out = sage_ft(*args, "--set", "resume_from_checkpoint=last", timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    meta = read_meta(out_dir)
+    assert meta["status"] == "completed" and meta["metrics"]["global_step"] == total
+    assert meta["resumed_from"].startswith(str(out_dir / "checkpoint-"))
+    events = read_events(out_dir / "events.jsonl")[0]
+    [loaded] = [e for e in events if e["event"] == "checkpoint_loaded"]
+    assert loaded["step"] >= 8 and loaded["step"] % 4 == 0
+    starts = [e for e in events if e["event"] == "training_start"]
+    assert [s["total_steps"] for s in starts] == [total, total]  # same total step count after resume
+    assert starts[1]["start_step"] == loaded["step"]
+    resumed_steps = [e["step"] for e in events[events.index(loaded):] if e["event"] == "metric_update"]
+    assert resumed_steps == list(range(loaded["step"] + 1, total + 1))  # the loss curve continues

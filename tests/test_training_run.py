@@ -1,0 +1,168 @@
+"""Real LoRA runs on the demo model: learning, events/state, cancel, pause, eval, failures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sage_ft.config import ConfigError
+from sage_ft.events import read_events
+from sage_ft.training import FineTuneRun, read_meta
+from tests.fixtures_training import (
+    MEMORIZE_QA,
+    TRAINED_RUN_LOGGING_STEPS,
+    TRAINED_RUN_SAVE_STEPS,
+    TRAINED_RUN_STEPS,
+    generate,
+    training_config,
+)
+
+
+def events_of(run_dir: Path) -> list[dict]:
+    return read_events(run_dir / "events.jsonl")[0]
+
+
+def test_loss_falls_and_the_adapter_changes_generations(trained_run: Path, demo_model: Path) -> None:
+    meta = read_meta(trained_run)
+    assert meta["status"] == "completed" and meta["error"] is None
+    metrics = meta["metrics"]
+    assert metrics["final_loss"] < metrics["first_loss"] / 2
+    question, answer = MEMORIZE_QA[0]
+    base = generate(demo_model, question)
+    tuned = generate(demo_model, question, adapter=trained_run / "lora")
+    assert tuned != base
+    assert "pineapple" in tuned  # the memorised answer
+
+
+def test_run_directory_meta_events_and_state_agree(trained_run: Path, demo_model: Path) -> None:
+    for name in ("lora/adapter_config.json", "lora/adapter_model.safetensors", "lora/tokenizer.json",
+                 "config.yaml", "logs.txt", "events.jsonl", f"checkpoint-{TRAINED_RUN_STEPS}/trainer_state.json"):
+        assert (trained_run / name).exists(), name
+    meta = read_meta(trained_run)
+    assert meta["base_model_path"] == str(demo_model)
+    assert meta["dataset_info"]["rows_used"] == len(MEMORIZE_QA)
+    assert meta["lora"]["rank"] == 32 and meta["lora"]["alpha"] == 64 and meta["lora"]["trainable_params"] > 0
+    assert set(meta["versions"]) >= {"torch", "transformers", "peft", "sage_ft"}
+    assert meta["config"]["max_steps"] == TRAINED_RUN_STEPS and 0 <= meta["padding_fraction"] < 1
+    assert meta["finished_at"] >= meta["started_at"]
+    events = events_of(trained_run)
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "training_start" and kinds[-1] == "training_end"
+    assert events[0]["total_steps"] == TRAINED_RUN_STEPS and events[0]["output_dir"] == str(trained_run)
+    metric_steps = [e["step"] for e in events if e["event"] == "metric_update"]
+    assert metric_steps == list(range(TRAINED_RUN_LOGGING_STEPS, TRAINED_RUN_STEPS + 1, TRAINED_RUN_LOGGING_STEPS))
+    last = [e for e in events if e["event"] == "metric_update"][-1]
+    assert last["loss"] == pytest.approx(meta["metrics"]["final_loss"])
+    assert last["tokens_per_second"] > 0 and last["total_steps"] == TRAINED_RUN_STEPS
+    assert [e["step"] for e in events if e["event"] == "checkpoint_saved"] == list(
+        range(TRAINED_RUN_SAVE_STEPS, TRAINED_RUN_STEPS + 1, TRAINED_RUN_SAVE_STEPS))
+    assert kinds.count("epoch_start") == kinds.count("epoch_end") == TRAINED_RUN_STEPS  # 4 rows, batch 4
+    assert events[-1]["status"] == "completed" and events[-1]["metrics"]["global_step"] == TRAINED_RUN_STEPS
+    log = (trained_run / "logs.txt").read_text()
+    assert f"step {TRAINED_RUN_STEPS}/{TRAINED_RUN_STEPS}" in log and "completed" in log
+
+
+def test_cancel_mid_run_saves_a_usable_adapter(demo_model: Path, memorize_jsonl: Path, tmp_path: Path) -> None:
+    run = FineTuneRun(training_config(memorize_jsonl, tmp_path / "run", max_steps=500))
+    run.emitter.on("batch_end", lambda e: run.cancel() if e["step"] >= 3 else None)
+    result = run.run()
+    assert result.status == "cancelled" and result.error is None
+    steps = result.metrics["global_step"]
+    assert steps == 3  # stopped within one step of the request
+    state = run.get_current_state()
+    assert state["status"] == "cancelled" and not state["is_training"] and state["current_step"] == steps
+    assert read_meta(result.output_dir)["status"] == "cancelled"
+    assert events_of(result.output_dir)[-1]["status"] == "cancelled"
+    assert generate(demo_model, MEMORIZE_QA[0][0], adapter=result.output_dir / "lora")  # loads and generates
+
+
+def test_pause_resume_and_eval_loss(memorize_jsonl: Path, tmp_path: Path) -> None:
+    config = training_config(memorize_jsonl, tmp_path / "run", max_steps=6, val_size=1, eval_steps=2,
+                             per_device_train_batch_size=2)
+    run = FineTuneRun(config)
+    run.emitter.on("batch_end", lambda e: run.pause() if e["step"] == 2 else None)
+    result_box: list = []
+    thread = threading.Thread(target=lambda: result_box.append(run.run()))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 120
+        while run.get_current_state()["status"] != "paused":
+            assert time.monotonic() < deadline and thread.is_alive(), run.get_current_state()
+            time.sleep(0.05)
+        time.sleep(0.5)
+        state = run.get_current_state()
+        assert state["status"] == "paused" and state["current_step"] == 2 and state["is_training"]
+    finally:
+        run.resume()
+        thread.join(120)
+    [result] = result_box
+    assert result.status == "completed" and result.metrics["global_step"] == 6
+    evals = [e for e in events_of(result.output_dir) if e["event"] == "metric_update" and e.get("eval_loss")]
+    assert [e["step"] for e in evals] == [2, 4, 6]
+    assert result.metrics["eval_loss"] == pytest.approx(evals[-1]["eval_loss"])
+    assert read_meta(result.output_dir)["dataset_info"]["samples_eval"] == 1
+
+
+def _assert_failed(result, *needles: str) -> None:
+    assert result.status == "failed"
+    for needle in needles:
+        assert needle in result.error
+    assert read_meta(result.output_dir)["status"] == "failed"
+    assert read_meta(result.output_dir)["error"] == result.error
+    events = events_of(result.output_dir)
+    assert [e for e in events if e["event"] == "error_occurred"][0]["error"] == result.error
+    assert events[-1]["event"] == "training_end" and events[-1]["status"] == "failed"
+    assert result.error.splitlines()[0] in (result.output_dir / "logs.txt").read_text()
+
+
+def test_missing_model_files_fail_the_run_with_the_path(demo_model: Path, memorize_jsonl: Path, tmp_path: Path) -> None:
+    broken = shutil.copytree(demo_model, tmp_path / "broken-model")
+    (broken / "model.safetensors").unlink()
+    result = FineTuneRun(training_config(memorize_jsonl, tmp_path / "run", model_name_or_path=str(broken))).run()
+    _assert_failed(result, str(broken), "weights")
+
+
+def test_nan_loss_fails_the_run(demo_model: Path, memorize_jsonl: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    bad = shutil.copytree(demo_model, tmp_path / "nan-model")
+    weights = load_file(bad / "model.safetensors")
+    name = next(k for k in weights if k.endswith("layers.0.mlp.down_proj.weight"))
+    weights[name][0, 0] = float("nan")  # one bad value poisons every forward pass
+    save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    result = FineTuneRun(training_config(memorize_jsonl, tmp_path / "run", model_name_or_path=str(bad),
+                                         max_steps=5)).run()
+    _assert_failed(result, "nan", "step 1", "learning_rate")
+
+
+def test_dataset_without_usable_rows_fails_before_training(tmp_path: Path) -> None:
+    data = tmp_path / "empty.jsonl"
+    data.write_text(json.dumps({"instruction": "Q", "output": ""}) + "\n", encoding="utf-8")
+    result = FineTuneRun(training_config(data, tmp_path / "run")).run()
+    _assert_failed(result, "empty.jsonl")
+    assert not (result.output_dir / "lora").exists()
+
+
+def test_unknown_lora_target_lists_available_modules(memorize_jsonl: Path, tmp_path: Path) -> None:
+    result = FineTuneRun(training_config(memorize_jsonl, tmp_path / "run", lora_target="q_proj,attn_qkv")).run()
+    _assert_failed(result, "attn_qkv", "q_proj", "down_proj")
+
+
+def test_output_dir_in_use_is_refused(memorize_jsonl: Path, tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "something.txt").write_text("x")
+    with pytest.raises(ConfigError, match="already exists"):
+        FineTuneRun(training_config(memorize_jsonl, tmp_path / "run"))
+    assert FineTuneRun(training_config(memorize_jsonl, tmp_path / "run", overwrite_output_dir=True)).output_dir
+
+
+def test_default_output_dir_is_under_the_data_home(memorize_jsonl: Path, data_home: Path) -> None:
+    run = FineTuneRun(training_config(memorize_jsonl, "", run_name="my run"))
+    assert run.output_dir.parent == data_home / "runs" and run.output_dir.name.startswith("my-run-")
+    twin = FineTuneRun(training_config(memorize_jsonl, "", run_name="my run"))
+    assert twin.output_dir != run.output_dir  # two runs started in the same second never share a folder

@@ -235,3 +235,20 @@ def test_cli_export_with_gguf_and_zip(lora_run, tmp_path):
     assert len(list(out.glob("model-*.safetensors"))) >= 2 and gguf_file.exists()
     record = json.loads((out / "sage_ft_export.json").read_text())
     assert record["gguf"][0]["file"] == "gguf/cli-export-f16.gguf" and record["gguf"][0]["verify"]["ok"]
+
+
+@pytest.mark.slow  # trains once per session (trained_run, shared with other areas) when run alone
+def test_really_trained_run_exports_and_answers_like_the_adapter(trained_run, demo_model, tmp_path):
+    """The trainer's own output (meta names the base as 'demo'): the merged model gives the trained answer."""
+    from tests.fixtures_training import MEMORIZE_QA, generate
+
+    result = merge_lora(trained_run, out_dir=tmp_path / "trained-merged")
+    assert result.verify.ok, result.verify
+    assert result.base_model == str(demo_model)
+    question, answer = MEMORIZE_QA[0]
+    merged_answer = generate(result.out_dir, question, max_new_tokens=24)
+    assert merged_answer == generate(demo_model, question, adapter=trained_run / "lora", max_new_tokens=24)
+    assert answer in merged_answer
+    assert answer not in generate(demo_model, question, max_new_tokens=24)
+    card = (result.out_dir / "README.md").read_text()
+    assert "completed" in card and "learning_rate" in card

@@ -99,11 +99,18 @@ def resolve_source(path: str | Path) -> ExportSource:
 
     meta = read_json(run_dir / META_FILE) if run_dir else {}
     adapter_config = read_json(adapter_dir / ADAPTER_CONFIG)
-    base_name = meta.get("base_model") or adapter_config.get("base_model_name_or_path")
+    # The trainer records the resolved directory (base_model_path) next to what the user typed
+    # (base_model, e.g. "demo" or a hub id); the directory wins while it still exists.
+    recorded_path = meta.get("base_model_path")
+    if recorded_path and (Path(recorded_path) / "config.json").exists():
+        base_name, where = recorded_path, run_dir / META_FILE
+    elif meta.get("base_model"):
+        base_name, where = meta["base_model"], run_dir / META_FILE
+    else:
+        base_name, where = adapter_config.get("base_model_name_or_path"), adapter_dir / ADAPTER_CONFIG
     if not base_name:
         raise ExportError(f"no base model recorded: neither {run_dir / META_FILE if run_dir else 'a run meta file'} "
                           f"'base_model' nor {adapter_dir / ADAPTER_CONFIG} 'base_model_name_or_path' is set")
-    where = run_dir / META_FILE if meta.get("base_model") else adapter_dir / ADAPTER_CONFIG
     base_model = _resolve_base(str(base_name), where)
 
     candidates = [adapter_dir] + ([run_dir / "lora"] if run_dir else []) + [base_model]

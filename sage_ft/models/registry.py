@@ -165,6 +165,17 @@ def model_problems(path: str | Path) -> list[str]:
     return problems
 
 
+def final_loss(meta: dict[str, Any]) -> float | None:
+    """The run's last training loss from its meta (``final_metrics`` or ``metrics``; several spellings)."""
+    for key in ("final_metrics", "metrics"):
+        metrics = meta.get(key)
+        if isinstance(metrics, dict):
+            for name in ("final_loss", "loss", "train_loss"):
+                if isinstance(metrics.get(name), (int, float)) and not isinstance(metrics.get(name), bool):
+                    return float(metrics[name])
+    return None
+
+
 def _adapter_ok(lora_dir: Path) -> bool:
     return (lora_dir / "adapter_config.json").is_file() and (
         (lora_dir / "adapter_model.safetensors").is_file() or (lora_dir / "adapter_model.bin").is_file())
@@ -287,8 +298,7 @@ def _run_entries(include_checkpoints: bool) -> list[ModelEntry]:
         if not meta or meta.get("status") not in FINISHED_STATUSES:
             continue
         config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-        metrics = meta.get("final_metrics") if isinstance(meta.get("final_metrics"), dict) else {}
-        loss = next((metrics[k] for k in ("loss", "train_loss") if isinstance(metrics.get(k), (int, float))), None)
+        loss = final_loss(meta)
         base = meta.get("base_model_name") or meta.get("base_model") or config.get("model_name_or_path")
         dataset = meta.get("dataset") or config.get("dataset")
         common = dict(base_model=str(base) if base else None, final_loss=loss,
@@ -331,8 +341,7 @@ def _export_entries() -> list[ModelEntry]:
                 break
             except (OSError, UnicodeDecodeError, ValueError):
                 continue
-        metrics = meta.get("final_metrics") if isinstance(meta.get("final_metrics"), dict) else {}
-        loss = next((metrics[k] for k in ("loss", "train_loss") if isinstance(metrics.get(k), (int, float))), None)
+        loss = final_loss(meta)
         entries.append(ModelEntry(name=d.name, path=str(d), kind="merged", tags=["finetuned", "merged"],
                                   source="export", size_bytes=dir_size(d), final_loss=loss,
                                   base_model=meta.get("base_model_name") or meta.get("base_model"),

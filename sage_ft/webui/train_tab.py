@@ -115,7 +115,7 @@ def wire(reg: Registry, services: AppServices) -> None:
                                                 "model_name_or_path", "template", "cutoff_len")]
     data_outputs = [reg["train.data_report"], reg["train.histogram"], reg["train.preview"]]
 
-    gr.on([f.change for f in fields], lambda *v: preview(v[-1], *v[:-1]), inputs=[*fields, lang],
+    gr.on([f.change for f in fields], preview, inputs=[lang, *fields],
           outputs=[reg["train.command"], reg["train.yaml"]], api_name="preview", show_progress="hidden",
           trigger_mode="always_last", concurrency_limit=None)
 

@@ -165,6 +165,10 @@ def test_checkpoint_export_goes_to_exports_dir_by_default(lora_run):
         # the checkpoint holds no tokenizer: the run's lora/ tokenizer is used
         assert (result.out_dir / "tokenizer.json").exists()
         assert (_logits(result.out_dir) - _logits(ensure_demo_model())).abs().max() > 1e-2
+        from sage_ft.models.registry import list_models
+
+        listed = [m for m in list_models(kind="merged") if m.path == str(result.out_dir)]
+        assert len(listed) == 1 and listed[0].kind == "merged" and listed[0].available
     finally:
         shutil.rmtree(result.out_dir)
 

@@ -55,7 +55,7 @@ def _run(args: argparse.Namespace) -> int:
     from sage_ft.tasks import TaskManager
 
     if args.list_finetuned:
-        return list_finetuned(TaskManager(start_worker=False))
+        return list_finetuned()
     exposed = args.share or args.host not in LOOPBACK
     guard = login_guard(args, exposed)
     from sage_ft.webui.app import build_app, launch_app
@@ -83,8 +83,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         demo.block_thread()
     finally:
-        if services.server is not None and hasattr(services.server, "stop"):
-            services.server.stop()
+        if services.server is not None:
+            services.server.close()
         tasks.shutdown()
         services.shutdown()
     return 0
@@ -108,25 +108,29 @@ def login_guard(args: argparse.Namespace, exposed: bool):
     return LoginGuard.from_pairs(pairs) if pairs else None
 
 
-def list_finetuned(tasks: Any) -> int:
-    """Completed runs with an adapter, newest first: id, name, folder."""
-    done = [t for t in tasks.list(["completed"]) if (Path(t.output_dir) / "lora").is_dir()]
-    if not done:
-        print("No completed fine-tuned runs yet (start one in the Train tab or with `sage-ft train`).")
-    for t in done:
-        print(f"{t.id:>5}  {t.name:<40}  {t.output_dir}")
-    tasks.shutdown()
+def list_finetuned() -> int:
+    """Fine-tuned models in the registry (runs' adapters and merged exports), newest first."""
+    from sage_ft.models.registry import list_models
+
+    tuned = [e for e in list_models() if "finetuned" in e.tags]
+    if not tuned:
+        print("No fine-tuned models yet (start a run in the Train tab or with `sage-ft train`).")
+    for e in tuned:
+        loss = f"loss {e.final_loss:.4f}" if e.final_loss is not None else ""
+        print(f"{e.label:<50} {loss:<12} {e.path}")
     return 0
 
 
 def chat_model_for(args: argparse.Namespace, tasks: Any) -> str:
-    """What to serve: --use-finetuned (newest completed run or a task id) > --llm-model > the demo."""
+    """What to serve: --use-finetuned (the newest fine-tune, or a task's run) > --llm-model > the demo."""
     if args.use_finetuned:
         if args.use_finetuned == "latest":
-            done = [t for t in tasks.list(["completed"]) if (Path(t.output_dir) / "lora").is_dir()]
-            if done:
-                return done[0].output_dir
-            log.warning("--use-finetuned: no completed run yet; serving the base model instead")
+            from sage_ft.models.registry import latest_finetuned
+
+            entry = latest_finetuned()
+            if entry is not None:
+                return entry.path
+            log.warning("--use-finetuned: no fine-tuned model yet; serving the base model instead")
         else:
             return tasks.task(int(args.use_finetuned)).output_dir
     return args.llm_model or "demo"
@@ -134,11 +138,8 @@ def chat_model_for(args: argparse.Namespace, tasks: Any) -> str:
 
 def start_chat_server(args: argparse.Namespace, tasks: Any) -> Any:
     """The managed chat server, started in the background (the top bar shows its state)."""
-    try:
-        from sage_ft.serving import ServerManager
-    except ImportError:
-        log.warning("chat serving is not available in this build; the Chat tab stays disabled")
-        return None
+    from sage_ft.serving import ServerManager
+
     manager = ServerManager()
     model = chat_model_for(args, tasks)
     threading.Thread(target=_safe_switch, args=(manager, model), daemon=True, name="chat-server-start").start()

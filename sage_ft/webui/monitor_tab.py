@@ -33,9 +33,9 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
                                       label=i18n.t("mon.table", lang), elem_id="task-table", max_height=320,
                                       wrap=True))
     with gr.Row():
-        reg.add("mon.task", gr.Dropdown(choices=[], value=None, label=i18n.t("mon.task", lang), scale=2,
+        reg.add("mon.task", gr.Dropdown(choices=[], value=None, label=i18n.t("mon.task", lang), scale=2, allow_custom_value=True,
                                         elem_id="task-select"))
-        reg.add("mon.compare", gr.Dropdown(choices=[], value=[], multiselect=True, scale=3,
+        reg.add("mon.compare", gr.Dropdown(choices=[], value=[], multiselect=True, scale=3, allow_custom_value=True,
                                            label=i18n.t("mon.compare", lang),
                                            info=i18n.t("mon.compare.info", lang)), kind="label_info")
     reg.add("mon.progress", gr.HTML(render.progress_html(None, lang), elem_id="mon-progress"), kind="none")
@@ -104,7 +104,7 @@ def refresh(services: AppServices, version: str | None, lang: str) -> tuple[Any,
         return gr.skip(), gr.skip(), gr.skip(), gr.skip()
     rows = [render.task_row(t, lang) for t in tasks]
     choices = [(f"#{t.id} {t.name}", t.id) for t in tasks]
-    table = gr.update(value={"headers": render.table_headers(lang), "data": rows})
+    table = {"headers": render.table_headers(lang), "data": rows}
     return table, new_version, gr.update(choices=choices), gr.update(choices=choices)
 
 
@@ -243,7 +243,7 @@ def use_as_chat(services: AppServices, task_id: Any, lang: str) -> str:
     except Exception as exc:  # the server manager's message says what failed
         gr.Warning(str(exc))
         return f"⚠️ {html.escape(str(exc))}"
-    ok = getattr(result, "ok", True)
+    ok = getattr(result, "outcome", "live") == "live"
     text = getattr(result, "message", None) or i18n.t("alert.chat_switched", lang, id=task_id)
     (gr.Success if ok else gr.Warning)(str(text))
     return html.escape(str(text))

@@ -9,7 +9,6 @@ missing) even before they exist.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -45,30 +44,22 @@ class AppServices:
 
     # ------------------------------------------------------------------ models
     def model_choices(self) -> list[ModelChoice]:
-        """Models from the registry (the demo first); falls back to the demo alone."""
-        try:
-            from sage_ft.models.registry import list_models
-        except ImportError:
-            return [ModelChoice("demo · built-in tiny model", "demo", "demo")]
+        """Base models from the registry (the demo first). The value is what ``resolve_model`` takes."""
+        from sage_ft.models.registry import list_models
+
         out = []
-        for entry in list_models():
-            value = getattr(entry, "name", None) or str(getattr(entry, "path", ""))
-            label = getattr(entry, "label", None) or value
-            out.append(ModelChoice(str(label), str(value), str(getattr(entry, "kind", "base"))))
+        for entry in list_models(kind="base"):
+            value = entry.name if entry.source == "demo" else entry.path
+            label = entry.label + (f" — {entry.note}" if entry.note and not entry.available else "")
+            out.append(ModelChoice(label, value, entry.kind))
         return out
 
     def add_local_model(self, path: str) -> str:
-        """Register a local model directory; returns the value to select. Raises ValueError."""
+        """Register a local model directory (checked by the registry); returns the value to select."""
         self.guard.check(path, "model path")
-        from sage_ft.models.resolve import check_model_dir
+        from sage_ft.models.registry import add_local_model
 
-        directory = check_model_dir(Path(path).expanduser())
-        try:
-            from sage_ft.models.registry import add_local_model
-        except ImportError:
-            return str(directory)
-        entry = add_local_model(directory)
-        return str(getattr(entry, "name", None) or directory)
+        return add_local_model(Path(path).expanduser()).path
 
     # ------------------------------------------------------------------ datasets
     def dataset_choices(self) -> list[tuple[str, str]]:
@@ -104,33 +95,29 @@ class AppServices:
 
     # ------------------------------------------------------------------ status for the top bar
     def device_summary(self) -> dict[str, Any]:
-        """GPU memory/utilisation per device, or CPU and RAM use (cheap reads)."""
-        try:
-            from sage_ft.gpu import device_info
-
-            info = device_info()
-            return info if isinstance(info, dict) else {"devices": info}
-        except ImportError:
-            pass
+        """``gpu.device_info()`` plus the CPU load (cheap: NVML and psutil counters)."""
         import psutil
 
-        mem = psutil.virtual_memory()
-        return {"kind": "cpu", "cpu_percent": psutil.cpu_percent(interval=None), "cpu_count": os.cpu_count(),
-                "ram_used_gb": (mem.total - mem.available) / 1024**3, "ram_total_gb": mem.total / 1024**3}
+        from sage_ft.gpu import device_info
+
+        info = device_info()
+        info["cpu_percent"] = psutil.cpu_percent(interval=None)
+        return info
 
     def serving_summary(self) -> dict[str, Any]:
-        """``{"model", "kind", "state", "detail"}`` of the chat server (cheap: the manager's own state)."""
+        """``{"model", "kind", "state", "detail"}`` of the chat server (its manager's recorded state)."""
         if self.server is None:
-            return {"model": None, "kind": None, "state": "disabled" if self.llm_disabled else "not started",
+            return {"model": None, "kind": None, "state": "disabled" if self.llm_disabled else "not_started",
                     "detail": ""}
         try:
-            status = self.server.status()
+            status = self.server.status
+            status = status() if callable(status) else status
         except Exception as exc:  # a status read must never break the page
             log.exception("server status failed")
             return {"model": None, "kind": None, "state": "error", "detail": str(exc)}
-        get = status.get if isinstance(status, dict) else (lambda k, d=None: getattr(status, k, d))
-        return {"model": get("model") or get("served_model"), "kind": get("kind") or get("model_kind"),
-                "state": get("state") or get("status") or "unknown", "detail": get("detail") or get("message") or ""}
+        return {"model": status.get("model_label") or status.get("model"), "kind": status.get("model_type"),
+                "state": status.get("state") or "unknown",
+                "detail": status.get("last_error") or status.get("message") or status.get("backend_reason") or ""}
 
     def shutdown(self) -> None:
         shutil.rmtree(self.downloads_dir, ignore_errors=True)

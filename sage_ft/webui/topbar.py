@@ -44,33 +44,31 @@ def status_html(services: AppServices, lang: str) -> str:
     model_text = html.escape(str(model)) if model else i18n.t("top.no_chat_model", lang)
     key = "serving." + state.replace(" ", "_")
     state_text = i18n.t(key, lang) if key in i18n.strings(lang) else state
+    detail = html.escape(str(serving.get("detail") or ""), quote=True)
     parts = [f'<span class="item">💬 {i18n.t("top.chat_model", lang)}: <b>{model_text}</b> {chip_kind}</span>',
-             f'<span class="item state-{html.escape(state)}">● {html.escape(state_text)}</span>',
+             f'<span class="item state-{html.escape(state)}" title="{detail}">● {html.escape(state_text)}</span>',
              f'<span class="item">🖥 {html.escape(device_text(services.device_summary(), lang))}</span>']
     return '<div class="sage-status">' + "".join(parts) + "</div>"
 
 
 def device_text(info: dict[str, Any], lang: str) -> str:
-    """One line: each GPU's memory and utilisation, or CPU and RAM use."""
-    gpus = info.get("gpus") or info.get("devices") or []
-    if isinstance(gpus, list) and gpus and isinstance(gpus[0], dict):
+    """One line: each GPU's memory and utilisation, or CPU load and RAM use (from ``gpu.device_info``)."""
+    gib = 1024**3
+    if info.get("mode") == "gpu" and info.get("gpus"):
         items = []
-        for i, g in enumerate(gpus):
-            used = g.get("memory_used_gb", g.get("used_gb"))
-            total = g.get("memory_total_gb", g.get("total_gb"))
-            util = g.get("utilization", g.get("util_percent"))
-            name = g.get("name", f"GPU{i}")
-            text = f"{name}"
-            if used is not None and total:
-                text += f" {used:.1f}/{total:.0f} GB"
-            if util is not None:
-                text += f" {util:.0f}%"
+        for g in info["gpus"]:
+            text = f"GPU{g.get('index', '')} {g.get('name', '')}"
+            if g.get("memory_total"):
+                text += f" {g.get('memory_used', 0) / gib:.1f}/{g['memory_total'] / gib:.0f} GiB"
+            if g.get("utilization") is not None:
+                text += f" {g['utilization']}%"
             items.append(text)
         return " · ".join(items)
-    cpu = info.get("cpu_percent")
+    cpu = info.get("cpu") or {}
     parts = [i18n.t("top.cpu_only", lang)]
-    if cpu is not None:
-        parts.append(f"CPU {cpu:.0f}% ×{info.get('cpu_count') or '?'}")
-    if info.get("ram_total_gb"):
-        parts.append(f"RAM {info.get('ram_used_gb', 0):.1f}/{info['ram_total_gb']:.0f} GB")
+    if info.get("cpu_percent") is not None:
+        parts.append(f"CPU {info['cpu_percent']:.0f}% ×{cpu.get('count') or '?'}")
+    if cpu.get("ram_total"):
+        used = cpu["ram_total"] - cpu.get("ram_available", 0)
+        parts.append(f"RAM {used / gib:.1f}/{cpu['ram_total'] / gib:.0f} GiB")
     return " · ".join(parts)

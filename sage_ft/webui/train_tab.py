@@ -232,15 +232,12 @@ def recommend(lang: str, *values: Any) -> list[Any]:
         config = _config(values)
     except ConfigError as exc:
         return [*skip, _problems_md(i18n.t("alert.invalid_config", lang), exc.problems)]
-    try:
-        from sage_ft.gpu import recommend as core_recommend
-    except ImportError:
-        return [*skip, i18n.t("train.recommender_missing", lang)]
-    try:
-        from sage_ft.models.resolve import resolve_model
+    from sage_ft.estimate import EstimateError
+    from sage_ft.estimate import recommend as core_recommend
 
-        result = core_recommend(config, resolve_model(config.model_name_or_path))
-    except Exception as exc:  # the recommender names what it could not read
+    try:
+        result = core_recommend(config)
+    except (EstimateError, ValueError, OSError) as exc:  # the estimator names what it could not read
         gr.Warning(str(exc))
         return [*skip, f"⚠️ {html.escape(str(exc))}"]
     new_config, fits, message = _read_recommendation(config, result)
@@ -262,9 +259,12 @@ def _read_recommendation(config: TrainConfig, result: Any) -> tuple[TrainConfig,
         new = TrainConfig.from_dict({**config.to_dict(), **dict(changes)})[0] if changes else config
     fits = get("fits")
     fits = True if fits is None else bool(fits)
-    message = get("message") or get("summary") or get("explanation") or ""
+    message = get("message") or get("reasons") or ""
     if not isinstance(message, str):
-        message = "\n".join(map(str, message))
+        message = "; ".join(map(str, message))
+    estimate = get("estimate")
+    if estimate is not None and hasattr(estimate, "describe"):
+        message += f" — {estimate.describe().splitlines()[0]}"
     return new, fits, message
 
 
@@ -397,6 +397,10 @@ def start(services: AppServices, lang: str, *values: Any) -> tuple[Any, str, str
     if problems:
         gr.Warning(problems[0])
         return gr.skip(), _problems_md(i18n.t("alert.not_started", lang), problems), gr.skip()
+    blocked = fit_warning(config, lang)
+    if blocked:
+        gr.Warning(i18n.t("alert.will_not_fit", lang), duration=None)
+        return gr.skip(), blocked, gr.skip()
     try:
         task = services.tasks.create(config, source="ui")
     except TaskError as exc:
@@ -406,6 +410,23 @@ def start(services: AppServices, lang: str, *values: Any) -> tuple[Any, str, str
     gr.Success(i18n.t("alert.queued", lang, id=task.id, name=task.name))
     return task.id, "✅ " + html.escape(i18n.t("alert.queued", lang, id=task.id, name=task.name)), \
         render.progress_html(task, lang)
+
+
+def fit_warning(config: TrainConfig, lang: str) -> str:
+    """The blocking warning when the memory estimate says the run won't fit ('' when it fits or
+    when the estimate cannot be made, e.g. a hub model that is not downloaded yet)."""
+    from sage_ft.estimate import EstimateError, check_fit
+
+    try:
+        report = check_fit(config)
+    except (EstimateError, ValueError, OSError) as exc:
+        log.info("no memory estimate for %s: %s", config.model_name_or_path, exc)
+        return ""
+    if report.fits:
+        return ""
+    changes = ", ".join(f"{k}={v}" for k, v in report.suggestion.items())
+    return (f'<div class="fit-warning">⛔ <b>{html.escape(i18n.t("alert.will_not_fit", lang))}</b><br>'
+            f"{html.escape(report.warning)}<br>{html.escape(i18n.t('alert.fit_hint', lang, changes=changes))}</div>")
 
 
 def _task_action(services: AppServices, task_id: Any, lang: str, action: str) -> tuple[Any, str, str]:

@@ -1,0 +1,123 @@
+"""Monitoring tab and task controls through the real HTTP API: live details and charts of real
+runs, overlay, downloads, cancel/resume from both tabs, delete, re-attach after a reload."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from sage_ft.tasks import TaskStatus
+from tests.fixtures_data import memorize_rows, write_jsonl
+from tests.fixtures_webui import form_args
+
+TINY = {"max_steps": 4, "cutoff_len": 64, "per_device_train_batch_size": 2, "save_steps": 2,
+        "learning_rate": 1e-3, "packing": False}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    return str(write_jsonl(memorize_rows() * 2, tmp_path_factory.mktemp("mon") / "mon.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def finished(webui, webui_client, dataset) -> list[int]:
+    """Two completed runs (different learning rates) started from the form."""
+    ids = []
+    for lr in (1e-3, 5e-4):
+        task_id, _, _ = webui_client.predict("en", *form_args(dataset=dataset, **{**TINY, "learning_rate": lr}),
+                                             api_name="/start")
+        ids.append(task_id)
+    for task_id in ids:
+        assert webui.services.tasks.wait(task_id, timeout=300).status is TaskStatus.COMPLETED
+    return ids
+
+
+def _traces(plot: dict) -> list[dict]:
+    return json.loads(plot["plot"])["data"]
+
+
+def test_details_and_charts_of_a_finished_run_stay_available(webui_client, finished):
+    task_id = finished[0]
+    out = webui_client.predict(task_id, [], False, 0.6, "en", api_name="/task_details")
+    progress, loss, evals, lr, config_yaml, log_tail, checkpoints, metrics, paths_md = out
+    assert "completed" in progress and "100%" in progress and "step 4/4" in progress
+    names = [t["name"] for t in _traces(loss)]
+    assert any("(raw)" in n for n in names) and any("(smoothed)" in n for n in names)
+    raw = next(t for t in _traces(loss) if "(raw)" in t["name"])
+    assert len(raw["x"]) == 4
+    assert _traces(lr) and "learning_rate: 0.001" in config_yaml
+    assert "checkpoint-4" in checkpoints or "checkpoint-2" in checkpoints
+    assert log_tail.strip() and "loss" in metrics and "lora" in paths_md
+
+
+def test_overlay_log_scale_and_table(webui_client, finished):
+    first, second = finished
+    out = webui_client.predict(first, [second], True, 0.0, "en", api_name="/task_details")
+    loss = out[1]
+    figure = json.loads(loss["plot"])
+    assert {f"#{first}", f"#{second}"} <= {t["name"].split(" ")[0] for t in figure["data"]}
+    assert figure["layout"]["yaxis"]["type"] == "log"
+    tick = webui_client.predict(first, [], False, 0.6, "en", api_name="/monitor_tick")
+    table = tick[0]
+    ids = [row[0] for row in table["data"]]
+    assert first in ids and second in ids
+    assert "Progress" in table["headers"] and any("completed" in str(row[1]) for row in table["data"])
+
+
+def test_downloads_of_adapter_and_log(webui_client, finished):
+    message, file_update = webui_client.predict(finished[0], "en", api_name="/task_download")
+    assert message.startswith("Ready") and Path(file_update["value"]).suffix == ".zip"
+    message, file_update = webui_client.predict(finished[0], "en", api_name="/task_download_log")
+    assert Path(file_update["value"]).read_text(encoding="utf-8").strip()
+
+
+def test_cancel_resume_delete_and_reattach(webui, webui_client, dataset):
+    long = {**TINY, "max_steps": 400, "save_steps": 1000}
+    task_id, _, _ = webui_client.predict("en", *form_args(dataset=dataset, **long), api_name="/start")
+    webui.services.tasks.wait(task_id, timeout=120, until={TaskStatus.RUNNING})
+    # a reloaded page re-attaches to the running task
+    attached, progress, *_ = webui_client.predict("en", api_name="/reattach")
+    assert attached == task_id and "running" in progress
+    _, message, _ = webui_client.predict(task_id, "en", api_name="/cancel")
+    assert f"#{task_id}" in message
+    assert webui.services.tasks.wait(task_id, timeout=120).status is TaskStatus.CANCELLED
+    message, selected = webui_client.predict(task_id, "en", api_name="/task_resume")
+    assert selected == task_id and "continue" in message, message
+    deadline = time.monotonic() + 60
+    while webui.services.tasks.task(task_id).status is TaskStatus.QUEUED and time.monotonic() < deadline:
+        time.sleep(0.2)
+    message, _ = webui_client.predict(task_id, "en", api_name="/task_cancel")
+    assert "Cancel requested" in message
+    assert webui.services.tasks.wait(task_id, timeout=120).status is TaskStatus.CANCELLED
+    message, _ = webui_client.predict(task_id, "en", api_name="/task_delete")
+    assert "removed" in message
+    assert task_id not in [t.id for t in webui.services.tasks.list()]
+    message, _ = webui_client.predict(task_id, "en", api_name="/task_cancel")
+    assert f"no task with id {task_id}" in message
+
+
+def test_actions_without_a_selection_and_chat_disabled(webui_client, finished):
+    message, _ = webui_client.predict(None, "en", api_name="/task_cancel")
+    assert "Select a task first" in message
+    assert "chat server is off" in webui_client.predict(finished[0], "en", api_name="/task_use_chat")
+
+
+def test_top_bar_status_and_train_progress(webui_client, finished):
+    status = webui_client.predict("en", api_name="/top_status")
+    assert "chat server off" in status and ("CPU" in status or "GPU" in status)
+    assert "completed" in webui_client.predict(finished[0], "zh", api_name="/train_progress") or \
+        "已完成" in webui_client.predict(finished[0], "zh", api_name="/train_progress")
+
+
+def test_recommender_fills_the_form_and_start_blocks_what_cannot_fit(webui, webui_client, dataset):
+    *values, fit = webui_client.predict("en", *form_args(dataset=dataset), api_name="/recommend")
+    assert fit.startswith("✅") and "estimated peak" in fit
+    huge = {"per_device_train_batch_size": 4096, "cutoff_len": 1_048_576}
+    before = len(webui.services.tasks.list())
+    task_id, message, _ = webui_client.predict("en", *form_args(dataset=dataset, **huge), api_name="/start")
+    assert not isinstance(task_id, int)
+    assert "will not fit" in message and "Recommend for my hardware" in message
+    assert len(webui.services.tasks.list()) == before

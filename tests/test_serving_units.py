@@ -21,6 +21,7 @@ from sage_ft.serving.targets import runtime_lora_problems
 from tests.fixtures_serving import free_port, make_lora_adapter
 
 ROOT = Path(__file__).resolve().parent.parent
+HELLO = [{"role": "user", "content": "Hello"}]
 
 
 def test_taken_port_is_skipped_for_the_next_free_one():
@@ -175,3 +176,24 @@ def test_adapter_fixture_changes_weights(serving_adapters, serving_demo_model, t
     assert tensors and all(t.abs().sum() > 0 for t in tensors.values())
     again = make_lora_adapter(serving_demo_model, tmp_path / "again", seed=2)
     assert (again / "adapter_config.json").exists()
+
+
+def test_release_for_training_and_restore(serving_adapters):
+    manager = ServerManager("demo", backend="transformers", install_exit_handlers=False)
+    manager.start()
+    assert manager.switch(str(serving_adapters["a"])).outcome == "live"
+    before = "".join(manager.stream_chat(HELLO, temperature=0.0, max_tokens=6))
+    assert "kept" in manager.release_for_training(estimate_bytes=1)
+    message = manager.release_for_training()
+    assert "paused" in message and manager.status()["state"] == "released"
+    assert manager.status()["message"] == message
+    with pytest.raises(ChatError) as info:
+        list(manager.stream_chat(HELLO))
+    assert info.value.retryable and "paused" in str(info.value)
+    assert "back" in manager.restore_after_training()
+    status = manager.status()
+    assert status["state"] == "ready" and status["model_type"] == "adapter"
+    assert "".join(manager.stream_chat(HELLO, temperature=0.0, max_tokens=6)) == before
+    assert [m["kind"] for m in manager.chat_models()] == ["base", "adapter"]
+    manager.close()
+    assert manager.status()["state"] == "stopped"

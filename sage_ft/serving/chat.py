@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -48,14 +47,34 @@ def build_messages(messages: list[dict[str, Any]], system_prompt: str | None = N
     return out
 
 
-@lru_cache(maxsize=16)
+_CLIENTS: dict[tuple[str, str], Any] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
 def openai_client(base_url: str, api_key: str):
     """One client (and HTTP connection pool) per server start; no automatic retries (we report instead)."""
-    import httpx
-    from openai import OpenAI
+    with _CLIENTS_LOCK:
+        client = _CLIENTS.get((base_url, api_key))
+        if client is None:
+            import httpx
+            from openai import OpenAI
 
-    timeout = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S, write=30.0, pool=CONNECT_TIMEOUT_S)
-    return OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
+            timeout = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S, write=30.0, pool=CONNECT_TIMEOUT_S)
+            client = _CLIENTS[(base_url, api_key)] = OpenAI(base_url=base_url, api_key=api_key, timeout=timeout,
+                                                            max_retries=0)
+        return client
+
+
+def forget_client(base_url: str) -> None:
+    """Close the pooled connections to a server that stopped (no file descriptors leak across switches)."""
+    with _CLIENTS_LOCK:
+        stale = [key for key in _CLIENTS if key[0] == base_url]
+        clients = [_CLIENTS.pop(key) for key in stale]
+    for client in clients:
+        try:
+            client.close()
+        except Exception:  # closing is best effort
+            pass
 
 
 def stream_openai(base_url: str, api_key: str, model: str, messages: list[dict[str, str]], *,

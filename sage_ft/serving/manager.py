@@ -227,6 +227,20 @@ class ServerManager:
             return None
         return {"base_url": server.base_url, "api_key": server.api_key, "model": current.name}
 
+    def chat_models(self) -> list[dict[str, str]]:
+        """What a chat can be sent to right now: the served base and every loaded adapter (for a dropdown)."""
+        server, local, current = self._server, self._local, self._current
+        out = []
+        if server is not None and self._state in ("ready", "switching"):
+            kind = current.kind if current and current.name == server.spec.served_name else server.meta.get("kind",
+                                                                                                           "base")
+            out.append({"name": server.spec.served_name, "label": server.meta.get("display_name") or
+                        server.spec.served_name, "kind": kind})
+        elif local is not None:
+            out.append({"name": local.served_name, "label": local.served_name, "kind": "base"})
+        out += [{"name": n, "label": i["label"], "kind": "adapter"} for n, i in list(self._adapters.items())]
+        return out
+
     def metrics(self) -> dict[str, Any]:
         server = self._server
         if not server or self._state != "ready":
@@ -296,7 +310,9 @@ class ServerManager:
                             retryable=True)
         if self._state in ("starting", "switching"):
             raise ChatError("the chat model is being switched; try again in a few seconds", retryable=True)
-        raise ChatError(self._backend_reason())
+        if self.backend == "none":
+            raise ChatError(f"chat is off: {self._backend_reason()}")
+        raise ChatError("no chat model is loaded yet; pick one (switch) or start the server first")
 
     # ------------------------------------------------------------------ crash detection
     def _check_alive(self) -> bool:
@@ -641,6 +657,17 @@ class ServerManager:
             registry.remove(entry["pid"])
         return adopted
 
+    @staticmethod
+    def cleanup_orphans() -> list[int]:
+        """End every server in the registry whose owning app died (call at app start); returns their pids."""
+        ended = []
+        for entry in registry.live_entries():
+            if not registry.owner_alive(entry):
+                end_process_group(entry["pid"], entry["create_time"])
+                registry.remove(entry["pid"])
+                ended.append(entry["pid"])
+        return ended
+
     @classmethod
     def connect_existing(cls, **kwargs: Any) -> ServerManager | None:
         """A client-only manager for the current server another live sage-ft process runs (``sage-ft chat``)."""
@@ -765,18 +792,19 @@ class ServerManager:
         happens. Otherwise vLLM sleeps (GPU with sleep mode) or the server is stopped.
         """
         with self._lock:
-            if self._state != "ready" or self._server is None:
+            if self._state != "ready" or (self._server is None and self._local is None):
                 return "chat server not running; nothing to release"
             if estimate_bytes is not None and self._fits_beside(estimate_bytes):
                 return "chat server kept: the training run fits beside it"
             label = self._current.label if self._current else "the chat model"
-            if self.on_gpu and self.enable_sleep_mode:
+            if self._server is not None and self.on_gpu and self.enable_sleep_mode:
                 self._server.sleep(level=1)
                 self._sleeping = True
             else:
-                self._server.stop()
-                self._server, self._current = None, None
+                server, self._server, self._local, self._current = self._server, None, None, None
                 self._adapters.clear()
+                if server is not None:
+                    server.stop()
             self._state = "released"
             self._status_message = (f"chat model {label} paused to free memory for training; it comes back when "
                                     "the run ends")

@@ -137,6 +137,10 @@ def child_env(on_gpu: bool, sleep_mode: bool = False) -> dict[str, str]:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not on_gpu:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default would take far more
+        if (os.cpu_count() or 1) <= 4:
+            # 'auto' pins every server's worker to the same core; with two servers during a zero-downtime
+            # switch (or other busy processes) on a small machine, the OS scheduler does far better.
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     if sleep_mode:
         env["VLLM_SERVER_DEV_MODE"] = "1"  # exposes /sleep and /wake_up (loopback + API key only)
     return env
@@ -268,6 +272,9 @@ class VLLMServer:
                     log.error("vLLM child %s did not exit after SIGKILL", self.pid)
         if self.owned and self.pid:
             registry.remove(self.pid)
+        from sage_ft.serving.chat import forget_client
+
+        forget_client(self.base_url)
         if self._log_fh:
             self._log_fh.close()
             self._log_fh = None

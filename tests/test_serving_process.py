@@ -1,0 +1,157 @@
+"""Process hygiene of the vLLM child: failed starts, start timeout, port taken, app crash + adoption,
+app exit by SIGTERM — checked in the process table by pid, never by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from sage_ft.serving import ServerManager, ServerStartError
+from sage_ft.serving import registry as serving_registry
+from sage_ft.serving.vllm_server import ServerSpec, VLLMServer
+from tests.fixtures_serving import free_port
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _my_descendants() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _alive(pids) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.Error:
+            pass
+    return out
+
+
+def _wait_gone(pids, timeout: float = 30.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    alive = _alive(pids)
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.5)
+        alive = _alive(alive)
+    return alive
+
+
+def test_failed_start_bad_model_is_clear_and_leaves_no_process(serving_demo_model, tmp_path):
+    bad = tmp_path / "unsupported-model"
+    shutil.copytree(serving_demo_model, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["architectures"] = ["BogusForCausalLM"]
+    (bad / "config.json").write_text(json.dumps(config))
+    before = _my_descendants()
+    seen: set[int] = set()
+    manager = ServerManager(str(bad), port=free_port(), install_exit_handlers=False)
+    with pytest.raises(ServerStartError) as info:
+        manager.start(progress=lambda p: seen.update(_my_descendants() - before), timeout_s=600)
+    assert "exited with code" in str(info.value) and "BogusForCausalLM" in str(info.value), str(info.value)
+    assert info.value.log_tail and Path(info.value.log_path).is_file()
+    assert seen and _wait_gone(seen) == []
+    status = manager.status()
+    assert status["state"] == "stopped" and "BogusForCausalLM" in status["last_error"]
+    assert not [e for e in serving_registry.read_entries() if e["pid"] in seen]
+
+
+def test_start_timeout_ends_the_whole_process_group(serving_demo_model):
+    server = VLLMServer(ServerSpec(str(serving_demo_model), "demo", free_port()))
+    stages, members = [], set()
+
+    def progress(p):
+        stages.append(p.stage)
+        if server.pid:
+            members.update(c.pid for c in psutil.Process(server.pid).children(recursive=True))
+
+    with pytest.raises(ServerStartError, match="did not become ready within 25 s"):
+        server.start(timeout_s=25, progress=progress)
+    assert stages and stages[0] == "launching process"
+    assert _wait_gone({server.pid, *members}) == []
+    assert not [e for e in serving_registry.read_entries() if e["pid"] == server.pid]
+
+
+_ADOPT_SCRIPT = """
+import json, signal, sys
+from sage_ft.serving import ServerManager
+m = ServerManager("demo", port=int(sys.argv[1]))
+m.start()
+print(json.dumps(m.status()), flush=True)
+signal.pause()
+"""
+
+
+def _read_until(stream, marker: str, timeout: float) -> list[str]:
+    lines: list[str] = []
+    done = threading.Event()
+
+    def _reader():
+        for line in stream:
+            lines.append(line.rstrip("\n"))
+            if marker in line:
+                break
+        done.set()
+
+    threading.Thread(target=_reader, daemon=True).start()
+    done.wait(timeout)
+    return lines
+
+
+def test_cli_serve_port_taken_app_crash_adoption_and_sigterm(data_home, serving_demo_model):
+    from openai import OpenAI
+
+    env = dict(os.environ, SAGE_FT_HOME=str(data_home))
+    port = free_port()
+    with socket.socket() as blocker:  # another program holds the preferred port
+        blocker.bind(("127.0.0.1", port))
+        blocker.listen()
+        app = subprocess.Popen([sys.executable, "-m", "sage_ft", "serve", "--model", "demo", "--port", str(port),
+                                "--max-model-len", "512"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+        try:
+            lines = _read_until(app.stdout, "API key:", timeout=900)
+        finally:
+            if app.poll() is not None:
+                pytest.fail(f"sage-ft serve exited early: {lines}")
+        info = {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in lines if ":" in ln)}
+        base_url, api_key = info["base URL"], info["API key"]
+        assert base_url.startswith("http://127.0.0.1:") and not base_url.startswith(f"http://127.0.0.1:{port}/")
+        reply = OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=60).chat.completions.create(
+            model=info["model"], messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+        assert reply.choices[0].message.content
+
+    entry = next(e for e in serving_registry.read_entries() if e["port"] == int(base_url.rsplit(":", 1)[1][:-3]))
+    server_pids = {entry["pid"], *(c.pid for c in psutil.Process(entry["pid"]).children(recursive=True))}
+    app.kill()  # kill -9 of the app: its server survives as an orphan ...
+    app.wait(timeout=30)
+    assert serving_registry.process_matches(entry["pid"], entry["create_time"])
+
+    # ... and the next app adopts it (same pid: no second start), then stops it on SIGTERM
+    second = subprocess.Popen([sys.executable, "-c", _ADOPT_SCRIPT, str(port)], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        status_lines = _read_until(second.stdout, '"state"', timeout=300)
+        status = json.loads(status_lines[-1])
+        assert status["state"] == "ready" and status["pid"] == entry["pid"], status
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=60)
+    finally:
+        if second.poll() is None:
+            second.kill()
+    assert _wait_gone(server_pids) == []
+    assert not [e for e in serving_registry.read_entries() if e["pid"] == entry["pid"]]

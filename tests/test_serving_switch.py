@@ -1,0 +1,133 @@
+"""Base-model switches with a client chatting through them, the merge path, and kill -9 recovery.
+
+Uses its own manager (so the shared session server keeps serving the demo base): 4 server starts.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from sage_ft.serving import ChatError, ServerManager, stream_chat
+from tests.fixtures_serving import free_port, make_lora_adapter
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+HELLO = [{"role": "user", "content": "Hello"}]
+HANG_LIMIT_S = 90.0  # a request "hangs" when it neither finishes nor fails within this
+
+
+class ChattingClient:
+    """Chats in a loop in a thread; records every request's outcome and duration."""
+
+    def __init__(self, manager: ServerManager):
+        self.manager = manager
+        self.ok = 0
+        self.retryable_failures: list[str] = []
+        self.other_failures: list[str] = []
+        self.longest_s = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            try:
+                text = "".join(stream_chat(self.manager, HELLO, temperature=0.0, max_tokens=24))
+                assert text
+                self.ok += 1
+                time.sleep(0.3)  # a person typing, not a load test: leaves CPU for the new server's start
+            except ChatError as exc:
+                (self.retryable_failures if exc.retryable else self.other_failures).append(str(exc))
+                time.sleep(0.2)
+            self.longest_s = max(self.longest_s, time.monotonic() - t0)
+
+    def __enter__(self) -> ChattingClient:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=HANG_LIMIT_S)
+        assert not self._thread.is_alive(), "a chat request hung"
+
+
+@pytest.fixture(scope="module")
+def switch_manager(serving_demo_model):
+    manager = ServerManager("demo", port=free_port(), drain_timeout_s=30, start_timeout_s=900)
+    manager.start()
+    yield manager
+    manager.close()
+
+
+def _group_pids(pid: int) -> list[int]:
+    try:
+        return [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+    except psutil.Error:
+        return [pid]
+
+
+def _wait_gone(pids: list[int], timeout: float = 30.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        time.sleep(0.5)
+    return alive
+
+
+def test_zero_downtime_base_switch_with_a_chatting_client(switch_manager, other_base_model):
+    old_pids = _group_pids(switch_manager.server.pid)
+    old_port = switch_manager.server.port
+    with ChattingClient(switch_manager) as client:
+        time.sleep(1.0)
+        result = switch_manager.switch(str(other_base_model), strategy="zero_downtime")
+        time.sleep(2.0)
+    assert result.outcome == "live" and result.mode == "zero-downtime", result.message
+    assert result.served.base_path == str(other_base_model)
+    assert switch_manager.server.port != old_port
+    assert [m["id"] for m in switch_manager.server.served_models()] == ["demo-copy"]
+    assert client.ok > 0 and not client.other_failures and not client.retryable_failures, (
+        client.retryable_failures, client.other_failures)
+    assert _wait_gone(old_pids, timeout=60) == []  # the old server drained and stopped, nothing orphaned
+    again = switch_manager.switch(str(other_base_model))
+    assert again.outcome == "live" and again.mode == "same-server"
+
+
+def test_stop_then_start_to_a_merged_adapter(switch_manager, serving_demo_model, tmp_path):
+    big = make_lora_adapter(serving_demo_model, tmp_path / "rank32", rank=32, seed=5)
+    old_pids = _group_pids(switch_manager.server.pid)
+    with ChattingClient(switch_manager) as client:
+        time.sleep(1.0)
+        result = switch_manager.switch(str(big), strategy="stop_then_start")
+        time.sleep(2.0)
+    assert result.outcome == "live" and result.mode == "stop-then-start", result.message
+    assert result.served.kind == "merged" and "max-lora-rank" in result.message  # the user is told why
+    merged = Path(result.served.path)
+    assert (merged / "config.json").exists() and "merge_s" in result.timings
+    assert not client.other_failures
+    assert client.ok > 0
+    assert all("try again" in msg or "again" in msg for msg in client.retryable_failures)
+    assert client.longest_s < HANG_LIMIT_S
+    assert _wait_gone(old_pids) == []
+
+
+def test_kill_9_is_detected_and_the_next_chat_restarts(switch_manager):
+    server = switch_manager.server
+    pids = _group_pids(server.pid)
+    psutil.Process(server.pid).kill()  # SIGKILL the API server
+    t0 = time.monotonic()
+    while switch_manager.status()["state"] != "crashed" and time.monotonic() - t0 < 5:
+        time.sleep(0.2)
+    status = switch_manager.status()
+    assert status["state"] == "crashed", status
+    assert "exited with code -9" in status["last_error"] and status["log_tail"]
+    assert _wait_gone(pids) == []  # engine core and workers of the dead server were ended too
+    reply = "".join(stream_chat(switch_manager, HELLO, temperature=0.0, max_tokens=8))  # brings it back
+    assert reply
+    assert switch_manager.status()["state"] == "ready" and switch_manager.server.pid != server.pid
+    assert switch_manager.status()["model_type"] == "merged"  # the chosen model came back

@@ -71,10 +71,10 @@ class TaskManager:
         Nothing is written on refusal. The config is frozen (YAML snapshot, output_dir resolved) and
         never changes afterwards; resume/retry/clone all start from it.
         """
-        config, files, fingerprint = self._validate(config)
-        return self._insert(config, files, fingerprint, name, source, TaskStatus.QUEUED, parent_id)
+        checked = self._validate(config)
+        return self._insert(checked, name, source, TaskStatus.QUEUED, parent_id)
 
-    def _validate(self, config: TrainConfig | dict[str, Any]) -> tuple[TrainConfig, list[Path], str]:
+    def _validate(self, config: TrainConfig | dict[str, Any]) -> _Checked:
         try:
             if isinstance(config, TrainConfig):
                 config = dataclasses.replace(config)
@@ -87,7 +87,10 @@ class TaskManager:
                 raise TaskRefused([f"config: expected a TrainConfig or a dict, got {type(config).__name__}"])
         except ConfigError as exc:
             raise TaskRefused(exc.problems) from None
-        problems = _model_problems(config) + _output_dir_problems(config)
+        resume, resume_problems = _resume_point(config)
+        if resume is not None:  # continuing a run folder from the CLI: the folder is the checkpoint's
+            config = dataclasses.replace(config, output_dir=str(resume.parent))
+        problems = resume_problems + _model_problems(config) + _output_dir_problems(config)
         files: list[Path] = []
         fingerprint = ""
         if not config.datasets:
@@ -99,10 +102,11 @@ class TaskManager:
                 fingerprint = rundir.fingerprint_files(files)
         if problems:
             raise TaskRefused(problems)
-        return config, files, fingerprint
+        return _Checked(config, files, fingerprint, resume)
 
-    def _insert(self, config: TrainConfig, files: list[Path], fingerprint: str, name: str | None, source: str,
-                status: TaskStatus, parent_id: int | None, owner: ProcessIdentity | None = None) -> Task:
+    def _insert(self, checked: _Checked, name: str | None, source: str, status: TaskStatus,
+                parent_id: int | None, owner: ProcessIdentity | None = None) -> Task:
+        config, files = checked.config, checked.files
         if source not in SOURCES:
             raise TaskRefused([f"source: {source!r} is not one of {', '.join(SOURCES)}"])
         name = (name or config.run_name or _default_name(config)).strip()[:200]
@@ -119,8 +123,8 @@ class TaskManager:
             position = (s.scalar(select(func.max(TaskRecord.position))) or 0) + 1
             rec = TaskRecord(name=name, status=status.value, source=source, created_at=now, updated_at=now,
                              config_yaml="", dataset=",".join(str(f.resolve()) for f in files),
-                             dataset_fingerprint=fingerprint, output_dir="", position=position,
-                             parent_id=parent_id, last_metrics="{}", step=0, total_steps=0, attempts=1,
+                             dataset_fingerprint=checked.fingerprint, output_dir="", position=position,
+                             resume_checkpoint=str(checked.resume) if checked.resume else None, parent_id=parent_id, last_metrics="{}", step=0, total_steps=0, attempts=1,
                              cancel_requested=False)
             if owner is not None:
                 rec.pid, rec.pid_start_time, rec.started_at = owner.pid, owner.start_time, now
@@ -146,10 +150,9 @@ class TaskManager:
         ``RunResult``-like outcome (``status``, ``output_dir``, ``metrics``, ``error``, ``task_id``).
         Ctrl-C stops the run; the task is then interrupted (resumable) and KeyboardInterrupt re-raised.
         """
-        config, files, fingerprint = self._validate(config)
+        checked = self._validate(config)
         with LOCAL_RUNS_LOCK:  # registered before any recover() can see the running row
-            task = self._insert(config, files, fingerprint, name, "cli", TaskStatus.RUNNING, None,
-                                owner=current_identity())
+            task = self._insert(checked, name, "cli", TaskStatus.RUNNING, None, owner=current_identity())
             LOCAL_RUNS.add(task.id)
 
         def notify(event: dict[str, Any]) -> None:
@@ -167,7 +170,8 @@ class TaskManager:
             raise
         finally:
             self._foreground.pop(task.id, None)
-        return ForegroundResult(outcome.status.value, outcome.output_dir, outcome.metrics, outcome.error, task.id)
+        return ForegroundResult(outcome.status.value, Path(outcome.output_dir), outcome.metrics, outcome.error,
+                                task.id)
 
     # ================================================================== reading
     def list(self, statuses: Iterable[TaskStatus | str] | None = None) -> list[Task]:
@@ -553,13 +557,44 @@ class ForegroundResult:
     """``run_foreground``'s answer: the trainer's RunResult fields plus the task id."""
 
     status: str
-    output_dir: str
+    output_dir: Path
     metrics: dict[str, Any]
     error: str | None
     task_id: int
 
 
+@dataclasses.dataclass(frozen=True)
+class _Checked:
+    """A config that passed ``create``'s checks, with what the checks found."""
+
+    config: TrainConfig
+    files: list[Path]
+    fingerprint: str
+    resume: Path | None  # checkpoint to continue from (a config with resume_from_checkpoint set)
+
+
 # ====================================================================== validation helpers
+def _resume_point(config: TrainConfig) -> tuple[Path | None, list[str]]:
+    """The checkpoint a config asks to resume from ('last' or a path), or the problem with it."""
+    resume = (config.resume_from_checkpoint or "").strip()
+    if not resume:
+        return None, []
+    if resume == "last":
+        if not config.output_dir.strip():
+            return None, ["resume_from_checkpoint: 'last' needs output_dir set to the run folder to continue"]
+        found = rundir.last_checkpoint(Path(config.output_dir).expanduser())
+        if found is None:
+            return None, [f"resume_from_checkpoint: no complete checkpoint-N folder in {config.output_dir}"]
+        return found.resolve(), []
+    path = Path(resume).expanduser().resolve()
+    if not (path / "trainer_state.json").is_file():
+        return None, [f"resume_from_checkpoint: {path} is not a complete checkpoint folder (no trainer_state.json)"]
+    if config.output_dir.strip() and Path(config.output_dir).expanduser().resolve() != path.parent:
+        return None, [f"resume_from_checkpoint: {path} is not inside output_dir {config.output_dir}; "
+                      "a run continues in its own folder"]
+    return path, []
+
+
 def _model_problems(config: TrainConfig) -> list[str]:
     """Local model paths are checked now; 'demo' and hub ids are resolved when the run starts."""
     name = config.model_name_or_path.strip()
@@ -576,7 +611,7 @@ def _model_problems(config: TrainConfig) -> list[str]:
 
 
 def _output_dir_problems(config: TrainConfig) -> list[str]:
-    if not config.output_dir.strip():
+    if not config.output_dir.strip() or config.resume_from_checkpoint:
         return []
     out = Path(config.output_dir).expanduser()
     if out.exists() and not out.is_dir():

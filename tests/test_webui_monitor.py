@@ -75,9 +75,13 @@ def test_downloads_of_adapter_and_log(webui_client, finished):
 
 
 def test_cancel_resume_delete_and_reattach(webui, webui_client, dataset):
-    long = {**TINY, "max_steps": 400, "save_steps": 1000}
+    long = {**TINY, "max_steps": 400, "save_steps": 2, "save_total_limit": 1}
     task_id, _, _ = webui_client.predict("en", *form_args(dataset=dataset, **long), api_name="/start")
     webui.services.tasks.wait(task_id, timeout=120, until={TaskStatus.RUNNING})
+    deadline = time.monotonic() + 120  # a checkpoint to resume from
+    while not list(Path(webui.services.tasks.task(task_id).output_dir).glob("checkpoint-*")):
+        assert time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.3)
     # a reloaded page re-attaches to the running task
     attached, progress, *_ = webui_client.predict("en", api_name="/reattach")
     assert attached == task_id and "running" in progress

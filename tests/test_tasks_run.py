@@ -273,3 +273,24 @@ def test_two_app_processes_on_one_database_never_run_a_task_twice(task_db, task_
         assert all(prev[1] <= nxt[0] for prev, nxt in zip(spans, spans[1:], strict=False))  # one at a time
     finally:
         manager.shutdown()
+
+
+@pytest.mark.slow
+def test_multi_process_task_runs_as_a_recorded_child_and_completes(worker_manager, task_dataset):
+    """num_processes=2 on CPU: the queue launches `accelerate launch` (gloo DDP) as a child process."""
+    task = worker_manager.create(tiny_task_config(task_dataset, max_steps=2, num_processes=2, devices="cpu"))
+    db = sqlite3.connect(worker_manager.store.path)
+    try:
+        child = _wait_for(lambda: db.execute("SELECT child_pid, child_start_time FROM tasks WHERE id=?",
+                                             (task.id,)).fetchone()[0] and
+                          db.execute("SELECT child_pid, child_start_time FROM tasks WHERE id=?", (task.id,)).fetchone(),
+                          what="the launcher child to be recorded")
+    finally:
+        db.close()
+    assert ProcessIdentity(*child).pid != psutil.Process().pid
+    finished = worker_manager.wait(task.id, RUN_TIMEOUT_S)
+    assert (finished.status, finished.step, finished.total_steps) == (TaskStatus.COMPLETED, 2, 2), finished.error
+    assert (Path(finished.output_dir) / "lora" / "adapter_config.json").exists()
+    assert not ProcessIdentity(*child).is_alive()
+    with sqlite3.connect(worker_manager.store.path) as conn:
+        assert conn.execute("SELECT child_pid FROM tasks WHERE id=?", (task.id,)).fetchone() == (None,)

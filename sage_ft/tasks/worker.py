@@ -119,6 +119,10 @@ class TaskRun:
             problem = self._preflight(config)
             if problem:
                 return TaskOutcome(TaskStatus.FAILED, output_dir, error=problem)
+            from sage_ft.training.launcher import needs_multi_process
+
+            if needs_multi_process(config):
+                return self._execute_multi(config)
             from sage_ft.training import FineTuneRun
 
             emitter = EventEmitter(Path(output_dir) / "events.jsonl")
@@ -138,6 +142,52 @@ class TaskRun:
             log.exception("task %s failed", self.task.id)
             self._append_log(traceback.format_exc())
             return TaskOutcome(TaskStatus.FAILED, output_dir, error=f"{type(exc).__name__}: {exc}")
+
+    def _execute_multi(self, config: TrainConfig) -> TaskOutcome:
+        """A data-parallel run: ``accelerate launch`` child process (own process group), followed
+        through its events file; its pid + start time are recorded so a restarted app can end it."""
+        from sage_ft.events import read_events
+        from sage_ft.training.launcher import launch_multi
+        from sage_ft.training.meta import read_meta
+
+        handle = launch_multi(config)
+        control = _MultiProcessControl(handle)
+        with self._lock:
+            self._run = control
+            reason = self._cancel_reason
+        if reason:
+            control.cancel()
+        self._record_child(handle.pid)
+        offset = 0
+        while True:
+            exit_code = handle.poll()
+            events, offset = read_events(handle.events_path, offset)
+            for event in events:
+                self._on_event(event)
+            if exit_code is not None:
+                break
+            time.sleep(0.5)
+        control.join()
+        meta = read_meta(handle.output_dir)
+        status = meta.get("status")
+        if status not in ("completed", "failed", "cancelled"):
+            return TaskOutcome(TaskStatus.FAILED, str(handle.output_dir),
+                               error=f"the training processes exited with code {exit_code} before finishing; "
+                                     f"see {handle.log_path}")
+        outcome = TaskStatus(status)
+        if outcome is TaskStatus.CANCELLED and self._cancel_reason == "interrupt":
+            outcome = TaskStatus.INTERRUPTED
+        return TaskOutcome(outcome, str(handle.output_dir), dict(meta.get("metrics") or {}), meta.get("error"))
+
+    def _record_child(self, pid: int) -> None:
+        from sage_ft.tasks.procinfo import identity_of
+
+        ident = identity_of(pid)
+        if ident is None:
+            return
+        with self.store.write() as s:
+            s.execute(update(TaskRecord).where(TaskRecord.id == self.task.id)
+                      .values(child_pid=ident.pid, child_start_time=ident.start_time, updated_at=time.time()))
 
     def _run_config(self) -> TrainConfig:
         """The frozen config, pointed at the task's output dir (and its checkpoint when resuming)."""
@@ -265,6 +315,30 @@ class TaskRun:
         log.info("task %s ended %s%s", self.task.id, outcome.status.value, f": {outcome.error}" if outcome.error else "")
         self._notify({"type": "status", "task_id": self.task.id, "status": outcome.status.value,
                       "error": outcome.error})
+
+
+class _MultiProcessControl:
+    """``cancel``/``get_current_state`` of a launched multi-process run, like ``FineTuneRun``'s."""
+
+    GRACE_S = 60.0
+
+    def __init__(self, handle: Any):
+        self.handle = handle
+        self._stopper: threading.Thread | None = None
+
+    def cancel(self) -> None:
+        """Every rank stops after its step; the process group is killed if it does not within the grace."""
+        if self._stopper is None:
+            self._stopper = threading.Thread(target=self.handle.cancel, args=(self.GRACE_S,), daemon=True,
+                                             name="multi-process-cancel")
+            self._stopper.start()
+
+    def join(self) -> None:
+        if self._stopper is not None:
+            self._stopper.join(self.GRACE_S + 30)
+
+    def get_current_state(self) -> dict[str, Any]:
+        return {}
 
 
 _NOT_METRICS = frozenset({"event", "time", "step", "total_steps", "global_step"})

@@ -110,3 +110,17 @@ def test_kill_9_then_resume_from_last_checkpoint(memorize_jsonl: Path, tmp_path:
     assert starts[1]["start_step"] == loaded["step"]
     resumed_steps = [e["step"] for e in events[events.index(loaded):] if e["event"] == "metric_update"]
     assert resumed_steps == list(range(loaded["step"] + 1, total + 1))  # the loss curve continues
+
+
+def test_shipped_configs_load_without_unknown_keys() -> None:
+    from sage_ft.config import TrainConfig
+    from sage_ft.training.inputs import resolve_dataset_paths
+
+    configs = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+    assert {c.name for c in configs} >= {"demo_cpu.yaml", "qwen2.5-0.5b_lora_24gb.yaml", "llama-7b_lora_80gb.yaml"}
+    for path in configs:
+        config, unknown = TrainConfig.from_yaml(path)
+        assert unknown == [], (path, unknown)
+    demo, _ = TrainConfig.from_yaml(configs[[c.name for c in configs].index("demo_cpu.yaml")])
+    [sample] = resolve_dataset_paths(demo)  # 'docs-sample' -> the built-in sample file
+    assert sample.suffix == ".jsonl" and sample.exists()

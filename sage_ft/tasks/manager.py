@@ -344,12 +344,13 @@ class TaskManager:
                              .values(status=TaskStatus.QUEUED.value, resume_checkpoint=str(checkpoint),
                                      position=position, error=None, finished_at=None, cancel_requested=False,
                                      attempts=TaskRecord.attempts + 1, updated_at=now)).rowcount
-        if not done:
+            requeued = Task.from_record(s.get(TaskRecord, task.id)) if done else None
+        if requeued is None:
             raise TaskError(f"task {task.id} changed state meanwhile; try again")
         if self._worker is not None:
             self._worker.wake()
         self._notify({"type": "status", "task_id": task.id, "status": TaskStatus.QUEUED.value})
-        return self.task(task.id)
+        return requeued
 
     def retry(self, task_id: int) -> Task:
         """A new queued task with the failed/cancelled/interrupted task's frozen config, from scratch

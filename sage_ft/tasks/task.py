@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -91,8 +92,6 @@ class Task:
     def duration_s(self) -> float | None:
         if self.started_at is None:
             return None
-        import time
-
         return (self.finished_at or time.time()) - self.started_at
 
     def to_dict(self) -> dict[str, Any]:

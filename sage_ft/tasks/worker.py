@@ -439,13 +439,19 @@ class QueueWorker(threading.Thread):
                     self._wake.wait(self.poll_interval_s)
                     self._wake.clear()
                     continue
-                self._run_task(task_id)
+                try:
+                    self._run_task(task_id)
+                except Exception:  # never let one task stop the queue; recover() settles its row
+                    log.exception("task %s: the worker could not run it", task_id)
         finally:
             self._unregister()
 
     def _run_task(self, task_id: int) -> None:
         with self.store.read() as s:
-            task = Task.from_record(s.get(TaskRecord, task_id))
+            rec = s.get(TaskRecord, task_id)
+            if rec is None:
+                return
+            task = Task.from_record(rec)
         run = TaskRun(self.store, task, self._notify)
         with self._lock:
             self.active = run

@@ -52,11 +52,14 @@ def test_packed_rows_give_the_same_loss_as_padded_batches(model_and_samples) -> 
     assert "attention_mask" not in packed and packed["input_ids"].shape[0] == len(rows)
     # Same number of trained tokens in both layouts (only the never-used first labels differ).
     assert int((packed["labels"] != -100).sum()) == int((padded["labels"][:, 1:] != -100).sum())
-    assert _loss(model, packed) == pytest.approx(_loss(model, padded), rel=1e-4, abs=1e-4)
-    # Control: the same packed row WITHOUT restarting position ids attends across samples -> differs.
+    reference = _loss(model, padded)
+    packed_error = abs(_loss(model, packed) - reference)
+    assert packed_error <= 1e-4 * max(1.0, reference)
+    # Control: the same packed rows WITHOUT restarting position ids attend across samples. Even a
+    # random-init model (which barely uses context) then differs far beyond float noise.
     leaky = dict(packed)
     leaky.pop("position_ids")
-    assert abs(_loss(model, leaky) - _loss(model, padded)) > 1e-3
+    assert abs(_loss(model, leaky) - reference) > 20 * max(packed_error, 1e-6)
 
 
 def test_collator_picks_the_cheaper_layout_and_reports_padding(model_and_samples) -> None:

@@ -149,6 +149,7 @@ class ServerManager:
         self._target: ModelTarget | None = None  # the user's choice (kept while stopped/released)
         self._last_error: str = ""
         self._crash_log_tail: str = ""
+        self._failed_log_path: str | None = None  # log of the last start that failed
         self._status_message: str = ""
         self._sleeping = False
         self._inflight: dict[int, int] = {}  # id(server) -> chats streaming from it
@@ -256,7 +257,7 @@ class ServerManager:
         """Serve ``model`` (default: the constructor's). Raises ``ServerStartError``/``TargetError``."""
         result = self.switch(model or self.default_model, progress=progress, timeout_s=timeout_s)
         if result.outcome == "failed":
-            raise ServerStartError(result.message, self._crash_log_tail)
+            raise ServerStartError(result.message, self._crash_log_tail, self._failed_log_path)
         if result.outcome == "restart_needed":
             raise ServerStartError(result.message)
         assert result.served is not None
@@ -379,7 +380,7 @@ class ServerManager:
             except (ServerStartError, AdapterLoadError, TargetError, OSError) as exc:
                 self._last_error = str(exc)
                 if isinstance(exc, ServerStartError):
-                    self._crash_log_tail = exc.log_tail
+                    self._crash_log_tail, self._failed_log_path = exc.log_tail, exc.log_path
                 result = SwitchResult("failed", str(exc), timings, self._current)
             except Exception as exc:  # merge/peft/transformers errors: reported, never a stack trace
                 log.exception("switch to %s failed", target.label)

@@ -78,7 +78,8 @@ _STAGES = (
     (re.compile(r"init engine|KV cache size|Graph capturing|torch.compile"), "warming up"),
     (re.compile(r"Starting vLLM (API )?server on|Application startup complete"), "opening HTTP port"),
 )
-_ERROR_LINE = re.compile(r"(Error|Exception|error:|No such file|not found|does not exist|Traceback)")
+_ERROR_LINE = re.compile(r"(Error\b|Exception\b|[Ee]rror[:,]|No such file|not found|does not exist|not supported)")
+_NOISE_LINE = re.compile(r"^\s*(File \"|raise |Traceback|For further information|\^)|warnings\.warn|UserWarning")
 
 
 def cuda_device_count() -> int:
@@ -314,7 +315,7 @@ class VLLMServer:
     def failure_reason(self) -> str:
         """The most telling error line of the log (the last one that names an error)."""
         for line in reversed(self.log_tail(80).splitlines()):
-            if _ERROR_LINE.search(line) and "warnings.warn" not in line and "UserWarning" not in line:
+            if _ERROR_LINE.search(line) and not _NOISE_LINE.search(line):
                 return line.strip()[:500]
         return self.last_log_line() or "no output"
 

@@ -66,7 +66,9 @@ def form_args(**overrides: Any) -> list[Any]:
     unknown = set(overrides) - set(values) | (set(overrides) - set(TrainConfig.field_names()))
     if unknown:
         raise KeyError(f"not config fields: {sorted(unknown)}")
-    return [values[name] for name in TrainConfig.field_names()]
+    from sage_ft.webui.form import display_value
+
+    return [display_value(name, values[name]) for name in TrainConfig.field_names()]
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,7 @@ def test_each_field_gets_the_widget_its_type_and_metadata_ask_for():
     assert isinstance(built["lora_rank"], gr.Number) and built["lora_rank"].precision == 0
     assert isinstance(built["learning_rate"], gr.Number) and built["learning_rate"].precision is None
     assert isinstance(built["lora_target"], gr.Textbox)
+    assert isinstance(built["lora_alpha"], gr.Textbox) and built["lora_alpha"].value == ""  # optional number
     for name, component in built.items():
         assert component.label == f"{i18n.t(f'cfg.{name}.label', 'en')} ({name})"
         assert component.info.startswith(TrainConfig.ui(name).help), name
@@ -64,8 +65,8 @@ def test_values_round_trip_every_field():
 
 def test_widget_values_go_through_the_config_validation():
     values = form.config_to_values(TrainConfig(), NAMES)
-    values[NAMES.index("lora_alpha")] = None  # an empty number box means "unset"
-    values[NAMES.index("max_samples")] = ""
+    assert values[NAMES.index("lora_alpha")] == ""  # optional numbers live in a textbox: '' = unset
+    values[NAMES.index("max_samples")] = None
     values[NAMES.index("lora_rank")] = 16.0  # a number box may send a float
     config = form.values_to_config(NAMES, values)
     assert config.lora_alpha is None and config.max_samples is None and config.lora_rank == 16

@@ -48,7 +48,7 @@ def field_component(name: str, lang: str, value: Any = None, **override: Any) ->
     ui = TrainConfig.ui(name)
     kind, optional = field_type(name)
     default = TrainConfig.__dataclass_fields__[name].default
-    value = default if value is None else value
+    value = override.pop("value", default if value is None else value)
     common: dict[str, Any] = {"label": i18n.field_label(name, lang), "info": info_text(name, lang),
                               "elem_id": f"cfg-{name}", "value": value}
     widget = override.pop("widget", ui.widget)
@@ -60,6 +60,11 @@ def field_component(name: str, lang: str, value: Any = None, **override: Any) ->
     if kind in (int, float) and widget == "slider":
         return gr.Slider(minimum=ui.min or 0, maximum=ui.max or 1, step=ui.step or (1 if kind is int else 0.01),
                          **{**common, **override})
+    if kind in (int, float) and optional:
+        # A browser number box cannot be empty (it sends 0), but "empty = unset" is a real value here:
+        # a textbox keeps it, and TrainConfig's own coercion turns the text into the number.
+        common["value"] = display_value(name, value)
+        return gr.Textbox(lines=1, max_lines=1, **{**common, **override})  # the help says what empty means
     if kind in (int, float):
         step = ui.step or (1 if kind is int else _float_step(default))
         return gr.Number(precision=0 if kind is int else None, step=step, **{**common, **override})
@@ -89,7 +94,15 @@ def values_to_config(names: Sequence[str], values: Sequence[Any]) -> TrainConfig
 def config_to_values(config: TrainConfig, names: Sequence[str]) -> list[Any]:
     """The form values that show ``config`` (in ``names`` order)."""
     data = config.to_dict()
-    return [data[name] for name in names]
+    return [display_value(name, data[name]) for name in names]
+
+
+def display_value(name: str, value: Any) -> Any:
+    """What the field's widget holds for ``value``: optional numbers live in a textbox ('' = unset)."""
+    kind, optional = field_type(name)
+    if optional and kind in (int, float):
+        return "" if value is None else str(value)
+    return value
 
 
 def _clean(value: Any) -> Any:

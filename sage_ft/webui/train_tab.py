@@ -151,7 +151,9 @@ def wire(reg: Registry, services: AppServices) -> None:
                                       api_name="upload_config")
 
     progress_out = [reg["train.task_id"], reg["train.message"], reg["train.progress"]]
-    reg["train.start"].click(lambda lg, *v: start(services, lg, *v), [lang, *fields], progress_out, api_name="start")
+    reg["train.start"].click(lambda lg, *v: start(services, lg, *v), [lang, *fields], progress_out, api_name="start") \
+        .success(lambda tid: tid if tid not in (None, "") else gr.skip(), reg["train.task_id"], reg["mon.task"],
+                 api_name=False, show_progress="hidden")
     reg["train.cancel"].click(lambda tid, lg: cancel(services, tid, lg), [reg["train.task_id"], lang], progress_out,
                               api_name="cancel")
     reg["train.resume"].click(lambda tid, lg: resume(services, tid, lg), [reg["train.task_id"], lang], progress_out,

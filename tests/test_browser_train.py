@@ -1,0 +1,116 @@
+"""One real browser session (Playwright + Debian Chromium, headless) over the whole Train flow.
+
+Loads the page, uploads a dataset through the file chooser, starts a run on the demo model,
+watches the progress bar and the loss chart update, reloads mid-run and finds the same run still
+going, switches the language, and saves a screenshot of each tab under ``test-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from sage_ft import paths
+from sage_ft.tasks import TaskStatus
+from tests.fixtures_data import memorize_rows, write_jsonl
+from tests.fixtures_webui import start_webui
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+ARTIFACTS = paths.project_root() / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser_app(demo_model, tmp_path_factory):
+    app = start_webui(tmp_path_factory.mktemp("browser"))
+    yield app
+    app.close()
+
+
+def _step(page) -> int:
+    value = page.locator("#mon-progress .sage-progress").get_attribute("data-step")
+    return int(value or 0)
+
+
+def test_train_monitor_reload_and_language_in_a_real_browser(browser_app, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    expect.set_options(timeout=30_000)  # the machine is shared: retrying assertions get time, never sleeps
+    dataset = write_jsonl(memorize_rows() * 4, tmp_path / "browser-data.jsonl")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.goto(browser_app.url)
+            expect(page.get_by_role("button", name="▶ Start training")).to_be_visible()
+            expect(page.locator("#cfg-model_name_or_path input")).to_have_value(re.compile("demo"))
+
+            with page.expect_file_chooser() as chooser:
+                page.locator("#dataset-upload").get_by_text("Click to Upload").click()
+            chooser.value.set_files(str(dataset))
+            expect(page.locator("#cfg-dataset textarea")).to_have_value(re.compile(r"uploads/.*browser-data\.jsonl"))
+            expect(page.locator("#data-report")).to_contain_text("16 usable rows of 16 read")
+            expect(page.locator(".sage-preview .role-assistant").first).to_be_visible()
+
+            page.get_by_role("button", name="Data options").click()  # collapsed by default
+            page.get_by_role("button", name="Advanced settings").click()
+            for field, value in (("max_steps", "400"), ("cutoff_len", "64"), ("per_device_train_batch_size", "2"),
+                                 ("save_steps", "1000")):
+                box = page.locator(f"#cfg-{field} input")
+                box.fill(value)
+                box.press("Tab")
+            expect(page.locator("#command-preview")).to_contain_text("max_steps=400")
+            page.screenshot(path=str(ARTIFACTS / "train-tab.png"), full_page=True)
+
+            page.get_by_role("button", name="▶ Start training").click()
+            expect(page.locator("#train-message")).to_contain_text("is queued")
+            task_id = int(page.locator("#train-task-id input").input_value())
+            browser_app.services.tasks.wait(task_id, timeout=120, until={TaskStatus.RUNNING})
+
+            page.get_by_role("tab", name="📈 Monitor").click()
+            expect(page.locator("#task-table")).to_contain_text("running")
+            expect(page.locator("#mon-progress .sage-progress")).to_have_attribute("data-task", str(task_id))
+            expect(page.locator("#loss-chart .scatterlayer .trace").first).to_be_attached(timeout=90_000)
+            first = _step(page)
+            expect(page.locator("#mon-progress .sage-progress")).not_to_have_attribute("data-step", str(first),
+                                                                                        timeout=90_000)
+            assert _step(page) > first
+            page.screenshot(path=str(ARTIFACTS / "monitor-tab.png"), full_page=True)
+
+            page.reload()  # the run lives in the app, not the page
+            expect(page.locator("#train-task-id input")).to_have_value(str(task_id))
+            expect(page.locator("#train-progress")).to_contain_text("running")
+            page.get_by_role("tab", name="📈 Monitor").click()
+            expect(page.locator("#mon-progress .sage-progress")).to_have_attribute("data-task", str(task_id))
+            after_reload = _step(page)
+            assert after_reload >= first
+            expect(page.locator("#mon-progress .sage-progress")).not_to_have_attribute(
+                "data-step", str(after_reload), timeout=90_000)
+            assert browser_app.services.tasks.task(task_id).status is TaskStatus.RUNNING
+
+            page.locator("#lang-select input").click()
+            page.get_by_role("option", name="中文").click()
+            expect(page.get_by_role("tab", name="📈 监控")).to_be_visible()
+            expect(page.locator("#task-table")).to_contain_text("运行中")
+            page.screenshot(path=str(ARTIFACTS / "monitor-tab-zh.png"), full_page=True)
+            for name, file in (("💬 对话", "chat-tab-zh.png"), ("📦 导出", "export-tab-zh.png"),
+                               ("🚀 训练", "train-tab-zh.png")):
+                page.get_by_role("tab", name=name).click()
+                page.wait_for_timeout(500)
+                page.screenshot(path=str(ARTIFACTS / file), full_page=True)
+            expect(page.get_by_role("button", name="▶ 开始训练")).to_be_visible()
+
+            page.get_by_role("button", name="⏹ 取消").first.click()
+            assert browser_app.services.tasks.wait(task_id, timeout=120).status is TaskStatus.CANCELLED
+            expect(page.locator("#train-progress")).to_contain_text("已取消")
+        finally:
+            browser.close()
+    for file in ("train-tab.png", "monitor-tab.png", "chat-tab-zh.png", "export-tab-zh.png"):
+        assert (ARTIFACTS / file).stat().st_size > 10_000, file
+    assert Path(ARTIFACTS / "monitor-tab.png").exists()

@@ -56,9 +56,17 @@ if missing --project "$EXTRAS" || ! "$PY" -c "import sage_ft, sys; sys.exit(0 if
 fi
 
 # 5. browser tests: Debian chromium (never `playwright install`).
-if [ "$DEV" = 1 ] && [ ! -x /usr/bin/chromium ]; then
-  echo "[install] Debian chromium (browser tests)"
-  SUDO=""; [ "$(id -u)" != 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null
+#    The fonts make emoji and Chinese readable in the test screenshots.
+if [ "$DEV" = 1 ]; then
+  APT_MISSING=""
+  [ -x /usr/bin/chromium ] || APT_MISSING="chromium"
+  for font in fonts-noto-color-emoji fonts-wqy-microhei; do
+    dpkg -s "$font" >/dev/null 2>&1 || APT_MISSING="$APT_MISSING $font"
+  done
+  if [ -n "$APT_MISSING" ]; then
+    echo "[install] Debian packages:$APT_MISSING (browser tests)"
+    SUDO=""; [ "$(id -u)" != 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq $APT_MISSING >/dev/null
+  fi
 fi
 echo "[install] ready ($("$PY" scripts/check_deps.py --summary))"

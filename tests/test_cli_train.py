@@ -68,6 +68,40 @@ def test_yaml_config_with_unknown_key_trains_and_prints_the_run_dir(memorize_jso
     assert "step 2/2" in out.stdout and "Rows: 4 read, 4 usable" in out.stdout
     assert out.stdout.strip().splitlines()[-1] == str(tmp_path / "out")
     assert read_meta(tmp_path / "out")["status"] == "completed"
+    [task] = _tasks_in(tmp_path / "out")  # registered in the shared task store, as the web UI sees it
+    assert (task.source, task.status.value, task.step, task.total_steps) == ("cli", "completed", 2, 2)
+    assert task.pid is not None and task.last_metrics.get("loss") is not None
+
+
+def _tasks_in(output_dir: Path) -> list:
+    from sage_ft.tasks import TaskManager
+
+    with TaskManager(start_worker=False) as manager:
+        return [t for t in manager.list() if t.output_dir == str(output_dir)]
+
+
+def test_a_cli_run_is_a_task_that_another_client_can_cancel(memorize_jsonl: Path, tmp_path: Path) -> None:
+    from sage_ft.tasks import TaskManager, TaskStatus
+
+    out_dir = tmp_path / "run"
+    proc = start("train", "--set", f"dataset={memorize_jsonl}", "--set", f"output_dir={out_dir}",
+                 "--set", "max_steps=2000", *FAST)
+    wait_for(lambda: any(t.step >= 1 for t in _tasks_in(out_dir)), proc)
+    ui = TaskManager(start_worker=False)  # e.g. the web UI's manager, another process's view of the store
+    try:
+        [task] = [t for t in ui.list([TaskStatus.RUNNING]) if t.output_dir == str(out_dir)]
+        assert (task.source, task.pid) == ("cli", proc.pid)
+        ui.cancel(task.id)
+        output, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 130, output
+        done = ui.task(task.id)
+    finally:
+        ui.shutdown()
+        if proc.poll() is None:
+            proc.kill()
+    assert done.status is TaskStatus.CANCELLED and 1 <= done.step < 2000
+    assert read_meta(out_dir)["status"] == "cancelled" and (out_dir / "lora" / "adapter_model.safetensors").exists()
+    assert f"(task {task.id}" in output and output.strip().splitlines()[-1] == str(out_dir)
 
 
 def test_ctrl_c_cancels_cleanly(memorize_jsonl: Path, tmp_path: Path) -> None:
@@ -82,6 +116,7 @@ def test_ctrl_c_cancels_cleanly(memorize_jsonl: Path, tmp_path: Path) -> None:
     assert meta["status"] == "cancelled" and meta["metrics"]["global_step"] < 2000
     assert (out_dir / "lora" / "adapter_model.safetensors").exists()
     assert output.strip().splitlines()[-1] == str(out_dir)
+    assert [t.status.value for t in _tasks_in(out_dir)] == ["cancelled"]
 
 
 @pytest.mark.slow

@@ -71,12 +71,12 @@ def _manager(args: argparse.Namespace, start_worker: bool = False):
 def _guarded(fn):
     """Run a handler; a refused operation or an unusable database becomes one line on stderr + exit 1."""
     def handler(args: argparse.Namespace) -> int:
-        from sage_ft.tasks.store import SchemaError
+        from sage_ft.tasks.store import SchemaError, StoreUnavailable
         from sage_ft.tasks.task import TaskError
 
         try:
             return fn(args)
-        except (TaskError, SchemaError) as exc:
+        except (TaskError, SchemaError, StoreUnavailable) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
     handler.__doc__ = fn.__doc__

@@ -1,10 +1,11 @@
-"""``sage-ft train`` and ``sage-ft demo-model``: a thin shell around ``FineTuneRun``.
+"""``sage-ft train`` and ``sage-ft demo-model``: a thin shell around ``TaskManager.run_foreground``.
 
-The run logic lives in ``sage_ft.training`` (the UI and the task queue use the same object); this
-module only parses, validates the dataset up front (a bad dataset never starts a run), prints one
-progress line per logging step and maps the outcome to an exit code: 0 completed, 1 failed, 2 bad
-config, 130 cancelled (Ctrl-C: the first one cancels cleanly and saves the adapter, a second one
-aborts).
+The run is registered in the shared task store (source ``cli``), so a running web UI lists it,
+follows it and can cancel or pause it, and ``sage-ft tasks`` sees it. This module only parses,
+validates the dataset up front (a bad dataset never starts a run), prints one progress line per
+logging step and maps the outcome to an exit code: 0 completed, 1 failed, 2 bad config, 130
+cancelled (Ctrl-C: the first one cancels cleanly and saves the adapter, a second one aborts and
+leaves the task interrupted, resumable). The last line printed is the run's output directory.
 """
 
 from __future__ import annotations
@@ -59,28 +60,37 @@ def train_command(args: argparse.Namespace) -> int:
 
     if not check_dataset(config):
         return EXIT_FAILED
-    from sage_ft.training import FineTuneRun
+    from sage_ft.tasks import TaskManager, TaskRefused
+    from sage_ft.tasks.store import StoreUnavailable
 
     try:
-        run = FineTuneRun(config)
-    except ConfigError as exc:
+        manager = TaskManager(start_worker=False)
+    except StoreUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    control = _ForegroundControl(manager)
+    previous = control.install()
+    try:
+        result = manager.run_foreground(config, on_event=_print_event, on_start=control.started)
+    except TaskRefused as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    print(f"Run directory: {run.output_dir}", flush=True)
-    run.emitter.on("metric_update", _print_progress)
-    run.emitter.on("checkpoint_saved", lambda e: print(f"checkpoint saved: {e['path']}", flush=True))
-    previous = _install_cancel_handler(run)
-    try:
-        result = run.run()
+    except KeyboardInterrupt:  # a second Ctrl-C: the task is left interrupted (resumable)
+        hint = f"; resume with `sage-ft tasks resume {control.task_id}`" if control.task_id else ""
+        print(f"aborted{hint}", file=sys.stderr)
+        if control.output_dir:
+            print(control.output_dir, flush=True)
+        return EXIT_CANCELLED
     finally:
-        signal.signal(signal.SIGINT, previous)
+        control.restore(previous)
+        manager.shutdown()
     if result.error:
         print(f"error: {result.error}", file=sys.stderr)
     metrics = result.metrics
     if metrics.get("final_loss") is not None:
         print(f"Steps {metrics.get('global_step')}/{metrics.get('total_steps')}, final loss "
               f"{metrics['final_loss']:.4f}, padding {100 * (metrics.get('padding_fraction') or 0):.1f}%")
-    print(f"Run {result.status}: {result.output_dir}")
+    print(f"Run {result.status} (task {result.task_id}): {result.output_dir}")
     print(result.output_dir, flush=True)
     return {"completed": EXIT_OK, "cancelled": EXIT_CANCELLED}.get(result.status, EXIT_FAILED)
 
@@ -114,15 +124,48 @@ def _print_progress(event: dict[str, Any]) -> None:
     print("  ".join(parts), flush=True)
 
 
-def _install_cancel_handler(run: Any):
-    """First Ctrl-C (or SIGTERM) cancels after the current step; a second Ctrl-C aborts at once."""
-    def on_signal(signum, frame):
-        if run.cancel_requested:
+def _print_event(event: dict[str, Any]) -> None:
+    """The task manager's events for this run: progress lines and checkpoints."""
+    if event.get("type") != "event":
+        return
+    if event.get("event") == "metric_update":
+        _print_progress(event)
+    elif event.get("event") == "checkpoint_saved":
+        print(f"checkpoint saved: {event['path']}", flush=True)
+
+
+class _ForegroundControl:
+    """Ctrl-C / SIGTERM handling: the first cancels through the task store (the adapter is saved,
+    exactly as a cancel from the web UI); a second one aborts at once."""
+
+    def __init__(self, manager: Any):
+        self.manager = manager
+        self.task_id: int | None = None
+        self.output_dir: str | None = None
+        self._cancelling = False
+
+    def started(self, task: Any) -> None:
+        self.task_id, self.output_dir = task.id, task.output_dir
+        print(f"Run directory: {task.output_dir} (task {task.id}; it also shows in the web UI and "
+              "`sage-ft tasks list`)", flush=True)
+
+    def on_signal(self, signum: int, frame: Any) -> None:
+        if self._cancelling or self.task_id is None:
             raise KeyboardInterrupt
+        self._cancelling = True
         print("\ncancelling after the current step (the adapter will be saved); Ctrl-C again to abort",
               file=sys.stderr, flush=True)
-        run.cancel()
+        from sage_ft.tasks import TaskError
 
-    previous = signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    return previous
+        try:
+            self.manager.cancel(self.task_id)
+        except TaskError as exc:  # it ended meanwhile
+            print(f"note: {exc}", file=sys.stderr, flush=True)
+
+    def install(self) -> tuple[Any, Any]:
+        return signal.signal(signal.SIGINT, self.on_signal), signal.signal(signal.SIGTERM, self.on_signal)
+
+    @staticmethod
+    def restore(previous: tuple[Any, Any]) -> None:
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])

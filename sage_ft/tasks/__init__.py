@@ -5,7 +5,8 @@
 
 from sage_ft.tasks.manager import ForegroundResult, TaskManager
 from sage_ft.tasks.status import TaskStatus
+from sage_ft.tasks.store import StoreUnavailable
 from sage_ft.tasks.task import Task, TaskDetail, TaskError, TaskNotFound, TaskRefused
 
-__all__ = ["ForegroundResult", "Task", "TaskDetail", "TaskError", "TaskManager", "TaskNotFound", "TaskRefused",
+__all__ = ["ForegroundResult", "StoreUnavailable", "Task", "TaskDetail", "TaskError", "TaskManager", "TaskNotFound", "TaskRefused",
            "TaskStatus"]

@@ -142,13 +142,16 @@ class TaskManager:
         return task
 
     def run_foreground(self, config: TrainConfig | dict[str, Any], name: str | None = None,
-                       on_event: Subscriber | None = None) -> Any:
+                       on_event: Subscriber | None = None, on_start: Callable[[Task], None] | None = None
+                       ) -> ForegroundResult:
         """Run a task in this thread now (``sage-ft train``), registered as source=cli.
 
         The row is created already running under this process's pid, kept current like a queued
-        run's, and visible to a running web UI, which can also cancel it. Returns the trainer's
+        run's, and visible to a running web UI, which can also cancel or pause it. ``on_start(task)``
+        is called once the row exists (before the model loads). Returns the trainer's
         ``RunResult``-like outcome (``status``, ``output_dir``, ``metrics``, ``error``, ``task_id``).
-        Ctrl-C stops the run; the task is then interrupted (resumable) and KeyboardInterrupt re-raised.
+        A KeyboardInterrupt escaping the run (a second Ctrl-C) leaves the task interrupted
+        (resumable) and is re-raised; a first Ctrl-C should call ``cancel(task.id)`` instead.
         """
         checked = self._validate(config)
         with LOCAL_RUNS_LOCK:  # registered before any recover() can see the running row
@@ -163,6 +166,8 @@ class TaskManager:
         run = TaskRun(self.store, task, notify)
         self._foreground[task.id] = run
         try:
+            if on_start is not None:
+                on_start(task)
             outcome = run.execute()
         except KeyboardInterrupt:
             run.interrupt()
@@ -170,6 +175,8 @@ class TaskManager:
             raise
         finally:
             self._foreground.pop(task.id, None)
+            with LOCAL_RUNS_LOCK:
+                LOCAL_RUNS.discard(task.id)
         return ForegroundResult(outcome.status.value, Path(outcome.output_dir), outcome.metrics, outcome.error,
                                 task.id)
 

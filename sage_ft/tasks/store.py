@@ -15,12 +15,14 @@ Why these choices:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from sage_ft import paths
@@ -32,6 +34,11 @@ BUSY_TIMEOUT_MS = 30_000
 
 class SchemaError(RuntimeError):
     """The database cannot be used by this release (newer schema, or not a sage-ft database)."""
+
+
+class StoreUnavailable(RuntimeError):
+    """The task database cannot be created or opened (data home not writable, disk full, a file in
+    the way); the message names the path and what to do."""
 
 
 class Base(DeclarativeBase):
@@ -192,12 +199,21 @@ class TaskStore:
     """The open task database. ``read()`` / ``write()`` give ORM sessions in the right transaction."""
 
     def __init__(self, path: str | Path | None = None):
-        self.path = Path(path) if path else paths.database_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path = Path(path) if path else paths.database_path()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            where = Path(path) if path else Path(os.environ.get("SAGE_FT_HOME") or "~/.sage_ft")
+            raise StoreUnavailable(f"cannot create the task database folder for {where}: {exc.strerror or exc} "
+                                   f"({exc.filename or where}); set SAGE_FT_HOME to a writable folder") from None
         self.engine = make_engine(self.path)
         self._read_engine = self.engine.execution_options(sage_read_only=True)
         try:
             migrate(self.engine)
+        except OperationalError as exc:
+            self.engine.dispose()
+            raise StoreUnavailable(f"cannot open the task database {self.path}: {exc.orig}; check that the folder "
+                                   "is writable and the disk not full, or set SAGE_FT_HOME elsewhere") from None
         except Exception:
             self.engine.dispose()
             raise

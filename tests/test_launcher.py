@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 
@@ -94,33 +96,45 @@ def test_vllm_parallel_args_parse_in_vllm():
     assert parsed.distributed_executor_backend == "ray"
 
 
+def _rank_lines(log_text: str) -> dict[int, str]:
+    """``rank N: <status> at step S ...`` lines each rank prints at its end (worker_entry)."""
+    return {int(m.group(1)): m.group(2) for m in re.finditer(r"^rank (\d+): (.*)$", log_text, re.M)}
+
+
+def _wait_for_step(handle, step: int, timeout: float = 400) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and handle.poll() is None:
+        events, _ = read_events(handle.events_path)
+        if any(e["event"] == "metric_update" and e.get("step", 0) >= step for e in events):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no training progress; launcher log:\n{handle.log_path.read_text()[-3000:]}")
+
+
 @pytest.mark.slow
-def test_two_process_gloo_run_on_demo_model_then_cancel(demo_model, tmp_path):
-    """A real 2-rank DDP run on CPU: one run directory written by rank 0, data split, cancel honoured."""
+def test_two_process_gloo_run_cancel_stops_every_rank_at_one_step_then_all_ranks_resume(demo_model, tmp_path):
+    """A real 2-rank DDP run on CPU: one run directory written by rank 0 only, data split over the
+    ranks, a cancel seen by rank 0 alone stops both ranks at the same step (collective), and a
+    resume from 'last' restarts every rank from the same checkpoint."""
     rows = [{"instruction": f"What is {i} plus {i}?", "output": f"It is {2 * i}."} for i in range(16)]
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config, _ = TrainConfig.from_dict(dict(
         model_name_or_path="demo", dataset=str(data), output_dir=str(tmp_path / "run"), max_steps=400,
         per_device_train_batch_size=2, precision="fp32", devices="cpu", num_processes=2, cutoff_len=64,
-        save_steps=1000, logging_steps=1, learning_rate=1e-3))
+        save_steps=4, logging_steps=1, learning_rate=1e-3))
     handle = launcher.launch_multi(config, cpu=True)
     try:
-        deadline = time.monotonic() + 400
-        steps: list[dict] = []
-        while time.monotonic() < deadline and handle.poll() is None:
-            events, _ = read_events(handle.events_path)
-            steps = [e for e in events if e["event"] == "metric_update" and e.get("step", 0) >= 6]
-            if steps:
-                break
-            time.sleep(0.5)
-        assert steps, f"no training progress; launcher log:\n{handle.log_path.read_text()[-3000:]}"
-        rc = handle.cancel(grace_s=120)
+        _wait_for_step(handle, 6)
+        rc = handle.cancel(grace_s=120)  # only rank 0 watches the CANCEL file
     finally:
         if handle.poll() is None:
             handle.kill()
     log_text = handle.log_path.read_text()
     assert rc == 0, log_text[-3000:]
+    ends = _rank_lines(log_text)
+    assert set(ends) == {0, 1} and ends[0] == ends[1] and ends[0].startswith("cancelled at step"), ends
+    stopped_at = int(ends[0].split()[3])
     run = Path(handle.output_dir)
     events, _ = read_events(run / "events.jsonl")
     world = [e for e in events if e["event"] == "log" and "world_size" in e]
@@ -130,6 +144,19 @@ def test_two_process_gloo_run_on_demo_model_then_cancel(demo_model, tmp_path):
     step6 = next(e for e in events if e["event"] == "metric_update" and e["step"] == 6)
     assert step6["epoch"] == pytest.approx(1.5, abs=0.01)
     meta = json.loads((run / "finetune_meta.json").read_text())
-    assert meta["status"] == "cancelled"
+    assert meta["status"] == "cancelled" and meta["metrics"]["global_step"] == stopped_at
     assert (run / "lora" / "adapter_config.json").exists()
-    assert not list(run.glob(".rank-*"))  # other ranks' scratch folders are gone
+    assert not list(run.glob(".rank-*")) and not list(run.glob("*.tmp"))  # no scratch or half-saved folders
+    last = max(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*"))
+    assert (run / f"checkpoint-{last}" / "rng_state_1.pth").exists()  # every rank's state is in the checkpoint
+
+    resumed = launcher.launch_multi(dataclasses.replace(config, resume_from_checkpoint="last", max_steps=last + 2),
+                                    cpu=True)
+    try:
+        assert resumed.wait(400) == 0, resumed.log_path.read_text()[-3000:]
+    finally:
+        if resumed.poll() is None:
+            resumed.kill()
+    ends = _rank_lines(resumed.log_path.read_text()[len(log_text):])
+    assert ends == {r: f"completed at step {last + 2} (resumed from checkpoint-{last})" for r in (0, 1)}, ends
+    assert json.loads((run / "finetune_meta.json").read_text())["status"] == "completed"

@@ -78,7 +78,25 @@ def test_cancel_mid_run_saves_a_usable_adapter(demo_model: Path, memorize_jsonl:
     assert state["status"] == "cancelled" and not state["is_training"] and state["current_step"] == steps
     assert read_meta(result.output_dir)["status"] == "cancelled"
     assert events_of(result.output_dir)[-1]["status"] == "cancelled"
-    assert generate(demo_model, MEMORIZE_QA[0][0], adapter=result.output_dir / "lora")  # loads and generates
+    _assert_adapter_loads_and_acts(demo_model, result.output_dir / "lora")
+
+
+def _assert_adapter_loads_and_acts(model_dir: Path, adapter: Path) -> None:
+    """The saved adapter loads with peft and changes the model's (finite) next-token logits.
+
+    (Greedy text after a few steps may well be empty — an early EOS — so logits are compared.)
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    ids = tokenizer(MEMORIZE_QA[0][0], return_tensors="pt")["input_ids"]
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        before = base(ids).logits
+        after = PeftModel.from_pretrained(base, str(adapter))(ids).logits
+    assert torch.isfinite(after).all() and not torch.allclose(before, after)
 
 
 def test_pause_resume_and_eval_loss(memorize_jsonl: Path, tmp_path: Path) -> None:

@@ -2,7 +2,9 @@
 
 Everything here runs between optimizer steps in the training thread. Per-step work is kept to a
 few attribute updates and two (throttled) ``batch_*`` events: no disk writes, no device syncs of our
-own — loss and grad norm are only read at logging steps, where the Trainer already syncs.
+own — loss and grad norm are only read at logging steps, where the Trainer already syncs. The one
+exception is a data-parallel run: there the cancel flag is all-reduced each step (one int), so a
+cancel seen by any rank stops every rank at the same step.
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ def build_callback(emitter: EventEmitter, state: RunState, control: RunControl, 
                 control.wait_while_paused()
                 state.update(status="running")
                 log.info("resumed at step %d", step)
+            if any_rank(control.cancelled) and not control.cancelled:
+                control.cancel()  # another rank was asked to stop: stop here too, at the same step
             if control.cancelled:
                 log.info("cancel requested: stopping after step %d", step)
                 hf_control.should_training_stop = True
@@ -121,3 +125,20 @@ def build_callback(emitter: EventEmitter, state: RunState, control: RunControl, 
             log.info("checkpoint saved: %s", path)
 
     return EventsCallback()
+
+
+def any_rank(flag: bool) -> bool:
+    """``flag`` OR-ed over every rank of a data-parallel run (just ``flag`` in a single process).
+
+    Called at every step end on every rank, in the same order, so all ranks agree on the step at
+    which a cancel takes effect and none is left waiting in the next gradient all-reduce.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

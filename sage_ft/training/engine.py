@@ -15,12 +15,14 @@ Choices that make the default path fast (see ``collate`` for the batching reason
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import logging
 import math
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -88,14 +90,17 @@ def train(run: FineTuneRun) -> tuple[str, dict[str, Any]]:
             meta["resumed_from"] = str(checkpoint)
             run.emitter.emit("checkpoint_loaded", step=step, path=str(checkpoint))
             log.info("resuming from %s (step %d)", checkpoint, step)
+        if run.is_main_process:
+            remove_stale_staging(out)
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         status = "cancelled" if run._control.cancelled else "completed"
-        save_adapter(model, tokenizer, out / "lora")
         metrics = final_metrics(trainer, result, collator)
         meta["padding_fraction"] = metrics.get("padding_fraction")
-        if status == "completed" and config.merge_lora:
-            merge_into(model, tokenizer, out / "merged_model")
-            model = None  # merged in place: the peft wrapper is gone
+        if run.is_main_process:  # the other ranks hold the same weights (DDP) and write nothing
+            save_adapter(model, tokenizer, out / "lora")
+            if status == "completed" and config.merge_lora:
+                merge_into(model, tokenizer, out / "merged_model")
+                model = None  # merged in place: the peft wrapper is gone
         return status, metrics
     finally:
         del trainer, model
@@ -274,19 +279,120 @@ def make_trainer(model, tokenizer, config: TrainConfig, out: Path, precision: st
         report_to=[] if config.report_to == "none" else [config.report_to],
         remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=device == "cuda",
         include_num_input_tokens_seen="non_padding", disable_tqdm=True, log_level="warning",
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; the search costs a pass
     )
     lengths = [len(s["input_ids"]) for s in train_set]
 
     class SageTrainer(Trainer):
-        """Trainer whose training order is length-grouped (see ``collate.LengthGroupedSampler``)."""
+        """Length-grouped training order (``collate.LengthGroupedSampler``) and atomic checkpoints.
+
+        A checkpoint is written to ``checkpoint-N.tmp/`` and renamed to ``checkpoint-N`` only when
+        every file is complete, so a crash or a full disk mid-save leaves the previous checkpoint
+        as the last one, and nothing half-written ever looks resumable.
+        """
+
+        _staging_root: str | None = None
 
         def _get_train_sampler(self, train_dataset=None):
             return LengthGroupedSampler(lengths, self.args.train_batch_size, config.seed)
+
+        def _get_output_dir(self, trial):
+            return self._staging_root or super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model, trial):
+            run_dir = Path(super()._get_output_dir(trial))
+            name = f"checkpoint-{self.state.global_step}"
+            staging = run_dir / f"{name}{STAGING_SUFFIX}"
+            self._staging_root = str(staging)
+            try:
+                super()._save_checkpoint(model, trial)  # -> <staging>/checkpoint-N (rotation sees only it)
+                _barrier()  # every rank has written its RNG state before rank 0 publishes the folder
+                if self.args.should_save:
+                    publish_checkpoint(staging / name, run_dir / name)
+                    from transformers.trainer_utils import rotate_checkpoints
+
+                    rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                                       best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            except Exception as exc:
+                shutil.rmtree(staging, ignore_errors=True)  # frees the space a full disk needs back
+                raise CheckpointSaveError(describe_save_failure(exc, name, run_dir)) from exc
+            finally:
+                self._staging_root = None
 
     trainer = SageTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set or None,
                           data_collator=collator, processing_class=tokenizer, callbacks=[callback])
     trainer.remove_callback(PrinterCallback)  # progress goes through our events and logs.txt instead
     return trainer
+
+
+STAGING_SUFFIX = ".tmp"
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; the message names it and the cause (disk full, ...)."""
+
+
+def describe_save_failure(exc: BaseException, name: str, run_dir: Path) -> str:
+    """'disk full / file too large while saving checkpoint-N' and what to do, from any save error.
+
+    torch.save reports a failed write as a RuntimeError ("file write failed"), so the errno is
+    looked for along the exception chain and in the text.
+    """
+    chain: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and len(chain) < 8:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    codes = {getattr(e, "errno", None) for e in chain}
+    text = " ".join(str(e) for e in chain).lower()
+    previous = "the previous checkpoint is kept"
+    if errno.EFBIG in codes or "file too large" in text:
+        return (f"file too large while saving {name} in {run_dir}: the file size limit (ulimit -f) was reached; "
+                f"raise the limit or save to another output_dir ({previous})")
+    if codes & {errno.ENOSPC, errno.EDQUOT} or "no space left" in text or "quota" in text \
+            or "file write failed" in text:
+        return (f"disk full while saving {name} in {run_dir}; free space there or choose another output_dir "
+                f"({previous})")
+    return f"could not save {name} in {run_dir}: {type(exc).__name__}: {exc} ({previous})"
+
+
+def publish_checkpoint(staged: Path, final: Path) -> None:
+    """Make a fully written checkpoint visible under its final name in one rename (after fsync)."""
+    for file in staged.rglob("*"):
+        if file.is_file():
+            with file.open("rb") as fh:
+                os.fsync(fh.fileno())
+    if final.exists():  # a stale folder of a run resumed from an earlier step
+        shutil.rmtree(final)
+    staged.rename(final)
+    shutil.rmtree(staged.parent, ignore_errors=True)
+    _fsync_dir(final.parent)
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Half-written ``checkpoint-N.tmp`` folders left by a crash are never resumed from: delete them."""
+    for stale in out.glob(f"checkpoint-*{STAGING_SUFFIX}"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def complete_checkpoints(out: Path) -> list[Path]:

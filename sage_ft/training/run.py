@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import re
 import time
 import traceback
@@ -53,8 +54,9 @@ class FineTuneRun:
     def __init__(self, config: TrainConfig, emitter: EventEmitter | None = None):
         config.validate()
         self.config = config
+        self.is_main_process = is_main_process()
         self.output_dir = resolve_output_dir(config)
-        self.emitter = emitter or EventEmitter(self.output_dir / "events.jsonl")
+        self.emitter = emitter or EventEmitter(self.output_dir / "events.jsonl" if self.is_main_process else None)
         self._state = RunState(total_epochs=config.num_train_epochs)
         self._control = RunControl()
         self._meta: dict[str, Any] = {}
@@ -77,17 +79,30 @@ class FineTuneRun:
     def get_current_state(self) -> dict[str, Any]:
         return self._state.snapshot()
 
+    @property
+    def resumed_from(self) -> str | None:
+        """The checkpoint this run continued from (set once training started), else None."""
+        return self._meta.get("resumed_from")
+
     # ------------------------------------------------------------------ the run
     def run(self) -> RunResult:
-        """Train; never raises for run failures (they become ``status="failed"``)."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        handler = _attach_log_file(self.output_dir / "logs.txt")
+        """Train; never raises for run failures (they become ``status="failed"``).
+
+        In a data-parallel run (``RANK`` set by the launcher) every rank trains, reads checkpoints
+        from and writes checkpoints to the same ``output_dir``, but only rank 0 writes the run's
+        own files (meta, events, logs, config, adapter), so readers never see several writers.
+        """
+        main = self.is_main_process
         status, error, metrics = "failed", None, {}
         self._state.update(status="running", started_at=time.time())
+        handler = None
         try:
-            self.config.save_yaml(self.output_dir / "config.yaml")
             self._meta = self._initial_meta()
-            write_meta(self.output_dir, self._meta)
+            if main:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                handler = _attach_log_file(self.output_dir / "logs.txt")
+                self.config.save_yaml(self.output_dir / "config.yaml")
+                write_meta(self.output_dir, self._meta)
             log.info("run %s: model %s, dataset %s", self.output_dir, self.config.model_name_or_path,
                      self.config.dataset)
             status, metrics = self._train()
@@ -103,7 +118,8 @@ class FineTuneRun:
                               traceback="".join(traceback.format_exception(exc)[-8:]))
         finally:
             self._finish(status, error, metrics)
-            _detach_log_file(handler)
+            if handler is not None:
+                _detach_log_file(handler)
         return RunResult(status=status, output_dir=self.output_dir, metrics=metrics, error=error)
 
     def _finish(self, status: str, error: str | None, metrics: dict[str, Any]) -> None:
@@ -111,16 +127,17 @@ class FineTuneRun:
                            eta_seconds=0.0 if status == "completed" else None)
         self._meta.update(status=status, error=error, metrics=metrics, finished_at=_now(),
                           duration_seconds=round(time.time() - (self._state.started_at or time.time()), 2))
-        try:
-            write_meta(self.output_dir, self._meta)
-        except OSError as exc:
-            log.error("could not write %s/finetune_meta.json: %s", self.output_dir, exc)
+        if self.is_main_process:
+            try:
+                write_meta(self.output_dir, self._meta)
+            except OSError as exc:
+                log.error("could not write %s/finetune_meta.json: %s", self.output_dir, exc)
         self.emitter.emit("training_end", status=status, metrics=metrics, error=error,
                           output_dir=str(self.output_dir))
         log.info("run %s: %s%s", self.output_dir.name, status, f" ({error})" if error else "")
 
     def _initial_meta(self) -> dict[str, Any]:
-        previous = read_meta(self.output_dir) if self.config.resume_from_checkpoint else {}
+        previous = read_meta(self.output_dir) if self.config.resume_from_checkpoint and self.is_main_process else {}
         return {
             "status": "running",
             "run_name": self.config.run_name or self.output_dir.name,
@@ -174,6 +191,11 @@ def resolve_output_dir(config: TrainConfig) -> Path:
     return out
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a data-parallel run (``RANK`` from torchrun/accelerate), or a single-process run."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-._")[:60] or "run"
 
@@ -192,7 +214,8 @@ def describe_failure(exc: BaseException) -> str:
         return (f"out of memory ({text.splitlines()[0][:200]}); lower per_device_train_batch_size or cutoff_len, "
                 "enable gradient_checkpointing, or use a smaller model")
     if isinstance(exc, (RunFailure, ConfigError, ValueError)) or type(exc).__name__ in ("ModelError", "DataError",
-                                                                                       "NonFiniteLossError"):
+                                                                                       "NonFiniteLossError",
+                                                                                       "CheckpointSaveError"):
         return text
     return f"{type(exc).__name__}: {text}"
 
@@ -218,4 +241,4 @@ def _detach_log_file(handler: logging.Handler) -> None:
     handler.close()
 
 
-__all__ = ["FineTuneRun", "RunResult", "RunFailure", "resolve_output_dir", "describe_failure"]
+__all__ = ["FineTuneRun", "RunResult", "RunFailure", "resolve_output_dir", "describe_failure", "is_main_process"]

@@ -1,20 +1,18 @@
 """One rank of a data-parallel run: ``python -m sage_ft.training.worker_entry CONFIG.yaml``.
 
-Started by ``accelerate launch`` (see ``launcher``), once per rank. Rank 0 runs ``FineTuneRun`` on
-the real run directory (events, meta, logs, adapter). Other ranks take part in every step but keep
-their bookkeeping in a scratch folder ``<run>/.rank-N`` that is removed at the end, because
-``FineTuneRun`` writes its files from every process it runs in.
+Started by ``accelerate launch`` (see ``launcher``), once per rank. Every rank runs ``FineTuneRun``
+on the same run directory: all ranks read checkpoints from it (so ``resume_from_checkpoint: last``
+resumes every rank from the same step), and only rank 0 writes the run's files (events, meta, logs,
+adapter) — ``FineTuneRun`` knows its rank.
 
-Cancel: each rank watches ``<run>/CANCEL`` and also treats SIGTERM as a cancel request; the trainer
-stops between steps, so ranks that see the request at the same step stop together. The launcher
-escalates to killing the process group when they do not (``MultiProcessRun.cancel``).
+Cancel: rank 0 watches ``<run>/CANCEL``; any rank also treats SIGTERM as a cancel request. The
+trainer all-reduces the cancel flag after every step, so all ranks stop together at the same step.
+The launcher escalates to killing the process group when they do not (``MultiProcessRun.cancel``).
+Each rank prints one line at the end: ``rank N: <status> at step S (resumed from <checkpoint>)``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import shutil
 import signal
 import sys
 import threading
@@ -24,10 +22,6 @@ from sage_ft.config import ConfigError, TrainConfig
 from sage_ft.training.launcher import CANCEL_FILE
 
 POLL_S = 0.5
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
 
 
 def _watch_cancel(run, cancel_file: Path, stop: threading.Event) -> None:
@@ -56,32 +50,26 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2
-    from sage_ft.events import EventEmitter
+    import os
+
     from sage_ft.training import FineTuneRun
 
-    run_dir = Path(config.output_dir)
-    me = rank()
-    scratch = None
-    if me == 0:
-        emitter = EventEmitter(run_dir / "events.jsonl")
-        emitter.on("training_start", lambda _event: _announce_world(emitter))
-        run = FineTuneRun(config, emitter=emitter)
-    else:
-        scratch = run_dir / f".rank-{me}"
-        config = dataclasses.replace(config, output_dir=str(scratch), overwrite_output_dir=True)
-        run = FineTuneRun(config, emitter=EventEmitter(None))
+    me = int(os.environ.get("RANK", "0") or 0)
+    run = FineTuneRun(config)
     stop = threading.Event()
-    watcher = threading.Thread(target=_watch_cancel, args=(run, run_dir / CANCEL_FILE, stop), daemon=True)
-    watcher.start()
+    if run.is_main_process:
+        run.emitter.on("training_start", lambda _event: _announce_world(run.emitter))
+        threading.Thread(target=_watch_cancel, args=(run, Path(config.output_dir) / CANCEL_FILE, stop),
+                         daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *_: run.cancel())
     try:
         result = run.run()
     finally:
         stop.set()
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
-    if result.error:
-        print(f"rank {me}: {result.status}: {result.error}", file=sys.stderr)
+    step = result.metrics.get("global_step")
+    resumed = f" (resumed from {Path(run.resumed_from).name})" if run.resumed_from else ""
+    print(f"rank {me}: {result.status} at step {step}{resumed}" + (f": {result.error}" if result.error else ""),
+          file=sys.stderr, flush=True)
     return 0 if result.status in ("completed", "cancelled") else 1
 
 

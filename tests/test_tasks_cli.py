@@ -49,7 +49,7 @@ def test_list_and_show(capsys, idle_manager, task_dataset):
 def test_cancel_delete_resume_and_unknown_ids(capsys, idle_manager, task_dataset):
     db = idle_manager.store.path
     task = idle_manager.create(tiny_task_config(task_dataset))
-    for action in ("show", "cancel", "delete", "resume", "retry"):
+    for action in ("show", "cancel", "delete", "resume", "retry", "pause", "unpause"):
         assert _cli(capsys, db, action, "999") == (1, "", "error: no task with id 999 (see `sage-ft tasks list`)\n")
 
     assert _cli(capsys, db, "cancel", str(task.id))[:2] == (0, f"task {task.id}: ⏹ cancelled\n")

@@ -117,9 +117,27 @@ def test_delete_rules(idle_manager, task_dataset, tmp_path):
     assert (foreign / "precious.txt").exists()
 
 
+def test_pause_rules(idle_manager, task_dataset):
+    queued = idle_manager.create(tiny_task_config(task_dataset))
+    with pytest.raises(TaskError, match=f"task {queued.id} is queued; only a running task can be paused"):
+        idle_manager.pause(queued.id)
+    with pytest.raises(TaskError, match="only a running task can be unpaused"):
+        idle_manager.unpause(queued.id)
+    idle_manager.cancel(queued.id)
+    multi = idle_manager.create(tiny_task_config(task_dataset, num_processes=2, devices="cpu"))
+    assert claim_next(idle_manager.store, current_identity()) == multi.id
+    try:
+        with pytest.raises(TaskError, match="multi-process run, which cannot be paused"):
+            idle_manager.pause(multi.id)
+        assert idle_manager.task(multi.id).paused is False
+    finally:
+        with LOCAL_RUNS_LOCK:
+            LOCAL_RUNS.discard(multi.id)
+
+
 def test_unknown_ids_raise_task_not_found(idle_manager):
     for op in (idle_manager.get, idle_manager.cancel, idle_manager.delete, idle_manager.resume,
-               idle_manager.retry, idle_manager.clone):
+               idle_manager.retry, idle_manager.clone, idle_manager.pause, idle_manager.unpause):
         with pytest.raises(TaskNotFound, match="no task with id 4242"):
             op(4242)
 

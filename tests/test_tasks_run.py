@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import shutil
 import signal
 import sqlite3
@@ -18,6 +19,7 @@ import pytest
 from sage_ft.models.demo import ensure_demo_model
 from sage_ft.tasks import TaskError, TaskManager, TaskStatus
 from sage_ft.tasks.procinfo import ProcessIdentity
+from sage_ft.training.meta import read_meta
 from tests.fixtures_tasks import spawn_manager_process, tiny_task_config
 
 RUN_TIMEOUT_S = 240
@@ -33,9 +35,12 @@ def _wait_for(predicate, timeout: float = RUN_TIMEOUT_S, what: str = "condition"
     raise TimeoutError(f"timed out waiting for {what}")
 
 
+def _events(task) -> list[dict]:
+    return [json.loads(line) for line in (Path(task.output_dir) / "events.jsonl").read_text().splitlines()]
+
+
 def _training_starts(task) -> list[dict]:
-    lines = (Path(task.output_dir) / "events.jsonl").read_text().splitlines()
-    return [e for e in map(json.loads, lines) if e["event"] == "training_start"]
+    return [e for e in _events(task) if e["event"] == "training_start"]
 
 
 def test_queue_runs_in_order_and_failures_do_not_block_it(idle_manager, task_dataset, tmp_path):
@@ -125,6 +130,7 @@ def test_shutdown_interrupts_the_running_task_resumably(task_db, task_dataset):
     try:
         got = after.task(task.id)
         assert got.status is TaskStatus.INTERRUPTED and got.resume_checkpoint
+        assert read_meta(got.output_dir)["status"] == "interrupted"
         assert after.resume(task.id).status is TaskStatus.QUEUED
     finally:
         after.shutdown()
@@ -162,6 +168,34 @@ def test_run_foreground_is_visible_cancellable_and_resumable_from_the_cli(task_d
     finally:
         ui.shutdown()
         cli.shutdown()
+
+
+def test_pause_and_unpause_from_another_process_through_the_cli(worker_manager, task_dataset, capsys):
+    """`sage-ft tasks pause/unpause` (its own manager: the database flag path) hold and release a run."""
+    from sage_ft.cli import main
+
+    task = worker_manager.create(tiny_task_config(task_dataset, max_steps=12, save_steps=100))
+    worker_manager.subscribe(lambda e: time.sleep(0.3) if e.get("event") == "batch_end" else None)  # slower steps
+    cli = ["tasks", "--db", str(worker_manager.store.path)]
+    _wait_for(lambda: worker_manager.task(task.id).step >= 1, what="the first step")
+    assert main([*cli, "pause", str(task.id)]) == 0
+    log = Path(task.output_dir) / "logs.txt"
+    _wait_for(lambda: "paused at step" in log.read_text(), what="the run to hold")
+    held = int(re.search(r"paused at step (\d+)", log.read_text()).group(1))
+    paused = worker_manager.task(task.id)
+    assert (paused.status, paused.paused) == (TaskStatus.RUNNING, True) and held < 12
+    capsys.readouterr()
+    assert main([*cli, "list"]) == 0 and "running ⏸ paused" in capsys.readouterr().out
+    time.sleep(2)  # a held run makes no progress
+    steps = [e["step"] for e in _events(paused) if e["event"] == "metric_update"]
+    assert max(steps) == held and worker_manager.task(task.id).step == held
+
+    assert main([*cli, "unpause", str(task.id)]) == 0
+    done = worker_manager.wait(task.id, RUN_TIMEOUT_S)
+    assert (done.status, done.step, done.paused) == (TaskStatus.COMPLETED, 12, False)
+    assert f"resumed at step {held}" in log.read_text()
+    with pytest.raises(TaskError, match="only a running task can be paused"):
+        worker_manager.pause(task.id)
 
 
 def test_memory_is_released_after_runs(worker_manager, task_dataset):
@@ -229,6 +263,8 @@ def test_kill_9_of_the_app_mid_run_then_resume_finishes(task_db, task_dataset, t
         assert got.status is TaskStatus.INTERRUPTED, got
         assert got.resume_checkpoint and Path(got.resume_checkpoint).name.startswith("checkpoint-")
         assert "resume continues from checkpoint-" in got.error
+        meta = read_meta(got.output_dir)  # the run folder agrees with the task list (registry, UI read it)
+        assert (meta["status"], meta["error"]) == ("interrupted", got.error) and meta["finished_at"]
         _wait_for(lambda: not child.is_alive(), 30, "the orphaned child to end")
         checkpoint_step = int(Path(got.resume_checkpoint).name.split("-")[1])
 

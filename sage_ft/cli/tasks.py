@@ -1,4 +1,4 @@
-"""CLI command group ``sage-ft tasks``: list, show, cancel, delete, resume, retry, work.
+"""CLI command group ``sage-ft tasks``: list, show, cancel, pause, unpause, delete, resume, retry, work.
 
 A thin client of ``sage_ft.tasks.TaskManager`` on the same database as the web UI, so what it shows
 and changes is what the UI shows. Exit codes: 0 = done, 1 = refused or unknown id (reason on
@@ -42,6 +42,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     cancel.add_argument("id", type=int)
     cancel.add_argument("--wait", action="store_true", help="wait until a running task has stopped")
     cancel.set_defaults(handler=_cancel)
+
+    pause = cmds.add_parser("pause", help="hold a running task between two steps (it keeps its memory)")
+    pause.add_argument("id", type=int)
+    pause.set_defaults(handler=_pause)
+
+    unpause = cmds.add_parser("unpause", help="let a paused task continue")
+    unpause.add_argument("id", type=int)
+    unpause.set_defaults(handler=_unpause)
 
     delete = cmds.add_parser("delete", help="delete a task that is not running")
     delete.add_argument("id", type=int)
@@ -96,7 +104,7 @@ def _list(args: argparse.Namespace) -> int:
     rows = [("ID", "STATUS", "PROGRESS", "LOSS", "CREATED", "SRC", "NAME")]
     for t in tasks:
         loss = t.last_metrics.get("loss")
-        rows.append((str(t.id), t.status.label, f"{t.step}/{t.total_steps or '?'}",
+        rows.append((str(t.id), t.status.label + (" ⏸ paused" if t.paused else ""), f"{t.step}/{t.total_steps or '?'}",
                      f"{loss:.4f}" if isinstance(loss, (int, float)) else "-", _when(t.created_at), t.source, t.name))
     widths = [max(_width(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
@@ -116,7 +124,8 @@ def _show(args: argparse.Namespace) -> int:
         data.pop("config_yaml", None)
         print(json.dumps(data, indent=1, ensure_ascii=False, default=str))
         return 0
-    lines = [f"Task {detail.id}: {detail.name}", f"  status:    {detail.status.label}"]
+    lines = [f"Task {detail.id}: {detail.name}",
+             f"  status:    {detail.status.label}" + (", ⏸ paused" if detail.paused else "")]
     if detail.error:
         lines.append(f"  reason:    {detail.error}")
     lines += [f"  source:    {detail.source}", f"  created:   {_when(detail.created_at)}"]
@@ -156,6 +165,23 @@ def _cancel(args: argparse.Namespace) -> int:
                 print(f"task {task.id}: {task.status.label}")
         else:
             print(f"task {task.id}: {task.status.label}")
+    return 0
+
+
+@_guarded
+def _pause(args: argparse.Namespace) -> int:
+    with _manager(args) as manager:
+        task = manager.pause(args.id)
+    print(f"task {task.id}: pause requested; it holds after the current step (`sage-ft tasks unpause {task.id}` "
+          "continues)")
+    return 0
+
+
+@_guarded
+def _unpause(args: argparse.Namespace) -> int:
+    with _manager(args) as manager:
+        task = manager.unpause(args.id)
+    print(f"task {task.id}: continues")
     return 0
 
 

@@ -315,6 +315,38 @@ class TaskManager:
         self._notify({"type": "status", "task_id": task_id, "status": task.status.value})
         return task
 
+    def pause(self, task_id: int) -> Task:
+        """Hold a running task between two optimizer steps until ``unpause`` (from any process: a
+        database flag its running process checks about once a second). The status stays running
+        and ``Task.paused`` becomes True; the run keeps its memory. Cancel still works while paused.
+        Data-parallel (multi-process) runs cannot be paused: cancel and resume them instead."""
+        return self._set_paused(int(task_id), True)
+
+    def unpause(self, task_id: int) -> Task:
+        """Let a paused task continue from the step where it stopped."""
+        return self._set_paused(int(task_id), False)
+
+    def _set_paused(self, task_id: int, paused: bool) -> Task:
+        from sage_ft.training.launcher import needs_multi_process
+
+        task = self.task(task_id)
+        verb = "paused" if paused else "unpaused"
+        if task.status is not TaskStatus.RUNNING:
+            raise TaskError(f"task {task_id} is {task.status.value}; only a running task can be {verb}")
+        if paused and needs_multi_process(task.config):
+            raise TaskError(f"task {task_id} is a multi-process run, which cannot be paused; cancel it and "
+                            f"resume it later (`sage-ft tasks resume {task_id}` continues from its last checkpoint)")
+        with self.store.write() as s:
+            done = s.execute(update(TaskRecord).where(TaskRecord.id == task_id,
+                                                      TaskRecord.status == TaskStatus.RUNNING.value)
+                             .values(paused=paused, updated_at=time.time())).rowcount
+        if not done:
+            raise TaskError(f"task {task_id} ended meanwhile; nothing to {verb[:-1]}")
+        self._local_run(task_id, lambda run: run.pause() if paused else run.unpause())
+        task = self.task(task_id)
+        self._notify({"type": "status", "task_id": task_id, "status": task.status.value, "paused": task.paused})
+        return task
+
     def delete(self, task_id: int, remove_files: bool = False) -> None:
         """Remove a task that is not running (a queued one leaves the queue). With ``remove_files``
         its run folder goes too - only if it looks like a run folder (events/logs/meta inside)."""
@@ -350,6 +382,7 @@ class TaskManager:
                                                       TaskRecord.status.in_([st.value for st in RESUMABLE_STATES]))
                              .values(status=TaskStatus.QUEUED.value, resume_checkpoint=str(checkpoint),
                                      position=position, error=None, finished_at=None, cancel_requested=False,
+                                     paused=False,
                                      attempts=TaskRecord.attempts + 1, updated_at=now)).rowcount
             requeued = Task.from_record(s.get(TaskRecord, task.id)) if done else None
         if requeued is None:
@@ -490,9 +523,10 @@ class TaskManager:
             done = s.execute(update(TaskRecord).where(*condition).values(
                 status=TaskStatus.INTERRUPTED.value, finished_at=now, updated_at=now,
                 error=f"interrupted: {why}; {hint}", resume_checkpoint=str(checkpoint) if checkpoint else None,
-                cancel_requested=False, child_pid=None, child_start_time=None)).rowcount
+                cancel_requested=False, paused=False, child_pid=None, child_start_time=None)).rowcount
         if done:
             log.warning("task %s interrupted: %s", task_id, why)
+            rundir.mark_meta_interrupted(task.output_dir, f"interrupted: {why}; {hint}")
             self._notify({"type": "status", "task_id": task_id, "status": TaskStatus.INTERRUPTED.value})
         return bool(done)
 

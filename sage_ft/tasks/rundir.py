@@ -7,12 +7,14 @@ Layout (docs/architecture.md): ``events.jsonl``, ``logs.txt``, ``finetune_meta.j
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from pathlib import Path
 from typing import Any
 
 from sage_ft.events import read_events
 
+log = logging.getLogger(__name__)
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # A checkpoint is complete once the Trainer wrote its state file (it is saved after the weights).
 _CHECKPOINT_DONE_MARKER = "trainer_state.json"
@@ -60,6 +62,16 @@ def log_tail(output_dir: str | Path, lines: int = 50, max_bytes: int = 64 * 1024
         fh.seek(max(0, size - max_bytes))
         data = fh.read()
     return "\n".join(data.decode("utf-8", errors="replace").splitlines()[-lines:])
+
+
+def mark_meta_interrupted(output_dir: str | Path, reason: str) -> None:
+    """Make ``finetune_meta.json`` say interrupted, like the task row (never raises: best effort)."""
+    from sage_ft.training.meta import mark_interrupted
+
+    try:
+        mark_interrupted(output_dir, reason, from_statuses=("running", "cancelled"))
+    except OSError as exc:
+        log.warning("could not mark %s/finetune_meta.json interrupted: %s", output_dir, exc)
 
 
 def looks_like_run_dir(path: str | Path) -> bool:

@@ -76,6 +76,8 @@ class TaskRecord(Base):
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     parent_id: Mapped[int | None]
     attempts: Mapped[int] = mapped_column(default=1)
+    # schema 3
+    paused: Mapped[bool] = mapped_column(default=False)
 
 
 class WorkerRecord(Base):
@@ -134,8 +136,13 @@ def _v2_children_cancel_workers(conn: Connection) -> None:
         )""")
 
 
+def _v3_pause(conn: Connection) -> None:
+    """Pause/unpause of a running task from any process (a flag its running process obeys)."""
+    conn.exec_driver_sql("ALTER TABLE tasks ADD COLUMN paused BOOLEAN NOT NULL DEFAULT 0")
+
+
 # Append only; never edit a released step.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1_initial, _v2_children_cancel_workers]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1_initial, _v2_children_cancel_workers, _v3_pause]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

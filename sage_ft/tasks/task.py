@@ -56,6 +56,7 @@ class Task:
     parent_id: int | None
     attempts: int
     cancel_requested: bool
+    paused: bool  # a running task held between two steps (status stays running); see TaskManager.pause
 
     @classmethod
     def from_record(cls, rec: TaskRecord) -> Task:
@@ -66,7 +67,8 @@ class Task:
             dataset_fingerprint=rec.dataset_fingerprint, output_dir=rec.output_dir, step=rec.step,
             total_steps=rec.total_steps, last_metrics=json.loads(rec.last_metrics or "{}"), error=rec.error,
             pid=rec.pid, resume_checkpoint=rec.resume_checkpoint, position=rec.position,
-            parent_id=rec.parent_id, attempts=rec.attempts, cancel_requested=bool(rec.cancel_requested))
+            parent_id=rec.parent_id, attempts=rec.attempts, cancel_requested=bool(rec.cancel_requested),
+            paused=bool(rec.paused))
 
     @property
     def icon(self) -> str:

@@ -65,6 +65,7 @@ class TaskRun:
         self._lock = threading.Lock()
         self._run: Any = None
         self._cancel_reason: str | None = None  # "cancel" (user) or "interrupt" (app shutting down)
+        self._paused = bool(task.paused)
         self._finished = threading.Event()
         self._pending: dict[str, Any] = {}
 
@@ -82,6 +83,22 @@ class TaskRun:
             run = self._run
         if run is not None:
             run.cancel()
+
+    def pause(self) -> None:
+        """Hold the run between two steps (see ``TaskManager.pause``)."""
+        self._set_paused(True)
+
+    def unpause(self) -> None:
+        self._set_paused(False)
+
+    def _set_paused(self, paused: bool) -> None:
+        with self._lock:
+            self._paused = paused
+            run = self._run
+        action = getattr(run, "pause" if paused else "resume", None) if run is not None else None
+        if action is not None:
+            action()
+            log.info("task %s %s", self.task.id, "paused" if paused else "continues")
 
     def state(self) -> dict[str, Any]:
         with self._lock:
@@ -130,7 +147,9 @@ class TaskRun:
             run = FineTuneRun(config, emitter=emitter)
             with self._lock:
                 self._run = run
-                reason = self._cancel_reason
+                reason, paused = self._cancel_reason, self._paused
+            if paused:  # paused before the trainer existed: it stops after its first step
+                run.pause()
             if reason:  # cancelled before the trainer existed
                 run.cancel()
             result = run.run()
@@ -249,19 +268,26 @@ class TaskRun:
         self._notify({"type": "event", "task_id": self.task.id, **event})
 
     def _watch(self) -> None:
-        """Flush progress to the row (<= 1 write/s) and honour cancel requests from other processes."""
+        """Flush progress to the row (<= 1 write/s) and honour cancel and pause requests from other
+        processes (flags in the row)."""
         while not self._finished.wait(FLUSH_INTERVAL_S):
             try:
                 self._flush()
-                if self._cancel_reason is None and self._cancel_requested():
+                cancel, paused = self._requested()
+                if self._cancel_reason is None and cancel:
                     log.info("task %s: cancel requested through the database", self.task.id)
                     self.cancel()
+                if paused != self._paused:
+                    self._set_paused(paused)
             except Exception:  # the database being busy must not stop the run
                 log.exception("task %s: progress update failed", self.task.id)
 
-    def _cancel_requested(self) -> bool:
+    def _requested(self) -> tuple[bool, bool]:
+        """(cancel requested, paused) as the row says now."""
         with self.store.read() as s:
-            return bool(s.scalar(select(TaskRecord.cancel_requested).where(TaskRecord.id == self.task.id)))
+            row = s.execute(select(TaskRecord.cancel_requested, TaskRecord.paused)
+                            .where(TaskRecord.id == self.task.id)).first()
+        return (bool(row[0]), bool(row[1])) if row else (False, False)
 
     def _flush(self) -> None:
         with self._lock:
@@ -309,9 +335,13 @@ class TaskRun:
             rec.last_metrics = json.dumps(metrics, default=str)
             rec.resume_checkpoint = str(checkpoint) if checkpoint else None
             rec.cancel_requested = False
+            rec.paused = False
             rec.child_pid = rec.child_start_time = None
             if outcome.status is TaskStatus.COMPLETED and rec.total_steps:
                 rec.step = rec.total_steps
+        if outcome.status is TaskStatus.INTERRUPTED:  # the trainer wrote "cancelled"; the app stopped it
+            rundir.mark_meta_interrupted(outcome.output_dir, outcome.error or "interrupted: the app shut down "
+                                         "while the task was running; resume continues from its last checkpoint")
         log.info("task %s ended %s%s", self.task.id, outcome.status.value, f": {outcome.error}" if outcome.error else "")
         self._notify({"type": "status", "task_id": self.task.id, "status": outcome.status.value,
                       "error": outcome.error})
@@ -378,7 +408,7 @@ def claim_next(store: TaskStore, owner: ProcessIdentity, max_running: int = 1) -
     with LOCAL_RUNS_LOCK, store.write() as s:
         row = s.execute(text("""
             UPDATE tasks SET status = 'running', pid = :pid, pid_start_time = :start, started_at = :now,
-                   updated_at = :now, finished_at = NULL, error = NULL, cancel_requested = 0
+                   updated_at = :now, finished_at = NULL, error = NULL, cancel_requested = 0, paused = 0
              WHERE id = (SELECT id FROM tasks WHERE status = 'queued' ORDER BY position, id LIMIT 1)
                AND status = 'queued'
                AND (SELECT count(*) FROM tasks WHERE status = 'running') < :max_running

@@ -62,6 +62,14 @@ def build_callback(emitter: EventEmitter, state: RunState, control: RunControl, 
             emitter.emit("epoch_end", epoch=max(0, math.ceil(hf_state.epoch or 0) - 1), step=hf_state.global_step)
 
         def on_step_begin(self, args, hf_state, hf_control, **kwargs):
+            # Pause holds here, before the next step: the previous one is complete, logged and saved.
+            if control.paused and not control.cancelled:
+                step = hf_state.global_step
+                state.update(status="paused")
+                log.info("paused at step %d", step)
+                control.wait_while_paused()
+                state.update(status="running")
+                log.info("resumed at step %d", step)
             emitter.emit("batch_start", step=hf_state.global_step + 1, total_steps=hf_state.max_steps)
 
         def on_step_end(self, args, hf_state, hf_control, **kwargs):
@@ -72,12 +80,6 @@ def build_callback(emitter: EventEmitter, state: RunState, control: RunControl, 
             state.update(current_step=step, current_epoch=float(hf_state.epoch or 0), eta_seconds=eta,
                          padding_fraction=collator.padding_fraction)
             emitter.emit("batch_end", step=step, total_steps=hf_state.max_steps)
-            if control.paused and not control.cancelled:
-                state.update(status="paused")
-                log.info("paused at step %d", step)
-                control.wait_while_paused()
-                state.update(status="running")
-                log.info("resumed at step %d", step)
             if any_rank(control.cancelled) and not control.cancelled:
                 control.cancel()  # another rank was asked to stop: stop here too, at the same step
             if control.cancelled:

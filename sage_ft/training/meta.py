@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 META_NAME = "finetune_meta.json"
-STATUSES = ("running", "completed", "failed", "cancelled")
+STATUSES = ("running", "completed", "failed", "cancelled", "interrupted")
 
 
 def write_json_atomic(path: Path, data: Any) -> Path:
@@ -42,6 +42,25 @@ def read_meta(run_dir: str | Path) -> dict[str, Any]:
 
 def write_meta(run_dir: str | Path, meta: dict[str, Any]) -> Path:
     return write_json_atomic(Path(run_dir) / META_NAME, meta)
+
+
+def mark_interrupted(run_dir: str | Path, reason: str, from_statuses: tuple[str, ...] = ("running",)) -> bool:
+    """Record that the run's process died (or was stopped by an app shutdown) mid-run.
+
+    The task manager calls this when it marks a task interrupted, so the meta never keeps saying
+    "running" for a dead run and every reader (model registry, UI, export) agrees with the task
+    list. Only a meta in ``from_statuses`` changes; returns whether it did. Atomic like every
+    meta write.
+    """
+    from datetime import datetime
+
+    meta = read_meta(run_dir)
+    if not meta or meta.get("status") not in from_statuses:
+        return False
+    meta.update(status="interrupted", error=reason,
+                finished_at=datetime.now().astimezone().isoformat(timespec="seconds"))
+    write_meta(run_dir, meta)
+    return True
 
 
 def library_versions() -> dict[str, str]:

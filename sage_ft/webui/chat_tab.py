@@ -1,21 +1,607 @@
-"""Chat tab (placeholder): the chat with the served model arrives with the Chat issue.
+"""Chat tab: which model answers (banner + picker), switching with progress, streaming chat, Compare.
 
-It already registers its tab-level texts so the language switch and the locale test cover it;
-the real tab replaces ``build``/``wire`` and keeps the ``chat.*`` ids.
+Every model change goes through ``ServerManager.switch`` in a background thread (a closed browser
+never leaves a half-done switch), while the handler streams progress and ends with exactly one of
+✅ live / ⚠️ restart needed / ❌ failed. Chat replies are pumped from ``stream_chat`` in a thread
+into a queue, so Stop answers at once and a server error becomes a message in the chat, never a
+frozen spinner. Compare streams two served names (the base and its LoRAs) concurrently.
 """
 
 from __future__ import annotations
 
+import html
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
 import gradio as gr
 
-from sage_ft.webui import i18n
+from sage_ft.webui import i18n, server_panel
 from sage_ft.webui.components import Registry
 from sage_ft.webui.services import AppServices
+from sage_ft.webui.uploads import PathRefused
+
+log = logging.getLogger(__name__)
+
+ERROR_MARK = "❌"
+STOPPED_MARK = "⏹"
+TYPE_TAGS = {"base": "base", "adapter": "finetuned · LoRA", "lora": "finetuned · LoRA", "merged": "merged"}
+_CANCELS: dict[str, threading.Event] = {}  # session (+ "/compare") -> the cancel event of its running reply
+_BANNER_STYLE = ("border:1px solid var(--border-color-primary);border-left:5px solid {color};border-radius:8px;"
+                 "padding:8px 12px;line-height:1.6")
+_STATE_COLORS = {"ready": "#16a34a", "starting": "#d97706", "switching": "#d97706", "crashed": "#dc2626"}
 
 
+# ====================================================================== layout
 def build(reg: Registry, services: AppServices, lang: str) -> None:
-    reg.add("chat.placeholder", gr.Markdown(i18n.t("chat.placeholder", lang)))
+    reg.add("chat.banner_stamp", gr.State(None), kind="none")
+    reg.add("chat.banner", gr.HTML(banner_html(services, lang), elem_id="chat-banner"), kind="none")
+    choices = model_choices(services)
+    with gr.Row(equal_height=True):
+        reg.add("chat.model", gr.Dropdown(choices=choices, value=current_value(services, choices), scale=5,
+                                          allow_custom_value=True, elem_id="chat-model",
+                                          label=i18n.t("chat.model", lang), info=i18n.t("chat.model.info", lang)),
+                kind="label_info")
+        reg.add("chat.switch", gr.Button(i18n.t("chat.switch", lang), variant="primary", scale=1,
+                                         elem_id="chat-switch"))
+        reg.add("chat.refresh", gr.Button(i18n.t("chat.refresh", lang), scale=0, min_width=60))
+    reg.add("chat.switch_status", gr.Markdown("", elem_id="chat-switch-status"), kind="none")
+    reg.add("chat.log_file", gr.File(label=i18n.t("chat.log_file", lang), visible=False, interactive=False))
+    with gr.Tabs():
+        with reg.add("chat.single", gr.Tab(i18n.t("chat.single", lang), elem_id="chat-single")):
+            reg.add("chat.chatbot", gr.Chatbot(label=i18n.t("chat.chatbot", lang), height=420, elem_id="chatbot",
+                                               feedback_options=None, buttons=["copy"]))
+            with gr.Row(equal_height=True):
+                reg.add("chat.message", gr.Textbox(label=i18n.t("chat.message", lang), scale=6, lines=1,
+                                                   max_lines=6, elem_id="chat-input", submit_btn=False))
+                reg.add("chat.send", gr.Button(i18n.t("chat.send", lang), variant="primary", scale=1,
+                                               elem_id="chat-send"))
+                reg.add("chat.stop", gr.Button(i18n.t("chat.stop", lang), variant="stop", scale=1,
+                                               elem_id="chat-stop"))
+            with gr.Row():
+                reg.add("chat.regenerate", gr.Button(i18n.t("chat.regenerate", lang), size="sm"))
+                reg.add("chat.clear", gr.Button(i18n.t("chat.clear", lang), size="sm", elem_id="chat-clear"))
+        with reg.add("chat.compare_tab", gr.Tab(i18n.t("chat.compare_tab", lang), elem_id="chat-compare")):
+            reg.add("chat.compare_help", gr.Markdown(i18n.t("chat.compare_help", lang)))
+            with gr.Row():
+                for side in ("a", "b"):
+                    with gr.Column():
+                        reg.add(f"chat.model_{side}", gr.Dropdown(choices=choices, value=None, allow_custom_value=True,
+                                                                  label=i18n.t(f"chat.model_{side}", lang)))
+                        reg.add(f"chat.compare_{side}", gr.Chatbot(label=i18n.t(f"chat.model_{side}", lang),
+                                                                   height=340, feedback_options=None,
+                                                                   elem_id=f"compare-{side}"),
+                                key=f"chat.model_{side}")
+            with gr.Row(equal_height=True):
+                reg.add("chat.compare_message", gr.Textbox(label=i18n.t("chat.message", lang), scale=6,
+                                                           elem_id="compare-input"), key="chat.message")
+                reg.add("chat.compare_send", gr.Button(i18n.t("chat.compare_send", lang), variant="primary",
+                                                       scale=1))
+                reg.add("chat.compare_stop", gr.Button(i18n.t("chat.stop", lang), variant="stop", scale=1),
+                        key="chat.stop")
+                reg.add("chat.compare_clear", gr.Button(i18n.t("chat.clear", lang), scale=1), key="chat.clear")
+            reg.add("chat.compare_status", gr.Markdown(""), kind="none")
+    with reg.add("chat.settings", gr.Accordion(i18n.t("chat.settings", lang), open=False)):
+        reg.add("chat.system", gr.Textbox(label=i18n.t("chat.system", lang), lines=2, value=""))
+        with gr.Row():
+            reg.add("chat.temperature", gr.Slider(0.0, 2.0, value=0.7, step=0.05, label=i18n.t("chat.temperature", lang),
+                                                    elem_id="chat-temperature"))
+            reg.add("chat.top_p", gr.Slider(0.05, 1.0, value=1.0, step=0.05, label=i18n.t("chat.top_p", lang),
+                                                    elem_id="chat-top-p"))
+            reg.add("chat.max_tokens", gr.Slider(1, 2048, value=256, step=1, label=i18n.t("chat.max_tokens", lang),
+                                                    elem_id="chat-max-tokens"))
+    server_panel.build(reg, services, lang)
 
 
 def wire(reg: Registry, services: AppServices) -> None:
-    """Nothing to wire yet."""
+    lang = reg["top.lang"]
+    settings = [reg["chat.system"], reg["chat.temperature"], reg["chat.top_p"], reg["chat.max_tokens"], lang]
+    pickers = [reg["chat.model"], reg["chat.model_a"], reg["chat.model_b"]]
+    banner_out = [reg["chat.banner"], reg["chat.banner_stamp"]]
+
+    reg["top.timer"].tick(lambda stamp, lg: refresh_banner(services, stamp, lg), [reg["chat.banner_stamp"], lang],
+                          banner_out, api_name=False, concurrency_limit=None, show_progress="hidden")
+    refresh = lambda lg: refresh_models(services, lg)  # noqa: E731
+    reg["chat.refresh"].click(refresh, lang, [*pickers, *banner_out], api_name="chat_models", show_progress="hidden")
+    reg["tab.chat"].select(refresh, lang, [*pickers, *banner_out], api_name=False, show_progress="hidden")
+
+    def switch_to(model, lg):
+        yield from switch(services, model, lg)
+
+    gr.on([reg["chat.switch"].click, reg["chat.model"].select], switch_to, [reg["chat.model"], lang],
+          [reg["chat.switch_status"], reg["chat.log_file"], *banner_out], api_name="chat_switch",
+          concurrency_limit=None, show_progress="minimal")
+
+    chat_out = [reg["chat.chatbot"], reg["chat.message"]]
+
+    def send(message, history, system, temperature, top_p, max_tokens, lg, request: gr.Request):
+        yield from respond(services, message, history, system, temperature, top_p, max_tokens, lg, request)
+
+    def again(history, system, temperature, top_p, max_tokens, lg, request: gr.Request):
+        yield from regenerate(services, history, system, temperature, top_p, max_tokens, lg, request)
+
+    def side_by_side(message, hist_a, hist_b, model_a, model_b, system, temperature, top_p, max_tokens, lg,
+                     request: gr.Request):
+        yield from compare(services, message, hist_a, hist_b, model_a, model_b, system, temperature, top_p,
+                           max_tokens, lg, request)
+
+    def stop_chat(request: gr.Request) -> None:
+        stop(request)
+
+    def stop_compare(request: gr.Request) -> None:
+        stop(request, "/compare")
+
+    gr.on([reg["chat.send"].click, reg["chat.message"].submit], send, [reg["chat.message"], reg["chat.chatbot"],
+          *settings], chat_out, api_name="chat_send", concurrency_limit=None, show_progress="hidden")
+    reg["chat.regenerate"].click(again, [reg["chat.chatbot"], *settings], chat_out, api_name="chat_regenerate",
+                                 concurrency_limit=None, show_progress="hidden")
+    reg["chat.stop"].click(stop_chat, None, None, api_name="chat_stop", concurrency_limit=None,
+                           show_progress="hidden")
+    reg["chat.clear"].click(lambda: ([], ""), None, chat_out, api_name="chat_clear", show_progress="hidden")
+
+    compare_in = [reg["chat.compare_message"], reg["chat.compare_a"], reg["chat.compare_b"], reg["chat.model_a"],
+                  reg["chat.model_b"], *settings]
+    compare_out = [reg["chat.compare_a"], reg["chat.compare_b"], reg["chat.compare_status"],
+                   reg["chat.compare_message"]]
+    gr.on([reg["chat.compare_send"].click, reg["chat.compare_message"].submit], side_by_side, compare_in,
+          compare_out, api_name="chat_compare", concurrency_limit=None, show_progress="hidden")
+    reg["chat.compare_stop"].click(stop_compare, None, None, api_name="chat_compare_stop", concurrency_limit=None,
+                                   show_progress="hidden")
+    reg["chat.compare_clear"].click(lambda: ([], [], ""), None, compare_out[:3], api_name=False,
+                                    show_progress="hidden")
+    server_panel.wire(reg, services)
+
+
+# ====================================================================== models
+def served_models(services: AppServices) -> list[Any]:
+    """The registry's entries (base, fine-tuned with checkpoints, merged) plus completed/cancelled tasks
+    whose run folder lies outside ``runs/`` (the registry only scans the data home)."""
+    from sage_ft.models.registry import ModelEntry, list_models
+
+    entries = list_models(include_checkpoints=True)
+    known = {str(Path(e.path).resolve()) for e in entries if e.source != "config" or Path(e.path).exists()}
+    for task in services.tasks.list(["completed", "cancelled"]):
+        run = Path(task.output_dir)
+        lora = run / "lora"
+        if not (lora / "adapter_config.json").is_file() or str(lora.resolve()) in known:
+            continue
+        ckpts = sorted((int(c.name.split("-", 1)[1]), str(c)) for c in run.glob("checkpoint-*")
+                       if c.name.split("-", 1)[1].isdigit() and (c / "adapter_config.json").is_file())
+        entries.append(ModelEntry(name=f"#{task.id} {task.name}", path=str(lora), kind="lora",
+                                  tags=["finetuned", "lora"], source="task", checkpoints=ckpts,
+                                  base_model=str(task.config_dict.get("model_name_or_path") or "") or None,
+                                  task_id=str(task.id)))
+    return entries
+
+
+def _value(path: str) -> str:
+    """Choice values are resolved local paths (hub ids stay as they are), so the served model matches."""
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else path
+
+
+def model_choices(services: AppServices, kinds: tuple[str, ...] = ("base", "lora", "merged")) -> list[tuple[str, str]]:
+    """``(label, value)`` pairs: bases, then fine-tunes with their checkpoints indented under them."""
+    try:
+        entries = served_models(services)
+    except Exception:  # the list must never break the page
+        log.exception("listing models failed")
+        return [("demo [base]", "demo")]
+    out = []
+    for entry in entries:
+        if entry.kind not in kinds:
+            continue
+        label = entry.label + ("" if entry.available else f" — {entry.note}")
+        out.append((label, _value(entry.path)))
+        for step, path in reversed(entry.checkpoints):
+            out.append((f"    └ {entry.name} · checkpoint-{step} [checkpoint · LoRA]", _value(path)))
+    return out
+
+
+def current_value(services: AppServices, choices: list[tuple[str, str]]) -> str | None:
+    status = _status(services)
+    path = status.get("model_path") if status else None
+    if path:
+        return _value(str(path))
+    return choices[0][1] if choices else None
+
+
+def refresh_models(services: AppServices, lang: str) -> list[Any]:
+    choices = model_choices(services)
+    return [gr.update(choices=choices, value=current_value(services, choices)), gr.update(choices=choices),
+            gr.update(choices=choices), *refresh_banner(services, None, lang)]
+
+
+def _status(services: AppServices) -> dict[str, Any]:
+    if services.server is None:
+        return {}
+    try:
+        return services.server.status()
+    except Exception as exc:  # a status read must never break the page
+        log.exception("server status failed")
+        return {"state": "error", "last_error": str(exc)}
+
+
+# ====================================================================== banner
+def banner_html(services: AppServices, lang: str) -> str:
+    """The served model: name, type, base, path, backend, port and state."""
+    if services.server is None:
+        key = "chat.off" if services.llm_disabled else "chat.unavailable"
+        style = _BANNER_STYLE.format(color="#9ca3af")
+        return f'<div class="sage-banner off" style="{style}">💬 {html.escape(i18n.t(key, lang))}</div>'
+    s = _status(services)
+    state = str(s.get("state") or "unknown")
+    label = s.get("model_label") or s.get("model")
+    kind = str(s.get("model_type") or "")
+    if kind == "base" and s.get("model_path") and _is_export(str(s["model_path"])):
+        kind = "merged"  # the serving core treats any full model folder as a base; an export is a merge
+    backend = {"vllm": "vLLM", "transformers": "transformers"}.get(str(s.get("backend")), str(s.get("backend")))
+    name = _esc(str(label)) if label else _esc(i18n.t("chat.no_model", lang))
+    tag = (f' <span class="tag" style="background:#e0e7ff;color:#3730a3;border-radius:6px;padding:1px 6px">'
+           f'[{_esc(TYPE_TAGS.get(kind, kind))}]</span>' if kind else "")
+    facts = [f'{i18n.t("chat.backend", lang)}: <b>{_esc(backend)}</b>'
+             + (f' · {i18n.t("chat.port", lang)} {s["port"]}' if s.get("port") else "")]
+    if s.get("base_model") and kind != "base":
+        facts.append(f'{i18n.t("chat.base", lang)}: <code>{_esc(str(s["base_model"]))}</code>')
+    if s.get("model_path"):
+        facts.append(f'{i18n.t("chat.path", lang)}: <code>{_esc(str(s["model_path"]))}</code>')
+    detail = s.get("last_error") or (s.get("message") if state != "ready" else "")
+    if s.get("backend") == "transformers":
+        detail = s.get("backend_reason") or detail
+    style = _BANNER_STYLE.format(color=_STATE_COLORS.get(state, "#9ca3af"))
+    return (f'<div class="sage-banner state-{html.escape(state)}" data-state="{html.escape(state)}" style="{style}">'
+            f'<div class="head">💬 {i18n.t("chat.serving", lang)}: <b class="model">{name}</b>{tag}'
+            f' <span class="state">● {_esc(_state_text(state, lang))}</span></div>'
+            f'<div class="facts">{" · ".join(facts)}</div>'
+            + (f'<div class="detail">{_esc(str(detail))}</div>' if detail else "") + "</div>")
+
+
+def _is_export(path: str) -> bool:
+    from sage_ft.export.source import EXPORT_RECORD
+
+    return (Path(path) / EXPORT_RECORD).is_file()
+
+
+def _state_text(state: str, lang: str) -> str:
+    key = f"serving.{state}"
+    return i18n.t(key, lang) if key in i18n.strings(lang) else state
+
+
+def refresh_banner(services: AppServices, stamp: str | None, lang: str) -> tuple[Any, Any]:
+    text = banner_html(services, i18n.normalize(lang))
+    return (gr.skip(), gr.skip()) if text == stamp else (text, text)
+
+
+# ====================================================================== switching
+def switch_steps(services: AppServices, model: str | None, lang: str,
+                 label: str | None = None) -> Iterator[tuple[str, Any]]:
+    """Switch the chat model in a background thread; yields ``(markdown, log file update)``: progress
+    while it works, then exactly one final line (✅ live in N s / ⚠️ restart needed / ❌ failed + log)."""
+    lang = i18n.normalize(lang)
+    if model in (None, ""):
+        yield f"⚠️ {i18n.t('chat.pick_model', lang)}", gr.update(visible=False)
+        return
+    if services.server is None:
+        text = i18n.t("chat.off" if services.llm_disabled else "chat.unavailable", lang)
+        gr.Warning(text)
+        yield f"⚠️ {text}", gr.update(visible=False)
+        return
+    try:
+        services.guard.check(str(model), i18n.t("chat.model", lang))
+    except PathRefused as exc:
+        gr.Warning(str(exc))
+        yield f"❌ {_esc(str(exc))}", gr.update(visible=False)
+        return
+    shown = label or _label_for(services, str(model))
+    gr.Info(i18n.t("chat.switching", lang, model=shown))
+    box: dict[str, Any] = {"progress": ""}
+
+    def work() -> None:
+        try:
+            box["result"] = services.server.switch(str(model), progress=lambda p: box.__setitem__("progress", str(p)))
+        except Exception as exc:  # switch() reports failures itself; this is a last resort
+            log.exception("switch to %s failed", model)
+            box["error"] = f"{type(exc).__name__}: {exc}"
+
+    thread = threading.Thread(target=work, name="sage-ft-chat-switch", daemon=True)
+    started = time.monotonic()
+    thread.start()
+    last = None
+    while thread.is_alive():
+        text = f"⏳ {i18n.t('chat.switching', lang, model=shown)} {box['progress']} ({time.monotonic() - started:.0f} s)"
+        if text != last:
+            yield _esc(text), gr.skip()
+            last = text
+        thread.join(timeout=0.5)
+    result = box.get("result")
+    if result is None or result.outcome == "failed":
+        reason = box.get("error") or (result.message if result else "unknown error")
+        log_path = _status(services).get("log_path")
+        text = i18n.t("chat.switch_failed", lang, model=shown, reason=reason)
+        if log_path:
+            text += f" — {i18n.t('chat.server_log', lang)}: `{log_path}`"
+        gr.Warning(f"❌ {i18n.t('chat.switch_failed', lang, model=shown, reason=reason)}", duration=None)
+        file = gr.update(visible=False)
+        if log_path and Path(log_path).is_file():
+            file = gr.update(value=services.stage_download(log_path, "chat-server.log"), visible=True)
+        yield f"❌ {_esc(text)}", file
+        return
+    seconds = result.timings.get("total_s", time.monotonic() - started)
+    if result.outcome == "restart_needed":
+        text = i18n.t("chat.switch_restart", lang, model=shown, reason=result.message)
+        gr.Warning(f"⚠️ {text}", duration=None)
+        yield f"⚠️ {_esc(text)}", gr.update(visible=False)
+        return
+    text = i18n.t("chat.switch_live", lang, model=shown, seconds=f"{seconds:.1f}")
+    gr.Success(f"✅ {text}")
+    yield f"✅ {_esc(text)} <small>({_esc(result.message)})</small>", gr.update(visible=False)
+
+
+def _label_for(services: AppServices, model: str) -> str:
+    for label, value in model_choices(services):
+        if value == _value(model):
+            return label.strip(" └")
+    return Path(model).name if "/" in model else model
+
+
+def switch(services: AppServices, model: str | None, lang: str) -> Iterator[list[Any]]:
+    for text, file in switch_steps(services, model, lang):
+        yield [text, file, *refresh_banner(services, None, lang)]
+
+
+# ====================================================================== chat
+def _text(content: Any) -> str:
+    """Chatbot message content (a string, or Gradio 6's list of text parts) as plain text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text") or content.get("content") or "")
+    if isinstance(content, (list, tuple)):
+        return "".join(_text(c) for c in content)
+    return "" if content is None else str(content)
+
+
+def _history(history: list[Any] | None) -> list[dict[str, str]]:
+    """The chat as ``{"role", "content"}`` dicts (whatever shape the Chatbot sent)."""
+    out = []
+    for msg in history or []:
+        role = msg.get("role") if isinstance(msg, dict) else getattr(msg, "role", None)
+        content = msg.get("content") if isinstance(msg, dict) else getattr(msg, "content", "")
+        if role in ("user", "assistant", "system"):
+            out.append({"role": role, "content": _text(content)})
+    return out
+
+
+def _prompt(history: list[dict[str, str]]) -> list[dict[str, str]]:
+    """What the model sees: the turns without our error notes (and the question that failed)."""
+    out: list[dict[str, str]] = []
+    for msg in history:
+        if msg["role"] == "assistant" and msg["content"].lstrip().startswith(ERROR_MARK):
+            if out and out[-1]["role"] == "user":
+                out.pop()
+            continue
+        content = msg["content"].split(f"\n\n{STOPPED_MARK}")[0] if msg["role"] == "assistant" else msg["content"]
+        out.append({"role": msg["role"], "content": content})
+    return out
+
+
+class _Pump:
+    """Runs one streaming reply in a thread; the UI drains ``chunks`` and never blocks on the server."""
+
+    def __init__(self, start: Callable[[], Iterator[str]]):
+        self.chunks: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, args=(start,), name="sage-ft-chat-stream", daemon=True)
+        self.thread.start()
+
+    def _run(self, start: Callable[[], Iterator[str]]) -> None:
+        try:
+            for chunk in start():
+                self.chunks.put(("text", chunk))
+            self.chunks.put(("end", None))
+        except Exception as exc:  # ChatError and anything else: shown in the chat
+            if type(exc).__name__ != "ChatError":
+                log.exception("chat stream failed")
+            self.chunks.put(("error", exc))
+
+    def drain(self, timeout: float) -> tuple[str, bool, Exception | None]:
+        """New text, whether the reply ended, and its error (waits up to ``timeout`` for something)."""
+        text, done, error = "", False, None
+        try:
+            items = [self.chunks.get(timeout=timeout)]
+        except queue.Empty:
+            return "", False, None
+        while True:
+            try:
+                items.append(self.chunks.get_nowait())
+            except queue.Empty:
+                break
+        for kind, value in items:
+            if kind == "text":
+                text += value
+            else:
+                done, error = True, value if kind == "error" else None
+        return text, done, error
+
+
+def _error_note(exc: Exception, lang: str) -> str:
+    retry = f" {i18n.t('chat.retry_hint', lang)}" if getattr(exc, "retryable", False) else ""
+    return f"{ERROR_MARK} {exc}{retry}"
+
+
+def _cancel_event(request: Any, suffix: str = "") -> threading.Event:
+    key = f"{getattr(request, 'session_hash', None) or 'api'}{suffix}"
+    event = threading.Event()
+    _CANCELS[key] = event
+    return event
+
+
+def stop(request: Any, suffix: str = "") -> None:
+    """Stop the session's running reply (the server aborts the request when the stream closes)."""
+    event = _CANCELS.get(f"{getattr(request, 'session_hash', None) or 'api'}{suffix}")
+    if event is not None:
+        event.set()
+
+
+def _stream_args(system: str, temperature: float, top_p: float, max_tokens: float) -> dict[str, Any]:
+    return {"system_prompt": (system or "").strip() or None, "temperature": float(temperature),
+            "top_p": float(top_p), "max_tokens": int(max_tokens)}
+
+
+def respond(services: AppServices, message: str, history: list[Any] | None, system: str, temperature: float,
+            top_p: float, max_tokens: float, lang: str, request: Any = None) -> Iterator[tuple[list[Any], Any]]:
+    """Append the user's message and stream the served model's answer into the chat."""
+    lang = i18n.normalize(lang)
+    turns = _history(history)
+    if not (message or "").strip():
+        yield turns, gr.skip()
+        return
+    turns += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+    yield turns, ""
+    yield from _answer(services, turns, _stream_args(system, temperature, top_p, max_tokens), lang, request)
+
+
+def regenerate(services: AppServices, history: list[Any] | None, system: str, temperature: float, top_p: float,
+               max_tokens: float, lang: str, request: Any = None) -> Iterator[tuple[list[Any], Any]]:
+    """Answer the last question again (the previous answer is replaced)."""
+    lang = i18n.normalize(lang)
+    turns = _history(history)
+    while turns and turns[-1]["role"] == "assistant":
+        turns.pop()
+    if not turns:
+        yield turns, gr.skip()
+        return
+    turns.append({"role": "assistant", "content": ""})
+    yield turns, gr.skip()
+    yield from _answer(services, turns, _stream_args(system, temperature, top_p, max_tokens), lang, request)
+
+
+def _answer(services: AppServices, turns: list[dict[str, str]], args: dict[str, Any], lang: str,
+            request: Any) -> Iterator[tuple[list[Any], Any]]:
+    reply = turns[-1]
+    if services.server is None:
+        reply["content"] = f"⚠️ {i18n.t('chat.off' if services.llm_disabled else 'chat.unavailable', lang)}"
+        yield turns, gr.skip()
+        return
+    from sage_ft.serving import stream_chat
+
+    cancel = _cancel_event(request)
+    prompt = _prompt(turns[:-1])
+    pump = _Pump(lambda: stream_chat(services.server, prompt, cancel_event=cancel, **args))
+    while True:
+        text, done, error = pump.drain(timeout=0.2)
+        if text:
+            reply["content"] += text
+        if error is not None:
+            reply["content"] = (reply["content"] + "\n\n" if reply["content"] else "") + _error_note(error, lang)
+        if cancel.is_set():  # the stream also ends on cancel: stopped, even when "end" was already read
+            reply["content"] += f"\n\n{STOPPED_MARK} {i18n.t('chat.stopped', lang)}"
+            yield turns, gr.skip()
+            return
+        if done and not reply["content"]:
+            reply["content"] = f"_{i18n.t('chat.empty_reply', lang)}_"
+        if text or done or error is not None:
+            yield turns, gr.skip()
+        if done:
+            return
+
+
+# ====================================================================== compare
+def served_name(manager: Any, model: str) -> str:
+    """The request ``model`` name that answers as ``model`` on the running server, loading a LoRA of the
+    served base next to the others when needed. Raises ``TargetError``/``ChatError`` when the model needs
+    a server of its own (another base, a merged model)."""
+    from sage_ft.serving import TargetError, resolve_target
+
+    target = resolve_target(model)
+    if target.kind == "adapter":
+        return manager.load_adapter(model)
+    status = manager.status()
+    base = status.get("base_model")
+    if base and Path(base).resolve() == target.path.resolve():
+        server = manager.server
+        if server is not None:
+            return server.spec.served_name
+        local = getattr(manager, "_local", None)  # the transformers backend names its base model too
+        if local is not None:
+            return local.served_name
+    raise TargetError(f"{target.label} is not on the running server (it serves {base}); Compare answers with the "
+                      "served base model and LoRA adapters of it side by side. Switch to it to chat with it alone")
+
+
+def compare(services: AppServices, message: str, hist_a: list[Any] | None, hist_b: list[Any] | None,
+            model_a: str | None, model_b: str | None, system: str, temperature: float, top_p: float,
+            max_tokens: float, lang: str, request: Any = None) -> Iterator[tuple[Any, Any, str, Any]]:
+    """The same prompt answered by two models at once (each side keeps its own conversation)."""
+    lang = i18n.normalize(lang)
+    sides = [_history(hist_a), _history(hist_b)]
+    if not (message or "").strip():
+        yield sides[0], sides[1], f"⚠️ {i18n.t('chat.empty_message', lang)}", gr.skip()
+        return
+    if model_a in (None, "") or model_b in (None, ""):
+        yield sides[0], sides[1], f"⚠️ {i18n.t('chat.pick_two', lang)}", gr.skip()
+        return
+    for turns in sides:
+        turns += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+    if services.server is None:
+        note = f"⚠️ {i18n.t('chat.off' if services.llm_disabled else 'chat.unavailable', lang)}"
+        for turns in sides:
+            turns[-1]["content"] = note
+        yield sides[0], sides[1], note, ""
+        return
+    yield sides[0], sides[1], f"⏳ {i18n.t('chat.loading_models', lang)}", ""
+    from sage_ft.serving import stream_chat
+
+    cancel = _cancel_event(request, "/compare")
+    args = _stream_args(system, temperature, top_p, max_tokens)
+    pumps: list[_Pump | None] = []
+    names = []
+    for turns, model in zip(sides, (model_a, model_b), strict=True):
+        try:
+            services.guard.check(str(model), i18n.t("chat.model", lang))
+            name = served_name(services.server, str(model))
+        except Exception as exc:  # TargetError / ChatError / AdapterLoadError: said in that side's chat
+            turns[-1]["content"] = f"{ERROR_MARK} {exc}"
+            pumps.append(None)
+            names.append("?")
+            continue
+        names.append(name)
+        prompt = _prompt(turns[:-1])
+        pumps.append(_Pump(lambda p=prompt, n=name: stream_chat(services.server, p, model=n, cancel_event=cancel,
+                                                                **args)))
+    status = i18n.t("chat.comparing", lang, a=names[0], b=names[1])
+    yield sides[0], sides[1], f"⏳ {_esc(status)}", gr.skip()
+    running = [p is not None for p in pumps]
+    while any(running):
+        changed = False
+        for i, pump in enumerate(pumps):
+            if pump is None or not running[i]:
+                continue
+            text, done, error = pump.drain(timeout=0.1)
+            reply = sides[i][-1]
+            if text:
+                reply["content"] += text
+            if error is not None:
+                reply["content"] = (reply["content"] + "\n\n" if reply["content"] else "") + _error_note(error, lang)
+            if done:
+                running[i] = False
+                if cancel.is_set() and error is None:
+                    reply["content"] += f"\n\n{STOPPED_MARK} {i18n.t('chat.stopped', lang)}"
+            changed = changed or bool(text) or done
+        if cancel.is_set():
+            for i, is_running in enumerate(running):
+                if is_running:
+                    sides[i][-1]["content"] += f"\n\n{STOPPED_MARK} {i18n.t('chat.stopped', lang)}"
+            yield sides[0], sides[1], f"{STOPPED_MARK} {i18n.t('chat.stopped', lang)}", gr.skip()
+            return
+        if changed:
+            yield sides[0], sides[1], f"⏳ {_esc(status)}", gr.skip()
+    yield sides[0], sides[1], f"✅ {_esc(i18n.t('chat.compared', lang, a=names[0], b=names[1]))}", gr.skip()
+
+
+def _esc(text: object) -> str:
+    """Escape text for Markdown/HTML text (quotes stay readable: no attribute contexts here)."""
+    return html.escape(str(text), quote=False)

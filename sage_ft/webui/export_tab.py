@@ -1,21 +1,265 @@
-"""Export tab (placeholder): merge / GGUF export arrives with the Export issue.
+"""Export tab: merge a fine-tune's LoRA into its base (dtype, shard size, target inside the data
+home, overwrite), verify it, optionally write a GGUF file and a zip for download.
 
-Registers its texts so the language switch and the locale test cover it; the real tab replaces
-``build``/``wire`` and keeps the ``export.*`` ids.
+The work runs in the export core (``merge_lora``, ``convert_to_gguf``, ``zip_export``) on a
+background thread owned by the app, one export at a time; the handler only streams its progress, so
+a closed browser never stops or hangs an export, and Cancel reaches the core's cancel event. The
+merged model lands in ``<data home>/exports/`` where the model registry lists it as [merged].
 """
 
 from __future__ import annotations
 
+import html
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
 import gradio as gr
 
-from sage_ft.webui import i18n
+from sage_ft import paths
+from sage_ft.webui import chat_tab, i18n
 from sage_ft.webui.components import Registry
 from sage_ft.webui.services import AppServices
+from sage_ft.webui.uploads import PathGuard, PathRefused
+
+log = logging.getLogger(__name__)
+
+GGUF_NONE = "none"
+_TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,100}")
+
+
+@dataclass
+class ExportJob:
+    """One export running (or finished) in this app; read by the handler that streams its progress."""
+
+    source: str
+    cancel: threading.Event = field(default_factory=threading.Event)
+    stage: str = "checking"
+    fraction: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+    result: Any = None  # ExportResult
+    gguf: Any = None  # GGUFExport
+    zip_path: Path | None = None
+    error: str | None = None
+    cancelled: bool = False
+    thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+
+_JOBS: dict[int, ExportJob] = {}  # id(AppServices) -> its latest export
 
 
 def build(reg: Registry, services: AppServices, lang: str) -> None:
-    reg.add("export.placeholder", gr.Markdown(i18n.t("export.placeholder", lang)))
+    from sage_ft.export import DTYPES, GGUF_OUTTYPES
+    from sage_ft.export.merge import DEFAULT_SHARD_SIZE
+
+    reg.add("export.intro", gr.Markdown(i18n.t("export.intro", lang)))
+    with gr.Row(equal_height=True):
+        reg.add("export.source", gr.Dropdown(choices=source_choices(services), value=None, allow_custom_value=True,
+                                             label=i18n.t("export.source", lang), scale=5, elem_id="export-source",
+                                             info=i18n.t("export.source.info", lang)), kind="label_info")
+        reg.add("export.refresh", gr.Button(i18n.t("chat.refresh", lang), scale=0, min_width=60), key="chat.refresh")
+    with gr.Row():
+        reg.add("export.dtype", gr.Dropdown(choices=list(DTYPES), value="auto", label=i18n.t("export.dtype", lang)))
+        reg.add("export.shard_size", gr.Textbox(value=DEFAULT_SHARD_SIZE, label=i18n.t("export.shard_size", lang)))
+        reg.add("export.target", gr.Textbox(value="", label=i18n.t("export.target", lang), elem_id="export-target",
+                                            info=i18n.t("export.target.info", lang)), kind="label_info")
+    with gr.Row():
+        reg.add("export.gguf", gr.Dropdown(choices=[GGUF_NONE, *GGUF_OUTTYPES], value=GGUF_NONE,
+                                           label=i18n.t("export.gguf", lang), info=i18n.t("export.gguf.info", lang)),
+                kind="label_info")
+        reg.add("export.overwrite", gr.Checkbox(value=False, label=i18n.t("export.overwrite", lang)))
+        reg.add("export.verify", gr.Checkbox(value=True, label=i18n.t("export.verify", lang)))
+        reg.add("export.zip", gr.Checkbox(value=False, label=i18n.t("export.zip", lang)))
+    with gr.Row():
+        reg.add("export.start", gr.Button(i18n.t("export.start", lang), variant="primary", elem_id="export-start",
+                                          scale=3))
+        reg.add("export.cancel", gr.Button(i18n.t("export.cancel", lang), variant="stop", scale=1))
+    reg.add("export.progress", gr.HTML(progress_html(None, lang), elem_id="export-progress"), kind="none")
+    reg.add("export.result", gr.Markdown("", elem_id="export-result"), kind="none")
+    reg.add("export.file", gr.File(label=i18n.t("export.file", lang), visible=False, interactive=False))
 
 
 def wire(reg: Registry, services: AppServices) -> None:
-    """Nothing to wire yet."""
+    lang = reg["top.lang"]
+    inputs = [reg[f"export.{n}"] for n in ("source", "dtype", "shard_size", "target", "overwrite", "verify", "gguf",
+                                            "zip")]
+    outputs = [reg["export.progress"], reg["export.result"], reg["export.file"]]
+    def start(*values):
+        yield from run_export(services, *values)
+
+    reg["export.start"].click(start, [*inputs, lang], outputs,
+                              api_name="export_start", concurrency_limit=None, show_progress="hidden")
+    reg["export.cancel"].click(lambda lg: cancel(services, lg), lang, reg["export.result"], api_name="export_cancel",
+                               concurrency_limit=None, show_progress="hidden")
+    refresh = lambda lg: [gr.update(choices=source_choices(services)), *snapshot(services, lg)]  # noqa: E731
+    reg["export.refresh"].click(refresh, lang, [reg["export.source"], *outputs], api_name="export_sources",
+                                show_progress="hidden")
+    reg["tab.export"].select(refresh, lang, [reg["export.source"], *outputs], api_name=False, show_progress="hidden")
+
+
+def source_choices(services: AppServices) -> list[tuple[str, str]]:
+    """Fine-tuned runs (their ``lora/``) and their checkpoints, newest first."""
+    return chat_tab.model_choices(services, kinds=("lora",))
+
+
+def progress_html(job: ExportJob | None, lang: str) -> str:
+    if job is None:
+        return f'<div class="sage-progress empty">{_esc(i18n.t("export.idle", lang))}</div>'
+    state = "failed" if job.error else "cancelled" if job.cancelled else "running" if job.running else "completed"
+    pct = 100 * job.fraction
+    stage = i18n.t(f"export.stage.{job.stage}", lang) if f"export.stage.{job.stage}" in i18n.strings(lang) else job.stage
+    return (f'<div class="sage-progress status-{state}" data-state="{state}">'
+            f'<div class="head"><b>{_esc(Path(job.source).parent.name if Path(job.source).name == "lora" else Path(job.source).name)}</b>'
+            f' · {_esc(stage)} · {pct:.0f}% · {time.monotonic() - job.started:.0f} s</div>'
+            f'<div class="bar"><div class="fill" style="width:{pct:.1f}%"></div></div></div>')
+
+
+def _check_inputs(guard: PathGuard, source: str | None, shard_size: str, target: str, gguf: str,
+                  lang: str) -> tuple[Any, Path | None]:
+    """Fast refusals before anything is loaded; returns (resolved source, output dir or None=default)."""
+    from sage_ft.export import ExportError, parse_size, resolve_source
+    from sage_ft.export.gguf_export import check_convertible
+
+    if source in (None, ""):
+        raise ExportError(i18n.t("export.pick_source", lang))
+    name = (target or "").strip()
+    if name and (not _TARGET_NAME.fullmatch(name) or ".." in name):
+        raise ExportError(i18n.t("export.bad_target", lang, name=name))
+    try:
+        guard.check(str(source), i18n.t("export.source", lang))
+    except PathRefused as exc:
+        raise ExportError(str(exc)) from None
+    resolved = resolve_source(str(source))
+    parse_size(shard_size)
+    if gguf and gguf != GGUF_NONE:
+        check_convertible(resolved.base_model)  # an unsupported architecture is refused before the merge
+    return resolved, (paths.exports_dir() / name if name else None)
+
+
+def run_export(services: AppServices, source: str | None, dtype: str, shard_size: str, target: str, overwrite: bool,
+               verify: bool, gguf: str, make_zip: bool, lang: str):
+    """Start the export on a background thread and stream its progress; ends with the result."""
+    from sage_ft.export import ExportError
+
+    lang = i18n.normalize(lang)
+    current = _JOBS.get(id(services))
+    if current is not None and current.running:
+        gr.Warning(i18n.t("export.busy", lang))
+        yield gr.skip(), f"⚠️ {_esc(i18n.t('export.busy', lang))}", gr.skip()
+        return
+    try:
+        _, out_dir = _check_inputs(services.guard, source, shard_size, target, gguf, lang)
+    except ExportError as exc:
+        gr.Warning(str(exc))
+        yield progress_html(None, lang), f"❌ {_esc(str(exc))}", gr.update(visible=False)
+        return
+    job = ExportJob(str(source))
+    job.thread = threading.Thread(target=_work, args=(services, job, out_dir, dtype, shard_size, bool(overwrite),
+                                                      bool(verify), gguf, bool(make_zip)),
+                                  name="sage-ft-export", daemon=True)
+    _JOBS[id(services)] = job
+    job.thread.start()
+    gr.Info(i18n.t("export.started", lang))
+    while job.running:
+        yield progress_html(job, lang), "", gr.skip()
+        job.thread.join(timeout=0.5)
+    yield snapshot(services, lang)
+
+
+def _work(services: AppServices, job: ExportJob, out_dir: Path | None, dtype: str, shard_size: str, overwrite: bool,
+          verify: bool, gguf: str, make_zip: bool) -> None:
+    from sage_ft.export import ExportCancelled, ExportError, convert_to_gguf, merge_lora, zip_export
+
+    with_gguf = bool(gguf) and gguf != GGUF_NONE
+    merge_share = 0.6 if with_gguf else 0.9 if make_zip else 1.0
+
+    def step(stage: str, fraction: float, start: float = 0.0, share: float = 1.0) -> None:
+        job.stage, job.fraction = stage, start + share * fraction
+
+    try:
+        job.result = merge_lora(job.source, out_dir=out_dir, dtype=dtype, shard_size=shard_size, overwrite=overwrite,
+                                progress=lambda s, f: step(s, f, 0.0, merge_share), cancel_event=job.cancel,
+                                verify=verify)
+        if job.result.verify is not None and not job.result.verify.ok:
+            job.error = f"the merged model in {job.result.out_dir} does not match base + adapter; do not use it"
+            return
+        if with_gguf:
+            if job.cancel.is_set():
+                raise ExportCancelled("export cancelled before the GGUF file; the merged model is kept")
+            job.gguf = convert_to_gguf(job.result.out_dir, outtype=gguf, verify=verify, overwrite=overwrite,
+                                       progress=lambda s, f: step(f"gguf: {s}", f, merge_share, 0.35))
+        if make_zip:
+            step("zip", 0.0, 0.95, 0.05)
+            job.zip_path = zip_export(job.result.out_dir, services.downloads_dir / f"{job.result.out_dir.name}.zip")
+        step("done", 1.0)
+    except ExportCancelled as exc:
+        job.cancelled, job.error = True, None
+        job.stage = str(exc)
+    except ExportError as exc:
+        job.error = str(exc)
+    except Exception as exc:  # torch/peft/transformers errors: reported, never a stack trace
+        log.exception("export of %s failed", job.source)
+        job.error = f"{type(exc).__name__}: {exc}"
+
+
+def snapshot(services: AppServices, lang: str) -> list[Any]:
+    """Progress bar, result text and download of the app's latest export (for re-attaching a page)."""
+    lang = i18n.normalize(lang)
+    job = _JOBS.get(id(services))
+    if job is None:
+        return [progress_html(None, lang), "", gr.update(visible=False)]
+    if job.running:
+        return [progress_html(job, lang), "", gr.skip()]
+    return [progress_html(job, lang), result_markdown(job, lang),
+            gr.update(value=str(job.zip_path), visible=True) if job.zip_path else gr.update(visible=False)]
+
+
+def result_markdown(job: ExportJob, lang: str) -> str:
+    if job.cancelled:
+        return f"⏹ {_esc(i18n.t('export.cancelled', lang))} ({_esc(job.stage)})"
+    lines = []
+    if job.error:
+        lines.append(f"❌ {_esc(i18n.t('export.failed', lang))}: {_esc(job.error)}")
+    r = job.result
+    if r is not None:
+        lines.append(f"✅ {i18n.t('export.done', lang, seconds=f'{r.seconds:.1f}')}: `{r.out_dir}` — {r.dtype}, "
+                     f"{len(r.weight_files)} × safetensors, {r.size_bytes / 1e6:.1f} MB")
+        lines.append(_verify_line(i18n.t("export.verify_merge", lang), r.verify, lang))
+    if job.gguf is not None:
+        lines.append(f"✅ GGUF ({job.gguf.outtype}, {job.gguf.size_bytes / 1e6:.1f} MB): `{job.gguf.path}`")
+        lines.append(_verify_line(i18n.t("export.verify_gguf", lang), job.gguf.verify, lang))
+    if r is not None and not job.error:
+        lines.append(i18n.t("export.listed", lang, name=r.out_dir.name))
+    return "\n\n".join(lines)
+
+
+def _verify_line(what: str, result: Any, lang: str) -> str:
+    if result is None:
+        return f"➖ {what}: {i18n.t('export.not_verified', lang)}"
+    details = result.details or {}
+    facts = (f"max |logit diff| {result.max_abs_diff:.3g}, tolerance {details.get('atol', float('nan')):.3g}, "
+             f"top-1 {details.get('top1_agreement', 0.0):.0%}")
+    return f"{'✅' if result.ok else '❌'} {what}: {i18n.t('export.passed' if result.ok else 'export.mismatch', lang)} ({facts})"
+
+
+def cancel(services: AppServices, lang: str) -> str:
+    lang = i18n.normalize(lang)
+    job = _JOBS.get(id(services))
+    if job is None or not job.running:
+        return f"⚠️ {_esc(i18n.t('export.nothing_running', lang))}"
+    job.cancel.set()
+    gr.Info(i18n.t("export.cancel_requested", lang))
+    return f"⏹ {_esc(i18n.t('export.cancel_requested', lang))}"
+
+
+def _esc(text: object) -> str:
+    """Escape text for Markdown/HTML text (quotes stay readable: no attribute contexts here)."""
+    return html.escape(str(text), quote=False)

@@ -9,16 +9,18 @@ query) and redraws details only when the selected task changed.
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from sage_ft.tasks import TaskError, TaskStatus
-from sage_ft.webui import charts, i18n, render
+from sage_ft.webui import charts, chat_tab, i18n, render
 from sage_ft.webui.components import Registry
 from sage_ft.webui.services import AppServices
 
@@ -92,8 +94,8 @@ def wire(reg: Registry, services: AppServices) -> None:
                               [reg["mon.message"], reg["mon.file"]], api_name="task_download")
     reg["mon.download_log"].click(lambda tid, lg: download_log(services, tid, lg), [reg["mon.task"], lang],
                                   [reg["mon.message"], reg["mon.file"]], api_name="task_download_log")
-    reg["mon.use_chat"].click(lambda tid, lg: use_as_chat(services, tid, lg), [reg["mon.task"], lang],
-                              reg["mon.message"], api_name="task_use_chat")
+    reg["mon.use_chat"].click(functools.partial(use_as_chat, services), [reg["mon.task"], lang],
+                              reg["mon.message"], api_name="task_use_chat", concurrency_limit=None)
 
 
 # ====================================================================== handlers
@@ -228,22 +230,21 @@ def download_log(services: AppServices, task_id: Any, lang: str) -> tuple[str, A
     return i18n.t("alert.download_ready", lang, name=Path(staged).name), gr.update(value=staged, visible=True)
 
 
-def use_as_chat(services: AppServices, task_id: Any, lang: str) -> str:
-    """Serve the task's adapter through the managed chat server (the Chat tab chats with it)."""
+def use_as_chat(services: AppServices, task_id: Any, lang: str) -> Iterator[str]:
+    """Serve the task's adapter (Chat tab's switch: progress, then exactly one of ✅ / ⚠️ / ❌)."""
     if task_id in (None, ""):
-        return f"⚠️ {i18n.t('alert.no_task', lang)}"
-    if services.server is None:
-        gr.Warning(i18n.t("alert.chat_disabled", lang))
-        return i18n.t("alert.chat_disabled", lang)
+        yield f"⚠️ {i18n.t('alert.no_task', lang)}"
+        return
     try:
         task = services.tasks.task(int(task_id))
-        if task.status is not TaskStatus.COMPLETED and not (Path(task.output_dir) / "lora").is_dir():
-            raise TaskError(i18n.t("alert.no_adapter", lang, id=task.id))
-        result = services.server.switch(task.output_dir)
-    except Exception as exc:  # the server manager's message says what failed
+    except TaskError as exc:
         gr.Warning(str(exc))
-        return f"⚠️ {html.escape(str(exc))}"
-    ok = getattr(result, "outcome", "live") == "live"
-    text = getattr(result, "message", None) or i18n.t("alert.chat_switched", lang, id=task_id)
-    (gr.Success if ok else gr.Warning)(str(text))
-    return html.escape(str(text))
+        yield f"⚠️ {html.escape(str(exc))}"
+        return
+    if task.status is not TaskStatus.COMPLETED and not (Path(task.output_dir) / "lora").is_dir():
+        text = i18n.t("alert.no_adapter", lang, id=task.id)
+        gr.Warning(text)
+        yield f"⚠️ {html.escape(text)}"
+        return
+    for text, _ in chat_tab.switch_steps(services, task.output_dir, lang, label=f"#{task.id} {task.name}"):
+        yield text

@@ -1,0 +1,155 @@
+"""The whole loop in a real browser (Debian Chromium via Playwright) on the demo model and the session's
+real vLLM server: upload a memorisation set -> train -> ✅ -> "Use as chat backend" -> ✅ toast -> the
+chat answers a training prompt with the trained answer (the base model does not) -> back to the base ->
+the answer changes -> export -> the merged model is listed. A screenshot of each step goes to
+``test-artifacts/e2e/``; the chat one is also copied to ``docs/screenshot-chat.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.fixtures_training import MEMORIZE_QA
+from tests.fixtures_webui import start_webui
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.vllm]
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts" / "e2e"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+QUESTION, ANSWER = MEMORIZE_QA[0]  # "What is the secret word?" -> "The secret word is pineapple."
+KEYWORD = "pineapple"
+# Settings that make the demo model memorise 4 pairs in ~40 steps (as tests/fixtures_training.py does);
+# rank 16 stays within the chat server's --max-lora-rank, so the adapter is loaded at runtime.
+RUN_CONFIG = {"model_name_or_path": "demo", "learning_rate": 5e-3, "lora_rank": 16, "per_device_train_batch_size": 4,
+              "max_steps": 40, "save_steps": 20, "logging_steps": 5, "precision": "fp32", "devices": "cpu",
+              "cutoff_len": 256, "run_name": "e2e-memorize"}
+LONG = 240_000  # ms: training / exports on 2 shared cores
+
+
+@pytest.fixture
+def e2e_app(vllm_manager, tmp_path):
+    (tmp_path / "app" / "configs").mkdir(parents=True)  # the app's configs_dir (see start_webui)
+    (tmp_path / "app" / "configs" / "e2e.yaml").write_text(yaml.safe_dump(RUN_CONFIG), encoding="utf-8")
+    app = start_webui(tmp_path / "app")
+    app.services.server, app.services.llm_disabled = vllm_manager, False
+    yield app
+    app.close()
+    if vllm_manager.status()["model"] != "demo":
+        assert vllm_manager.switch("demo").outcome == "live"
+
+
+def _pick(page, dropdown, option: str | re.Pattern, tries: int = 6, click: bool = True) -> None:
+    """Open a dropdown (its input locator) and click an option; reopens while its choices are refreshed."""
+    for attempt in range(tries):
+        dropdown.click()
+        choice = page.get_by_role("option", name=option).first
+        try:
+            choice.wait_for(state="visible", timeout=10_000)
+        except Exception:
+            if attempt == tries - 1:
+                raise
+            page.keyboard.press("Escape")
+            continue
+        if click:
+            choice.click()
+        return
+
+
+def _bot_reply(page) -> str:
+    return page.locator("#chatbot [data-testid=bot]").last.inner_text()
+
+
+def _ask(page, question: str) -> str:
+    """Send ``question`` in a cleared chat; returns the reply once it stopped changing."""
+    from playwright.sync_api import expect
+
+    page.locator("#chat-clear").click()
+    expect(page.locator("#chatbot [data-testid=bot]")).to_have_count(0, timeout=30_000)
+    page.locator("#chat-input textarea").fill(question)
+    page.locator("#chat-send").click()
+    expect(page.locator("#chatbot [data-testid=bot]")).to_have_count(1, timeout=120_000)
+    expect(page.locator("#chatbot [data-testid=bot]").last).not_to_be_empty(timeout=120_000)
+    last, stable_since = None, time.monotonic()
+    while time.monotonic() - stable_since < 3.0:
+        text = _bot_reply(page)
+        if text != last:
+            last, stable_since = text, time.monotonic()
+        page.wait_for_timeout(300)
+    return last or ""
+
+
+def test_train_chat_switch_and_export_in_a_browser(e2e_app, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)
+    ARTIFACTS.mkdir(parents=True)
+    data = tmp_path / "memorise.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant",
+                                                                                      "content": a}]}) + "\n"
+                            for q, a in MEMORIZE_QA), encoding="utf-8")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        try:
+            page.goto(e2e_app.url)
+            # 1. the run's settings from a saved config, then the dataset by file upload
+            _pick(page, page.get_by_label("Saved configs"), "e2e.yaml")
+            page.get_by_role("button", name="📂 Load config").click()
+            expect(page.get_by_text("Config loaded").first).to_be_visible()
+            page.locator("input[type=file]").first.set_input_files(str(data))
+            expect(page.locator("#data-report")).to_contain_text("4 usable rows", timeout=120_000)
+            page.screenshot(path=ARTIFACTS / "1-dataset.png", full_page=True)
+            # 2. train until the task shows ✅
+            page.locator("#start-btn").click()
+            expect(page.locator("#train-message")).to_contain_text("queued")
+            expect(page.locator("#train-progress")).to_contain_text("completed", timeout=LONG)
+            page.get_by_role("tab", name="📈 Monitor").click()
+            expect(page.locator("#task-table")).to_contain_text("✅", timeout=30_000)
+            _pick(page, page.locator("#task-select input"), re.compile(r"#\d+ "))
+            page.screenshot(path=ARTIFACTS / "2-trained.png", full_page=True)
+            # 3. use it as the chat backend: a ✅ toast
+            page.get_by_role("button", name="💬 Use as chat backend").click()
+            expect(page.get_by_text(re.compile(r"✅ Switched: .* is live")).first).to_be_visible(timeout=LONG)
+            page.screenshot(path=ARTIFACTS / "3-use-as-chat.png", full_page=True)
+            # 4. the chat answers a training prompt with the trained answer
+            page.get_by_role("tab", name="💬 Chat").click()
+            expect(page.locator("#chat-banner")).to_contain_text("finetuned · LoRA")
+            page.get_by_text("Generation settings").click()
+            page.locator("#chat-temperature input[type=number]").fill("0")
+            page.locator("#chat-temperature input[type=number]").press("Enter")
+            tuned = _ask(page, QUESTION)
+            assert KEYWORD in tuned, tuned
+            page.screenshot(path=ARTIFACTS / "4-chat-finetuned.png", full_page=True)
+            shutil.copyfile(ARTIFACTS / "4-chat-finetuned.png", ROOT / "docs" / "screenshot-chat.png")
+            # 5. back to the base model: the answer changes
+            _pick(page, page.locator("#chat-model input"), re.compile(r"\[base · demo\]"))  # picking a model switches to it
+            expect(page.locator("#chat-switch-status")).to_contain_text("✅", timeout=LONG)
+            expect(page.locator("#chat-banner")).to_contain_text("[base]")
+            base = _ask(page, QUESTION)
+            assert base and KEYWORD not in base and base != tuned, base
+            page.screenshot(path=ARTIFACTS / "5-chat-base.png", full_page=True)
+            # 6. export the run; the merged model is then listed in the chat's model list
+            page.get_by_role("tab", name="📦 Export").click()
+            _pick(page, page.locator("#export-source input"), re.compile(r"e2e-memorize.*\[finetuned · LoRA\]"))
+            page.locator("#export-start").click()
+            expect(page.locator("#export-result")).to_contain_text("✅", timeout=LONG)
+            expect(page.locator("#export-result")).to_contain_text("match")
+            page.screenshot(path=ARTIFACTS / "6-export.png", full_page=True)
+            page.get_by_role("tab", name="💬 Chat").click()
+            _pick(page, page.locator("#chat-model input"), re.compile(r"e2e-memorize.*-merged \[finetuned · merged\]"), click=False)
+            page.screenshot(path=ARTIFACTS / "7-merged-listed.png", full_page=True)
+        except Exception:
+            page.screenshot(path=ARTIFACTS / "failure.png", full_page=True)
+            raise
+        finally:
+            browser.close()

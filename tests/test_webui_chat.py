@@ -1,0 +1,200 @@
+"""Chat tab and chat server panel handlers through the real HTTP API (gradio_client), on the session's
+real vLLM server (``vllm_manager``): switching (✅ / ❌), streaming chat, stop, errors in the chat,
+regenerate, Compare (base vs LoRA, two LoRAs at once), status/metrics/log; plus --no-llm.
+
+Every test that switches the shared server leaves it serving the demo base.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from sage_ft import paths
+from sage_ft.serving.chat import chat
+from tests.fixtures_webui import start_webui
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+HELLO = "Hello, who are you?"
+GREEDY = ("", 0.0, 1.0, 12, "en")  # system prompt, temperature, top_p, max tokens, language
+
+
+@pytest.fixture(scope="module")
+def chat_app(vllm_manager, tmp_path_factory):
+    app = start_webui(tmp_path_factory.mktemp("webui_chat"), start_worker=False)
+    app.services.server, app.services.llm_disabled = vllm_manager, False
+    yield app
+    app.close()
+    if vllm_manager.status()["model"] != "demo":
+        assert vllm_manager.switch("demo").outcome == "live"
+
+
+@pytest.fixture(scope="module")
+def client(chat_app):
+    return chat_app.client()
+
+
+def _reply(history) -> str:
+    content = history[-1]["content"]
+    return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
+
+
+def test_model_list_has_tags_and_checkpoints_under_their_run(client, trained_run):
+    listed = paths.runs_dir() / "memorize-listed"
+    if not listed.exists():
+        shutil.copytree(trained_run, listed)
+    model, model_a, _, banner = client.predict("en", api_name="/chat_models")  # States are not returned
+    labels = [label for label, _ in model["choices"]]
+    run_label = next(label for label in labels if label.startswith("memorize"))
+    assert "[finetuned · LoRA]" in run_label and any("[base" in label for label in labels)
+    index = labels.index(run_label)
+    assert "checkpoint-60" in labels[index + 1] and "checkpoint-30" in labels[index + 2]
+    assert labels[index + 1].startswith("    └")
+    assert dict(model["choices"])[run_label] == str(listed.resolve() / "lora")
+    assert model_a["choices"] == model["choices"]
+    assert "vLLM" in banner and "[base]" in banner and "ready" in banner
+
+
+def test_switch_to_a_lora_is_live_then_back_to_base(client, vllm_manager, serving_adapters):
+    adapter = str(serving_adapters["a"])
+    status, _, banner = client.predict(adapter, "en", api_name="/chat_switch")
+    assert status.startswith("✅") and "is live" in status and "took" in status, status
+    assert "⚠️" not in status and "❌" not in status
+    assert "[finetuned · LoRA]" in banner and "vLLM" in banner and f"port {vllm_manager.status()['port']}" in banner
+    assert vllm_manager.status()["model_type"] == "adapter"
+    tuned = _reply(client.predict(HELLO, [], *GREEDY, api_name="/chat_send")[0])
+    status, _, banner = client.predict("demo", "en", api_name="/chat_switch")
+    assert status.startswith("✅") and "[base]" in banner
+    base = _reply(client.predict(HELLO, [], *GREEDY, api_name="/chat_send")[0])
+    assert tuned and base and tuned != base
+
+
+def test_switch_failure_says_why_and_keeps_the_current_model(client, vllm_manager, tmp_path):
+    missing = tmp_path / "no-such-model"
+    status, log_file, banner = client.predict(str(missing), "en", api_name="/chat_switch")
+    assert status.startswith("❌") and str(missing) in status and "server log" in status
+    assert "vLLM" in Path(log_file["value"]).read_text(errors="replace")  # the server log, offered as a download
+    assert vllm_manager.status()["model"] == "demo" and "ready" in banner
+
+
+def test_chat_streams_the_served_models_answer(client, vllm_manager):
+    job = client.submit(HELLO, [], "You are terse.", 0.0, 1.0, 24, "en", api_name="/chat_send")
+    outputs = list(job)
+    history, _ = job.result()
+    assert outputs[0][1] == ""  # the message box is cleared as soon as the message is sent
+    assert [m["role"] for m in history] == ["user", "assistant"]
+    expected = chat(vllm_manager, [{"role": "user", "content": HELLO}], system_prompt="You are terse.",
+                    temperature=0.0, max_tokens=24)
+    assert _reply(history) == expected
+    partial = {_reply(h) for h, _ in outputs if h}
+    assert len(partial) > 2, "the answer did not arrive in pieces"
+    # the next turn carries the conversation; regenerate replaces (not appends) the last answer
+    two = client.predict("And again?", history, *GREEDY, api_name="/chat_send")[0]
+    assert len(two) == 4
+    again = client.predict(two, *GREEDY, api_name="/chat_regenerate")[0]
+    assert len(again) == 4 and _reply(again) == _reply(two)
+    assert client.predict(api_name="/chat_clear")[0] == []
+
+
+def test_server_error_is_shown_in_the_chat(client):
+    # 2,000 new tokens do not fit the server's 1,024-token context: vLLM refuses the request
+    history, _ = client.predict(HELLO, [], "", 0.7, 1.0, 2000, "en", api_name="/chat_send")
+    reply = _reply(history)
+    assert reply.startswith("❌") and "refused" in reply
+
+
+def test_stop_ends_a_long_reply_at_once(client):
+    job = client.submit(HELLO, [], "", 2.0, 1.0, 900, "en", api_name="/chat_send")  # hot sampling: no early EOS
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(h and _reply(h) for h, _ in job.outputs()):
+        time.sleep(0.05)
+    client.predict(api_name="/chat_stop")
+    history, _ = job.result(timeout=60)
+    assert _reply(history).endswith("⏹ stopped")
+
+
+def test_compare_answers_side_by_side(client, vllm_manager, serving_adapters, other_base_model):
+    a, b, status, _ = client.predict(HELLO, [], [], "demo", str(serving_adapters["b"]), *GREEDY,
+                                     api_name="/chat_compare")
+    assert status.startswith("✅")
+    base_answer, tuned_answer = _reply(a), _reply(b)
+    assert base_answer == chat(vllm_manager, [{"role": "user", "content": HELLO}], model="demo", temperature=0.0,
+                               max_tokens=12)
+    assert tuned_answer and tuned_answer != base_answer
+    # two fine-tunes as concurrent LoRAs on the same server
+    a2, b2, status, _ = client.predict(HELLO, [], [], str(serving_adapters["b"]), str(serving_adapters["c"]),
+                                       *GREEDY, api_name="/chat_compare")
+    assert status.startswith("✅") and _reply(a2) == tuned_answer and _reply(b2) not in ("", tuned_answer)
+    # a model that needs its own server is refused on its side only
+    a3, b3, _, _ = client.predict(HELLO, [], [], "demo", str(other_base_model), *GREEDY, api_name="/chat_compare")
+    assert _reply(a3) == base_answer and _reply(b3).startswith("❌") and "not on the running server" in _reply(b3)
+    assert vllm_manager.status()["model"] == "demo"  # Compare never switches the chat model
+
+
+def test_server_panel_shows_status_metrics_and_log(client, vllm_manager):
+    status, metrics, log_tail = client.predict("en", api_name="/server_status")
+    server = vllm_manager.status()
+    assert "ready" in status and str(server["port"]) in status and server["log_path"] in status
+    assert "Requests running" in metrics and "KV-cache use" in metrics
+    assert log_tail.strip() and log_tail.splitlines()[-1] in Path(server["log_path"]).read_text()
+    client.predict(HELLO, [], *GREEDY, api_name="/chat_send")
+    _, metrics, _ = client.predict("en", api_name="/server_status")  # the session kept the last counters
+    rate = metrics.split("Generated tokens/s</th><td>")[1].split("<")[0]
+    assert float(rate.replace(",", "")) > 0
+
+
+def test_no_llm_says_chat_is_off(tmp_path, demo_model):
+    app = start_webui(tmp_path / "nollm", start_worker=False)  # llm_disabled, no server
+    try:
+        client = app.client()
+        history, _ = client.predict(HELLO, [], *GREEDY, api_name="/chat_send")
+        assert "--no-llm" in _reply(history)
+        status, _, banner = client.predict("demo", "en", api_name="/chat_switch")
+        assert status.startswith("⚠️") and "--no-llm" in status and "--no-llm" in banner
+        assert "--no-llm" in client.predict("en", api_name="/server_status")[0]
+    finally:
+        app.close()
+
+
+def test_transformers_backend_switch_chat_stop_and_restart(tmp_path, serving_adapters):
+    """Without vLLM the serving core answers in-process; the same handlers work, restart/stop too."""
+    from sage_ft.serving import ServerManager
+
+    manager = ServerManager("demo", backend="transformers", adopt=False)
+    app = start_webui(tmp_path / "tf", start_worker=False)
+    app.services.server, app.services.llm_disabled = manager, False
+    try:
+        client = app.client()
+        status, _, banner = client.predict(str(serving_adapters["a"]), "en", api_name="/chat_switch")
+        assert status.startswith("✅") and "transformers" in banner and "[finetuned · LoRA]" in banner
+        assert _reply(client.predict(HELLO, [], *GREEDY, api_name="/chat_send")[0])
+        assert "stopped" in client.predict("en", api_name="/server_stop")
+        assert manager.status()["state"] == "stopped"
+        assert client.predict("en", api_name="/server_restart").startswith("✅")
+        assert manager.status()["state"] == "ready"
+        assert "in-process transformers" in client.predict("en", api_name="/server_status")[0]
+    finally:
+        app.close()
+        manager.close()
+
+
+def test_use_as_chat_backend_from_the_monitor(client, chat_app, vllm_manager, serving_adapters, memorize_jsonl,
+                                              tmp_path):
+    """A task's "Use as chat backend" goes through the Chat tab's switch: progress, then one ✅ line."""
+    run = tmp_path / "run"
+    task = chat_app.services.tasks.create({"dataset": str(memorize_jsonl), "output_dir": str(run)},
+                                          name="adapter-c")  # stays queued: this app has no worker
+    refused = client.predict(task.id, "en", api_name="/task_use_chat")
+    assert refused.startswith("⚠️") and f"#{task.id}" in refused
+    shutil.copytree(serving_adapters["c"], run / "lora")  # the run's adapter (as a finished run leaves it)
+    job = client.submit(task.id, "en", api_name="/task_use_chat")
+    steps = list(job)
+    final = job.result()
+    assert final.startswith("✅") and f"#{task.id} adapter-c" in final
+    assert [s[0] for s in steps].count("✅") == 1 and not any(s[0] in "⚠❌" for s in steps)
+    assert vllm_manager.status()["model_path"] == str(run / "lora")
+    assert vllm_manager.switch("demo").outcome == "live"

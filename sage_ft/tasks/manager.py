@@ -46,11 +46,20 @@ class TaskManager:
     ``start_worker=True`` (the app) runs queued tasks one at a time on a training thread of this
     process; ``start_worker=False`` (CLI commands) only reads and changes the store. Every manager
     marks tasks whose process died as interrupted when it opens the database.
+
+    ``arbiter`` (optional, duck-typed) shares memory with other users of the device, e.g. the chat
+    server: ``arbiter.before_run(config) -> str | None`` is called before each run this manager
+    executes (a returned message is shown to the user: it goes to subscribers as
+    ``{"type": "arbiter", ...}`` and into the run's events as a ``log`` event), and
+    ``arbiter.after_run(config)`` after it, whatever the outcome. An exception from either is
+    logged and never stops the run or the worker. See ``sage_ft.tasks.arbitration.ServingArbiter``.
     """
 
-    def __init__(self, db_path: str | Path | None = None, start_worker: bool = True, max_running: int = 1):
+    def __init__(self, db_path: str | Path | None = None, start_worker: bool = True, max_running: int = 1,
+                 arbiter: Any = None):
         self.store = TaskStore(db_path)
         self.max_running = max_running
+        self.arbiter = arbiter
         self._subscribers: list[Subscriber] = []
         self._sub_lock = threading.Lock()
         self._foreground: dict[int, TaskRun] = {}
@@ -163,7 +172,7 @@ class TaskManager:
             if on_event is not None:
                 on_event(event)
 
-        run = TaskRun(self.store, task, notify)
+        run = TaskRun(self.store, task, notify, self.arbiter)
         self._foreground[task.id] = run
         try:
             if on_start is not None:
@@ -464,7 +473,7 @@ class TaskManager:
     # ================================================================== queue worker and recovery
     def start_worker(self) -> None:
         if self._worker is None or not self._worker.is_alive():
-            self._worker = QueueWorker(self.store, self._notify, self.recover, self.max_running)
+            self._worker = QueueWorker(self.store, self._notify, self.recover, self.max_running, arbiter=self.arbiter)
             self._worker.start()
 
     def process_queue(self, until_empty: bool = True, poll_s: float = 1.0) -> int:
@@ -479,7 +488,7 @@ class TaskManager:
                     return ran
                 time.sleep(poll_s)
                 continue
-            TaskRun(self.store, self.task(task_id), self._notify).execute()
+            TaskRun(self.store, self.task(task_id), self._notify, self.arbiter).execute()
             ran += 1
 
     def recover(self) -> list[int]:

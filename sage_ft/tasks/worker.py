@@ -58,10 +58,11 @@ class TaskOutcome:
 class TaskRun:
     """One task executing in this process; ``cancel()`` and ``interrupt()`` are thread-safe."""
 
-    def __init__(self, store: TaskStore, task: Task, notify: Notify | None = None):
+    def __init__(self, store: TaskStore, task: Task, notify: Notify | None = None, arbiter: Any = None):
         self.store = store
         self.task = task
         self._notify = notify or (lambda _event: None)
+        self.arbiter = arbiter  # see TaskManager(arbiter=...) and sage_ft.tasks.arbitration
         self._lock = threading.Lock()
         self._run: Any = None
         self._cancel_reason: str | None = None  # "cancel" (user) or "interrupt" (app shutting down)
@@ -134,8 +135,40 @@ class TaskRun:
         try:
             config = self._run_config()
             problem = self._preflight(config)
-            if problem:
-                return TaskOutcome(TaskStatus.FAILED, output_dir, error=problem)
+        except Exception as exc:
+            return self._failed(exc)
+        if problem:
+            return TaskOutcome(TaskStatus.FAILED, output_dir, error=problem)
+        arbiter_message = self._call_arbiter("before_run", config)
+        try:
+            return self._train(config, arbiter_message)
+        finally:
+            self._call_arbiter("after_run", config)
+
+    def _failed(self, exc: Exception) -> TaskOutcome:
+        log.exception("task %s failed", self.task.id)
+        self._append_log(traceback.format_exc())
+        return TaskOutcome(TaskStatus.FAILED, self.task.output_dir, error=f"{type(exc).__name__}: {exc}")
+
+    def _call_arbiter(self, hook: str, config: TrainConfig) -> str | None:
+        """``arbiter.before_run``/``after_run``; whatever it does, the run and the worker go on."""
+        fn = getattr(self.arbiter, hook, None)
+        if fn is None:
+            return None
+        try:
+            message = fn(config)
+        except Exception:
+            log.exception("task %s: memory arbiter %s failed; the run goes on", self.task.id, hook)
+            return None
+        if message:
+            message = str(message)
+            log.info("task %s: %s", self.task.id, message)
+            self._notify({"type": "arbiter", "task_id": self.task.id, "hook": hook, "message": message})
+        return message or None
+
+    def _train(self, config: TrainConfig, arbiter_message: str | None) -> TaskOutcome:
+        output_dir = self.task.output_dir
+        try:
             from sage_ft.training.launcher import needs_multi_process
 
             if needs_multi_process(config):
@@ -145,6 +178,8 @@ class TaskRun:
             emitter = EventEmitter(Path(output_dir) / "events.jsonl")
             emitter.on("*", self._on_event)
             run = FineTuneRun(config, emitter=emitter)
+            if arbiter_message:  # in the run's events, so every client (any process) can show it
+                emitter.emit("log", level="info", source="memory", message=arbiter_message)
             with self._lock:
                 self._run = run
                 reason, paused = self._cancel_reason, self._paused
@@ -158,9 +193,7 @@ class TaskRun:
                 status = TaskStatus.INTERRUPTED
             return TaskOutcome(status, str(result.output_dir or output_dir), dict(result.metrics or {}), result.error)
         except Exception as exc:  # a run that raises never takes the app down
-            log.exception("task %s failed", self.task.id)
-            self._append_log(traceback.format_exc())
-            return TaskOutcome(TaskStatus.FAILED, output_dir, error=f"{type(exc).__name__}: {exc}")
+            return self._failed(exc)
 
     def _execute_multi(self, config: TrainConfig) -> TaskOutcome:
         """A data-parallel run: ``accelerate launch`` child process (own process group), followed
@@ -427,9 +460,10 @@ class QueueWorker(threading.Thread):
     """
 
     def __init__(self, store: TaskStore, notify: Notify, before_claim: Callable[[], None],
-                 max_running: int = 1, poll_interval_s: float = 1.0):
+                 max_running: int = 1, poll_interval_s: float = 1.0, arbiter: Any = None):
         super().__init__(name="sage-ft-task-worker", daemon=True)
         self.store = store
+        self.arbiter = arbiter
         self._notify = notify
         self._before_claim = before_claim
         self.max_running = max_running
@@ -482,7 +516,7 @@ class QueueWorker(threading.Thread):
             if rec is None:
                 return
             task = Task.from_record(rec)
-        run = TaskRun(self.store, task, self._notify)
+        run = TaskRun(self.store, task, self._notify, self.arbiter)
         with self._lock:
             self.active = run
         if self._stopping.is_set():

@@ -41,6 +41,7 @@ class ExportJob:
     stage: str = "checking"
     fraction: float = 0.0
     started: float = field(default_factory=time.monotonic)
+    ended: float | None = None
     result: Any = None  # ExportResult
     gguf: Any = None  # GGUFExport
     zip_path: Path | None = None
@@ -118,7 +119,7 @@ def progress_html(job: ExportJob | None, lang: str) -> str:
     stage = i18n.t(f"export.stage.{job.stage}", lang) if f"export.stage.{job.stage}" in i18n.strings(lang) else job.stage
     return (f'<div class="sage-progress status-{state}" data-state="{state}">'
             f'<div class="head"><b>{_esc(Path(job.source).parent.name if Path(job.source).name == "lora" else Path(job.source).name)}</b>'
-            f' · {_esc(stage)} · {pct:.0f}% · {time.monotonic() - job.started:.0f} s</div>'
+            f' · {_esc(stage)} · {pct:.0f}% · {(job.ended or time.monotonic()) - job.started:.0f} s</div>'
             f'<div class="bar"><div class="fill" style="width:{pct:.1f}%"></div></div></div>')
 
 
@@ -208,6 +209,8 @@ def _work(services: AppServices, job: ExportJob, out_dir: Path | None, dtype: st
     except Exception as exc:  # torch/peft/transformers errors: reported, never a stack trace
         log.exception("export of %s failed", job.source)
         job.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        job.ended = time.monotonic()
 
 
 def snapshot(services: AppServices, lang: str) -> list[Any]:

@@ -721,6 +721,12 @@ class ServerManager:
                             f"{self._backend_reason()})", timings, self._current, "local")
 
     # ------------------------------------------------------------------ chat
+    def base_served_name(self) -> str | None:
+        """The name under which the served base model answers (vLLM or the transformers backend)."""
+        if self._server is not None:
+            return self._server.spec.served_name
+        return self._local.served_name if self._local is not None else None
+
     def _resolve_chat_model(self, model: str | None) -> str:
         current = self._current
         if model is None:
@@ -729,7 +735,7 @@ class ServerManager:
             return current.name
         if model in self._adapters or (current and model == current.name):
             return model
-        base_name = self._server.spec.served_name if self._server else (self._local.served_name if self._local else "")
+        base_name = self.base_served_name() or ""
         if model == base_name:
             return model
         for name, info in self._adapters.items():

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from sage_ft import paths
+from sage_ft.export.source import EXPORT_RECORD
 
 META_NAME = "finetune_meta.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -86,6 +87,8 @@ def _from_directory(path: Path) -> ModelTarget:
         return ModelTarget("adapter", path, _base_of_adapter(path, run_dir), label, run_dir)
     if (path / META_NAME).is_file() or (path / "lora").is_dir():
         return _from_run(path)
+    if (path / EXPORT_RECORD).is_file():  # written by sage_ft.export.merge_lora
+        return ModelTarget("merged", _check_model_dir(path), None, path.name)
     if path.name == MERGED_DIR and (path.parent / META_NAME).is_file():
         return ModelTarget("merged", _check_model_dir(path), None, f"{path.parent.name}/merged", path.parent)
     return ModelTarget("base", _check_model_dir(path), None, path.name)

@@ -237,8 +237,6 @@ def banner_html(services: AppServices, lang: str) -> str:
     state = str(s.get("state") or "unknown")
     label = s.get("model_label") or s.get("model")
     kind = str(s.get("model_type") or "")
-    if kind == "base" and s.get("model_path") and _is_export(str(s["model_path"])):
-        kind = "merged"  # the serving core treats any full model folder as a base; an export is a merge
     backend = {"vllm": "vLLM", "transformers": "transformers"}.get(str(s.get("backend")), str(s.get("backend")))
     name = _esc(str(label)) if label else _esc(i18n.t("chat.no_model", lang))
     tag = (f' <span class="tag" style="background:#e0e7ff;color:#3730a3;border-radius:6px;padding:1px 6px">'
@@ -258,12 +256,6 @@ def banner_html(services: AppServices, lang: str) -> str:
             f' <span class="state">● {_esc(_state_text(state, lang))}</span></div>'
             f'<div class="facts">{" · ".join(facts)}</div>'
             + (f'<div class="detail">{_esc(str(detail))}</div>' if detail else "") + "</div>")
-
-
-def _is_export(path: str) -> bool:
-    from sage_ft.export.source import EXPORT_RECORD
-
-    return (Path(path) / EXPORT_RECORD).is_file()
 
 
 def _state_text(state: str, lang: str) -> str:
@@ -522,12 +514,9 @@ def served_name(manager: Any, model: str) -> str:
     status = manager.status()
     base = status.get("base_model")
     if base and Path(base).resolve() == target.path.resolve():
-        server = manager.server
-        if server is not None:
-            return server.spec.served_name
-        local = getattr(manager, "_local", None)  # the transformers backend names its base model too
-        if local is not None:
-            return local.served_name
+        name = manager.base_served_name()
+        if name:
+            return name
     raise TargetError(f"{target.label} is not on the running server (it serves {base}); Compare answers with the "
                       "served base model and LoRA adapters of it side by side. Switch to it to chat with it alone")
 

@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.data_home:
         os.environ["SAGE_FT_HOME"] = str(Path(args.data_home).expanduser().resolve())
+    from sage_ft.tasks.store import SchemaError, StoreUnavailable
     from sage_ft.webui.auth import AuthError
 
     try:
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except AuthError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (StoreUnavailable, SchemaError) as exc:  # data home not writable, a newer database, ...
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -67,7 +71,9 @@ def _run(args: argparse.Namespace) -> int:
                            default_lang=args.lang, llm_disabled=args.no_llm)
     threading.Thread(target=_ensure_demo, daemon=True, name="demo-model").start()
     if not args.no_llm:
-        services.server = start_chat_server(args, tasks)
+        services.server = start_chat_server(args, tasks)  # adopts a server a crashed app left, or ends it
+    else:
+        end_orphaned_chat_servers()
     demo = build_app(services, args.lang)
     try:
         _, local_url, share_url = launch_app(demo, host=args.host, port=args.port, share=args.share, guard=guard,
@@ -144,6 +150,16 @@ def start_chat_server(args: argparse.Namespace, tasks: Any) -> Any:
     model = chat_model_for(args, tasks)
     threading.Thread(target=_safe_switch, args=(manager, model), daemon=True, name="chat-server-start").start()
     return manager
+
+
+def end_orphaned_chat_servers() -> None:
+    """With --no-llm nothing will adopt a chat server a crashed app left running: end it (by pid + start time)."""
+    try:
+        from sage_ft.serving import ServerManager
+    except ImportError:
+        return
+    for pid in ServerManager.cleanup_orphans():
+        log.warning("ended the chat server (pid %s) left by a previous app", pid)
 
 
 def _safe_switch(manager: Any, model: str) -> None:

@@ -122,7 +122,7 @@ def test_ctrl_c_cancels_cleanly(memorize_jsonl: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_kill_9_then_resume_from_last_checkpoint(memorize_jsonl: Path, tmp_path: Path) -> None:
     out_dir = tmp_path / "run"
-    total = 24
+    total = 16
     args = ["train", "--set", f"dataset={memorize_jsonl}", "--set", f"output_dir={out_dir}",
             "--set", f"max_steps={total}", "--set", "save_steps=4", "--set", "save_total_limit=2", *FAST]
     proc = start(*args)
@@ -136,6 +136,8 @@ def test_kill_9_then_resume_from_last_checkpoint(memorize_jsonl: Path, tmp_path:
     assert out.returncode == 0, out.stdout + out.stderr
     meta = read_meta(out_dir)
     assert meta["status"] == "completed" and meta["metrics"]["global_step"] == total
+    # the killed run's task was found dead and marked interrupted; the resumed run is a new completed task
+    assert [t.status.value for t in _tasks_in(out_dir)] == ["completed", "interrupted"]
     assert meta["resumed_from"].startswith(str(out_dir / "checkpoint-"))
     events = read_events(out_dir / "events.jsonl")[0]
     [loaded] = [e for e in events if e["event"] == "checkpoint_loaded"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_CANCELLED = 0, 1, 2, 130
@@ -155,10 +156,15 @@ class _ForegroundControl:
         self._cancelling = True
         print("\ncancelling after the current step (the adapter will be saved); Ctrl-C again to abort",
               file=sys.stderr, flush=True)
+        # On a thread: the handler interrupts the training thread, which may hold the run's lock or
+        # a database transaction that cancel() also needs.
+        threading.Thread(target=self._cancel, args=(self.task_id,), daemon=True, name="cli-cancel").start()
+
+    def _cancel(self, task_id: int) -> None:
         from sage_ft.tasks import TaskError
 
         try:
-            self.manager.cancel(self.task_id)
+            self.manager.cancel(task_id)
         except TaskError as exc:  # it ended meanwhile
             print(f"note: {exc}", file=sys.stderr, flush=True)
 

@@ -13,6 +13,7 @@ Each rank prints one line at the end: ``rank N: <status> at step S (resumed from
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -50,8 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2
-    import os
-
     from sage_ft.training import FineTuneRun
 
     me = int(os.environ.get("RANK", "0") or 0)

@@ -81,7 +81,7 @@ def _split_pairs(text: str) -> Iterable[tuple[str, str]]:
         key, sep, value = part.partition("=")
         if not sep or not key.strip():
             raise MappingError(
-                f"column_mapping: {part.strip()!r} is not field=key; write e.g. 'instruction=prompt,output=answer'")
+                f"column_mapping: {part.strip()[:80]!r} is not field=key; write e.g. 'instruction=prompt,output=answer'")
         yield key, value
 
 

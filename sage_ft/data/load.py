@@ -326,7 +326,11 @@ def read_rows(path: Path, max_bytes: int | None = DEFAULT_MAX_BYTES) -> Iterator
 
 def check_file(path: Path, max_bytes: int | None) -> None:
     """Existence, extension, size and binary checks that need at most the first 8 KiB."""
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise DataError(f"{str(path)[:120]}...: not a usable file path ({exc.strerror}); check the path") from None
+    if not exists:
         raise DataError(f"{path}: file not found (working directory: {Path.cwd()}); check the path")
     if not path.is_file():
         what = "a directory" if path.is_dir() else "not a regular file"

@@ -81,7 +81,7 @@ class AppServices:
         """``configs/<name>.yaml`` for a user-typed name (letters, digits, ``-_.`` only)."""
         stem = name.strip().removesuffix(".yaml").removesuffix(".yml")
         if not stem or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,80}", stem) or ".." in stem:
-            raise ValueError(f"config name {name!r}: use letters, digits, '-', '_' or '.' (no folders), "
+            raise ValueError(f"config name {name[:80]!r}: use letters, digits, '-', '_' or '.' (no folders), "
                              "e.g. my-chat-run")
         return self.configs_dir / f"{stem}.yaml"
 

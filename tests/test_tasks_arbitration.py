@@ -39,7 +39,8 @@ class RecordingArbiter:
 
 def test_arbiter_wraps_each_run_and_its_failures_never_stop_the_worker(task_db, task_dataset):
     arbiter = RecordingArbiter(fail_first=True)
-    manager = TaskManager(task_db, start_worker=False, arbiter=arbiter)
+    manager = TaskManager(task_db, start_worker=False)
+    manager.set_arbiter(arbiter)  # as the app does once its chat server exists
     notes: list[dict] = []
     manager.subscribe(lambda e: notes.append(e) if e["type"] == "arbiter" else None)
     try:

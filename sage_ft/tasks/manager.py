@@ -471,6 +471,13 @@ class TaskManager:
             time.sleep(poll_s)
 
     # ================================================================== queue worker and recovery
+    def set_arbiter(self, arbiter: Any) -> None:
+        """Install (or remove, with None) the memory arbiter for the runs that start from now on
+        (the app creates its chat server after the task manager)."""
+        self.arbiter = arbiter
+        if self._worker is not None:
+            self._worker.arbiter = arbiter
+
     def start_worker(self) -> None:
         if self._worker is None or not self._worker.is_alive():
             self._worker = QueueWorker(self.store, self._notify, self.recover, self.max_running, arbiter=self.arbiter)

@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -425,3 +426,43 @@ def test_core_create_refuses_the_same_inputs_without_the_ui(idle_manager, task_d
         idle_manager.create(tiny_task_config(task_dataset, output_dir=str(task_dataset)))
     assert any("is a file; give a folder" in p for p in info.value.problems)
     assert idle_manager.list() == []
+
+
+# ============================================================================== faults inside the app
+@pytest.mark.slow
+def test_failing_runs_in_the_app_keep_the_queue_and_the_page_alive(demo_model, tmp_path):
+    """A NaN loss (raised inside a training step) fails its task with the reason and a log tail; the next
+    task still runs although its dataset file is deleted while it runs (the data is already loaded);
+    a browser that goes away mid-run changes nothing and a new one re-attaches to the same task."""
+    from safetensors.torch import load_file, save_file
+
+    bad = _copy_model(demo_model, tmp_path / "nan-model")
+    weights = load_file(bad / "model.safetensors")
+    name = next(k for k in weights if k.endswith("layers.0.mlp.down_proj.weight"))
+    weights[name][0, 0] = float("nan")
+    save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    data = write_jsonl(memorize_rows() * 2, tmp_path / "deleted-mid-run.jsonl")
+    web = start_webui(tmp_path / "app", start_worker=True)
+    try:
+        first = web.client()
+        nan_id, _, _ = first.predict("en", *form_args(dataset=str(data), model_name_or_path=str(bad),
+                                                      **tiny(max_steps=3)), api_name="/start")
+        good_id, _, _ = first.predict("en", *form_args(dataset=str(data), **tiny(max_steps=6, save_steps=2)),
+                                      api_name="/start")
+        first.close()  # the browser goes away with both tasks queued
+        failed = web.services.tasks.wait(nan_id, timeout=240)
+        assert failed.status is TaskStatus.FAILED and failed.icon == "❌"
+        assert "nan" in failed.error.lower() and "learning_rate" in failed.error
+        assert web.services.tasks.get(nan_id).log_tail
+        deadline = time.monotonic() + 240
+        while web.services.tasks.task(good_id).step < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        data.unlink()
+        done = web.services.tasks.wait(good_id, timeout=240)
+        assert (done.status, done.step) == (TaskStatus.COMPLETED, 6), done.error
+        second = web.client()  # a new browser: the page re-attaches to the newest task
+        assert "completed" in second.predict(good_id, "en", api_name="/train_progress")
+        _still_answers(second)
+    finally:
+        web.close()

@@ -88,12 +88,21 @@ class PackingCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         lengths = [len(f["input_ids"]) for f in features]
-        rows = pack_rows(lengths, self.max_row_len) if self.packing else None
-        if rows is not None and self.packed_cost(lengths, rows) < self.padded_cost(lengths):
+        best = self.best_packing(lengths) if self.packing else None
+        if best is not None and self.packed_cost(lengths, best) < self.padded_cost(lengths):
             self.stats["packed_batches"] += 1
-            return self._packed(features, rows)
+            return self._packed(features, best)
         self.stats["padded_batches"] += 1
         return self._padded(features)
+
+    def best_packing(self, lengths: list[int]) -> list[list[int]] | None:
+        """The cheapest packed layout: rows as long as ``max_row_len``, or only as long as the batch's
+        longest sample. The latter never costs more than padding (fewer rows, none longer than the
+        padded width), so on CPU, where attention spans a whole row, it is usually the one that wins:
+        the short samples of a batch fill the space that padding would have wasted."""
+        layouts = [rows for cap in sorted({max(lengths), self.max_row_len})
+                   if (rows := pack_rows(lengths, cap)) is not None]
+        return min(layouts, key=lambda rows: self.packed_cost(lengths, rows), default=None)
 
     def padded_cost(self, lengths: list[int]) -> float:
         longest = max(lengths)

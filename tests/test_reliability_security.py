@@ -235,8 +235,6 @@ def test_the_ui_never_shows_the_api_key(vllm_manager, tmp_path):
 
 @pytest.mark.vllm
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="sage_ft/serving/vllm_server.py ServerSpec.argv passes --api-key on the "
-                   "command line, where any local user reads it with `ps`; pass it as env VLLM_API_KEY instead")
 def test_the_api_key_is_not_on_the_command_line(vllm_manager):
     key = vllm_manager.server.api_key
     exposed = [p.pid for p in _tree(vllm_manager.server.pid) if key in " ".join(p.cmdline())]

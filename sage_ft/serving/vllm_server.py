@@ -114,11 +114,13 @@ class ServerSpec:
     enforce_eager: bool = False
     extra_args: list[str] = field(default_factory=list)
 
-    def argv(self, api_key: str, on_gpu: bool) -> list[str]:
+    def argv(self, on_gpu: bool) -> list[str]:
+        """The child's command line. The API key is NOT on it (any local user can read argv with
+        ``ps``); it travels in the child's environment as ``VLLM_API_KEY``, which vLLM reads."""
         util = self.gpu_memory_utilization or (0.85 if on_gpu else 0.3)
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                 "--model", self.model_path, "--served-model-name", self.served_name,
-                "--host", LOOPBACK, "--port", str(self.port), "--api-key", api_key,
+                "--host", LOOPBACK, "--port", str(self.port),
                 "--max-model-len", str(self.max_model_len), "--dtype", self.dtype,
                 "--gpu-memory-utilization", str(util), "--disable-uvicorn-access-log"]
         if self.enable_lora:
@@ -187,12 +189,12 @@ class VLLMServer:
         """Spawn the child (returns at once) and record it in the registry."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_fh = open(self.log_path, "ab", buffering=0)  # noqa: SIM115 - closed in _cleanup
-        argv = self.spec.argv(self.api_key, self.on_gpu)
-        shown = [("***" if prev == "--api-key" else a) for prev, a in zip(["", *argv], argv, strict=False)]
-        self._log_fh.write(f"$ {' '.join(shown)}\n".encode())
+        argv = self.spec.argv(self.on_gpu)
+        self._log_fh.write(f"$ {' '.join(argv)}\n".encode())
         self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log_fh,
                                       stderr=subprocess.STDOUT, start_new_session=True,
-                                      env=child_env(self.on_gpu, self.spec.enable_sleep_mode),
+                                      env={**child_env(self.on_gpu, self.spec.enable_sleep_mode),
+                                           "VLLM_API_KEY": self.api_key},
                                       cwd=str(paths.home()))
         self.pid = self._proc.pid
         self.create_time = registry.create_time_of(self.pid)

@@ -89,7 +89,7 @@ def model_facts(model_dir: str | Path) -> ModelFacts:
             cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise EstimateError(f"{cfg_path}: unreadable JSON ({exc})") from None
-        _facts_cache[key] = _facts_from(cfg, _safetensors_tensors(model_dir), str(cfg_path))
+        _facts_cache[key] = _facts_from(cfg, safetensors_tensors(model_dir), str(cfg_path))
     return _facts_cache[key]
 
 
@@ -146,7 +146,7 @@ def _adaptable(tensor_name: str) -> bool:
     return not any(k in lowered for k in ("embed", "lm_head", "wte", "wpe", "norm", "output.weight"))
 
 
-def _safetensors_tensors(model_dir: Path) -> dict[str, tuple[list[int], str]]:
+def safetensors_tensors(model_dir: Path) -> dict[str, tuple[list[int], str]]:
     """name -> (shape, dtype) from every safetensors header of the model; {} when there is none."""
     files = sorted(model_dir.glob("*.safetensors"))
     out: dict[str, tuple[list[int], str]] = {}
@@ -167,7 +167,7 @@ def _safetensors_tensors(model_dir: Path) -> dict[str, tuple[list[int], str]]:
 
 def stored_dtype(model_dir: str | Path) -> str | None:
     """The most common tensor dtype in the checkpoint (e.g. 'BF16'), None without safetensors."""
-    tensors = _safetensors_tensors(Path(model_dir))
+    tensors = safetensors_tensors(Path(model_dir))
     if not tensors:
         return None
     counts: Counter[str] = Counter()

@@ -2,10 +2,6 @@
 or the one core call behind it. Each case asserts the specific message (what, where, how to fix),
 that nothing was queued or written (task list and runs folder unchanged), and that the app still
 answers afterwards. The rows of ``docs/reliability.md`` point here and to the areas' own tests.
-
-Cases marked ``xfail(strict=True)`` are known gaps in another area's module, reported to its owner:
-they fail today (the bad input is queued and only fails when the run starts) and turn into an
-error (XPASS) the moment the fix lands, so the mark cannot outlive the gap.
 """
 
 from __future__ import annotations
@@ -214,8 +210,6 @@ def test_output_dir_that_exists_and_is_not_empty_is_refused(app, client, good_da
     assert [p.name for p in used.iterdir()] == ["keep.txt"]
 
 
-@pytest.mark.xfail(strict=True, reason="sage_ft/tasks/manager.py _output_dir_problems does not check that the "
-                   "folder can be created; the run fails later with a bare NotADirectoryError")
 def test_output_dir_that_cannot_be_created_is_refused_at_start(app, client, good_data, tmp_path):
     a_file = tmp_path / "plain-file"
     a_file.write_text("x")  # root ignores permissions, so 'not writable' is a folder below a regular file
@@ -224,7 +218,7 @@ def test_output_dir_that_cannot_be_created_is_refused_at_start(app, client, good
 
 
 def test_output_dir_that_cannot_be_created_fails_the_run_naming_it(good_data, tmp_path):
-    """What happens today at run time (the start-time check above is the missing part)."""
+    """The run's own check, for a config that reaches it without Start (e.g. FineTuneRun directly)."""
     a_file = tmp_path / "plain-file"
     a_file.write_text("x")
     with pytest.raises(OSError) as info:
@@ -233,22 +227,15 @@ def test_output_dir_that_cannot_be_created_fails_the_run_naming_it(good_data, tm
     assert a_file.read_text() == "x"
 
 
-@pytest.mark.xfail(strict=True, reason="sage_ft/tasks/manager.py _model_problems and _output_dir_problems call "
-                   "Path.exists() unguarded: a path longer than the file system allows raises OSError (the UI "
-                   "shows a generic error instead of naming the field)")
 @pytest.mark.parametrize("field", ["model_name_or_path", "output_dir"])
 def test_megabyte_path_in_model_or_output_dir_is_refused_naming_the_field(app, client, good_data, field):
     start_refused(app, client, f"{field}:", dataset=str(good_data), **{field: "p" * MiB})
 
 
-@pytest.mark.xfail(strict=True, reason="sage_ft/tasks/manager.py _validate does not compare cutoff_len with the "
-                   "model's max_position_embeddings; the run trains past the model's context")
 def test_cutoff_len_above_the_models_context_is_refused_with_the_limit(app, client, good_data):
     start_refused(app, client, "cutoff_len", "2048", dataset=str(good_data), cutoff_len=100_000)
 
 
-@pytest.mark.xfail(strict=True, reason="sage_ft/tasks/manager.py _validate does not match lora_target against the "
-                   "model's modules; the run fails only when it starts")
 def test_lora_target_matching_no_module_is_refused_at_start(app, client, good_data):
     start_refused(app, client, "attn_qkv", "q_proj", dataset=str(good_data), lora_target="attn_qkv")
 
@@ -286,8 +273,6 @@ def test_tokenizer_without_chat_template_fails_the_run_naming_the_fix(good_data,
     assert fixed.status == "completed", fixed.error
 
 
-@pytest.mark.xfail(strict=True, reason="sage_ft/tasks/manager.py _model_problems does not load the tokenizer's "
-                   "chat template for template=auto; the task is queued and fails when it runs")
 def test_tokenizer_without_chat_template_is_refused_at_start(app, client, good_data, demo_model, tmp_path):
     model = _model_without_chat_template(demo_model, tmp_path / "no-template")
     start_refused(app, client, "chat template", "template: chatml", dataset=str(good_data),

@@ -83,6 +83,12 @@ class TaskManager:
         checked = self._validate(config)
         return self._insert(checked, name, source, TaskStatus.QUEUED, parent_id)
 
+    def validate(self, config: TrainConfig | dict[str, Any]) -> TrainConfig:
+        """The checks ``create`` makes (config, model files, output folder, dataset), without queuing:
+        returns the validated config or raises ``TaskRefused`` listing every problem. The UI calls
+        it before its memory-fit warning, so a config that cannot run at all says why first."""
+        return self._validate(config).config
+
     def _validate(self, config: TrainConfig | dict[str, Any]) -> _Checked:
         try:
             if isinstance(config, TrainConfig):
@@ -654,17 +660,26 @@ def _resume_point(config: TrainConfig) -> tuple[Path | None, list[str]]:
 
 
 def _model_problems(config: TrainConfig) -> list[str]:
-    """Local model paths are checked now; 'demo' and hub ids are resolved when the run starts."""
-    name = config.model_name_or_path.strip()
-    if name == "demo":
-        return []
-    if Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        from sage_ft.models.resolve import ModelError, resolve_model
+    """Local model paths are checked now, with the config against the model's own files (context
+    length, LoRA targets, chat template); hub ids are resolved when the run starts."""
+    from sage_ft.models.preflight import model_config_problems
 
-        try:
-            resolve_model(name)
-        except ModelError as exc:
-            return [f"model_name_or_path: {exc}"]
+    name = config.model_name_or_path.strip()
+    try:
+        if name == "demo":
+            from sage_ft.models.demo import is_demo_model
+
+            demo = paths.demo_model_dir()
+            return model_config_problems(config, demo) if is_demo_model(demo) else []
+        if Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+            from sage_ft.models.resolve import ModelError, resolve_model
+
+            try:
+                return model_config_problems(config, resolve_model(name))
+            except ModelError as exc:
+                return [f"model_name_or_path: {exc}"]
+    except OSError as exc:  # e.g. a path longer than the file system allows
+        return [f"model_name_or_path: {_short(name)} cannot be used as a path ({exc.strerror})"]
     return []
 
 
@@ -672,12 +687,23 @@ def _output_dir_problems(config: TrainConfig) -> list[str]:
     if not config.output_dir.strip() or config.resume_from_checkpoint:
         return []
     out = Path(config.output_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        return [f"output_dir: {out} is a file; give a folder"]
-    if out.is_dir() and any(out.iterdir()) and not config.overwrite_output_dir:
-        return [f"output_dir: {out} exists and is not empty; choose a new folder, leave it empty for an "
-                "automatic one, or set overwrite_output_dir"]
+    try:
+        if out.exists() and not out.is_dir():
+            return [f"output_dir: {out} is a file; give a folder"]
+        if out.is_dir() and any(out.iterdir()) and not config.overwrite_output_dir:
+            return [f"output_dir: {out} exists and is not empty; choose a new folder, leave it empty for an "
+                    "automatic one, or set overwrite_output_dir"]
+        blocker = next((p for p in out.absolute().parents if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            return [f"output_dir: cannot create {out}: {blocker} is a file, not a folder; choose another folder"]
+    except OSError as exc:  # e.g. a path longer than the file system allows
+        return [f"output_dir: {_short(config.output_dir)} cannot be used as a path ({exc.strerror}); "
+                "choose another folder"]
     return []
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
 def _dataset_problems(config: TrainConfig) -> tuple[list[str], list[Path]]:

@@ -399,11 +399,12 @@ def start(services: AppServices, lang: str, *values: Any) -> tuple[Any, str, str
     if problems:
         gr.Warning(problems[0])
         return gr.skip(), _problems_md(i18n.t("alert.not_started", lang), problems), gr.skip()
-    blocked = fit_warning(config, lang)
-    if blocked:
-        gr.Warning(i18n.t("alert.will_not_fit", lang), duration=None)
-        return gr.skip(), blocked, gr.skip()
     try:
+        services.tasks.validate(config)  # what cannot run at all is said before what does not fit
+        blocked = fit_warning(config, lang)
+        if blocked:
+            gr.Warning(i18n.t("alert.will_not_fit", lang), duration=None)
+            return gr.skip(), blocked, gr.skip()
         task = services.tasks.create(config, source="ui")
     except TaskError as exc:
         found = getattr(exc, "problems", [str(exc)])

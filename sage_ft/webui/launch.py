@@ -145,8 +145,12 @@ def chat_model_for(args: argparse.Namespace, tasks: Any) -> str:
 def start_chat_server(args: argparse.Namespace, tasks: Any) -> Any:
     """The managed chat server, started in the background (the top bar shows its state)."""
     from sage_ft.serving import ServerManager
+    from sage_ft.tasks.arbitration import ServingArbiter
 
     manager = ServerManager()
+    # A run that will not fit beside the served model gets the memory: the server is released for it
+    # and brought back afterwards (the task's events and the top bar say so).
+    tasks.set_arbiter(ServingArbiter(manager))
     model = chat_model_for(args, tasks)
     threading.Thread(target=_safe_switch, args=(manager, model), daemon=True, name="chat-server-start").start()
     return manager

@@ -229,11 +229,11 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(only_changed=only_changed), sort_keys=False, allow_unicode=True)
 
     def save_yaml(self, path: str | Path) -> Path:
+        from sage_ft.atomic import atomic_writer
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(self.to_yaml(), encoding="utf-8")
-        tmp.replace(path)
+        with atomic_writer(path) as fh:
+            fh.write(self.to_yaml())
         return path
 
     def to_argv(self, config_path: str | Path | None = None) -> list[str]:

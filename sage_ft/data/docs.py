@@ -16,12 +16,11 @@ result; if nothing usable is left, ``DataError`` says why.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sage_ft.atomic import atomic_writer
 from sage_ft.data.load import DataError
 
 DOC_SUFFIXES = (".md", ".markdown", ".txt")
@@ -212,15 +211,6 @@ def prepare_docs(src_dir: str | Path | list[str | Path], out_path: str | Path, *
 
 
 def _write_jsonl_atomic(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")

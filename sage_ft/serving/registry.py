@@ -12,7 +12,6 @@ import contextlib
 import fcntl
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import psutil
 
 from sage_ft import paths
+from sage_ft.atomic import atomic_writer
 
 # psutil derives create_time from boot time + start ticks; allow for rounding between readings.
 _CREATE_TIME_TOLERANCE_S = 1.0
@@ -90,17 +90,8 @@ def _read(path: Path) -> list[dict[str, Any]]:
 
 
 def _write(path: Path, entries: list[dict[str, Any]]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".servers.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump({"servers": entries}, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path, mode=0o600) as fh:  # holds the servers' API keys
+        json.dump({"servers": entries}, fh, indent=2)
 
 
 def read_entries() -> list[dict[str, Any]]:

@@ -1,0 +1,37 @@
+"""Atomic file writes: temp file in the same folder, fsync, rename.
+
+A crash (or a full disk) mid-write leaves the previous version of the file, never half of a new
+one. Every state file sage-ft writes (run meta, the server registry, generated datasets, saved
+configs) goes through here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | Path, *, mode: int | None = None) -> Iterator[IO[str]]:
+    """``with atomic_writer(p) as fh: fh.write(...)`` — ``p`` appears complete or not at all.
+
+    ``mode`` sets the permission bits before any byte is written (e.g. 0o600 for files holding keys).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        if mode is not None:
+            os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -125,3 +125,39 @@ def test_recommender_fills_the_form_and_start_blocks_what_cannot_fit(webui, webu
     assert not isinstance(task_id, int)
     assert "will not fit" in message and "Recommend for my hardware" in message
     assert len(webui.services.tasks.list()) == before
+
+
+def _is_skip(value) -> bool:
+    return value == {"__type__": "update"}
+
+
+def test_page_tick_is_one_event_that_skips_what_did_not_change(webui, finished):
+    """The page timer fires one handler; a second tick with nothing changed sends no heavy output again."""
+    reg = webui.demo.registry
+    timer = reg["top.timer"]
+    ticks = [f for f in webui.demo.fns.values() if (timer._id, "tick") in [tuple(t) for t in f.targets]]
+    assert len(ticks) == 1, "every tab must share the one page tick"
+    tick = ticks[0]
+    given = {reg["top.lang"]._id: "en", reg["train.task_id"]._id: finished[0], reg["mon.task"]._id: finished[0],
+             reg["mon.compare"]._id: [], reg["mon.log_y"]._id: False, reg["mon.smoothing"]._id: 0.6}
+    values = {c._id: given.get(c._id) for c in tick.inputs}
+
+    def run() -> dict[int, object]:
+        out = dict(zip([c._id for c in tick.outputs], tick.fn(*[values[c._id] for c in tick.inputs]), strict=True))
+        for c in tick.inputs:  # the page keeps what its states were set to
+            if c._id in out and isinstance(c, type(reg["mon.stamp"])) and not _is_skip(out[c._id]):
+                values[c._id] = out[c._id]
+        return out
+
+    heavy = ["train.progress", "mon.table", "mon.task", "mon.compare", "mon.progress", "mon.loss", "mon.eval",
+             "mon.lr", "mon.config", "mon.log", "mon.checkpoints", "mon.metrics", "mon.paths", "chat.banner"]
+    first = run()
+    assert "completed" in first[reg["train.progress"]._id] and "completed" in first[reg["mon.progress"]._id]
+    assert json.loads(first[reg["mon.loss"]._id].plot)["data"] and first[reg["mon.log"]._id].strip()
+    assert [row[0] for row in first[reg["mon.table"]._id]["data"]][-2:] == sorted(finished, reverse=True)
+    second = run()
+    assert [k for k in heavy if not _is_skip(second[reg[k]._id])] == []
+    # a change shows on the next tick: another language redraws the progress bar in it
+    values[reg["top.lang"]._id] = "zh"
+    third = run()
+    assert "已完成" in third[reg["train.progress"]._id]

@@ -33,9 +33,12 @@ def build_app(services: AppServices, lang: str | None = None) -> gr.Blocks:
                 with reg.add(tab_id, gr.Tab(i18n.t(tab_id, lang), id=tab_id.split(".")[1],
                                             elem_id=tab_id.replace(".", "-"))):
                     module.build(reg, services, lang)
-        topbar.wire(reg, services)
+        parts = [topbar.wire(reg, services)]
         for _, module in TABS:
-            module.wire(reg, services)
+            part = module.wire(reg, services)
+            if part is not None:  # the tab has something live to refresh on the page tick
+                parts.append(part)
+        topbar.wire_tick(reg, parts)
         localized = [e.component for e in reg.localized()]
         reg["top.lang"].change(lambda lg: reg.relabel(i18n.normalize(lg)), reg["top.lang"], localized,
                                api_name="set_lang", show_progress="hidden")

@@ -23,6 +23,7 @@ import gradio as gr
 from sage_ft.webui import i18n, server_panel
 from sage_ft.webui.components import Registry
 from sage_ft.webui.services import AppServices
+from sage_ft.webui.topbar import TickPart
 from sage_ft.webui.uploads import PathRefused
 
 log = logging.getLogger(__name__)
@@ -97,14 +98,12 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
     server_panel.build(reg, services, lang)
 
 
-def wire(reg: Registry, services: AppServices) -> None:
+def wire(reg: Registry, services: AppServices) -> TickPart:
     lang = reg["top.lang"]
     settings = [reg["chat.system"], reg["chat.temperature"], reg["chat.top_p"], reg["chat.max_tokens"], lang]
     pickers = [reg["chat.model"], reg["chat.model_a"], reg["chat.model_b"]]
     banner_out = [reg["chat.banner"], reg["chat.banner_stamp"]]
 
-    reg["top.timer"].tick(lambda stamp, lg: refresh_banner(services, stamp, lg), [reg["chat.banner_stamp"], lang],
-                          banner_out, api_name=False, concurrency_limit=None, show_progress="hidden")
     refresh = lambda lg: refresh_models(services, lg)  # noqa: E731
     reg["chat.refresh"].click(refresh, lang, [*pickers, *banner_out], api_name="chat_models", show_progress="hidden")
     reg["tab.chat"].select(refresh, lang, [*pickers, *banner_out], api_name=False, show_progress="hidden")
@@ -154,6 +153,8 @@ def wire(reg: Registry, services: AppServices) -> None:
     reg["chat.compare_clear"].click(lambda: ([], [], ""), None, compare_out[:3], api_name=False,
                                     show_progress="hidden")
     server_panel.wire(reg, services)
+    return TickPart(("chat.banner_stamp", "top.lang"), ("chat.banner", "chat.banner_stamp"),
+                    lambda stamp, lg: refresh_banner(services, stamp, lg))
 
 
 # ====================================================================== models

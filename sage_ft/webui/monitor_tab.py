@@ -13,16 +13,19 @@ import functools
 import html
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from gradio.components.plot import PlotData
 
 from sage_ft.tasks import TaskError, TaskStatus
 from sage_ft.webui import charts, chat_tab, i18n, render
 from sage_ft.webui.components import Registry
 from sage_ft.webui.services import AppServices
+from sage_ft.webui.topbar import TickPart
 
 log = logging.getLogger(__name__)
 LOG_LINES = 200
@@ -68,19 +71,21 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
                                       lines=6, max_lines=16))
 
 
+DETAILS = ("progress", "loss", "eval", "lr", "config", "log", "checkpoints", "metrics", "paths")
+
+
 def detail_outputs(reg: Registry) -> list[Any]:
-    return [reg[f"mon.{n}"] for n in ("progress", "loss", "eval", "lr", "config", "log", "checkpoints", "metrics",
-                                      "paths")]
+    return [reg[f"mon.{n}"] for n in DETAILS]
 
 
-def wire(reg: Registry, services: AppServices) -> None:
+def wire(reg: Registry, services: AppServices) -> TickPart:
     lang = reg["top.lang"]
     view = [reg["mon.task"], reg["mon.compare"], reg["mon.log_y"], reg["mon.smoothing"], lang]
     table_out = [reg["mon.table"], reg["mon.version"], reg["mon.task"], reg["mon.compare"]]
-    reg["top.timer"].tick(lambda ver, stamp, *v: tick(services, ver, stamp, *v),
-                          [reg["mon.version"], reg["mon.stamp"], *view],
-                          [*table_out, reg["mon.stamp"], *detail_outputs(reg)], api_name="monitor_tick",
-                          concurrency_limit=None, show_progress="hidden")
+    reg["top.api"].tick(lambda ver, stamp, *v: tick(services, ver, stamp, *v),
+                        [reg["mon.version"], reg["mon.stamp"], *view],
+                        [*table_out, reg["mon.stamp"], *detail_outputs(reg)], api_name="monitor_tick",
+                        concurrency_limit=None, show_progress="hidden")
     reg["mon.table"].select(select_row, [reg["mon.table"]], reg["mon.task"], api_name=False)
     details = lambda *v: task_details(services, *v)  # noqa: E731
     gr.on([reg["mon.task"].change, reg["mon.compare"].change, reg["mon.log_y"].change, reg["mon.smoothing"].release],
@@ -96,6 +101,11 @@ def wire(reg: Registry, services: AppServices) -> None:
                                   [reg["mon.message"], reg["mon.file"]], api_name="task_download_log")
     reg["mon.use_chat"].click(functools.partial(use_as_chat, services), [reg["mon.task"], lang],
                               reg["mon.message"], api_name="task_use_chat", concurrency_limit=None)
+    view_ids = ("mon.task", "mon.compare", "mon.log_y", "mon.smoothing", "top.lang")
+    outputs = ("mon.table", "mon.version", "mon.task", "mon.compare", "mon.stamp",
+               *(f"mon.{n}" for n in DETAILS))
+    return TickPart(("mon.version", "mon.stamp", *view_ids), outputs,
+                    lambda ver, stamp, *v: tick(services, ver, stamp, *v))
 
 
 # ====================================================================== handlers
@@ -145,7 +155,37 @@ def select_row(table: Any, evt: gr.SelectData) -> Any:
 
 def task_details(services: AppServices, task_id: Any, compare: list[Any], log_y: bool, smoothing: float,
                  lang: str) -> list[Any]:
-    """Progress, three charts (with overlays), frozen config, log tail, checkpoints, metrics, paths."""
+    """Progress, three charts (with overlays), frozen config, log tail, checkpoints, metrics, paths.
+
+    Built once per change for all pages: the result is cached under its stamp (which changes with any
+    of the shown tasks' rows, the view options and the language), charts already serialised."""
+    if task_id in (None, ""):
+        return _task_details(services, task_id, compare, log_y, smoothing, lang)
+    stamp = _stamp(services, task_id, compare, log_y, smoothing, lang)
+    with _DETAILS_LOCK:
+        cached = _DETAILS_CACHE.get((id(services), stamp))
+    if cached is not None:
+        return list(cached)
+    out = _task_details(services, task_id, compare, log_y, smoothing, lang, stamp)
+    out[2:5] = [_plot_data(fig) for fig in out[2:5]]
+    with _DETAILS_LOCK:
+        _DETAILS_CACHE[(id(services), stamp)] = out
+        while len(_DETAILS_CACHE) > 16:
+            _DETAILS_CACHE.pop(next(iter(_DETAILS_CACHE)))
+    return list(out)
+
+
+_DETAILS_CACHE: dict[tuple[int, str], list[Any]] = {}
+_DETAILS_LOCK = threading.Lock()
+
+
+def _plot_data(fig: Any) -> Any:
+    """A plotly figure as gradio's serialised ``PlotData`` (to_json once, not once per page)."""
+    return None if fig is None else PlotData(type="plotly", plot=fig.to_json())
+
+
+def _task_details(services: AppServices, task_id: Any, compare: list[Any], log_y: bool, smoothing: float,
+                  lang: str, stamp: str | None = None) -> list[Any]:
     empty = [None, render.progress_html(None, lang), None, None, None, "", "", "", None, ""]
     if task_id in (None, ""):
         return empty
@@ -177,7 +217,7 @@ def task_details(services: AppServices, task_id: Any, compare: list[Any], log_y:
                 + (" ✅" if adapter.is_dir() else f" ({i18n.t('mon.not_yet', lang)})"))
     if detail.status is TaskStatus.QUEUED and detail.queue_position:
         paths_md += f"\n\n{i18n.t('mon.queue_position', lang, n=detail.queue_position)}"
-    stamp = _stamp(services, task_id, compare, log_y, smoothing, lang)
+    stamp = stamp or _stamp(services, task_id, compare, log_y, smoothing, lang)
     return [stamp, render.progress_html(detail, lang, detail.eta_seconds), loss, evals, lr, detail.config_yaml,
             detail.log_tail, f"**{i18n.t('mon.checkpoints', lang)}**\n\n{checkpoints}", detail.last_metrics, paths_md]
 

@@ -12,6 +12,8 @@ import logging
 import re
 import shutil
 import tempfile
+import threading
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +24,9 @@ from sage_ft.tasks import TaskManager
 from sage_ft.webui.uploads import MAX_UPLOAD_BYTES, PathGuard
 
 log = logging.getLogger(__name__)
+DEVICE_CACHE_S = 1.5  # below the page tick (2 s), so each tick of one page still sees a fresh sample
+_DEVICE_CACHE: dict[str, tuple[float, dict[str, Any]]] = {}
+_DEVICE_LOCK = threading.Lock()
 
 
 @dataclass
@@ -95,14 +100,22 @@ class AppServices:
 
     # ------------------------------------------------------------------ status for the top bar
     def device_summary(self) -> dict[str, Any]:
-        """``gpu.device_info()`` plus the CPU load (cheap: NVML and psutil counters)."""
+        """``gpu.device_info()`` plus the CPU load (NVML and psutil counters), sampled at most once per
+        ``DEVICE_CACHE_S`` for all open pages together."""
+        now = time.monotonic()
+        with _DEVICE_LOCK:
+            cached = _DEVICE_CACHE.get("info")
+            if cached is not None and now - cached[0] < DEVICE_CACHE_S:
+                return dict(cached[1])
         import psutil
 
         from sage_ft.gpu import device_info
 
         info = device_info()
         info["cpu_percent"] = psutil.cpu_percent(interval=None)
-        return info
+        with _DEVICE_LOCK:
+            _DEVICE_CACHE["info"] = (now, info)
+        return dict(info)
 
     def serving_summary(self) -> dict[str, Any]:
         """``{"model", "kind", "state", "detail"}`` of the chat server (its manager's recorded state)."""

@@ -1,13 +1,21 @@
-"""The top bar: title, language switch, chat model + serving status, device summary.
+"""The top bar: title, language switch, chat model + serving status, device summary, and the page's
+one ``gr.Timer``.
 
-The status line is refreshed by a ``gr.Timer`` every ~2 s with cheap reads only (the server
-manager's recorded state, NVML/psutil counters); the timer event has no concurrency limit and no
-progress animation, so it never queues behind a long handler.
+Every ~2 s the timer fires ONE event per page (``wire_tick``), not one per tab: each tab contributes
+a ``TickPart`` (its inputs, outputs and a cheap function) and the combined handler returns
+``gr.skip()`` for every output whose data did not change since that page's last tick (each part
+keeps a fingerprint in a ``gr.State``). The timer event has no concurrency limit and no progress
+animation, so it never queues behind a long handler. The per-part endpoints that API clients and
+tests call by name (``top_status``, ``train_progress``, ``monitor_tick``) hang on ``top.api``, a
+timer that is never active, so they never fire from the page.
 """
 
 from __future__ import annotations
 
 import html
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
@@ -16,7 +24,37 @@ from sage_ft.webui import i18n
 from sage_ft.webui.components import Registry
 from sage_ft.webui.services import AppServices
 
+log = logging.getLogger(__name__)
 REFRESH_S = 2.0
+
+
+@dataclass(frozen=True)
+class TickPart:
+    """One tab's share of the page tick: ``fn(*inputs) -> outputs`` (registry ids; skips when unchanged)."""
+
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    fn: Callable[..., Sequence[Any]]
+
+
+def wire_tick(reg: Registry, parts: Sequence[TickPart]) -> None:
+    """Bind every part to the page timer as one event (one request per page per tick)."""
+    keys = list(dict.fromkeys(k for part in parts for k in part.inputs))
+
+    def tick(*values: Any) -> list[Any]:
+        given = dict(zip(keys, values, strict=True))
+        out: list[Any] = []
+        for part in parts:
+            try:
+                got = list(part.fn(*[given[k] for k in part.inputs]))
+            except Exception:  # one part failing must not freeze the rest of the page
+                log.exception("page tick: %s failed", part.outputs)
+                got = [gr.skip()] * len(part.outputs)
+            out += got
+        return out
+
+    reg["top.timer"].tick(tick, [reg[k] for k in keys], [reg[k] for part in parts for k in part.outputs],
+                          api_name=False, concurrency_limit=None, show_progress="hidden")
 
 
 def build(reg: Registry, services: AppServices, lang: str) -> None:
@@ -27,11 +65,20 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
                                         label=i18n.t("top.lang", lang), elem_id="lang-select", scale=0,
                                         min_width=130))
     reg.add("top.timer", gr.Timer(REFRESH_S), kind="none")
+    reg.add("top.api", gr.Timer(REFRESH_S, active=False), kind="none")
+    reg.add("top.stamp", gr.State(None), kind="none")
 
 
-def wire(reg: Registry, services: AppServices) -> None:
-    reg["top.timer"].tick(lambda lang: status_html(services, lang), inputs=reg["top.lang"], outputs=reg["top.status"],
-                          api_name="top_status", concurrency_limit=None, show_progress="hidden")
+def wire(reg: Registry, services: AppServices) -> TickPart:
+    reg["top.api"].tick(lambda lang: status_html(services, lang), inputs=reg["top.lang"], outputs=reg["top.status"],
+                        api_name="top_status", concurrency_limit=None, show_progress="hidden")
+    return TickPart(("top.stamp", "top.lang"), ("top.status", "top.stamp"), lambda stamp, lg: tick(services, stamp, lg))
+
+
+def tick(services: AppServices, stamp: str | None, lang: str) -> tuple[Any, Any]:
+    """The status line, or two skips when it reads the same as on this page's last tick."""
+    text = status_html(services, lang)
+    return (gr.skip(), gr.skip()) if text == stamp else (text, text)
 
 
 def status_html(services: AppServices, lang: str) -> str:

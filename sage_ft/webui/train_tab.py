@@ -21,6 +21,7 @@ from sage_ft.webui import charts, form, i18n, render
 from sage_ft.webui.components import Registry
 from sage_ft.webui.presets import PRESETS
 from sage_ft.webui.services import AppServices, tokenizer_for
+from sage_ft.webui.topbar import TickPart
 from sage_ft.webui.uploads import PathRefused, UploadError, store_upload
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
         reg.add("train.start", gr.Button(i18n.t("train.start", lang), variant="primary", elem_id="start-btn", scale=2))
         reg.add("train.cancel", gr.Button(i18n.t("train.cancel", lang), variant="stop", scale=1))
         reg.add("train.resume", gr.Button(i18n.t("train.resume", lang), scale=1))
+        reg.add("train.stamp", gr.State(None), kind="none")
         reg.add("train.task_id", gr.Number(label=i18n.t("train.task_id", lang), precision=0, value=None, scale=1,
                                            elem_id="train-task-id"))
     reg.add("train.message", gr.Markdown("", elem_id="train-message"), kind="none")
@@ -108,7 +110,7 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
 
 
 # ====================================================================== wiring
-def wire(reg: Registry, services: AppServices) -> None:
+def wire(reg: Registry, services: AppServices) -> TickPart:
     fields = [reg[f"train.{n}"] for n in FIELDS]
     lang = reg["top.lang"]
     data_inputs = [reg[f"train.{n}"] for n in ("dataset", "dataset_format", "column_mapping", "max_samples",
@@ -158,9 +160,11 @@ def wire(reg: Registry, services: AppServices) -> None:
                               api_name="cancel")
     reg["train.resume"].click(lambda tid, lg: resume(services, tid, lg), [reg["train.task_id"], lang], progress_out,
                               api_name="resume")
-    reg["top.timer"].tick(lambda tid, lg: train_progress(services, tid, lg), [reg["train.task_id"], lang],
-                          reg["train.progress"], api_name="train_progress", concurrency_limit=None,
-                          show_progress="hidden")
+    reg["top.api"].tick(lambda tid, lg: train_progress(services, tid, lg), [reg["train.task_id"], lang],
+                        reg["train.progress"], api_name="train_progress", concurrency_limit=None,
+                        show_progress="hidden")
+    return TickPart(("train.task_id", "train.stamp", "top.lang"), ("train.progress", "train.stamp"),
+                    lambda tid, stamp, lg: progress_tick(services, tid, stamp, lg))
 
 
 def on_load(services: AppServices, lang: str) -> tuple[Any, str]:
@@ -452,6 +456,20 @@ def cancel(services: AppServices, task_id: Any, lang: str) -> tuple[Any, str, st
 
 def resume(services: AppServices, task_id: Any, lang: str) -> tuple[Any, str, str]:
     return _task_action(services, task_id, lang, "resume")
+
+
+def progress_tick(services: AppServices, task_id: Any, stamp: str | None, lang: str) -> tuple[Any, Any]:
+    """The progress bar and its fingerprint (task row version + language), or skips when unchanged."""
+    if task_id in (None, ""):
+        return gr.skip(), gr.skip()
+    try:
+        task = services.tasks.task(int(task_id))
+    except TaskError:
+        task = None
+    new_stamp = f"{task_id}@{task.updated_at if task else 'gone'}:{lang}"
+    if new_stamp == stamp:
+        return gr.skip(), gr.skip()
+    return render.progress_html(task, lang), new_stamp
 
 
 def train_progress(services: AppServices, task_id: Any, lang: str) -> Any:

@@ -1,5 +1,5 @@
 """UI cost: start-up time and idle memory of ``python webui.py`` vs a bare ``gr.Blocks`` hello page,
-and the CPU cost of the page's live polling with a running task and two open browsers.
+and the CPU cost of the page's live polling with a running (paused) task and two open browsers.
 
     python bench/ui_cost.py [--quick]
 
@@ -91,7 +91,7 @@ def stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def polling_cost(port: int, pid: int, home: Path, seconds: float) -> dict:
+def polling_cost(port: int, pid: int, home: Path, seconds: float, steps: int) -> dict:
     from playwright.sync_api import sync_playwright
 
     os.environ["SAGE_FT_HOME"] = str(home)
@@ -107,7 +107,10 @@ def polling_cost(port: int, pid: int, home: Path, seconds: float) -> dict:
     deadline = time.time() + 120
     while tasks.get(task.id).status != "running" and time.time() < deadline:
         time.sleep(0.5)
-    time.sleep(3)
+    # Paused between steps: the task stays "running" (the page polls its progress, curves and log)
+    # but burns no CPU, so what remains is the UI's own cost.
+    tasks.pause(task.id)
+    time.sleep(5)
     idle = cpu_percent(pid, seconds)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
@@ -116,11 +119,35 @@ def polling_cost(port: int, pid: int, home: Path, seconds: float) -> dict:
             page.goto(f"http://127.0.0.1:{port}/")
         time.sleep(5)
         watched = cpu_percent(pid, seconds)
+        tasks.cancel(task.id)
+        tasks.wait(task.id, timeout=120)
+        # Monitoring overhead on training itself: the same short run with and without two pages
+        # watching it (bare / watched / bare, so drift in machine load affects both sides alike).
+        runtimes: dict[str, list[float]] = {"bare": [], "watched": []}
+        for mode in ("bare", "watched", "bare"):
+            for page in pages:
+                page.goto(f"http://127.0.0.1:{port}/" if mode == "watched" else "about:blank")
+            time.sleep(5)  # let the pages settle: their first render is not polling
+            runtimes[mode].append(train_runtime(tasks, data, steps))
         browser.close()
-    tasks.cancel(task.id)
     tasks.shutdown()
+    bare = sum(runtimes["bare"]) / len(runtimes["bare"])
     return {"cpu_percent_no_browser": idle, "cpu_percent_two_browsers": watched,
-            "polling_cpu_percent": watched - idle}
+            "polling_cpu_percent": watched - idle, "train_runtime_bare_s": bare,
+            "train_runtime_watched_s": runtimes["watched"][0],
+            "monitoring_slowdown": runtimes["watched"][0] / bare - 1}
+
+
+def train_runtime(tasks, data: Path, steps: int) -> float:
+    """The training loop's own runtime of one short run through the app's queue."""
+    from sage_ft.training import read_meta
+
+    task = tasks.create({"dataset": str(data), "max_steps": steps, "cutoff_len": 64, "save_steps": 100_000,
+                         "per_device_train_batch_size": 4}, name="overhead-bench")
+    done = tasks.wait(task.id, timeout=600)
+    if done.status != "completed":
+        raise RuntimeError(f"overhead run ended {done.status}: {done.error}")
+    return float(read_meta(done.output_dir)["metrics"]["train_runtime"])
 
 
 def main() -> int:
@@ -143,7 +170,7 @@ def main() -> int:
                 starts.append(seconds)
                 rss.append(tree_rss_mb(proc.pid))
                 if kind == "sage-ft" and _ == repeats - 1:
-                    poll = polling_cost(port, proc.pid, home, 10 if args.quick else 20)
+                    poll = polling_cost(port, proc.pid, home, 10 if args.quick else 20, 300 if args.quick else 1000)
                 stop(proc)
             rows.append({"app": kind, "first_page_s": min(starts), "idle_rss_mb": min(rss)})
     base = rows[0]
@@ -151,12 +178,14 @@ def main() -> int:
         r["start_ratio"] = r["first_page_s"] / base["first_page_s"]
         r["rss_ratio"] = r["idle_rss_mb"] / base["idle_rss_mb"]
     print_table(rows, ["app", "first_page_s", "start_ratio", "idle_rss_mb", "rss_ratio"])
-    print(f"polling: app CPU {poll['cpu_percent_no_browser']:.1f}% with a running task and no browser, "
+    print(f"polling: app CPU {poll['cpu_percent_no_browser']:.1f}% with a running (paused) task and no browser, "
           f"{poll['cpu_percent_two_browsers']:.1f}% with two open pages "
           f"(+{poll['polling_cpu_percent']:.1f} points of one core)")
     path = save_results("ui_cost", {"rows": rows, "polling": poll})
     bar_chart(path.with_suffix(".html"), "Start-up to first page (s)", [r["app"] for r in rows],
               [r["first_page_s"] for r in rows], "seconds")
+    print(f"monitoring overhead on training: {100 * poll['monitoring_slowdown']:+.1f}% "
+          f"({poll['train_runtime_watched_s']:.1f} s watched by two pages vs {poll['train_runtime_bare_s']:.1f} s bare)")
     print(f"start-up ratio: {rows[1]['start_ratio']:.2f}x")
     return 0
 

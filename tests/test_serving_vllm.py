@@ -43,8 +43,10 @@ def test_start_is_verified_and_status_complete(vllm_manager):
     assert status["base_url"] == f"http://127.0.0.1:{status['port']}/v1"
     server = vllm_manager.server
     assert httpx.get(f"{server.root_url}/health", timeout=5).status_code == 200
-    ids = [m["id"] for m in server.served_models()]
-    assert ids == ["demo"]
+    models = server.served_models()
+    assert models[0]["id"] == "demo" and models[0]["parent"] is None
+    # the server is shared by the session: adapters other tests loaded are all children of the base
+    assert all(m["parent"] == "demo" for m in models[1:]), models
 
 
 def test_server_binds_loopback_and_requires_the_api_key(vllm_manager):

@@ -190,7 +190,9 @@ def test_estimate_matches_measured_peak_rss(demo_model, llama_dir):
         (demo_model, dict(vocab=vocab, batch=8, seq=256, precision="fp32", gc=False)),
         (llama_dir, dict(vocab=16000, batch=4, seq=256, precision="bf16", gc=False)),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # A minimal environment: what earlier tests of the session set must not change the child's allocator.
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root"), "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
     def measure_all(specs):
         children = [subprocess.Popen([sys.executable, "-c", _CHILD,

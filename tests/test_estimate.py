@@ -183,6 +183,7 @@ _CHILD = textwrap.dedent("""
 
 
 @pytest.mark.slow
+@pytest.mark.isolated
 def test_estimate_matches_measured_peak_rss(demo_model, llama_dir):
     """Two real LoRA runs in child processes (started together to save time); RSS delta vs estimate."""
     vocab = json.loads((demo_model / "config.json").read_text())["vocab_size"]

@@ -330,3 +330,50 @@ def test_multi_process_task_runs_as_a_recorded_child_and_completes(worker_manage
     assert not ProcessIdentity(*child).is_alive()
     with sqlite3.connect(worker_manager.store.path) as conn:
         assert conn.execute("SELECT child_pid FROM tasks WHERE id=?", (task.id,)).fetchone() == (None,)
+
+
+def _running_group(manager, task_id: int) -> tuple[psutil.Process, list[psutil.Process]]:
+    """The recorded launcher of a running multi-process task and its ranks, once it is mid-run."""
+    _wait_for(lambda: manager.get(task_id).step >= 3, what="the data-parallel run to pass step 3")
+    with sqlite3.connect(manager.store.path) as conn:
+        pid = conn.execute("SELECT child_pid FROM tasks WHERE id=?", (task_id,)).fetchone()[0]
+    launcher = psutil.Process(pid)
+    ranks = [p for p in launcher.children(recursive=True) if "sage_ft.training.worker_entry" in p.cmdline()]
+    assert len(ranks) == 2, [p.cmdline() for p in launcher.children(recursive=True)]
+    return launcher, ranks
+
+
+def _alive(procs: list[psutil.Process]) -> list[int]:
+    alive = []
+    for proc in procs:
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["rank 1", "launcher"])
+def test_kill_9_of_a_live_data_parallel_process_fails_the_task_with_its_cause(worker_manager, task_dataset, victim):
+    """kill -9 of one rank, or of the `accelerate launch` process itself, mid-run: the task ends ❌
+    failed naming the killed process and signal, the launcher's log tail is in the task log, no rank
+    is left training, the app stays up and the queue moves on."""
+    task = worker_manager.create(tiny_task_config(task_dataset, max_steps=2000, save_steps=50,
+                                                  num_processes=2, devices="cpu"), name="data-parallel")
+    after = worker_manager.create(tiny_task_config(task_dataset, max_steps=2), name="queued behind it")
+    launcher, ranks = _running_group(worker_manager, task.id)
+    target = ranks[1] if victim == "rank 1" else launcher
+    target.send_signal(signal.SIGKILL)
+
+    failed = worker_manager.wait(task.id, 120)
+    assert failed.status is TaskStatus.FAILED and failed.icon == "❌"
+    assert f"(pid {target.pid})" in failed.error and "signal 9 (SIGKILL)" in failed.error, failed.error
+    assert ("rank 1" in failed.error) == (victim == "rank 1"), failed.error
+    assert 3 <= failed.step < 2000
+    assert "data-parallel launcher's log" in worker_manager.get(task.id).log_tail
+    assert _alive([launcher, *ranks]) == []  # nothing left training into the run directory
+    with sqlite3.connect(worker_manager.store.path) as conn:
+        assert conn.execute("SELECT child_pid FROM tasks WHERE id=?", (task.id,)).fetchone() == (None,)
+    assert worker_manager.wait(after.id, RUN_TIMEOUT_S).status is TaskStatus.COMPLETED  # the queue moved on

@@ -220,8 +220,12 @@ class TaskRun:
                 break
             time.sleep(0.5)
         control.join()
+        if handle.end_all():
+            log.warning("task %s: ended training processes left running after the launcher exited", self.task.id)
         meta = read_meta(handle.output_dir)
         status = meta.get("status")
+        if exit_code != 0 and self._cancel_reason is None:
+            return self._multi_failed(handle, exit_code, meta)
         if status not in ("completed", "failed", "cancelled"):
             return TaskOutcome(TaskStatus.FAILED, str(handle.output_dir),
                                error=f"the training processes exited with code {exit_code} before finishing; "
@@ -230,6 +234,18 @@ class TaskRun:
         if outcome is TaskStatus.CANCELLED and self._cancel_reason == "interrupt":
             outcome = TaskStatus.INTERRUPTED
         return TaskOutcome(outcome, str(handle.output_dir), dict(meta.get("metrics") or {}), meta.get("error"))
+
+    def _multi_failed(self, handle: Any, exit_code: int, meta: dict[str, Any]) -> TaskOutcome:
+        """A data-parallel run that ended badly without being asked to stop (a rank crashed or was
+        killed, the launcher died): the root cause first, then what rank 0 reported, and the
+        launcher's log tail copied into the task log so the UI shows it."""
+        reason = handle.failure_reason(exit_code)
+        if meta.get("error"):
+            reason += f" (rank 0 then reported: {meta['error']})"
+        self._append_log(f"\n--- {LAUNCHER_LOG_TITLE} ({handle.log_path}) ---\n{handle.log_tail()}\n")
+        self._append_log(f"failed: {reason}\n")
+        metrics = {k: v for k, v in (meta.get("metrics") or {}).items() if _is_scalar(v)}
+        return TaskOutcome(TaskStatus.FAILED, str(handle.output_dir), metrics, reason)
 
     def _record_child(self, pid: int) -> None:
         from sage_ft.tasks.procinfo import identity_of
@@ -404,6 +420,7 @@ class _MultiProcessControl:
         return {}
 
 
+LAUNCHER_LOG_TITLE = "last lines of the data-parallel launcher's log"
 _NOT_METRICS = frozenset({"event", "time", "step", "total_steps", "global_step"})
 
 

@@ -9,7 +9,8 @@ exactly like an in-process run.
 
 Cancel path: ``handle.cancel()`` writes ``<run>/CANCEL``; every rank watches for it and stops after
 the current step (the adapter is saved); after ``grace_s`` the whole process group gets SIGTERM,
-then SIGKILL — a multi-process run can always be stopped (LLaMA-Factory #3978).
+then SIGKILL, and so does every rank recorded under ``<run>/ranks/`` (torchrun gives each rank a
+session of its own) — a multi-process run can always be stopped (LLaMA-Factory #3978).
 
 On CPU, accelerate's ``--cpu`` launcher starts a single process (several only through MPI), so
 CPU data parallelism uses the same torchrun path as GPUs (``--multi_gpu``); the trainer's
@@ -22,7 +23,9 @@ argv lists only, never shell strings.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,6 +40,7 @@ from sage_ft.config import ConfigError, TrainConfig
 CANCEL_FILE = "CANCEL"
 LAUNCH_CONFIG = "launch_config.yaml"
 LAUNCHER_LOG = "launcher.log"
+RANKS_DIR = "ranks"  # each rank writes rank-N.json (pid + start time) here when it starts
 WORKER_MODULE = "sage_ft.training.worker_entry"
 
 
@@ -151,13 +155,86 @@ class MultiProcessRun:
 
     def kill(self) -> int:
         self._signal(signal.SIGKILL)
-        return self.process.wait()
+        code = self.process.wait()
+        self.end_all(grace_s=0)
+        return code
 
     def _signal(self, sig: int) -> None:
         try:
             os.killpg(self.process.pid, sig)  # the launcher and every rank share this group
         except ProcessLookupError:
             pass
+
+    def rank_processes(self) -> list[Any]:
+        """The ranks as they recorded themselves (``ranks/rank-N.json``: pid + start time).
+
+        torchrun starts every rank in a session of its own, so signalling the launcher's process
+        group never reaches them; these records do, and a reused pid is never mistaken for a rank.
+        """
+        from sage_ft.tasks.procinfo import ProcessIdentity
+
+        found = []
+        for path in sorted((self.output_dir / RANKS_DIR).glob("rank-*.json")):
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+                found.append(ProcessIdentity(int(record["pid"]), float(record["start_time"])))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return found
+
+    def end_all(self, grace_s: float = 10.0) -> bool:
+        """After the launcher exited: end every rank still running (SIGTERM, then SIGKILL after
+        ``grace_s``). A launcher killed with -9 leaves its ranks training on, unsupervised; they
+        must not go on writing into the run directory. Returns True when something had to be ended."""
+        from sage_ft.tasks.procinfo import end_process_tree
+
+        self._signal(signal.SIGTERM)
+        ended = [end_process_tree(rank, timeout_s=grace_s) for rank in self.rank_processes()]
+        self._signal(signal.SIGKILL)
+        return any(ended)
+
+    def failure_reason(self, exit_code: int) -> str:
+        """Why the launcher ended with ``exit_code``, in one line (see ``describe_failure``)."""
+        return describe_failure(exit_code, self.log_path, self.pid)
+
+    def log_tail(self, lines: int = 40, max_bytes: int = 32 * 1024) -> str:
+        """The last ``lines`` lines of ``launcher.log`` (every rank's output and torchrun's report)."""
+        try:
+            with self.log_path.open("rb") as fh:
+                fh.seek(0, 2)
+                fh.seek(max(0, fh.tell() - max_bytes))
+                data = fh.read()
+        except OSError:
+            return ""
+        return "\n".join(data.decode("utf-8", errors="replace").splitlines()[-lines:])
+
+
+# torchrun's ChildFailedError report names the first rank that failed under "Root Cause".
+_ROOT_CAUSE_RE = re.compile(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)\s*\(pid:\s*(\d+)\)", re.S)
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def describe_failure(exit_code: int, log_path: Path, launcher_pid: int) -> str:
+    """One line naming what ended a data-parallel run: the rank torchrun reports as the root cause
+    (its pid and signal or exit code), else the launcher's own exit. Users otherwise see only the
+    surviving rank's secondary error ("Connection reset by peer") and have to dig for the cause."""
+    try:
+        text = log_path.read_text(encoding="utf-8", errors="replace")[-64 * 1024:]
+    except OSError:
+        text = ""
+    found = _ROOT_CAUSE_RE.search(text)
+    if found:
+        rank, code, pid = int(found.group(1)), int(found.group(2)), int(found.group(3))
+        return f"training process rank {rank} (pid {pid}) {_exit_text(code)}; the run stopped"
+    return f"the launcher process (pid {launcher_pid}) {_exit_text(exit_code)}; the run stopped"
 
 
 def request_cancel(output_dir: str | Path) -> Path:
@@ -179,6 +256,8 @@ def prepare_launch(config: TrainConfig) -> tuple[TrainConfig, Path]:
     out = resolve_output_dir(config)
     out.mkdir(parents=True, exist_ok=True)
     (out / CANCEL_FILE).unlink(missing_ok=True)
+    for stale in (out / RANKS_DIR).glob("rank-*.json"):  # a previous launch into this directory
+        stale.unlink()
     frozen = dataclasses.replace(config, output_dir=str(out), overwrite_output_dir=True)
     path = frozen.save_yaml(out / LAUNCH_CONFIG)
     return frozen, path

@@ -8,6 +8,8 @@ adapter) — ``FineTuneRun`` knows its rank.
 Cancel: rank 0 watches ``<run>/CANCEL``; any rank also treats SIGTERM as a cancel request. The
 trainer all-reduces the cancel flag after every step, so all ranks stop together at the same step.
 The launcher escalates to killing the process group when they do not (``MultiProcessRun.cancel``).
+A rank whose launcher died (it is re-parented) stops the same way and exits at the latest
+``ORPHAN_EXIT_S`` later: nobody supervises it any more (the app also ends the group it sees left).
 Each rank prints one line at the end: ``rank N: <status> at step S (resumed from <checkpoint>)``.
 """
 
@@ -20,9 +22,10 @@ import threading
 from pathlib import Path
 
 from sage_ft.config import ConfigError, TrainConfig
-from sage_ft.training.launcher import CANCEL_FILE
+from sage_ft.training.launcher import CANCEL_FILE, RANKS_DIR
 
 POLL_S = 0.5
+ORPHAN_EXIT_S = 60.0
 
 
 def _watch_cancel(run, cancel_file: Path, stop: threading.Event) -> None:
@@ -30,6 +33,29 @@ def _watch_cancel(run, cancel_file: Path, stop: threading.Event) -> None:
         if cancel_file.exists():
             run.cancel()
             return
+
+
+def _watch_launcher(run, launcher_pid: int, stop: threading.Event) -> None:
+    while not stop.wait(POLL_S):
+        if os.getppid() != launcher_pid:
+            print(f"rank {os.environ.get('RANK', '0')}: the launcher (pid {launcher_pid}) is gone; stopping",
+                  file=sys.stderr, flush=True)
+            run.cancel()
+            if not stop.wait(ORPHAN_EXIT_S):
+                os._exit(3)
+            return
+
+
+def _record_self(output_dir: Path, rank: int) -> None:
+    """Write ``ranks/rank-N.json`` (pid + start time): the launcher ends leftover ranks from these."""
+    import json
+
+    import psutil
+
+    folder = output_dir / RANKS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"pid": os.getpid(), "start_time": psutil.Process().create_time(), "rank": rank}
+    (folder / f"rank-{rank}.json").write_text(json.dumps(record), encoding="utf-8")
 
 
 def _announce_world(emitter) -> None:
@@ -54,12 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     from sage_ft.training import FineTuneRun
 
     me = int(os.environ.get("RANK", "0") or 0)
+    _record_self(Path(config.output_dir), me)
     run = FineTuneRun(config)
     stop = threading.Event()
     if run.is_main_process:
         run.emitter.on("training_start", lambda _event: _announce_world(run.emitter))
         threading.Thread(target=_watch_cancel, args=(run, Path(config.output_dir) / CANCEL_FILE, stop),
                          daemon=True).start()
+    threading.Thread(target=_watch_launcher, args=(run, os.getppid(), stop), daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *_: run.cancel())
     try:
         result = run.run()

@@ -1,13 +1,13 @@
 """Load and soak on loopback, bounded: every loop stops by itself.
 
-Default (CI) mode keeps the whole file to a few minutes on 2 cores; ``SAGE_FT_SOAK=1`` runs the issue's
-full sizes. What each test runs and asserts:
+The default (CI) sizes are the issue's (8 clients for 2 minutes, 50 switches): about 3.5 minutes on 2
+cores. ``SAGE_FT_SOAK=1`` runs longer soaks. What each test runs and asserts:
 
 | test | default | SAGE_FT_SOAK=1 | asserts |
 |---|---|---|---|
-| concurrent chats | 8 clients x 25 s | 8 clients x 120 s | every request answered, none hung or lost; p50/p95 printed |
+| concurrent chats | 8 clients x 120 s | 8 clients x 600 s | every request answered, none hung or lost; p50/p95 printed |
 | create/cancel race | 2 UI clients x 6 tasks | 2 x 20 | no duplicate or lost task, one run per surviving task |
-| model switches | 10 switches | 50 switches | no new processes, listening ports or file descriptors; RSS growth < 150 MiB |
+| model switches | 50 switches | 200 switches | no new processes, listening ports or file descriptors; RSS growth < 150 MiB |
 
 The chat path is the one the Chat tab calls (``sage_ft.serving.stream_chat``) on the session's shared
 vLLM server (``vllm_manager``); the task race goes through the real UI API (``gradio_client``).
@@ -33,9 +33,9 @@ from tests.fixtures_webui import form_args, start_webui
 
 SOAK = os.environ.get("SAGE_FT_SOAK") == "1"
 CHAT_CLIENTS = 8
-CHAT_SECONDS = 120 if SOAK else 25
+CHAT_SECONDS = 600 if SOAK else 120
 RACE_TASKS_PER_CLIENT = 20 if SOAK else 6
-SWITCHES = 50 if SOAK else 10
+SWITCHES = 200 if SOAK else 50
 HANG_LIMIT_S = 150  # a request slower than this counts as hung (the chat path's read timeout is 120 s)
 RSS_GROWTH_LIMIT = 150 * 2**20  # adapter switches keep nothing in this process but small dicts and sockets
 FD_GROWTH_LIMIT = 16  # a few pooled HTTP connections may stay open; a leak per switch would exceed this
@@ -58,6 +58,7 @@ def test_eight_concurrent_chat_clients_lose_nothing(vllm_manager):
     started = [0] * CHAT_CLIENTS
     finished = [0] * CHAT_CLIENTS
     lock = threading.Lock()
+    empty = [0]  # sampling can pick end-of-text first on the random-weight model: answered, just empty
 
     def client(index: int) -> None:
         n = 0
@@ -71,8 +72,7 @@ def test_eight_concurrent_chat_clients_lose_nothing(vllm_manager):
                 elapsed = time.monotonic() - t0
                 with lock:
                     latencies.append(elapsed)
-                    if not text.strip():
-                        failures.append(f"client {index} turn {n}: empty reply")
+                    empty[0] += not text.strip()
                     if elapsed > HANG_LIMIT_S:
                         failures.append(f"client {index} turn {n}: took {elapsed:.0f} s")
             except ChatError as exc:
@@ -89,9 +89,10 @@ def test_eight_concurrent_chat_clients_lose_nothing(vllm_manager):
     assert started == finished, "a request was lost"
     assert failures == []
     assert all(n >= 1 for n in finished)
+    assert empty[0] <= 0.02 * len(latencies), f"{empty[0]} of {len(latencies)} replies were empty"
     p50, p95 = statistics.median(latencies), _percentile(latencies, 0.95)
     print(f"\n[load] {CHAT_CLIENTS} clients x {CHAT_SECONDS} s: {len(latencies)} requests, "
-          f"p50 {p50:.2f} s, p95 {p95:.2f} s, max {max(latencies):.2f} s")
+          f"p50 {p50:.2f} s, p95 {p95:.2f} s, max {max(latencies):.2f} s; {empty[0]} empty (end-of-text sampled first)")
     assert vllm_manager.status()["state"] == "ready"
 
 

@@ -4,9 +4,11 @@ Same model (Llama hidden 512 x 4 layers, built locally), same data (log-normal c
 ~256 tokens, cutoff 1024), same LoRA (r8, all linear layers), same samples per optimizer step and
 the same number of steps. Reported: useful (non-padding) tokens/s, seconds/step, peak RSS, and the
 loss of each trained adapter on the same held-out set (speed may not come from training something
-else). The headline compares both in fp32; bf16 autocast is reported on its own line.
+else). The headline compares both in fp32; bf16 autocast is reported on its own line. Then the
+monitoring overhead: the same kind of run bare vs as a task of the running app watched by a page
+polling every 2 s (``bench/monitoring.py``; ``--no-monitoring`` skips it).
 
-    python bench/train_throughput.py [--quick]
+    python bench/train_throughput.py [--quick] [--no-monitoring]
 
 The last line printed is ``speedup: <ratio>x`` for scripts.
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import monitoring  # noqa: E402
 from bench.common import (  # noqa: E402
     bar_chart,
     bench_home,
@@ -152,6 +155,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--cutoff", type=int, default=1024)
+    parser.add_argument("--no-monitoring", action="store_true", help="skip the monitoring-overhead runs")
     parser.add_argument("--worker", choices=["baseline", "sageft"], help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
@@ -193,10 +197,16 @@ def main() -> int:
     bf16_gain = (rows[2]["tokens_per_s"] / rows[1]["tokens_per_s"]) if rows[2].get("tokens_per_s") else None
     payload = {"steps": steps, "batch": args.batch, "cutoff": args.cutoff, "rows": rows,
                "speedup_fp32": headline, "bf16_gain_over_sageft_fp32": bf16_gain}
-    save_results("train_throughput", payload)
+    print(f"bf16 autocast on top of sage-ft fp32: {bf16_gain:.2f}x" if bf16_gain else "bf16: n/a")
+    if not args.no_monitoring:
+        m_steps = monitoring.QUICK_STEPS if args.quick else monitoring.STEPS
+        m_data = lognormal_chat_dataset(home / f"chat-{m_steps * args.batch}.jsonl", m_steps * args.batch,
+                                        cutoff=args.cutoff)
+        payload["monitoring"] = monitoring.measure(model_dir, m_data, m_steps, args.batch, args.cutoff, "fp32",
+                                                   pairs=monitoring.QUICK_PAIRS if args.quick else monitoring.PAIRS)
+        monitoring.report(payload["monitoring"])
     bar_chart(save_results("train_throughput", payload).with_suffix(".html"), "Useful tokens/s (higher is better)",
               [r["variant"] for r in rows], [r["tokens_per_s"] or 0 for r in rows], "tokens/s")
-    print(f"bf16 autocast on top of sage-ft fp32: {bf16_gain:.2f}x" if bf16_gain else "bf16: n/a")
     print(f"speedup: {headline:.2f}x" if headline else "speedup: n/a (no token count)")
     return 0
 

@@ -1,5 +1,6 @@
 """UI cost: start-up time and idle memory of ``python webui.py`` vs a bare ``gr.Blocks`` hello page,
-and the CPU cost of the page's live polling with a running (paused) task and two open browsers.
+idle CPU with no page open, and the CPU cost of the page's live polling with a running (paused) task
+and two open browsers. (The effect of monitoring on training speed: ``bench/monitoring.py``.)
 
     python bench/ui_cost.py [--quick]
 
@@ -91,7 +92,7 @@ def stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def polling_cost(port: int, pid: int, home: Path, seconds: float, steps: int) -> dict:
+def polling_cost(port: int, pid: int, home: Path, seconds: float) -> dict:
     from playwright.sync_api import sync_playwright
 
     os.environ["SAGE_FT_HOME"] = str(home)
@@ -121,33 +122,10 @@ def polling_cost(port: int, pid: int, home: Path, seconds: float, steps: int) ->
         watched = cpu_percent(pid, seconds)
         tasks.cancel(task.id)
         tasks.wait(task.id, timeout=120)
-        # Monitoring overhead on training itself: the same short run with and without two pages
-        # watching it (bare / watched / bare, so drift in machine load affects both sides alike).
-        runtimes: dict[str, list[float]] = {"bare": [], "watched": []}
-        for mode in ("bare", "watched", "bare"):
-            for page in pages:
-                page.goto(f"http://127.0.0.1:{port}/" if mode == "watched" else "about:blank")
-            time.sleep(5)  # let the pages settle: their first render is not polling
-            runtimes[mode].append(train_runtime(tasks, data, steps))
         browser.close()
     tasks.shutdown()
-    bare = sum(runtimes["bare"]) / len(runtimes["bare"])
     return {"cpu_percent_no_browser": idle, "cpu_percent_two_browsers": watched,
-            "polling_cpu_percent": watched - idle, "train_runtime_bare_s": bare,
-            "train_runtime_watched_s": runtimes["watched"][0],
-            "monitoring_slowdown": runtimes["watched"][0] / bare - 1}
-
-
-def train_runtime(tasks, data: Path, steps: int) -> float:
-    """The training loop's own runtime of one short run through the app's queue."""
-    from sage_ft.training import read_meta
-
-    task = tasks.create({"dataset": str(data), "max_steps": steps, "cutoff_len": 64, "save_steps": 100_000,
-                         "per_device_train_batch_size": 4}, name="overhead-bench")
-    done = tasks.wait(task.id, timeout=600)
-    if done.status != "completed":
-        raise RuntimeError(f"overhead run ended {done.status}: {done.error}")
-    return float(read_meta(done.output_dir)["metrics"]["train_runtime"])
+            "polling_cpu_percent": watched - idle}
 
 
 def main() -> int:
@@ -161,31 +139,32 @@ def main() -> int:
         # the demo model is built once beforehand so neither start-up pays for it
         subprocess.run([sys.executable, "-m", "sage_ft", "demo-model"], env=dict(os.environ, SAGE_FT_HOME=tmp,
                        PYTHONPATH=str(ROOT)), check=True, capture_output=True)
+        seconds_measured = 10 if args.quick else 20
         for kind in ("hello", "sage-ft"):
-            starts, rss = [], []
-            for _ in range(repeats):
+            starts, rss, idle_cpu = [], [], []
+            for attempt in range(repeats):
                 port = free_port()
                 proc, seconds = launch(kind, port, home)
                 time.sleep(3)
                 starts.append(seconds)
                 rss.append(tree_rss_mb(proc.pid))
-                if kind == "sage-ft" and _ == repeats - 1:
-                    poll = polling_cost(port, proc.pid, home, 10 if args.quick else 20, 300 if args.quick else 1000)
+                idle_cpu.append(cpu_percent(proc.pid, seconds_measured))  # no page open, nothing running
+                if kind == "sage-ft" and attempt == repeats - 1:
+                    poll = polling_cost(port, proc.pid, home, seconds_measured)
                 stop(proc)
-            rows.append({"app": kind, "first_page_s": min(starts), "idle_rss_mb": min(rss)})
+            rows.append({"app": kind, "first_page_s": min(starts), "idle_rss_mb": min(rss),
+                         "idle_cpu_percent": min(idle_cpu)})
     base = rows[0]
     for r in rows:
         r["start_ratio"] = r["first_page_s"] / base["first_page_s"]
         r["rss_ratio"] = r["idle_rss_mb"] / base["idle_rss_mb"]
-    print_table(rows, ["app", "first_page_s", "start_ratio", "idle_rss_mb", "rss_ratio"])
+    print_table(rows, ["app", "first_page_s", "start_ratio", "idle_rss_mb", "rss_ratio", "idle_cpu_percent"])
     print(f"polling: app CPU {poll['cpu_percent_no_browser']:.1f}% with a running (paused) task and no browser, "
           f"{poll['cpu_percent_two_browsers']:.1f}% with two open pages "
           f"(+{poll['polling_cpu_percent']:.1f} points of one core)")
     path = save_results("ui_cost", {"rows": rows, "polling": poll})
     bar_chart(path.with_suffix(".html"), "Start-up to first page (s)", [r["app"] for r in rows],
               [r["first_page_s"] for r in rows], "seconds")
-    print(f"monitoring overhead on training: {100 * poll['monitoring_slowdown']:+.1f}% "
-          f"({poll['train_runtime_watched_s']:.1f} s watched by two pages vs {poll['train_runtime_bare_s']:.1f} s bare)")
     print(f"start-up ratio: {rows[1]['start_ratio']:.2f}x")
     return 0
 

@@ -34,3 +34,44 @@ def test_demo_model_build_is_deterministic_and_idempotent(tmp_path: Path) -> Non
     mtime = (a / "model.safetensors").stat().st_mtime
     assert build_demo_model(a) == a and (a / "model.safetensors").stat().st_mtime == mtime
     assert not list(tmp_path.glob(".demo-build-*"))  # no staging leftovers
+
+
+def test_app_start_with_the_demo_built_loads_no_torch(demo_model: Path, tmp_path: Path) -> None:
+    """`python webui.py` checks for the demo model on every start; with it built, torch must not be
+    loaded (it costs ~400 MB and seconds; it loads when a run or a chat needs it)."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from sage_ft import paths
+    from tests.fixtures_webui import free_port
+
+    home = tmp_path / "home"
+    shutil.copytree(demo_model, home / "models" / demo_model.name)
+    port = free_port()
+    log = (tmp_path / "webui.log").open("w")
+    proc = subprocess.Popen([sys.executable, "webui.py", "--no-llm", "--port", str(port), "--data-home", str(home)],
+                            cwd=paths.project_root(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "webui.log").read_text()[-2000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.3)
+        time.sleep(3)  # the start-up's demo check runs on a thread after the first page
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        assert "libtorch" not in maps
+        assert (tmp_path / "webui.log").read_text().count("Writing model shards") == 0  # nothing rebuilt
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

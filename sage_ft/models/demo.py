@@ -64,14 +64,15 @@ def _build_tokenizer(directory: Path):
 def build_demo_model(path: str | Path | None = None, force: bool = False) -> Path:
     """Build the demo model into ``path`` (default: the data home's models/) and return the path.
 
-    Written to a temporary sibling and renamed, so a half-built model is never left behind.
+    Written to a temporary sibling and renamed, so a half-built model is never left behind. torch and
+    transformers are imported only when it has to be built: the app calls this on every start.
     """
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
     target = Path(path) if path else paths.demo_model_dir()
     if target.exists() and not force and (target / _MARKER).exists():
         return target
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".demo-build-", dir=target.parent))
     try:

@@ -87,3 +87,33 @@ def test_concurrent_emitters_write_whole_lines(tmp_path: Path) -> None:
         t.join()
     events, _ = read_events(path)
     assert len(events) == 800
+
+
+def test_metrics_history_reads_only_what_was_appended(tmp_path):
+    """A page asks for a run's curves every 2 s: already-read lines are not parsed again, appended
+    ones are, and a replaced file (a new run in the same folder) is read from the start."""
+    from sage_ft.events import EventEmitter
+    from sage_ft.tasks.rundir import metrics_history
+
+    path = tmp_path / "events.jsonl"
+    emitter = EventEmitter(path)
+    for step in range(1, 7):
+        emitter.emit("metric_update", step=step, loss=1.0 / step)
+    assert [e["step"] for e in metrics_history(tmp_path)] == [1, 2, 3, 4, 5, 6]
+
+    # Overwrite already-read bytes in place (same file, same first event): a re-parse would see garbage.
+    size = path.stat().st_size
+    assert size > 200
+    with path.open("r+b") as fh:
+        fh.seek(128)
+        fh.write(b"x" * (size - 129))
+    emitter.emit("metric_update", step=7, loss=0.3)
+    emitter.emit("log", message="not a metric")
+    assert [e["step"] for e in metrics_history(tmp_path)] == [1, 2, 3, 4, 5, 6, 7]
+
+    path.unlink()
+    replacement = EventEmitter(path)
+    for step in range(1, 12):  # a new run, already longer than the old file: still read from its start
+        replacement.emit("metric_update", step=step, loss=0.7)
+    assert [e["step"] for e in metrics_history(tmp_path)] == list(range(1, 12))
+    assert metrics_history(tmp_path / "missing") == []

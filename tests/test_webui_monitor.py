@@ -161,3 +161,27 @@ def test_page_tick_is_one_event_that_skips_what_did_not_change(webui, finished):
     values[reg["top.lang"]._id] = "zh"
     third = run()
     assert "已完成" in third[reg["train.progress"]._id]
+
+
+def test_tick_resends_task_pickers_only_when_the_task_list_changes(webui, webui_client, finished, dataset):
+    """The table follows every progress write; the pickers' choices only a new, renamed or deleted task
+    (re-sending them each tick re-renders an open dropdown under the user's cursor)."""
+    def choices(tick):
+        update = tick[2]
+        return [c[1] if isinstance(c, (list, tuple)) else c for c in update["choices"]] \
+            if isinstance(update, dict) and "choices" in update else None
+
+    first = webui_client.predict(finished[0], [], False, 0.6, "en", api_name="/monitor_tick")
+    assert set(finished) <= set(choices(first))
+    queued = webui.services.tasks.create({"model_name_or_path": "demo", "dataset": dataset, "max_steps": 1},
+                                         name="picker-check")
+    try:
+        second = webui_client.predict(finished[0], [], False, 0.6, "en", api_name="/monitor_tick")
+        assert queued.id in choices(second)
+    finally:
+        webui.services.tasks.cancel(queued.id)  # its row changes; no task is added, renamed or deleted
+    ended = webui.services.tasks.wait(queued.id, 120)
+    third = webui_client.predict(finished[0], [], False, 0.6, "en", api_name="/monitor_tick")
+    row = next(r for r in third[0]["data"] if r[0] == queued.id)
+    assert ended.status.value in row[1]  # the table did follow the change
+    assert choices(third) is None

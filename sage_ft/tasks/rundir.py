@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +48,51 @@ def checkpoint_step(path: str | Path) -> int:
 
 
 def metrics_history(output_dir: str | Path) -> list[dict[str, Any]]:
-    """Every ``metric_update`` event of the run (loss curve, learning rate, eval loss), in order."""
-    events, _ = read_events(Path(output_dir) / "events.jsonl")
-    return [e for e in events if e.get("event") == "metric_update"]
+    """Every ``metric_update`` event of the run (loss curve, learning rate, eval loss), in order.
+
+    Read incrementally: a page watching a long run asks for this every 2 s, and re-parsing an
+    events file of hours of steps each time would make monitoring cost grow with the run's length.
+    """
+    return _HISTORY.get(Path(output_dir) / "events.jsonl")
+
+
+class _MetricsHistoryCache:
+    """Per events file: the metric events read so far and the byte offset reached.
+
+    The file is only ever appended to; a file that was replaced (its first bytes, which hold the
+    first event's timestamp, differ — inode numbers get reused) or is shorter than the offset is
+    read again from the start. Bounded to the most recently used files.
+    """
+
+    MAX_FILES = 32
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[Path, tuple[bytes, int, list[dict[str, Any]]]] = OrderedDict()
+
+    def get(self, path: Path) -> list[dict[str, Any]]:
+        try:
+            stat = path.stat()
+            with path.open("rb") as fh:
+                identity = fh.read(128)
+        except OSError:
+            return []
+        with self._lock:
+            cached = self._entries.get(path)
+            if cached is None or cached[0] != identity or stat.st_size < cached[1]:
+                cached = (identity, 0, [])
+            _, offset, history = cached
+            if stat.st_size > offset:
+                events, offset = read_events(path, offset)
+                history = history + [e for e in events if e.get("event") == "metric_update"]
+            self._entries[path] = (identity, offset, history)
+            self._entries.move_to_end(path)
+            while len(self._entries) > self.MAX_FILES:
+                self._entries.popitem(last=False)
+            return list(history)
+
+
+_HISTORY = _MetricsHistoryCache()
 
 
 def log_tail(output_dir: str | Path, lines: int = 50, max_bytes: int = 64 * 1024) -> str:

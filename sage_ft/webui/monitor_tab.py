@@ -10,6 +10,7 @@ query) and redraws details only when the selected task changed.
 from __future__ import annotations
 
 import functools
+import hashlib
 import html
 import json
 import logging
@@ -110,14 +111,21 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
 
 # ====================================================================== handlers
 def refresh(services: AppServices, version: str | None, lang: str) -> tuple[Any, Any, Any, Any]:
-    """Table, version, and the choices of the task pickers (``gr.skip`` when nothing changed)."""
-    new_version, tasks = services.tasks.poll(version)
+    """Table, version, and the choices of the task pickers (``gr.skip`` for each that did not change).
+
+    The page's version is the task store's version plus a fingerprint of the pickers' choices: during
+    a run the table changes every second, the choices only when a task is added, renamed or deleted
+    (re-sending them each tick would re-render an open dropdown under the user's cursor)."""
+    store_version, _, picked = (version or "").partition("|")
+    new_store_version, tasks = services.tasks.poll(store_version or None)
     if tasks is None:
         return gr.skip(), gr.skip(), gr.skip(), gr.skip()
     rows = [render.task_row(t, lang) for t in tasks]
     choices = [(f"#{t.id} {t.name}", t.id) for t in tasks]
     table = {"headers": render.table_headers(lang), "data": rows}
-    return table, new_version, gr.update(choices=choices), gr.update(choices=choices)
+    fingerprint = hashlib.sha1(json.dumps(choices).encode()).hexdigest()[:12]
+    pickers = gr.skip() if fingerprint == picked else gr.update(choices=choices)
+    return table, f"{new_store_version}|{fingerprint}", pickers, pickers
 
 
 def tick(services: AppServices, version: str | None, stamp: str | None, task_id: Any, compare: list[Any],

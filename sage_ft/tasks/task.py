@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -76,8 +78,8 @@ class Task:
 
     @property
     def config_dict(self) -> dict[str, Any]:
-        """The frozen config exactly as queued (plain values)."""
-        return yaml.safe_load(self.config_yaml) or {}
+        """The frozen config exactly as queued (plain values; a copy the caller may change)."""
+        return copy.deepcopy(_parse_config(self.config_yaml))
 
     @property
     def config(self) -> TrainConfig:
@@ -120,3 +122,11 @@ class TaskDetail(Task):
         data = super().to_dict()
         data["config"] = self.config_dict
         return data
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_config(text: str) -> dict[str, Any]:
+    """A queued config is never edited, and the task table shows every task's model and dataset on
+    each page tick: parse each text once (with libyaml's safe loader where installed)."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load(text, Loader=loader) or {}

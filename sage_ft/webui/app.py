@@ -8,6 +8,7 @@ the security settings (login, upload size, no extra allowed paths, no run histor
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import gradio as gr
@@ -64,6 +65,10 @@ def launch_app(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = N
                guard: LoginGuard | None = None, prevent_thread_lock: bool = False, quiet: bool = False,
                **extra: Any) -> tuple[Any, str, str | None]:
     """Launch with the app's security settings; returns (fastapi app, local url, share url or None)."""
+    # Gradio's queue rebuilds a pandas summary of its last 10,000 events after every event by
+    # default; each open page sends an event every 2 s, so that cost grew with the app's uptime
+    # (about 8 ms per tick at 10,000 events, bench/monitoring.py). Every 200 events is plenty.
+    os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "200")
     demo.queue(default_concurrency_limit=4)
     return demo.launch(
         server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock, quiet=quiet,

@@ -185,13 +185,14 @@ class MultiProcessRun:
     def end_all(self, grace_s: float = 10.0) -> bool:
         """After the launcher exited: end every rank still running (SIGTERM, then SIGKILL after
         ``grace_s``). A launcher killed with -9 leaves its ranks training on, unsupervised; they
-        must not go on writing into the run directory. Returns True when something had to be ended."""
+        must not go on writing into the run directory. Returns True when something had to be ended.
+
+        Only the recorded ranks are signalled (each checked by pid + start time), never the
+        launcher's process group: once the launcher is reaped its number may belong to another
+        process group."""
         from sage_ft.tasks.procinfo import end_process_tree
 
-        self._signal(signal.SIGTERM)
-        ended = [end_process_tree(rank, timeout_s=grace_s) for rank in self.rank_processes()]
-        self._signal(signal.SIGKILL)
-        return any(ended)
+        return any([end_process_tree(rank, timeout_s=grace_s) for rank in self.rank_processes()])
 
     def failure_reason(self, exit_code: int) -> str:
         """Why the launcher ended with ``exit_code``, in one line (see ``describe_failure``)."""

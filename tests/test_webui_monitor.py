@@ -185,3 +185,23 @@ def test_tick_resends_task_pickers_only_when_the_task_list_changes(webui, webui_
     row = next(r for r in third[0]["data"] if r[0] == queued.id)
     assert ended.status.value in row[1]  # the table did follow the change
     assert choices(third) is None
+
+
+def test_charts_are_valid_plotly_figures_with_gaps_for_nan():
+    """The curves are built as plain plotly.js data (no per-tick validation); plotly itself must accept
+    every property, a NaN loss must become a gap (JSON has no NaN), and an empty chart says so."""
+    import plotly.graph_objects as go
+
+    from sage_ft.webui import charts
+
+    history = [{"event": "metric_update", "step": s, "loss": 2.0 / s, "learning_rate": 1e-4} for s in (1, 2, 3)]
+    history.append({"event": "metric_update", "step": 4, "loss": float("nan")})
+    loss = charts.loss_figure([("#1 a", history), ("#2 b", history[:2])], log_y=True, smoothing=0.5)
+    empty = charts.metric_figure([("#1 a", history)], "eval_loss", title="eval", empty_text="no eval yet")
+    for figure in (loss, empty, charts.metric_figure([("#1 a", history)], "learning_rate", title="lr")):
+        go.Figure(figure)  # raises on any property plotly does not know
+    data = json.loads(charts.to_json(loss))
+    raw, smoothed = data["data"][0], data["data"][1]
+    assert raw["y"][-1] is None and len(smoothed["x"]) == len(smoothed["y"]) == 3
+    assert data["layout"]["yaxis"]["type"] == "log" and data["layout"]["template"]["layout"]
+    assert json.loads(charts.to_json(empty))["layout"]["annotations"][0]["text"] == "no eval yet"

@@ -6,19 +6,22 @@ run's charts are drawn from the same file as a live one. Several runs overlay in
 
 from __future__ import annotations
 
+import functools
+import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import plotly.graph_objects as go
 import plotly.io as pio
 
-# The look of every chart. Set as plotly's default rather than per figure: plotly applies its default
-# template without validating it again, while ``update_layout(template=...)`` deep-copies and
-# validates the whole template for each figure, which was two thirds of a Monitor page tick's CPU
-# during training (bench/monitoring.py). This process builds no other plotly figures.
+# The look of every chart. Set as plotly's default for the figures built with plotly objects (the
+# token histogram): plotly applies its default template without validating it again, while
+# ``update_layout(template=...)`` deep-copies and validates it for each figure.
 pio.templates.default = "plotly_white"
 
 Series = tuple[str, Sequence[dict[str, Any]]]  # (run label, metric_update events)
+Figure = dict[str, Any]  # a plotly.js figure: {"data": [traces], "layout": {...}}
 _PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777")
 
 
@@ -32,54 +35,73 @@ def smooth(values: Sequence[float], weight: float) -> list[float]:
     return out
 
 
-def _points(history: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    xs, ys = [], []
+def _points(history: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[float | None]]:
+    """Steps and values of ``key``; a non-finite value (a NaN loss) becomes a gap (JSON has no NaN)."""
+    xs: list[int] = []
+    ys: list[float | None] = []
     for event in history:
         value = event.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and event.get("step") is not None:
             xs.append(int(event["step"]))
-            ys.append(float(value))
+            ys.append(float(value) if math.isfinite(value) else None)
     return xs, ys
 
 
-def _layout(fig: go.Figure, title: str, y_title: str, log_y: bool, empty_text: str) -> go.Figure:
-    fig.update_layout(title={"text": title, "x": 0.02}, height=300, margin={"l": 50, "r": 10, "t": 40, "b": 40},
-                      xaxis_title="step", yaxis_title=y_title, legend={"orientation": "h", "y": -0.25},
-                      hovermode="x unified")
+@functools.lru_cache(maxsize=1)
+def _template() -> dict[str, Any]:
+    return pio.templates["plotly_white"].to_plotly_json()
+
+
+def _figure(traces: list[dict[str, Any]], title: str, y_title: str, log_y: bool, empty_text: str) -> Figure:
+    """A plotly.js figure as plain data (what ``go.Figure.to_plotly_json()`` gives), built without
+    plotly's per-property validation: these charts are rebuilt on every page tick of a live run, and
+    validation cost 10x the rest (25 ms of CPU per tick for three charts, bench/monitoring.py)."""
+    layout: dict[str, Any] = {
+        "title": {"text": title, "x": 0.02}, "height": 300, "margin": {"l": 50, "r": 10, "t": 40, "b": 40},
+        "xaxis": {"title": {"text": "step"}}, "yaxis": {"title": {"text": y_title}},
+        "legend": {"orientation": "h", "y": -0.25}, "hovermode": "x unified", "template": _template()}
     if log_y:
-        fig.update_yaxes(type="log")
-    if not fig.data:
-        fig.add_annotation(text=empty_text, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
-                           font={"color": "#888"})
-    return fig
+        layout["yaxis"]["type"] = "log"
+    if not traces:
+        layout["annotations"] = [{"text": empty_text, "showarrow": False, "xref": "paper", "yref": "paper",
+                                  "x": 0.5, "y": 0.5, "font": {"color": "#888"}}]
+    return {"data": traces, "layout": layout}
 
 
 def loss_figure(runs: Sequence[Series], *, log_y: bool = False, smoothing: float = 0.6,
-                title: str = "Training loss", empty_text: str = "no data yet") -> go.Figure:
+                title: str = "Training loss", empty_text: str = "no data yet") -> Figure:
     """Raw loss (thin) and its smoothed curve (bold) for each run."""
-    fig = go.Figure()
+    traces = []
     for i, (label, history) in enumerate(runs):
         xs, ys = _points(history, "loss")
         if not xs:
             continue
         color = _PALETTE[i % len(_PALETTE)]
-        fig.add_trace(go.Scatter(x=xs, y=ys, name=f"{label} (raw)", mode="lines+markers" if len(xs) < 30 else "lines",
-                                 line={"color": color, "width": 1}, opacity=0.35, marker={"size": 4}))
-        fig.add_trace(go.Scatter(x=xs, y=smooth(ys, smoothing), name=f"{label} (smoothed)", mode="lines",
-                                 line={"color": color, "width": 2.5}))
-    return _layout(fig, title, "loss", log_y, empty_text)
+        traces.append({"type": "scatter", "x": xs, "y": ys, "name": f"{label} (raw)",
+                       "mode": "lines+markers" if len(xs) < 30 else "lines", "line": {"color": color, "width": 1},
+                       "opacity": 0.35, "marker": {"size": 4}})
+        smoothed = smooth([y for y in ys if y is not None], smoothing)
+        traces.append({"type": "scatter", "x": [x for x, y in zip(xs, ys, strict=True) if y is not None],
+                       "y": smoothed, "name": f"{label} (smoothed)", "mode": "lines",
+                       "line": {"color": color, "width": 2.5}})
+    return _figure(traces, title, "loss", log_y, empty_text)
 
 
 def metric_figure(runs: Sequence[Series], key: str, *, title: str, log_y: bool = False,
-                  empty_text: str = "no data yet") -> go.Figure:
+                  empty_text: str = "no data yet") -> Figure:
     """One line per run for ``key`` (``eval_loss``, ``learning_rate``, ...)."""
-    fig = go.Figure()
+    traces = []
     for i, (label, history) in enumerate(runs):
         xs, ys = _points(history, key)
         if xs:
-            fig.add_trace(go.Scatter(x=xs, y=ys, name=label, mode="lines+markers",
-                                     line={"color": _PALETTE[i % len(_PALETTE)], "width": 2}, marker={"size": 5}))
-    return _layout(fig, title, key, log_y, empty_text)
+            traces.append({"type": "scatter", "x": xs, "y": ys, "name": label, "mode": "lines+markers",
+                           "line": {"color": _PALETTE[i % len(_PALETTE)], "width": 2}, "marker": {"size": 5}})
+    return _figure(traces, title, key, log_y, empty_text)
+
+
+def to_json(figure: Figure) -> str:
+    """The figure as the JSON ``gr.Plot`` sends to plotly.js."""
+    return json.dumps(figure, separators=(",", ":"))
 
 
 def token_histogram(lengths: Sequence[int], cutoff_len: int, *, title: str = "Token lengths",

@@ -187,9 +187,9 @@ _DETAILS_CACHE: dict[tuple[int, str], list[Any]] = {}
 _DETAILS_LOCK = threading.Lock()
 
 
-def _plot_data(fig: Any) -> Any:
-    """A plotly figure as gradio's serialised ``PlotData`` (to_json once, not once per page)."""
-    return None if fig is None else PlotData(type="plotly", plot=fig.to_json())
+def _plot_data(fig: charts.Figure | None) -> Any:
+    """A chart as gradio's serialised ``PlotData`` (to JSON once, not once per page)."""
+    return None if fig is None else PlotData(type="plotly", plot=charts.to_json(fig))
 
 
 def _task_details(services: AppServices, task_id: Any, compare: list[Any], log_y: bool, smoothing: float,

@@ -105,8 +105,8 @@ def polling_cost(port: int, pid: int, home: Path, seconds: float) -> dict:
     tasks = TaskManager(start_worker=False)
     task = tasks.create({"dataset": str(data), "max_steps": 100_000, "cutoff_len": 64, "save_steps": 100_000,
                          "per_device_train_batch_size": 2}, name="polling-bench")
-    deadline = time.time() + 120
-    while tasks.get(task.id).status != "running" and time.time() < deadline:
+    deadline = time.time() + 300
+    while tasks.get(task.id).step < 1 and time.time() < deadline:  # model loaded, training under way
         time.sleep(0.5)
     # Paused between steps: the task stays "running" (the page polls its progress, curves and log)
     # but burns no CPU, so what remains is the UI's own cost.

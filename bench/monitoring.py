@@ -15,7 +15,8 @@ the order flipping each pair, so drift in machine load hits both sides. Single r
 ratio of each side's best (minimum) ``train_runtime`` over the pairs (load from elsewhere only ever
 adds time; monitoring adds it to every monitored run); the median of the pair ratios is reported
 next to it. A steadier figure comes from per-thread CPU accounting: the CPU seconds of all the app's
-threads other than the trainer's during the run, as a share of the trainer's.
+threads other than the trainer's during the run, as a share of the trainer's, with the page polling
+and, once, with no page open (what the app's web server costs anyway).
 
     python bench/monitoring.py [--quick]        (also run by bench/train_throughput.py)
 """
@@ -147,6 +148,18 @@ class PagePoller:
         raise RuntimeError("the event stream ended before the page tick completed")
 
 
+class _NoPage:
+    """No page open: stands in for ``PagePoller`` in the reference run."""
+
+    calls, errors = 1, []
+
+    def __enter__(self) -> _NoPage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
 class MonitoredApp:
     """``python webui.py --no-llm`` in a child process with its own data home; runs tasks it is given."""
 
@@ -170,8 +183,9 @@ class MonitoredApp:
 
         self.tasks = TaskManager(paths.database_path(), start_worker=False)
 
-    def run(self, config: dict[str, Any]) -> dict[str, Any]:
-        """Queue ``config``; the app trains it while a poller watches; returns runtime and app CPU."""
+    def run(self, config: dict[str, Any], watched: bool = True) -> dict[str, Any]:
+        """Queue ``config``; the app trains it while a poller watches (unless ``watched`` is False);
+        returns runtime and app CPU."""
         import psutil
 
         from sage_ft.tasks import TaskStatus
@@ -179,7 +193,7 @@ class MonitoredApp:
 
         app = psutil.Process(self.proc.pid)
         task = self.tasks.create(config, name="monitoring-bench")
-        with PagePoller(self.url, task.id) as poller:
+        with PagePoller(self.url, task.id) if watched else _NoPage() as poller:
             self.tasks.wait(task.id, timeout=300, until=[s for s in TaskStatus if s is not TaskStatus.QUEUED])
             before, threads_before = app.cpu_times(), _thread_cpu(app)
             done = self.tasks.wait(task.id, timeout=3600)
@@ -225,9 +239,12 @@ def measure(model_dir: Path, data: Path, steps: int, batch: int, cutoff: int, pr
                          "bare_cpu_s": pair["bare"]["cpu_s"], "app_cpu_s": pair["monitored"]["cpu_s"],
                          "other_threads_cpu_share": pair["monitored"]["other_threads_cpu_share"],
                          "poll_rounds": pair["monitored"]["poll_rounds"]})
+        # Reference: the same task with no page open, for the share of the app's own idle work
+        # (Gradio's server loop runs whether anyone watches or not).
+        unwatched = app.run(watched_cfg, watched=False)
     finally:
         app.close()
-    return {"steps": steps, "batch": batch, "precision": precision, "poll_interval_s": POLL_S, "pairs": rows,
+    return {"unwatched_other_threads_cpu_share": unwatched["other_threads_cpu_share"], "steps": steps, "batch": batch, "precision": precision, "poll_interval_s": POLL_S, "pairs": rows,
             "overhead": min(r["monitored_s"] for r in rows) / min(r["bare_s"] for r in rows) - 1,
             "median_pair_overhead": statistics.median(r["overhead"] for r in rows),
             "other_threads_cpu_share": statistics.median(r["other_threads_cpu_share"] for r in rows)}
@@ -241,7 +258,8 @@ def report(result: dict[str, Any]) -> None:
           f"{len(result['pairs'])} runs each (median of pair ratios {100 * result['median_pair_overhead']:+.1f}%); "
           f"target <= +2%")
     print(f"CPU of the app's other threads (web server, page ticks, progress writer) during the run: "
-          f"{100 * result['other_threads_cpu_share']:.1f}% of the training threads' CPU (median)")
+          f"{100 * result['other_threads_cpu_share']:.1f}% of the training threads' CPU (median); "
+          f"{100 * result['unwatched_other_threads_cpu_share']:.1f}% with no page open")
 
 
 def main() -> int:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run every benchmark (CPU; about 15-20 minutes on 2 cores). `--quick` passes through for a smoke run.
+# Run every benchmark (CPU; about 20 minutes on 2 cores). `--quick` passes through for a smoke run.
 # Each prints a table of ratios against its baseline and writes JSON + a plotly chart to bench/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,16 @@ from typing import Any
 import pytest
 
 from sage_ft.config import TrainConfig
+
+
+def stop_app_process(proc: subprocess.Popen) -> None:
+    """End a `python webui.py` child like Ctrl+C does (its clean shutdown), killing it after 60 s."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def free_port() -> int:

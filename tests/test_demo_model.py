@@ -40,14 +40,13 @@ def test_app_start_with_the_demo_built_loads_no_torch(demo_model: Path, tmp_path
     """`python webui.py` checks for the demo model on every start; with it built, torch must not be
     loaded (it costs ~400 MB and seconds; it loads when a run or a chat needs it)."""
     import shutil
-    import signal
     import subprocess
     import sys
     import time
     import urllib.request
 
     from sage_ft import paths
-    from tests.fixtures_webui import free_port
+    from tests.fixtures_webui import free_port, stop_app_process
 
     home = tmp_path / "home"
     shutil.copytree(demo_model, home / "models" / demo_model.name)
@@ -69,9 +68,4 @@ def test_app_start_with_the_demo_built_loads_no_torch(demo_model: Path, tmp_path
         assert "libtorch" not in maps
         assert (tmp_path / "webui.log").read_text().count("Writing model shards") == 0  # nothing rebuilt
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_app_process(proc)

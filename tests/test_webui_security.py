@@ -9,7 +9,6 @@ reported and the app keeps serving locally (a real ``webui.py`` process).
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from sage_ft.webui.auth import AuthError, LoginGuard, parse_pair, read_auth_file
 from sage_ft.webui.launch import login_guard
 from sage_ft.webui.uploads import UploadError, store_upload
 from tests.fixtures_data import memorize_rows, write_jsonl
-from tests.fixtures_webui import form_args, free_port, start_webui
+from tests.fixtures_webui import form_args, free_port, start_webui, stop_app_process
 
 USER, PASSWORD = "alice", "correct horse battery"
 
@@ -176,9 +175,4 @@ def test_offline_share_keeps_serving_locally_with_a_login(tmp_path):
         assert session.get(base + "/config", timeout=10).status_code == 200
         assert (tmp_path / "home" / "sage_ft.db").exists()  # --data-home took effect
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_app_process(proc)

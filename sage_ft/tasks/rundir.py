@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sage_ft.events import read_events
+from sage_ft.filetail import tail_lines
 
 log = logging.getLogger(__name__)
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -84,7 +85,7 @@ class _MetricsHistoryCache:
             _, offset, history = cached
             if stat.st_size > offset:
                 events, offset = read_events(path, offset)
-                history = history + [e for e in events if e.get("event") == "metric_update"]
+                history.extend(e for e in events if e.get("event") == "metric_update")  # callers get copies
             self._entries[path] = (identity, offset, history)
             self._entries.move_to_end(path)
             while len(self._entries) > self.MAX_FILES:
@@ -100,12 +101,7 @@ def log_tail(output_dir: str | Path, lines: int = 50, max_bytes: int = 64 * 1024
     path = Path(output_dir) / "logs.txt"
     if not path.exists():
         return ""
-    with path.open("rb") as fh:
-        fh.seek(0, 2)
-        size = fh.tell()
-        fh.seek(max(0, size - max_bytes))
-        data = fh.read()
-    return "\n".join(data.decode("utf-8", errors="replace").splitlines()[-lines:])
+    return tail_lines(path, lines, max_bytes)
 
 
 def mark_meta_interrupted(output_dir: str | Path, reason: str) -> None:

@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 
 from sage_ft.config import ConfigError, TrainConfig
+from sage_ft.filetail import tail_lines
 
 CANCEL_FILE = "CANCEL"
 LAUNCH_CONFIG = "launch_config.yaml"
@@ -201,13 +202,9 @@ class MultiProcessRun:
     def log_tail(self, lines: int = 40, max_bytes: int = 32 * 1024) -> str:
         """The last ``lines`` lines of ``launcher.log`` (every rank's output and torchrun's report)."""
         try:
-            with self.log_path.open("rb") as fh:
-                fh.seek(0, 2)
-                fh.seek(max(0, fh.tell() - max_bytes))
-                data = fh.read()
+            return tail_lines(self.log_path, lines, max_bytes)
         except OSError:
             return ""
-        return "\n".join(data.decode("utf-8", errors="replace").splitlines()[-lines:])
 
 
 # torchrun's ChildFailedError report names the first rank that failed under "Root Cause".

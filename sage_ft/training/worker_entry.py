@@ -9,7 +9,8 @@ Cancel: rank 0 watches ``<run>/CANCEL``; any rank also treats SIGTERM as a cance
 trainer all-reduces the cancel flag after every step, so all ranks stop together at the same step.
 The launcher escalates to killing the process group when they do not (``MultiProcessRun.cancel``).
 A rank whose launcher died (it is re-parented) stops the same way and exits at the latest
-``ORPHAN_EXIT_S`` later: nobody supervises it any more (the app also ends the group it sees left).
+``ORPHAN_EXIT_S`` later: nobody supervises it any more (the app also ends the ranks it finds left,
+from the records each rank writes under ``<run>/ranks/``).
 Each rank prints one line at the end: ``rank N: <status> at step S (resumed from <checkpoint>)``.
 """
 
@@ -50,11 +51,12 @@ def _record_self(output_dir: Path, rank: int) -> None:
     """Write ``ranks/rank-N.json`` (pid + start time): the launcher ends leftover ranks from these."""
     import json
 
-    import psutil
+    from sage_ft.tasks.procinfo import current_identity
 
     folder = output_dir / RANKS_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    record = {"pid": os.getpid(), "start_time": psutil.Process().create_time(), "rank": rank}
+    me = current_identity()
+    record = {"pid": me.pid, "start_time": me.start_time, "rank": rank}
     (folder / f"rank-{rank}.json").write_text(json.dumps(record), encoding="utf-8")
 
 

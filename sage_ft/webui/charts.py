@@ -18,7 +18,8 @@ import plotly.io as pio
 # The look of every chart. Set as plotly's default for the figures built with plotly objects (the
 # token histogram): plotly applies its default template without validating it again, while
 # ``update_layout(template=...)`` deep-copies and validates it for each figure.
-pio.templates.default = "plotly_white"
+TEMPLATE = "plotly_white"
+pio.templates.default = TEMPLATE
 
 Series = tuple[str, Sequence[dict[str, Any]]]  # (run label, metric_update events)
 Figure = dict[str, Any]  # a plotly.js figure: {"data": [traces], "layout": {...}}
@@ -49,7 +50,7 @@ def _points(history: Sequence[dict[str, Any]], key: str) -> tuple[list[int], lis
 
 @functools.lru_cache(maxsize=1)
 def _template() -> dict[str, Any]:
-    return pio.templates["plotly_white"].to_plotly_json()
+    return pio.templates[TEMPLATE].to_plotly_json()
 
 
 def _figure(traces: list[dict[str, Any]], title: str, y_title: str, log_y: bool, empty_text: str) -> Figure:

@@ -16,6 +16,7 @@ from typing import Any
 
 import gradio as gr
 
+from sage_ft.filetail import tail_lines
 from sage_ft.webui import i18n, render
 from sage_ft.webui.components import Registry
 from sage_ft.webui.services import AppServices
@@ -125,14 +126,9 @@ def log_tail(status: dict[str, Any], lines: int = LOG_LINES) -> str:
     if not path:
         return status.get("log_tail") or ""
     try:
-        with open(path, "rb") as fh:
-            fh.seek(0, 2)
-            size = fh.tell()
-            fh.seek(max(0, size - _TAIL_BYTES))
-            data = fh.read().decode("utf-8", errors="replace")
+        return tail_lines(path, lines, _TAIL_BYTES)
     except OSError as exc:
         return f"{path}: {exc}"
-    return "\n".join(data.splitlines()[-lines:])
 
 
 def restart(services: AppServices, lang: str):

@@ -69,3 +69,28 @@ def test_app_start_with_the_demo_built_loads_no_torch(demo_model: Path, tmp_path
         assert (tmp_path / "webui.log").read_text().count("Writing model shards") == 0  # nothing rebuilt
     finally:
         stop_app_process(proc)
+
+
+def test_two_threads_asking_for_the_demo_on_a_fresh_home_both_get_it(tmp_path: Path) -> None:
+    """On a fresh data home the app's start-up check and the chat server's first start ask for the
+    demo at the same moment (in a process that has not imported transformers yet): both must get the
+    one built model, not an ImportError from two concurrent transformers imports or a half-renamed
+    folder."""
+    import subprocess
+    import sys
+
+    code = ("import sys, threading\n"
+            "from sage_ft.models.demo import build_demo_model, is_demo_model\n"
+            "results, errors = [], []\n"
+            "def ask():\n"
+            "    try:\n"
+            "        results.append(build_demo_model(sys.argv[1]))\n"
+            "    except Exception as exc:\n"
+            "        errors.append(repr(exc))\n"
+            "threads = [threading.Thread(target=ask) for _ in range(3)]\n"
+            "[t.start() for t in threads]; [t.join() for t in threads]\n"
+            "assert errors == [], errors\n"
+            "assert len(set(results)) == 1 and is_demo_model(results[0]), results\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "demo")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 from sage_ft import paths
@@ -70,6 +71,20 @@ def build_demo_model(path: str | Path | None = None, force: bool = False) -> Pat
     target = Path(path) if path else paths.demo_model_dir()
     if target.exists() and not force and (target / _MARKER).exists():
         return target
+    # The app's start-up check and the chat server's first start ask for it at the same moment on a
+    # fresh data home: one builds, the other waits and then finds it built (two threads importing
+    # transformers at once also fails inside its lazy module loader).
+    with _BUILD_LOCK:
+        if target.exists() and not force and (target / _MARKER).exists():
+            return target
+        return _build(target)
+
+
+_BUILD_LOCK = threading.Lock()
+
+
+def _build(target: Path) -> Path:
+    """Build into a temporary sibling of ``target``, then rename it into place."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 

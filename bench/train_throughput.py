@@ -8,7 +8,15 @@ else). The headline compares both in fp32; bf16 autocast is reported on its own 
 monitoring overhead: the same kind of run bare vs as a task of the running app watched by a page
 polling every 2 s (``bench/monitoring.py``; ``--no-monitoring`` skips it).
 
-    python bench/train_throughput.py [--quick] [--no-monitoring]
+On a CUDA machine (``--device cuda``, the default where one is visible) the model is Qwen2-0.5B's
+shape at bf16 on both sides, 64 samples per optimizer step written as batch 8 x accumulation 8 (what
+fits the plain baseline); sage-ft applies its own recommendation for the detected GPU (``recommend``:
+the same 64 samples per step, in as few micro-batches as fit). Timed over the steady state (the
+first steps, with CUDA and Triton warm-up, are left out); reported: tokens/s, peak
+``torch.cuda.max_memory_allocated`` and MFU (6 x parameters x tokens/s over the bf16 matmul rate
+measured on the same GPU in the same run).
+
+    python bench/train_throughput.py [--quick] [--no-monitoring] [--device auto|cpu|cuda]
 
 The last line printed is ``speedup: <ratio>x`` for scripts.
 """
@@ -28,6 +36,7 @@ from bench.common import (  # noqa: E402
     bar_chart,
     bench_home,
     build_bench_model,
+    build_qwen2_shaped_model,
     lognormal_chat_dataset,
     peak_rss_mb,
     print_table,
@@ -59,13 +68,15 @@ def eval_loss(model_dir: Path, adapter_dir: Path, eval_data: Path, cutoff: int) 
     from transformers import AutoModelForCausalLM
 
     tokenizer, samples = _tokenized(model_dir, eval_data, cutoff)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device),
                                       adapter_dir).eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for s in samples:
-            ids = torch.tensor([s["input_ids"]])
-            labels = torch.tensor([s["labels"]])
+            ids = torch.tensor([s["input_ids"]], device=device)
+            labels = torch.tensor([s["labels"]], device=device)
             n = int((labels[:, 1:] != -100).sum())
             if n == 0:
                 continue
@@ -74,8 +85,39 @@ def eval_loss(model_dir: Path, adapter_dir: Path, eval_data: Path, cutoff: int) 
     return total / count
 
 
-def worker_baseline(model_dir: Path, data: Path, eval_data: Path, out: Path, steps: int, batch: int, cutoff: int) -> dict:
-    """What a user would write: Trainer + peft LoRA, pad-to-longest collation, random batches, fp32."""
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _peak_memory() -> dict[str, float]:
+    """Peak RSS, and on a GPU the peak of torch.cuda.max_memory_allocated (GiB)."""
+    out = {"peak_rss_mb": peak_rss_mb()}
+    if _cuda():
+        import torch
+
+        out["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def _steady(points: list[tuple[int, float, int]], warmup: int) -> tuple[float, int, int]:
+    """(seconds, tokens, steps) between the log point of step ``warmup`` and the last one.
+
+    ``points`` are (step, time, tokens consumed so far) at each logged step. Step 0 is the start of
+    training; on a GPU the first steps carry CUDA/cuBLAS/Triton start-up and are left out.
+    """
+    first = next(p for p in points if p[0] == warmup)
+    last = points[-1]
+    return last[1] - first[1], last[2] - first[2], last[0] - first[0]
+
+
+def worker_baseline(model_dir: Path, data: Path, eval_data: Path, out: Path, steps: int, batch: int, accum: int,
+                    cutoff: int, precision: str, warmup: int) -> dict:
+    """What a user would write: Trainer + peft LoRA, pad-to-longest collation, random batches.
+
+    CPU: fp32. GPU: the model loaded in bf16 and ``bf16=True``, the usual recipe.
+    """
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import (
@@ -86,103 +128,163 @@ def worker_baseline(model_dir: Path, data: Path, eval_data: Path, out: Path, ste
         TrainingArguments,
     )
 
+    cuda = _cuda()
     torch.manual_seed(SEED)
     tokenizer, samples = _tokenized(model_dir, data, cutoff)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    dtype = torch.bfloat16 if cuda and precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    per_batch: list[int] = []  # useful tokens of each micro-batch, in the order they are consumed
     counts = {"useful": 0, "padded": 0}
 
     def counting_collator(features):
         batch_ = collator(features)
-        counts["useful"] += int(batch_["attention_mask"].sum())
+        useful = int(batch_["attention_mask"].sum())
+        per_batch.append(useful)
+        counts["useful"] += useful
         counts["padded"] += batch_["attention_mask"].numel()
         return batch_
 
-    timing: dict[str, float] = {}
+    points: list[tuple[int, float, int]] = []
 
     class Clock(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            timing["start"] = time.perf_counter()
+        def on_train_begin(self, args, state, control, **k):
+            points.append((0, time.perf_counter(), 0))
 
-        def on_train_end(self, *a, **k):
-            timing["end"] = time.perf_counter()
+        def on_log(self, args, state, control, logs=None, **k):  # after the step's loss is read (a sync)
+            if logs and "loss" in logs:
+                points.append((state.global_step, time.perf_counter(), sum(per_batch[:state.global_step * accum])))
 
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch, max_steps=steps,
-                             learning_rate=LR, lr_scheduler_type="cosine", logging_steps=1, save_strategy="no",
-                             report_to=[], seed=SEED, use_cpu=True, dataloader_num_workers=0,
-                             remove_unused_columns=False, disable_tqdm=True)
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
+                             max_steps=steps, learning_rate=LR, lr_scheduler_type="cosine", logging_steps=1,
+                             save_strategy="no", report_to=[], seed=SEED, use_cpu=not cuda, bf16=cuda and precision == "bf16",
+                             dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=samples, data_collator=counting_collator,
                       callbacks=[Clock()])
     trainer.train()
+    memory = _peak_memory()
     model.save_pretrained(out / "adapter")
-    seconds = timing["end"] - timing["start"]
-    return {"variant": "baseline (Trainer+peft, padded, fp32)", "seconds": seconds, "steps": steps,
-            "useful_tokens": counts["useful"], "padding_fraction": 1 - counts["useful"] / counts["padded"],
-            "peak_rss_mb": peak_rss_mb(), "eval_loss": eval_loss(model_dir, out / "adapter", eval_data, cutoff)}
+    seconds, tokens, timed_steps = _steady(points, warmup)
+    return {"variant": f"baseline (Trainer+peft, padded, {precision})", "seconds": seconds, "steps": timed_steps,
+            "useful_tokens": tokens, "padding_fraction": 1 - counts["useful"] / counts["padded"],
+            "micro_batch": f"{batch} x {accum}", **memory,
+            "eval_loss": eval_loss(model_dir, out / "adapter", eval_data, cutoff)}
 
 
-def worker_sageft(model_dir: Path, data: Path, eval_data: Path, out: Path, steps: int, batch: int, cutoff: int,
-                  precision: str) -> dict:
-    """sage-ft's in-process trainer with its defaults (only precision pinned for a fair headline)."""
+def worker_sageft(model_dir: Path, data: Path, eval_data: Path, out: Path, steps: int, batch: int, accum: int,
+                  cutoff: int, precision: str, warmup: int) -> dict:
+    """sage-ft's in-process trainer with its defaults (only precision pinned for a fair headline).
+
+    On a GPU, the settings sage-ft recommends for the detected device are applied first, as the
+    Train tab does: the same samples per optimizer step, split into as few micro-batches as fit.
+    """
     from sage_ft.config import TrainConfig
     from sage_ft.training import FineTuneRun
 
     config, _ = TrainConfig.from_dict({
         "model_name_or_path": str(model_dir), "dataset": str(data), "max_steps": steps,
-        "per_device_train_batch_size": batch, "cutoff_len": cutoff, "learning_rate": LR, "lora_rank": LORA_R,
-        "lora_target": "all", "precision": precision, "seed": SEED, "output_dir": str(out),
-        "overwrite_output_dir": True, "save_steps": 10_000, "logging_steps": 1,
+        "per_device_train_batch_size": batch, "gradient_accumulation_steps": accum, "cutoff_len": cutoff,
+        "learning_rate": LR, "lora_rank": LORA_R, "lora_target": "all", "precision": precision, "seed": SEED,
+        "output_dir": str(out), "overwrite_output_dir": True, "save_steps": 10_000, "logging_steps": 1,
     })
+    recommended = {}
+    if _cuda():
+        from sage_ft.estimate import recommend
+
+        advice = recommend(config, model_dir)
+        config, recommended = advice.config, advice.changes
     run = FineTuneRun(config)
     result = run.run()
     if result.status != "completed":
         raise RuntimeError(f"sage-ft run {result.status}: {result.error}")
+    memory = _peak_memory()
     metrics = result.metrics
-    # The Trainer's own train_runtime: the training loop only, like the baseline's clock callback
-    # (adapter saving and meta writing after training are not counted on either side).
-    seconds = float(metrics["train_runtime"])
-    useful = metrics.get("tokens_seen")  # counted with include_num_input_tokens_seen="non_padding"
-    return {"variant": f"sage-ft ({precision})", "seconds": seconds, "steps": steps, "useful_tokens": useful,
-            "padding_fraction": metrics.get("padding_fraction"), "peak_rss_mb": peak_rss_mb(),
+    # Log points from the run's own events (time and the Trainer's non-padding token count per step).
+    points = [(0, run.emitter.get_history("training_start")[0]["time"], 0)]
+    points += [(e["step"], e["time"], e["tokens_seen"]) for e in run.emitter.get_history("metric_update")
+               if e.get("loss") is not None]
+    seconds, tokens, timed_steps = _steady(points, warmup)
+    return {"variant": f"sage-ft ({precision})", "seconds": seconds, "steps": timed_steps, "useful_tokens": tokens,
+            "padding_fraction": metrics.get("padding_fraction"), **memory,
+            "micro_batch": f"{config.per_device_train_batch_size} x {config.gradient_accumulation_steps}",
+            "recommended": recommended, "fused_cross_entropy": run._meta.get("fused_cross_entropy"),
             "eval_loss": eval_loss(model_dir, Path(result.output_dir) / "lora", eval_data, cutoff)}
+
+
+def measure_matmul_peak() -> float:
+    """bf16 matmul FLOP/s of this GPU (8192^3 products on random data, median of 20 after warm-up)."""
+    import torch
+
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return 2 * n**3 / sorted(times)[len(times) // 2]
+
+
+def count_params(model_dir: Path) -> int:
+    from sage_ft.estimate import model_facts
+
+    return model_facts(model_dir).n_params
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and samples (a smoke run)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8, help="samples per micro-batch as written (both sides)")
+    parser.add_argument("--accum", type=int, default=None, help="micro-batches per optimizer step (CPU 1, GPU 8)")
     parser.add_argument("--cutoff", type=int, default=1024)
     parser.add_argument("--no-monitoring", action="store_true", help="skip the monitoring-overhead runs")
     parser.add_argument("--worker", choices=["baseline", "sageft"], help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    steps = args.steps or (4 if args.quick else 12)
 
     if args.worker:
         p = json.loads(args.paths)
         model_dir, data, eval_data, out = (Path(p[k]) for k in ("model", "data", "eval", "out"))
-        if args.worker == "baseline":
-            res = worker_baseline(model_dir, data, eval_data, out, steps, args.batch, args.cutoff)
-        else:
-            res = worker_sageft(model_dir, data, eval_data, out, steps, args.batch, args.cutoff, args.precision)
+        worker = worker_baseline if args.worker == "baseline" else worker_sageft
+        res = worker(model_dir, data, eval_data, out, args.steps, args.batch, args.accum, args.cutoff, args.precision,
+                     args.warmup)
         print(json.dumps(res))
         return 0
 
+    gpu = args.device == "cuda" or (args.device == "auto" and _cuda())
     home = bench_home()
-    model_dir = build_bench_model(home / "llama-512x4")
-    data = lognormal_chat_dataset(home / f"chat-{steps * args.batch}.jsonl", steps * args.batch, cutoff=args.cutoff)
+    if gpu:
+        steps = args.steps or (8 if args.quick else 24)
+        accum, warmup = args.accum or 8, 3
+        model_dir = build_qwen2_shaped_model(home / "qwen2-0.5b-shape")
+        # Headline at bf16 on both sides; sage-ft's own fp32 run gives the bf16 gain on its own line.
+        variants = [("baseline", "bf16"), ("sageft", "bf16"), ("sageft", "fp32")]
+    else:
+        steps = args.steps or (4 if args.quick else 12)
+        accum, warmup = args.accum or 1, 0
+        model_dir = build_bench_model(home / "llama-512x4")
+        variants = [("baseline", "fp32"), ("sageft", "fp32"), ("sageft", "bf16")]
+    samples = steps * args.batch * accum
+    data = lognormal_chat_dataset(home / f"chat-{samples}.jsonl", samples, cutoff=args.cutoff)
     eval_data = lognormal_chat_dataset(home / "chat-eval.jsonl", 16 if args.quick else 32, cutoff=args.cutoff, seed=99)
     rows = []
-    variants = [("baseline", "fp32"), ("sageft", "fp32"), ("sageft", "bf16")]
     for worker, precision in variants:
         out = home / "out" / f"{worker}-{precision}"
         paths = json.dumps({"model": str(model_dir), "data": str(data), "eval": str(eval_data), "out": str(out)})
         res = run_worker(SCRIPT, ["--worker", worker, "--precision", precision, "--steps", str(steps),
-                                  "--batch", str(args.batch), "--cutoff", str(args.cutoff), "--paths", paths])
+                                  "--batch", str(args.batch), "--accum", str(accum), "--cutoff", str(args.cutoff),
+                                  "--warmup", str(warmup), "--paths", paths])
         res["tokens_per_s"] = res["useful_tokens"] / res["seconds"] if res.get("useful_tokens") else None
         res["s_per_step"] = res["seconds"] / res["steps"]
         rows.append(res)
@@ -191,21 +293,38 @@ def main() -> int:
     for r in rows:
         r["ratio"] = (r["tokens_per_s"] / base["tokens_per_s"]) if r.get("tokens_per_s") else None
         r["loss_delta"] = r["eval_loss"] - base["eval_loss"]
-    print_table(rows, ["variant", "tokens_per_s", "ratio", "s_per_step", "padding_fraction", "peak_rss_mb",
-                       "eval_loss", "loss_delta"])
+    columns = ["variant", "tokens_per_s", "ratio", "s_per_step", "micro_batch", "padding_fraction"]
+    payload = {"device": "cuda" if gpu else "cpu", "steps": steps, "timed_from_step": warmup, "batch": args.batch,
+               "accum": accum, "cutoff": args.cutoff, "rows": rows}
+    if gpu:
+        peak = measure_matmul_peak()
+        n_params = count_params(model_dir)
+        for r in rows:
+            r["mfu"] = 6 * n_params * r["tokens_per_s"] / peak if r.get("tokens_per_s") else None
+        payload.update(matmul_peak_tflops=peak / 1e12, n_params=n_params)
+        columns += ["peak_gpu_gib", "mfu"]
+    else:
+        columns += ["peak_rss_mb"]
+    print_table(rows, columns + ["eval_loss", "loss_delta"])
     headline = rows[1]["ratio"]
-    bf16_gain = (rows[2]["tokens_per_s"] / rows[1]["tokens_per_s"]) if rows[2].get("tokens_per_s") else None
-    payload = {"steps": steps, "batch": args.batch, "cutoff": args.cutoff, "rows": rows,
-               "speedup_fp32": headline, "bf16_gain_over_sageft_fp32": bf16_gain}
-    print(f"bf16 autocast on top of sage-ft fp32: {bf16_gain:.2f}x" if bf16_gain else "bf16: n/a")
-    if not args.no_monitoring:
+    # GPU: row 2 is sage-ft fp32 under sage-ft bf16; CPU: row 2 is sage-ft bf16 autocast over fp32.
+    fast, slow = (rows[1], rows[2]) if gpu else (rows[2], rows[1])
+    bf16_gain = fast["tokens_per_s"] / slow["tokens_per_s"] if fast.get("tokens_per_s") and slow.get("tokens_per_s") \
+        else None
+    payload.update(speedup=headline, bf16_gain_over_sageft_fp32=bf16_gain)
+    if gpu:
+        print(f"GPU: bf16 matmul peak measured {peak / 1e12:.0f} TFLOP/s; model {n_params / 1e6:.0f}M parameters; "
+              f"MFU = 6 x parameters x tokens/s / that peak")
+    print(f"bf16 on top of sage-ft fp32: {bf16_gain:.2f}x" if bf16_gain else "bf16: n/a")
+    if not args.no_monitoring and not gpu:
         m_steps = monitoring.QUICK_STEPS if args.quick else monitoring.STEPS
         m_data = lognormal_chat_dataset(home / f"chat-{m_steps * args.batch}.jsonl", m_steps * args.batch,
                                         cutoff=args.cutoff)
         payload["monitoring"] = monitoring.measure(model_dir, m_data, m_steps, args.batch, args.cutoff, "fp32",
                                                    pairs=monitoring.QUICK_PAIRS if args.quick else monitoring.PAIRS)
         monitoring.report(payload["monitoring"])
-    bar_chart(save_results("train_throughput", payload).with_suffix(".html"), "Useful tokens/s (higher is better)",
+    name = "train_throughput_gpu" if gpu else "train_throughput"
+    bar_chart(save_results(name, payload).with_suffix(".html"), "Useful tokens/s (higher is better)",
               [r["variant"] for r in rows], [r["tokens_per_s"] or 0 for r in rows], "tokens/s")
     print(f"speedup: {headline:.2f}x" if headline else "speedup: n/a (no token count)")
     return 0

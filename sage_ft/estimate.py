@@ -15,7 +15,10 @@ The model of memory (bytes; docs/memory_estimator.md derives each term and shows
   four MLP intermediates, LoRA A outputs and, under autocast, the bf16 copies LoRA A saves);
   gradient checkpointing keeps only each layer's input plus one layer being recomputed;
 - logits: batch x seq x vocab x (compute bytes + 12): the fp32 upcast for the loss, log-softmax
-  output and their gradients — for small models with big vocabularies this is the largest term;
+  output and their gradients — for small models with big vocabularies this is the largest term.
+  On GPUs with liger-kernel the loss is a fused linear cross-entropy over chunks of about
+  tokens x hidden / vocab rows, so the term is about tokens x hidden x 12 bytes
+  (``sage_ft.gpu.fused_cross_entropy_available`` decides, for the estimate and the trainer alike);
 - overhead: runtime workspaces (CUDA context + cuBLAS on GPU, allocator and kernels on CPU).
 """
 
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from sage_ft.config import TrainConfig
+from sage_ft.gpu import fused_cross_entropy_available
 
 GiB = 1024**3
 MiB = 1024**2
@@ -62,6 +66,7 @@ class ModelFacts:
     n_params: int
     linear_shapes: tuple[tuple[str, int, int], ...]  # (module name, out, in) of adaptable linears
     source: str  # "safetensors headers" or "config.json"
+    model_type: str = ""  # config.json's model_type (decides whether the fused loss applies)
 
     @property
     def q_dim(self) -> int:
@@ -137,7 +142,8 @@ def _facts_from(cfg: dict[str, Any], tensors: dict[str, tuple[list[int], str]], 
         source = "config.json"
     return ModelFacts(hidden_size=int(hidden), intermediate_size=int(inter), num_layers=int(layers),
                       num_heads=int(heads), num_kv_heads=int(kv_heads), head_dim=int(head_dim),
-                      vocab_size=int(vocab), n_params=int(n_params), linear_shapes=linears, source=source)
+                      vocab_size=int(vocab), n_params=int(n_params), linear_shapes=linears, source=source,
+                      model_type=str(cfg.get("model_type") or ""))
 
 
 def _adaptable(tensor_name: str) -> bool:
@@ -328,7 +334,10 @@ def estimate_memory(config: TrainConfig, model_dir: str | Path | ModelFacts | No
         activations = tokens * L * per_token_layer
     activations += tokens * (4 * H + resid * H)  # final norm
     activations += tokens * 2 * (inter + H) * 4  # backward's transient gradient buffers
-    logits = tokens * V * (ab + 12)
+    if fused_cross_entropy_available(facts.model_type, device):
+        logits = tokens * H * 12  # fp32 logit chunks (~tokens x hidden elements) + the input gradient
+    else:
+        logits = tokens * V * (ab + 12)
     overhead = GPU_OVERHEAD if device == "cuda" else CPU_OVERHEAD
     breakdown = {"weights": weights, "lora_params": lora_params, "lora_grads": lora_grads,
                  "optimizer_states": optimizer, "activations": activations, "logits": logits, "overhead": overhead}

@@ -12,6 +12,7 @@ The memory estimator and recommender live in ``sage_ft.estimate``; ``estimate_me
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import threading
 import time
@@ -164,6 +165,22 @@ def selected_gpus(info: dict[str, Any], devices: str = "auto") -> list[dict[str,
         return gpus
     wanted = {int(d) for d in devices.replace(" ", "").split(",") if d.isdigit()}
     return [g for g in gpus if g["index"] in wanted]
+
+
+# Model types whose loss liger-kernel (a maintained library of fused Triton kernels, the `gpu`
+# extra) computes as a fused linear cross-entropy: the logits (tokens x vocab, the largest activation
+# of small models with big vocabularies) are never materialised. One list for the trainer and the
+# memory estimator, so the estimate assumes the fused loss exactly when training will use it.
+LIGER_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
+                               "gemma2", "phi3", "granite", "olmo2"})
+
+
+def fused_cross_entropy_available(model_type: str, device: str) -> bool:
+    """True when training on ``device`` uses liger's fused linear cross-entropy (CUDA, liger installed).
+
+    Checked with ``find_spec`` so the estimator stays torch-free.
+    """
+    return device == "cuda" and model_type in LIGER_MODEL_TYPES and importlib.util.find_spec("liger_kernel") is not None
 
 
 def summary(info: dict[str, Any]) -> str:

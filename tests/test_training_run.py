@@ -59,6 +59,8 @@ def test_run_directory_meta_events_and_state_agree(trained_run: Path, demo_model
     last = [e for e in events if e["event"] == "metric_update"][-1]
     assert last["loss"] == pytest.approx(meta["metrics"]["final_loss"])
     assert last["tokens_per_second"] > 0 and last["total_steps"] == TRAINED_RUN_STEPS
+    # every step sees the whole set (4 rows, batch 4): the host-side count is exact
+    assert meta["metrics"]["tokens_seen"] == TRAINED_RUN_STEPS * meta["dataset_info"]["token_stats"]["total_tokens"]
     assert [e["step"] for e in events if e["event"] == "checkpoint_saved"] == list(
         range(TRAINED_RUN_SAVE_STEPS, TRAINED_RUN_STEPS + 1, TRAINED_RUN_SAVE_STEPS))
     assert kinds.count("epoch_start") == kinds.count("epoch_end") == TRAINED_RUN_STEPS  # 4 rows, batch 4

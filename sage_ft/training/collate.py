@@ -33,6 +33,10 @@ from typing import Any
 
 from sage_ft.data.tokenize import IGNORE_INDEX
 
+# Key of the batch's real-token count (an int the trainer pops before the forward pass; see
+# ``engine.make_trainer``): counting from the device tensors would sync the GPU every micro-step.
+REAL_TOKENS_KEY = "num_real_tokens"
+
 
 class LengthGroupedSampler:
     """Indices in batches of similar length; the batch order is shuffled with ``seed`` + epoch.
@@ -91,9 +95,12 @@ class PackingCollator:
         best = self.best_packing(lengths) if self.packing else None
         if best is not None and self.packed_cost(lengths, best) < self.padded_cost(lengths):
             self.stats["packed_batches"] += 1
-            return self._packed(features, best)
-        self.stats["padded_batches"] += 1
-        return self._padded(features)
+            batch = self._packed(features, best)
+        else:
+            self.stats["padded_batches"] += 1
+            batch = self._padded(features)
+        batch[REAL_TOKENS_KEY] = sum(lengths)  # a plain int: the trainer counts tokens without a device sync
+        return batch
 
     def best_packing(self, lengths: list[int]) -> list[list[int]] | None:
         """The cheapest packed layout: rows as long as ``max_row_len``, or only as long as the batch's
@@ -212,6 +219,8 @@ def cost_model(model_config: Any, trainable_fraction: float = 0.0) -> tuple[floa
 
 def useful_tokens(batch: dict[str, Any]) -> int:
     """Non-padding tokens in a collated batch (for tokens/s)."""
+    if REAL_TOKENS_KEY in batch:
+        return int(batch[REAL_TOKENS_KEY])
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
     return int(batch["input_ids"].numel())

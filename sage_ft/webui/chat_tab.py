@@ -547,7 +547,7 @@ def compare(services: AppServices, message: str, hist_a: list[Any] | None, hist_
 
     cancel = _cancel_event(request, "/compare")
     args = _stream_args(system, temperature, top_p, max_tokens)
-    pumps: list[_Pump | None] = []
+    starts: list[Callable[[], Iterator[str]] | None] = []
     names = []
     for turns, model in zip(sides, (model_a, model_b), strict=True):
         try:
@@ -555,16 +555,23 @@ def compare(services: AppServices, message: str, hist_a: list[Any] | None, hist_
             name = served_name(services.server, str(model))
         except Exception as exc:  # TargetError / ChatError / AdapterLoadError: said in that side's chat
             turns[-1]["content"] = f"{ERROR_MARK} {exc}"
-            pumps.append(None)
+            starts.append(None)
             names.append("?")
             continue
         names.append(name)
         prompt = _prompt(turns[:-1])
-        pumps.append(_Pump(lambda p=prompt, n=name: stream_chat(services.server, p, model=n, cancel_event=cancel,
-                                                                **args)))
+        starts.append(lambda p=prompt, n=name: stream_chat(services.server, p, model=n, cancel_event=cancel, **args))
+    # Both sides stream at once, except base next to a LoRA where the server mixes them up (vLLM on
+    # CPU, see ServerManager.mixed_lora_batches_safe): there side B starts when side A has finished.
+    base = services.server.base_served_name()
+    one_after_the_other = (not services.server.mixed_lora_batches_safe and None not in starts
+                           and (names[0] == base) != (names[1] == base))
+    pumps: list[_Pump | None] = [None, None]
+    for i in (0,) if one_after_the_other else (0, 1):
+        pumps[i] = _Pump(starts[i]) if starts[i] is not None else None
     status = i18n.t("chat.comparing", lang, a=names[0], b=names[1])
     yield sides[0], sides[1], f"⏳ {_esc(status)}", gr.skip()
-    running = [p is not None for p in pumps]
+    running = [start is not None for start in starts]
     while any(running):
         changed = False
         for i, pump in enumerate(pumps):
@@ -581,6 +588,8 @@ def compare(services: AppServices, message: str, hist_a: list[Any] | None, hist_
                 if cancel.is_set() and error is None:
                     reply["content"] += f"\n\n{STOPPED_MARK} {i18n.t('chat.stopped', lang)}"
             changed = changed or bool(text) or done
+        if pumps[1] is None and running[1] and not running[0] and not cancel.is_set():
+            pumps[1] = _Pump(starts[1])  # one after the other: side A is done
         if cancel.is_set():
             for i, is_running in enumerate(running):
                 if is_running:

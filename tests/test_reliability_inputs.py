@@ -27,7 +27,7 @@ from sage_ft.training import FineTuneRun
 from tests.fixtures_data import memorize_rows, write_jsonl
 from tests.fixtures_tasks import tiny_task_config
 from tests.fixtures_training import training_config
-from tests.fixtures_webui import form_args, free_port, start_webui
+from tests.fixtures_webui import form_args, free_port, start_webui, stop_app_process
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024**2
@@ -381,6 +381,52 @@ def test_webui_on_a_taken_port_says_so_and_exits(tmp_path):
     assert out.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in out.stderr and "--port" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_webui_that_cannot_start_leaves_queued_runs_queued(tmp_path, task_dataset):
+    """An app that fails to start (here: its port is taken) must not take the queue down with it."""
+    home = tmp_path / "home"
+    with TaskManager(home / "sage_ft.db", start_worker=False) as manager:
+        queued = manager.create(tiny_task_config(task_dataset), name="waits")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        out = subprocess.run([sys.executable, "webui.py", "--no-llm", "--port", str(taken.getsockname()[1]),
+                              "--data-home", str(home)], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 1 and "cannot listen on" in out.stderr
+    with TaskManager(home / "sage_ft.db", start_worker=False) as manager:
+        task = manager.task(queued.id)
+    assert task.status is TaskStatus.QUEUED and task.started_at is None, task
+
+
+def test_webui_behind_an_http_proxy_still_reaches_itself(tmp_path):
+    """HTTP(S)_PROXY/ALL_PROXY set (corporate machines): loopback must bypass it, or Gradio refuses to
+    start ("localhost is not accessible") and the chat server's checks and API key go to the proxy."""
+    with socket.socket() as dead:  # a proxy address where nothing answers
+        dead.bind(("127.0.0.1", 0))
+        proxy = f"http://127.0.0.1:{dead.getsockname()[1]}"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k.lower() != "no_proxy"}
+    env.update(HTTP_PROXY=proxy, HTTPS_PROXY=proxy, ALL_PROXY=proxy, http_proxy=proxy, https_proxy=proxy)
+    app = subprocess.Popen([sys.executable, "webui.py", "--no-llm", "--port", str(port), "--data-home",
+                            str(tmp_path / "home")], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and app.poll() is None:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        time.sleep(3)  # past Gradio's own start-up check, which is what failed behind a proxy
+        assert app.poll() is None, app.stderr.read()[-2000:]
+        import httpx
+
+        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=30, trust_env=False)
+        assert page.status_code == 200 and "SAGE" in page.text
+    finally:
+        stop_app_process(app)
 
 
 def test_webui_with_an_unusable_data_home_says_so_and_exits(tmp_path):

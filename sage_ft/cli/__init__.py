@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    from sage_ft.serving.ports import bypass_proxies_for_loopback
+
+    bypass_proxies_for_loopback()  # the chat server is on loopback: never reach it through a proxy
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:

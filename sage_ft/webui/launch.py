@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.data_home:
         os.environ["SAGE_FT_HOME"] = str(Path(args.data_home).expanduser().resolve())
+    from sage_ft.serving.ports import bypass_proxies_for_loopback
+
+    bypass_proxies_for_loopback()
     from sage_ft.tasks.store import SchemaError, StoreUnavailable
     from sage_ft.webui.auth import AuthError
 
@@ -57,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from sage_ft.tasks import TaskManager
+    from sage_ft.tasks.store import SchemaError, StoreUnavailable
+    from sage_ft.webui.auth import AuthError
 
     if args.list_finetuned:
         return list_finetuned()
@@ -66,34 +71,56 @@ def _run(args: argparse.Namespace) -> int:
     from sage_ft.webui.services import AppServices
     from sage_ft.webui.uploads import PathGuard
 
-    tasks = TaskManager(start_worker=True)
+    # The queue starts only once the app is up: an app that fails to start must not take queued runs
+    # with it (they stay queued for the next start, or for `sage-ft tasks work`).
+    tasks = TaskManager(start_worker=False)
     services = AppServices(tasks=tasks, guard=PathGuard.for_share() if exposed else PathGuard(),
                            default_lang=args.lang, llm_disabled=args.no_llm)
     threading.Thread(target=_ensure_demo, daemon=True, name="demo-model").start()
-    if not args.no_llm:
-        services.server = start_chat_server(args, tasks)  # adopts a server a crashed app left, or ends it
-    else:
-        end_orphaned_chat_servers()
-    demo = build_app(services, args.lang)
     try:
+        if not args.no_llm:
+            services.server = start_chat_server(args, tasks)  # adopts a server a crashed app left, or ends it
+        else:
+            end_orphaned_chat_servers()
+        demo = build_app(services, args.lang)
         _, local_url, share_url = launch_app(demo, host=args.host, port=args.port, share=args.share, guard=guard,
                                              prevent_thread_lock=True)
-    except OSError as exc:
-        print(f"error: cannot listen on {args.host}:{args.port} ({exc}); is another app using it? "
-              "Pick another with --port", file=sys.stderr)
-        tasks.shutdown()
+    except Exception as exc:
+        _close(services, tasks)
+        if isinstance(exc, (AuthError, StoreUnavailable, SchemaError)):
+            raise  # main() says these
+        print(f"error: {describe_launch_failure(exc, args)}", file=sys.stderr)
         return 1
+    tasks.start_worker()
     if args.share and not share_url:
         print("\n*** Could not create a public share link (no internet connection, or the gradio tunnel is "
               f"blocked). The app keeps running locally at {local_url} with the same login. ***\n", flush=True)
     try:
         demo.block_thread()
     finally:
-        if services.server is not None:
-            services.server.close()
-        tasks.shutdown()
-        services.shutdown()
+        _close(services, tasks)
     return 0
+
+
+def _close(services: Any, tasks: Any) -> None:
+    if services.server is not None:
+        services.server.close()
+    tasks.shutdown()
+    services.shutdown()
+
+
+def describe_launch_failure(exc: Exception, args: argparse.Namespace) -> str:
+    """What went wrong starting the web server, and what to do (no traceback for the usual causes)."""
+    where = f"{args.host}:{args.port}" if args.port else args.host
+    if isinstance(exc, OSError):
+        return f"cannot listen on {where} ({exc}); is another app using it? Pick another with --port"
+    if "localhost is not accessible" in str(exc) or type(exc).__name__ in ("ConnectError", "ConnectTimeout",
+                                                                            "ReadTimeout"):
+        return (f"the app started but could not reach its own address on {where} ({type(exc).__name__}: {exc}). "
+                "A firewall rule or a proxy setting that does not exempt localhost, or a machine too busy to "
+                "answer within Gradio's 3-second start-up check; free the machine or fix the setting and "
+                "start again. Queued runs were left queued")
+    return f"the web app could not start: {type(exc).__name__}: {exc}. Queued runs were left queued"
 
 
 def login_guard(args: argparse.Namespace, exposed: bool):

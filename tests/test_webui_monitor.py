@@ -205,3 +205,14 @@ def test_charts_are_valid_plotly_figures_with_gaps_for_nan():
     assert raw["y"][-1] is None and len(smoothed["x"]) == len(smoothed["y"]) == 3
     assert data["layout"]["yaxis"]["type"] == "log" and data["layout"]["template"]["layout"]
     assert json.loads(charts.to_json(empty))["layout"]["annotations"][0]["text"] == "no eval yet"
+
+
+def test_gradio_queue_does_not_busy_poll_while_idle(webui):
+    """Gradio polls its empty queue every 1 ms on Linux (~4% of a core doing nothing, taken from the
+    trainer on a small machine); the app slows that to 10 ms. Fails if a Gradio upgrade renames the
+    attributes, so the tuning is not silently lost (bench/monitoring.py, docs/benchmarks.md)."""
+    from sage_ft.webui.app import PROGRESS_IDLE_POLL_S, QUEUE_IDLE_POLL_S
+
+    queue = webui.demo._queue
+    assert queue.sleep_when_free == QUEUE_IDLE_POLL_S == 0.01
+    assert queue.progress_update_sleep_when_free == PROGRESS_IDLE_POLL_S == 0.05

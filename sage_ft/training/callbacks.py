@@ -80,9 +80,13 @@ def build_callback(emitter: EventEmitter, state: RunState, control: RunControl, 
             state.update(current_step=step, current_epoch=float(hf_state.epoch or 0), eta_seconds=eta,
                          padding_fraction=collator.padding_fraction)
             emitter.emit("batch_end", step=step, total_steps=hf_state.max_steps)
-            if any_rank(control.cancelled) and not control.cancelled:
+            # Decide on the agreed value only: the local flag is set by another thread and may turn
+            # True just after the all-reduce, and a rank that stopped on it alone would leave the
+            # others waiting in the next step's collectives (it then stops at the next step with all).
+            stop = any_rank(control.cancelled)
+            if stop and not control.cancelled:
                 control.cancel()  # another rank was asked to stop: stop here too, at the same step
-            if control.cancelled:
+            if stop:
                 log.info("cancel requested: stopping after step %d", step)
                 hf_control.should_training_stop = True
                 hf_control.should_save = False

@@ -163,7 +163,7 @@ def test_offline_share_keeps_serving_locally_with_a_login(tmp_path):
                                 cwd=paths.project_root(), env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
-        while "share link" not in log_path.read_text() and time.monotonic() < deadline:
+        while "Could not create a public share link" not in log_path.read_text() and time.monotonic() < deadline:
             assert proc.poll() is None, log_path.read_text()
             time.sleep(0.5)
         text = log_path.read_text()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -68,7 +69,7 @@ def eval_loss(model_dir: Path, adapter_dir: Path, eval_data: Path, cutoff: int) 
     from transformers import AutoModelForCausalLM
 
     tokenizer, samples = _tokenized(model_dir, eval_data, cutoff)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if _cuda() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device),
                                       adapter_dir).eval()
@@ -263,6 +264,8 @@ def main() -> int:
         return 0
 
     gpu = args.device == "cuda" or (args.device == "auto" and _cuda())
+    if not gpu:  # the workers decide by what they see: --device cpu on a GPU machine hides the GPUs
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     home = bench_home()
     if gpu:
         steps = args.steps or (8 if args.quick else 24)

@@ -14,7 +14,9 @@ fits the plain baseline); sage-ft applies its own recommendation for the detecte
 the same 64 samples per step, in as few micro-batches as fit). Timed over the steady state (the
 first steps, with CUDA and Triton warm-up, are left out); reported: tokens/s, peak
 ``torch.cuda.max_memory_allocated`` and MFU (6 x parameters x tokens/s over the bf16 matmul rate
-measured on the same GPU in the same run).
+measured on the same GPU in the same run). A fourth row runs sage-ft at bf16 with the opt-in
+``torch_compile`` (compilation falls in the untimed first steps): off by default until this row
+shows it pays on a GPU (``bench/host_overhead.py`` measures the host work it removes, on CPU).
 
     python bench/train_throughput.py [--quick] [--no-monitoring] [--device auto|cpu|cuda]
 
@@ -175,7 +177,7 @@ def worker_baseline(model_dir: Path, data: Path, eval_data: Path, out: Path, ste
 
 
 def worker_sageft(model_dir: Path, data: Path, eval_data: Path, out: Path, steps: int, batch: int, accum: int,
-                  cutoff: int, precision: str, warmup: int) -> dict:
+                  cutoff: int, precision: str, warmup: int, torch_compile: bool = False) -> dict:
     """sage-ft's in-process trainer with its defaults (only precision pinned for a fair headline).
 
     On a GPU, the settings sage-ft recommends for the detected device are applied first, as the
@@ -189,6 +191,7 @@ def worker_sageft(model_dir: Path, data: Path, eval_data: Path, out: Path, steps
         "per_device_train_batch_size": batch, "gradient_accumulation_steps": accum, "cutoff_len": cutoff,
         "learning_rate": LR, "lora_rank": LORA_R, "lora_target": "all", "precision": precision, "seed": SEED,
         "output_dir": str(out), "overwrite_output_dir": True, "save_steps": 10_000, "logging_steps": 1,
+        "torch_compile": torch_compile,
     })
     recommended = {}
     if _cuda():
@@ -207,7 +210,7 @@ def worker_sageft(model_dir: Path, data: Path, eval_data: Path, out: Path, steps
     points += [(e["step"], e["time"], e["tokens_seen"]) for e in run.emitter.get_history("metric_update")
                if e.get("loss") is not None]
     seconds, tokens, timed_steps = _steady(points, warmup)
-    return {"variant": f"sage-ft ({precision})", "seconds": seconds, "steps": timed_steps, "useful_tokens": tokens,
+    return {"variant": f"sage-ft ({precision}{', torch_compile' if torch_compile else ''})", "seconds": seconds, "steps": timed_steps, "useful_tokens": tokens,
             "padding_fraction": metrics.get("padding_fraction"), **memory,
             "micro_batch": f"{config.per_device_train_batch_size} x {config.gradient_accumulation_steps}",
             "recommended": recommended, "fused_cross_entropy": run._meta.get("fused_cross_entropy"),
@@ -250,6 +253,7 @@ def main() -> int:
     parser.add_argument("--no-monitoring", action="store_true", help="skip the monitoring-overhead runs")
     parser.add_argument("--worker", choices=["baseline", "sageft"], help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    parser.add_argument("--torch-compile", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -257,9 +261,9 @@ def main() -> int:
     if args.worker:
         p = json.loads(args.paths)
         model_dir, data, eval_data, out = (Path(p[k]) for k in ("model", "data", "eval", "out"))
-        worker = worker_baseline if args.worker == "baseline" else worker_sageft
-        res = worker(model_dir, data, eval_data, out, args.steps, args.batch, args.accum, args.cutoff, args.precision,
-                     args.warmup)
+        common = (model_dir, data, eval_data, out, args.steps, args.batch, args.accum, args.cutoff, args.precision,
+                  args.warmup)
+        res = worker_baseline(*common) if args.worker == "baseline" else worker_sageft(*common, args.torch_compile)
         print(json.dumps(res))
         return 0
 
@@ -271,8 +275,9 @@ def main() -> int:
         steps = args.steps or (8 if args.quick else 24)
         accum, warmup = args.accum or 8, 3
         model_dir = build_qwen2_shaped_model(home / "qwen2-0.5b-shape")
-        # Headline at bf16 on both sides; sage-ft's own fp32 run gives the bf16 gain on its own line.
-        variants = [("baseline", "bf16"), ("sageft", "bf16"), ("sageft", "fp32")]
+        # Headline at bf16 on both sides; sage-ft's own fp32 run gives the bf16 gain on its own line;
+        # the last row is the opt-in torch_compile (default off until measured here; bench/host_overhead.py).
+        variants = [("baseline", "bf16"), ("sageft", "bf16"), ("sageft", "fp32"), ("sageft", "bf16+compile")]
     else:
         steps = args.steps or (4 if args.quick else 12)
         accum, warmup = args.accum or 1, 0
@@ -282,12 +287,13 @@ def main() -> int:
     data = lognormal_chat_dataset(home / f"chat-{samples}.jsonl", samples, cutoff=args.cutoff)
     eval_data = lognormal_chat_dataset(home / "chat-eval.jsonl", 16 if args.quick else 32, cutoff=args.cutoff, seed=99)
     rows = []
-    for worker, precision in variants:
-        out = home / "out" / f"{worker}-{precision}"
+    for worker, variant in variants:
+        out = home / "out" / f"{worker}-{variant}"
+        precision, _, compiled = variant.partition("+")
         paths = json.dumps({"model": str(model_dir), "data": str(data), "eval": str(eval_data), "out": str(out)})
         res = run_worker(SCRIPT, ["--worker", worker, "--precision", precision, "--steps", str(steps),
                                   "--batch", str(args.batch), "--accum", str(accum), "--cutoff", str(args.cutoff),
-                                  "--warmup", str(warmup), "--paths", paths])
+                                  "--warmup", str(warmup), "--paths", paths] + (["--torch-compile"] if compiled else []))
         res["tokens_per_s"] = res["useful_tokens"] / res["seconds"] if res.get("useful_tokens") else None
         res["s_per_step"] = res["seconds"] / res["steps"]
         rows.append(res)

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh --dev
 PY=${PYTHON:-python3}
-for bench in train_throughput swap_latency chat_overhead ui_cost; do
+for bench in train_throughput host_overhead swap_latency chat_overhead ui_cost; do
   echo "=== bench/$bench.py $*"
   "$PY" "bench/$bench.py" "$@"
 done

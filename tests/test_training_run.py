@@ -101,6 +101,51 @@ def _assert_adapter_loads_and_acts(model_dir: Path, adapter: Path) -> None:
     assert torch.isfinite(after).all() and not torch.allclose(before, after)
 
 
+def test_the_same_seed_trains_the_same_adapter(memorize_jsonl: Path, tmp_path: Path) -> None:
+    """A run is reproducible from its config: the adapter's random init is seeded too (torch's own
+    generator starts from a different seed in every process, and an earlier run moves it)."""
+    from safetensors.torch import load_file
+
+    def adapter(name: str, seed: int) -> dict:
+        result = FineTuneRun(training_config(memorize_jsonl, tmp_path / name, max_steps=2, seed=seed)).run()
+        assert result.status == "completed", result.error
+        return load_file(result.output_dir / "lora" / "adapter_model.safetensors")
+
+    first, again, other = adapter("a", 7), adapter("b", 7), adapter("c", 8)
+    assert first.keys() == again.keys() == other.keys()
+    assert all(first[k].equal(again[k]) for k in first)
+    assert not all(first[k].equal(other[k]) for k in first)
+
+
+def test_torch_compile_trains_the_same_run(demo_model: Path, memorize_jsonl: Path, tmp_path: Path) -> None:
+    """Regional torch.compile (with gradient checkpointing around the compiled layers): the same
+    per-step losses as eager, a note in the events, an adapter peft loads, and dynamo's caches
+    dropped afterwards (a later run in the app would otherwise pile up recompilations)."""
+    import torch
+
+    def losses(result) -> list[float]:
+        return [e["loss"] for e in events_of(result.output_dir) if e["event"] == "metric_update" and "loss" in e]
+
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer  # the demo model's layers
+
+    def compiled_entries() -> int:  # dynamo's cache entries (compiled graphs) of the layers' forward
+        return torch._dynamo.convert_frame._get_total_cache_entry_count(LlamaDecoderLayer.forward)
+
+    eager = FineTuneRun(training_config(memorize_jsonl, tmp_path / "eager", max_steps=4)).run()
+    run = FineTuneRun(training_config(memorize_jsonl, tmp_path / "compiled", max_steps=4, torch_compile=True,
+                                      gradient_checkpointing=True))
+    during: list[int] = []
+    run.emitter.on("batch_end", lambda e: during.append(compiled_entries()))
+    compiled = run.run()
+    assert eager.status == compiled.status == "completed", compiled.error
+    assert losses(compiled) == pytest.approx(losses(eager), rel=1e-4) and len(losses(eager)) == 4
+    assert read_meta(compiled.output_dir)["torch_compile_layers"] == 2  # the demo model's decoder layers
+    notes = [e for e in events_of(compiled.output_dir) if e["event"] == "log" and e.get("source") == "torch_compile"]
+    assert notes and "first step" in notes[0]["message"]
+    _assert_adapter_loads_and_acts(demo_model, compiled.output_dir / "lora")
+    assert min(during) > 0 and compiled_entries() == 0  # the layers ran compiled; the caches went with the run
+
+
 def test_pause_resume_and_eval_loss(memorize_jsonl: Path, tmp_path: Path) -> None:
     config = training_config(memorize_jsonl, tmp_path / "run", max_steps=6, val_size=1, eval_steps=2,
                              per_device_train_batch_size=2)

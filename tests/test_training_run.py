@@ -146,6 +146,20 @@ def test_torch_compile_trains_the_same_run(demo_model: Path, memorize_jsonl: Pat
     assert min(during) > 0 and compiled_entries() == 0  # the layers ran compiled; the caches went with the run
 
 
+def test_torch_compile_failure_says_to_turn_it_off(memorize_jsonl: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """No C++ compiler for inductor (a CPU machine without one): the run fails with a one-line reason
+    naming the setting, not a compiler traceback."""
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor, "force_disable_caches", True)  # a cached kernel would need no compiler
+    monkeypatch.setattr(inductor.cpp, "cxx", (str(tmp_path / "no-such-g++"),))
+    result = FineTuneRun(training_config(memorize_jsonl, tmp_path / "run", max_steps=2, torch_compile=True)).run()
+    assert result.status == "failed"
+    assert result.error.startswith("torch_compile failed (") and "turn torch_compile off" in result.error
+    assert "\n" not in result.error
+
+
 def test_pause_resume_and_eval_loss(memorize_jsonl: Path, tmp_path: Path) -> None:
     config = training_config(memorize_jsonl, tmp_path / "run", max_steps=6, val_size=1, eval_steps=2,
                              per_device_train_batch_size=2)

@@ -213,11 +213,18 @@ def describe_failure(exc: BaseException) -> str:
     if "out of memory" in low or type(exc).__name__ == "OutOfMemoryError":
         return (f"out of memory ({text.splitlines()[0][:200]}); lower per_device_train_batch_size or cutoff_len, "
                 "enable gradient_checkpointing, or use a smaller model")
+    if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):  # only with torch_compile on
+        return (f"torch_compile failed ({type(exc).__name__}: {_first_line(text)[:300]}); turn torch_compile off "
+                "(Advanced) and start again")
     if isinstance(exc, (RunFailure, ConfigError, ValueError)) or type(exc).__name__ in ("ModelError", "DataError",
                                                                                        "NonFiniteLossError",
                                                                                        "CheckpointSaveError"):
         return text
     return f"{type(exc).__name__}: {text}"
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), text)
 
 
 def _attach_log_file(path: Path) -> logging.Handler:

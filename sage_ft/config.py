@@ -100,7 +100,7 @@ class TrainConfig:
     precision: str = _f("auto", "advanced", "Compute precision; auto = bf16 where the device supports it, else fp32.",
                         choices=("auto", "bf16", "fp16", "fp32"))
     gradient_checkpointing: bool = _f(False, "advanced", "Recompute activations to save memory (slower).")
-    torch_compile: bool = _f(False, "advanced", "Compile each decoder layer with torch.compile: less host work per step on GPUs (launch-bound small models); the first step takes about a minute longer. Usually slower on CPU.")
+    torch_compile: bool = _f(False, "advanced", "Compile each decoder layer with torch.compile: less host work per step (for GPUs, where small models are launch-bound); the first step takes up to a minute longer. On CPU only a few percent faster: worth it for long runs.")
     logging_steps: int = _f(1, "advanced", "Log loss and learning rate every N steps.", min=1)
     save_steps: int = _f(50, "advanced", "Save a checkpoint every N steps.", min=1)
     eval_steps: int | None = _f(None, "advanced", "Evaluate every N steps when val_size > 0 (empty = save_steps).", min=1)

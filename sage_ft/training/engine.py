@@ -303,8 +303,9 @@ def compile_decoder_layers(model: Any) -> int:
     (compiling the whole model took 210 s instead of 22 s for about the same per-step gain on the
     CPU proxy of that regime, ``bench/host_overhead.py``; docs/benchmarks.md).
     ``dynamic=True``: packed rows change length every step, and a first static compilation would
-    only be thrown away at the second step. On CPU the fused code was slower than eager for
-    compute-bound shapes, hence off by default.
+    only be thrown away at the second step. Off by default: on CPU it gained only 4-9% per step
+    after 15-30 s of compiling (``bench/host_overhead.py --compute-bound``), and its GPU gain is
+    not measured yet.
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 

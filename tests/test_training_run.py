@@ -122,11 +122,10 @@ def test_torch_compile_trains_the_same_run(demo_model: Path, memorize_jsonl: Pat
     per-step losses as eager, a note in the events, an adapter peft loads, and dynamo's caches
     dropped afterwards (a later run in the app would otherwise pile up recompilations)."""
     import torch
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer  # the demo model's layers
 
     def losses(result) -> list[float]:
         return [e["loss"] for e in events_of(result.output_dir) if e["event"] == "metric_update" and "loss" in e]
-
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer  # the demo model's layers
 
     def compiled_entries() -> int:  # dynamo's cache entries (compiled graphs) of the layers' forward
         return torch._dynamo.convert_frame._get_total_cache_entry_count(LlamaDecoderLayer.forward)

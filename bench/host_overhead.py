@@ -50,7 +50,7 @@ def build(structure: dict[str, Any], compiled: bool) -> Any:
     from sage_ft.training import engine
 
     config, _ = TrainConfig.from_dict({"model_name_or_path": "proxy", "dataset": "proxy.jsonl", "lora_rank": 8,
-                                       "lora_target": "all", "seed": SEED, "torch_compile": compiled})
+                                       "lora_target": "all", "seed": SEED})
     engine.seed_everything(SEED)
     model = Qwen2ForCausalLM(Qwen2Config(**structure, attn_implementation="sdpa", use_cache=False))
     model = engine.apply_lora(model, config)

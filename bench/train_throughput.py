@@ -210,7 +210,8 @@ def worker_sageft(model_dir: Path, data: Path, eval_data: Path, out: Path, steps
     points += [(e["step"], e["time"], e["tokens_seen"]) for e in run.emitter.get_history("metric_update")
                if e.get("loss") is not None]
     seconds, tokens, timed_steps = _steady(points, warmup)
-    return {"variant": f"sage-ft ({precision}{', torch_compile' if torch_compile else ''})", "seconds": seconds, "steps": timed_steps, "useful_tokens": tokens,
+    label = f"sage-ft ({precision}, torch_compile)" if torch_compile else f"sage-ft ({precision})"
+    return {"variant": label, "seconds": seconds, "steps": timed_steps, "useful_tokens": tokens,
             "padding_fraction": metrics.get("padding_fraction"), **memory,
             "micro_batch": f"{config.per_device_train_batch_size} x {config.gradient_accumulation_steps}",
             "recommended": recommended, "fused_cross_entropy": run._meta.get("fused_cross_entropy"),

@@ -16,7 +16,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 log = logging.getLogger("sage_ft.webui")
 
 
@@ -59,13 +58,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from sage_ft.serving.ports import LOOPBACK_HOSTS
     from sage_ft.tasks import TaskManager
     from sage_ft.tasks.store import SchemaError, StoreUnavailable
     from sage_ft.webui.auth import AuthError
 
     if args.list_finetuned:
         return list_finetuned()
-    exposed = args.share or args.host not in LOOPBACK
+    exposed = args.share or args.host not in LOOPBACK_HOSTS
     guard = login_guard(args, exposed)
     from sage_ft.webui.app import build_app, launch_app
     from sage_ft.webui.services import AppServices

@@ -16,7 +16,9 @@ first steps, with CUDA and Triton warm-up, are left out); reported: tokens/s, pe
 ``torch.cuda.max_memory_allocated`` and MFU (6 x parameters x tokens/s over the bf16 matmul rate
 measured on the same GPU in the same run). A fourth row runs sage-ft at bf16 with the opt-in
 ``torch_compile`` (compilation falls in the untimed first steps): off by default until this row
-shows it pays on a GPU (``bench/host_overhead.py`` measures the host work it removes, on CPU).
+shows it pays on a GPU (``bench/host_overhead.py`` measures the host work it removes, on CPU). A
+fifth row runs the bf16 defaults with ``micro_batch_by_tokens`` off (exactly 'accumulation' micro-batches
+per step): with the column passes/step, what splitting a step by tokens saves on a launch-bound GPU.
 
     python bench/train_throughput.py [--quick] [--no-monitoring] [--device auto|cpu|cuda]
 
@@ -172,12 +174,13 @@ def worker_baseline(model_dir: Path, data: Path, eval_data: Path, out: Path, ste
     seconds, tokens, timed_steps = _steady(points, warmup)
     return {"variant": f"baseline (Trainer+peft, padded, {precision})", "seconds": seconds, "steps": timed_steps,
             "useful_tokens": tokens, "padding_fraction": 1 - counts["useful"] / counts["padded"],
-            "micro_batch": f"{batch} x {accum}", **memory,
+            "micro_batch": f"{batch} x {accum}", "passes_per_step": accum, **memory,
             "eval_loss": eval_loss(model_dir, out / "adapter", eval_data, cutoff)}
 
 
 def worker_sageft(model_dir: Path, data: Path, eval_data: Path, out: Path, steps: int, batch: int, accum: int,
-                  cutoff: int, precision: str, warmup: int, torch_compile: bool = False) -> dict:
+                  cutoff: int, precision: str, warmup: int, torch_compile: bool = False,
+                  by_tokens: str = "auto") -> dict:
     """sage-ft's in-process trainer with its defaults (only precision pinned for a fair headline).
 
     On a GPU, the settings sage-ft recommends for the detected device are applied first, as the
@@ -191,7 +194,7 @@ def worker_sageft(model_dir: Path, data: Path, eval_data: Path, out: Path, steps
         "per_device_train_batch_size": batch, "gradient_accumulation_steps": accum, "cutoff_len": cutoff,
         "learning_rate": LR, "lora_rank": LORA_R, "lora_target": "all", "precision": precision, "seed": SEED,
         "output_dir": str(out), "overwrite_output_dir": True, "save_steps": 10_000, "logging_steps": 1,
-        "torch_compile": torch_compile,
+        "torch_compile": torch_compile, "micro_batch_by_tokens": by_tokens,
     })
     recommended = {}
     if _cuda():
@@ -210,10 +213,13 @@ def worker_sageft(model_dir: Path, data: Path, eval_data: Path, out: Path, steps
     points += [(e["step"], e["time"], e["tokens_seen"]) for e in run.emitter.get_history("metric_update")
                if e.get("loss") is not None]
     seconds, tokens, timed_steps = _steady(points, warmup)
-    label = f"sage-ft ({precision}, torch_compile)" if torch_compile else f"sage-ft ({precision})"
+    notes = [precision] + (["torch_compile"] if torch_compile else []) + (
+        [] if by_tokens == "auto" else [f"micro_batch_by_tokens {by_tokens}"])
+    label = f"sage-ft ({', '.join(notes)})"
     return {"variant": label, "seconds": seconds, "steps": timed_steps, "useful_tokens": tokens,
             "padding_fraction": metrics.get("padding_fraction"), **memory,
             "micro_batch": f"{config.per_device_train_batch_size} x {config.gradient_accumulation_steps}",
+            "passes_per_step": metrics.get("micro_batches_per_step"),
             "recommended": recommended, "fused_cross_entropy": run._meta.get("fused_cross_entropy"),
             "eval_loss": eval_loss(model_dir, Path(result.output_dir) / "lora", eval_data, cutoff)}
 
@@ -255,6 +261,7 @@ def main() -> int:
     parser.add_argument("--worker", choices=["baseline", "sageft"], help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--torch-compile", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--micro-batch-by-tokens", choices=["auto", "on", "off"], default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -264,7 +271,8 @@ def main() -> int:
         model_dir, data, eval_data, out = (Path(p[k]) for k in ("model", "data", "eval", "out"))
         common = (model_dir, data, eval_data, out, args.steps, args.batch, args.accum, args.cutoff, args.precision,
                   args.warmup)
-        res = worker_baseline(*common) if args.worker == "baseline" else worker_sageft(*common, args.torch_compile)
+        res = worker_baseline(*common) if args.worker == "baseline" else worker_sageft(
+            *common, args.torch_compile, by_tokens=args.micro_batch_by_tokens)
         print(json.dumps(res))
         return 0
 
@@ -277,8 +285,10 @@ def main() -> int:
         accum, warmup = args.accum or 8, 3
         model_dir = build_qwen2_shaped_model(home / "qwen2-0.5b-shape")
         # Headline at bf16 on both sides; sage-ft's own fp32 run gives the bf16 gain on its own line;
-        # the last row is the opt-in torch_compile (default off until measured here; bench/host_overhead.py).
-        variants = [("baseline", "bf16"), ("sageft", "bf16"), ("sageft", "fp32"), ("sageft", "bf16+compile")]
+        # then the opt-in torch_compile (default off until measured here; bench/host_overhead.py), and the
+        # default bf16 run with sample-count micro-batches (what micro_batch_by_tokens saves).
+        variants = [("baseline", "bf16"), ("sageft", "bf16"), ("sageft", "fp32"), ("sageft", "bf16+compile"),
+                    ("sageft", "bf16+fixed")]
     else:
         steps = args.steps or (4 if args.quick else 12)
         accum, warmup = args.accum or 1, 0
@@ -290,11 +300,13 @@ def main() -> int:
     rows = []
     for worker, variant in variants:
         out = home / "out" / f"{worker}-{variant}"
-        precision, _, compiled = variant.partition("+")
+        precision, *options = variant.split("+")
         paths = json.dumps({"model": str(model_dir), "data": str(data), "eval": str(eval_data), "out": str(out)})
         res = run_worker(SCRIPT, ["--worker", worker, "--precision", precision, "--steps", str(steps),
                                   "--batch", str(args.batch), "--accum", str(accum), "--cutoff", str(args.cutoff),
-                                  "--warmup", str(warmup), "--paths", paths] + (["--torch-compile"] if compiled else []))
+                                  "--warmup", str(warmup), "--paths", paths]
+                      + (["--torch-compile"] if "compile" in options else [])
+                      + (["--micro-batch-by-tokens", "off"] if "fixed" in options else []))
         res["tokens_per_s"] = res["useful_tokens"] / res["seconds"] if res.get("useful_tokens") else None
         res["s_per_step"] = res["seconds"] / res["steps"]
         rows.append(res)
@@ -303,7 +315,7 @@ def main() -> int:
     for r in rows:
         r["ratio"] = (r["tokens_per_s"] / base["tokens_per_s"]) if r.get("tokens_per_s") else None
         r["loss_delta"] = r["eval_loss"] - base["eval_loss"]
-    columns = ["variant", "tokens_per_s", "ratio", "s_per_step", "micro_batch", "padding_fraction"]
+    columns = ["variant", "tokens_per_s", "ratio", "s_per_step", "micro_batch", "passes_per_step", "padding_fraction"]
     payload = {"device": "cuda" if gpu else "cpu", "steps": steps, "timed_from_step": warmup, "batch": args.batch,
                "accum": accum, "cutoff": args.cutoff, "rows": rows}
     if gpu:

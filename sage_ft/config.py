@@ -68,8 +68,8 @@ class TrainConfig:
     learning_rate: float = _f(2e-4, "basic", "Peak learning rate of the optimizer.", min=0, min_exclusive=True, max=1.0)
     num_train_epochs: float = _f(3.0, "basic", "Passes over the data (ignored when max_steps > 0).", min=0, min_exclusive=True, max=1000)
     max_steps: int = _f(-1, "basic", "Stop after this many optimizer steps; -1 = use num_train_epochs.", min=-1)
-    per_device_train_batch_size: int = _f(4, "basic", "Samples (or packed rows) per device per step.", min=1, max=4096)
-    gradient_accumulation_steps: int = _f(1, "basic", "Batches accumulated before each optimizer step.", min=1, max=4096)
+    per_device_train_batch_size: int = _f(4, "basic", "Samples per device per micro-batch (one forward/backward); batch x accumulation = samples per optimizer step.", min=1, max=4096)
+    gradient_accumulation_steps: int = _f(1, "basic", "Micro-batches of 'batch' samples per optimizer step (fewer on GPUs when their samples are short: micro_batch_by_tokens).", min=1, max=4096)
     # --- data ---
     dataset_format: str = _f("auto", "data", "Dataset layout; auto detects alpaca, sharegpt or openai messages.",
                              choices=("auto", "alpaca", "sharegpt", "openai"))
@@ -100,6 +100,7 @@ class TrainConfig:
     precision: str = _f("auto", "advanced", "Compute precision; auto = bf16 where the device supports it, else fp32.",
                         choices=("auto", "bf16", "fp16", "fp32"))
     gradient_checkpointing: bool = _f(False, "advanced", "Recompute activations to save memory (slower).")
+    micro_batch_by_tokens: str = _f("auto", "advanced", "With gradient accumulation > 1: split each step's batch x accumulation samples into as few micro-batches as fit batch x the longest sample's tokens (no more memory), so steps of short samples take fewer forward/backward passes; same samples and loss per step. auto = on for GPUs (a small model's pass is bound by kernel launches there), off on CPUs (compute-bound; measured a few percent slower from coarser length groups).", choices=("auto", "on", "off"))
     torch_compile: bool = _f(False, "advanced", "Compile each decoder layer with torch.compile: less host work per step (for GPUs, where small models are launch-bound); the first step takes up to a minute longer. On CPU only a few percent faster: worth it for long runs.")
     logging_steps: int = _f(1, "advanced", "Log loss and learning rate every N steps.", min=1)
     save_steps: int = _f(50, "advanced", "Save a checkpoint every N steps.", min=1)

@@ -160,3 +160,43 @@ def test_two_process_gloo_run_cancel_stops_every_rank_at_one_step_then_all_ranks
     ends = _rank_lines(resumed.log_path.read_text()[len(log_text):])
     assert ends == {r: f"completed at step {last + 2} (resumed from checkpoint-{last})" for r in (0, 1)}, ends
     assert json.loads((run / "finetune_meta.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_two_process_run_with_micro_batches_by_tokens_completes_when_ranks_take_different_pass_counts(
+        demo_model, tmp_path):
+    """batch 1 x accumulation 4 split by tokens on 2 gloo ranks: in every epoch one rank gets the group
+    of the 4 shortest samples (1 pass) while the other gets a longer group (2-4 passes). Gradients sync on
+    each rank's last pass only, so the ranks' collectives still pair up: the run completes (no hang),
+    and the token count gathered from both ranks is exact."""
+    from transformers import AutoTokenizer
+
+    from sage_ft.data.tokenize import tokenize_conversations
+
+    words = "alpha beta gamma delta river stone cloud light north quiet".split()
+    rows = [{"instruction": "hi", "output": "ok"} for _ in range(4)]
+    rows += [{"instruction": " ".join(words[(i + j) % 10] for j in range(20 + i)), "output": "yes"} for i in range(12)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples = tokenize_conversations([[{"role": "user", "content": r["instruction"]},
+                                       {"role": "assistant", "content": r["output"]}] for r in rows],
+                                      AutoTokenizer.from_pretrained(demo_model), 128)
+    lengths = sorted(len(s["input_ids"]) for s in samples)
+    assert len(lengths) == 16 and lengths[3] <= lengths[-1] // 4 < lengths[4]  # the precondition above
+    config, _ = TrainConfig.from_dict(dict(
+        model_name_or_path="demo", dataset=str(data), output_dir=str(tmp_path / "run"), max_steps=4,
+        per_device_train_batch_size=1, gradient_accumulation_steps=4, micro_batch_by_tokens="on",
+        precision="fp32", devices="cpu", num_processes=2, cutoff_len=128, save_steps=100, logging_steps=1))
+    handle = launcher.launch_multi(config, cpu=True)
+    try:
+        rc = handle.wait(400)
+    finally:
+        if handle.poll() is None:
+            handle.kill()
+    log_text = handle.log_path.read_text()
+    assert rc == 0, log_text[-3000:]
+    assert _rank_lines(log_text) == {r: "completed at step 4" for r in (0, 1)}, log_text[-3000:]
+    meta = json.loads((Path(handle.output_dir) / "finetune_meta.json").read_text())
+    # 16 samples / (4 per rank x 2 ranks) = 2 steps per epoch: 4 steps see every sample twice
+    assert meta["metrics"]["tokens_seen"] == 2 * sum(lengths)
+    assert 1 < meta["metrics"]["micro_batches_per_step"] <= 4  # rank 0's own passes

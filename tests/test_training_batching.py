@@ -9,11 +9,13 @@ import pytest
 
 from sage_ft.data.tokenize import tokenize_conversations
 from sage_ft.training.collate import (
+    MICRO_BATCHES_KEY,
     REAL_TOKENS_KEY,
     LengthGroupedSampler,
     PackingCollator,
     cost_model,
     pack_rows,
+    split_by_token_budget,
 )
 
 
@@ -86,6 +88,41 @@ def test_collator_picks_the_cheaper_layout_and_reports_padding(model_and_samples
     unpacked = PackingCollator(pad_token_id=0, max_row_len=1024, packing=False)
     unpacked(skewed)
     assert unpacked.padding_fraction > 0.5 > collator.padding_fraction
+
+
+def test_token_budget_splits_a_step_into_the_fewest_micro_batches_that_fit() -> None:
+    rng = random.Random(3)
+    for _ in range(200):
+        lengths = [rng.randint(1, 300) for _ in range(rng.randint(1, 40))]
+        budget = rng.randint(max(lengths), 4000)
+        groups = split_by_token_budget(lengths, budget)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        assert all(len(g) * max(lengths[i] for i in g) <= budget for g in groups)
+        # No split into fewer groups exists: even the shortest samples, taken greedily, need this many
+        # (a lower bound from sorted order: group k can hold at most budget // its longest member).
+        ordered, needed, start = sorted(lengths), 0, 0
+        while start < len(ordered):
+            end = start + 1
+            while end < len(ordered) and (end - start + 1) * ordered[end] <= budget:
+                end += 1
+            needed, start = needed + 1, end
+        assert len(groups) == needed
+    assert split_by_token_budget([50, 10, 10], 40) == [[1, 2], [0]]  # longer than the budget: a group of its own
+
+
+def test_collator_with_a_token_budget_returns_micro_batches_within_it() -> None:
+    collator = PackingCollator(pad_token_id=0, max_row_len=1024, linear_cost_per_token=1.0,
+                               attention_cost_per_pair=0.01, token_budget=2 * 300)
+    short = [{"input_ids": [1] * n, "labels": [1] * n} for n in (40, 50, 60, 70, 70, 60, 50, 40)]
+    batch = collator(short)  # 8 x 70 = 560 <= 600: one micro-batch, the plain layout
+    assert MICRO_BATCHES_KEY not in batch and batch[REAL_TOKENS_KEY] == 440
+    long = [{"input_ids": [1] * n, "labels": [1] * n} for n in (300, 290, 280, 270, 20, 20, 20, 20)]
+    batch = collator(long)
+    chunks = batch[MICRO_BATCHES_KEY]
+    assert batch[REAL_TOKENS_KEY] == 1220 and len(chunks) == 3  # [20 x 4], [270, 280], [290, 300]
+    assert all(c["input_ids"].numel() <= 600 for c in chunks)
+    assert sum(int((c["labels"] != -100).sum()) for c in chunks) > 0
+    assert not any(MICRO_BATCHES_KEY in c or REAL_TOKENS_KEY in c for c in chunks)
 
 
 def test_length_grouped_sampler_is_deterministic_complete_and_groups_lengths() -> None:

@@ -117,6 +117,50 @@ def test_the_same_seed_trains_the_same_adapter(memorize_jsonl: Path, tmp_path: P
     assert not all(first[k].equal(other[k]) for k in first)
 
 
+def test_micro_batches_by_token_budget_train_the_same_steps_in_fewer_passes(tmp_path: Path) -> None:
+    """batch 2 x accumulation 4 with ``micro_batch_by_tokens: on`` trains exactly the steps of batch 8 x 1 (the
+    same 8 samples per step; the loss is normalised over the step's label tokens), in fewer than 4 passes
+    per step where the step's samples are short. Off (auto on a CPU), batch 2 x 4 groups other samples
+    into each step."""
+    import random
+
+    from safetensors.torch import load_file
+
+    rng = random.Random(5)
+    words = "alpha beta gamma delta river stone cloud light north quiet".split()
+    rows = [{"instruction": " ".join(rng.choice(words) for _ in range(rng.choice((2, 3, 40, 80)))),
+             "output": " ".join(rng.choice(words) for _ in range(rng.randint(2, 12)))} for _ in range(32)]
+    data = tmp_path / "lengths.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+    def run(name: str, batch: int, accumulation: int, by_tokens: str = "on"):
+        result = FineTuneRun(training_config(data, tmp_path / name, max_steps=4, per_device_train_batch_size=batch,
+                                             gradient_accumulation_steps=accumulation,
+                                             micro_batch_by_tokens=by_tokens)).run()
+        assert result.status == "completed", result.error
+        losses = [e["loss"] for e in events_of(result.output_dir) if e["event"] == "metric_update" and "loss" in e]
+        return result.metrics, losses, load_file(result.output_dir / "lora" / "adapter_model.safetensors")
+
+    whole, whole_losses, whole_adapter = run("whole", 8, 1)
+    split, split_losses, split_adapter = run("split", 2, 4)
+    fixed, _, fixed_adapter = run("fixed", 2, 4, by_tokens="auto")  # auto: off on a CPU
+    assert whole["micro_batches_per_step"] == 1 and fixed["micro_batches_per_step"] == 4
+    assert 1 < split["micro_batches_per_step"] < 4  # short steps in one pass, long ones split
+    assert split["tokens_seen"] == whole["tokens_seen"]
+    assert split_losses == pytest.approx(whole_losses, rel=1e-4) and len(whole_losses) == 4
+    # Adam turns float noise in near-zero gradients into small weight differences, so compare the
+    # whole adapter by norm: summation-order noise (~1e-5) vs other samples per step (~0.3).
+    assert relative_difference(split_adapter, whole_adapter) < 1e-3
+    assert relative_difference(fixed_adapter, whole_adapter) > 0.05  # the check can tell
+
+
+def relative_difference(a: dict, b: dict) -> float:
+    """||a - b|| / ||b|| over all tensors of two state dicts with the same keys."""
+    assert a.keys() == b.keys()
+    diff = sum(float(((a[k] - b[k]) ** 2).sum()) for k in b) ** 0.5
+    return diff / sum(float((b[k] ** 2).sum()) for k in b) ** 0.5
+
+
 def test_torch_compile_trains_the_same_run(demo_model: Path, memorize_jsonl: Path, tmp_path: Path) -> None:
     """Regional torch.compile (with gradient checkpointing around the compiled layers): the same
     per-step losses as eager, a note in the events, an adapter peft loads, and dynamo's caches

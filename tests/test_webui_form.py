@@ -23,7 +23,7 @@ def _non_default_config() -> TrainConfig:
         "lora_rank": 16, "lora_alpha": 7, "lora_dropout": 0.05, "lora_target": "q_proj,v_proj", "use_rslora": True,
         "use_dora": True, "lr_scheduler_type": "linear", "warmup_ratio": 0.1, "warmup_steps": 3, "weight_decay": 0.01,
         "max_grad_norm": 0.5, "optim": "sgd", "seed": 7, "precision": "fp32", "gradient_checkpointing": True,
-        "torch_compile": True,
+        "micro_batch_by_tokens": "off", "torch_compile": True,
         "logging_steps": 2, "save_steps": 9, "eval_steps": 4, "save_total_limit": None, "report_to": "tensorboard",
         "devices": "cpu", "num_processes": 2, "output_dir": "/tmp/out", "overwrite_output_dir": True,
         "resume_from_checkpoint": "last", "merge_lora": True, "run_name": "r"})

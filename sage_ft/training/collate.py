@@ -20,6 +20,15 @@ every padded position still goes through every matmul. Two fixes, combined:
    packed when a few long samples come with many short ones. On GPUs with FlashAttention varlen
    kernels attention is per sample, which the cost model reflects through ``attention_is_per_sample``.
 
+3. With ``micro_batch_by_tokens`` (``token_budget`` > 0) the collator receives all samples of an
+   optimizer step (batch x gradient accumulation) and splits them into the fewest micro-batches of
+   at most ``token_budget`` computed tokens (batch x the longest sample: the most any sample-count
+   micro-batch could already hold, so peak memory does not grow). Steps of short samples then take
+   one forward/backward instead of ``gradient_accumulation_steps``; on GPUs, where a small model's
+   micro-step is bound by the host launching kernels, the number of micro-steps is what the step
+   time follows. Same samples per step and the same loss normalisation (summed over the step's
+   label tokens), so the update is the same as with sample-count micro-batches of the same samples.
+
 Useful (non-padding) tokens are what matters; ``padding_fraction`` is reported as a metric.
 """
 
@@ -36,6 +45,9 @@ from sage_ft.data.tokenize import IGNORE_INDEX
 # Key of the batch's real-token count (an int the trainer pops before the forward pass; see
 # ``engine.make_trainer``): counting from the device tensors would sync the GPU every micro-step.
 REAL_TOKENS_KEY = "num_real_tokens"
+# Key of an optimizer step's micro-batches when its samples do not fit one ``token_budget``; the
+# trainer runs forward/backward over each (``engine.make_trainer``'s ``training_step``).
+MICRO_BATCHES_KEY = "micro_batches"
 
 
 class LengthGroupedSampler:
@@ -87,20 +99,30 @@ class PackingCollator:
     linear_cost_per_token: float = 1.0  # ~ 2 x parameters touched per token (matmul FLOPs)
     attention_cost_per_pair: float = 0.0  # ~ 4 x hidden x layers (QK^T and AV FLOPs per token pair)
     attention_is_per_sample: bool = False  # FlashAttention varlen: packed rows cost sum(len²), not row²
+    token_budget: int = 0  # > 0: split a batch into micro-batches of at most this many computed tokens
     stats: dict[str, int] = field(default_factory=lambda: {"real_tokens": 0, "padded_tokens": 0,
                                                            "packed_batches": 0, "padded_batches": 0})
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         lengths = [len(f["input_ids"]) for f in features]
-        best = self.best_packing(lengths) if self.packing else None
-        if best is not None and self.packed_cost(lengths, best) < self.padded_cost(lengths):
-            self.stats["packed_batches"] += 1
-            batch = self._packed(features, best)
+        groups = split_by_token_budget(lengths, self.token_budget) if self.token_budget else [range(len(features))]
+        if len(groups) == 1:
+            batch = self._layout(features)
         else:
-            self.stats["padded_batches"] += 1
-            batch = self._padded(features)
+            batch = {MICRO_BATCHES_KEY: [self._layout([features[i] for i in group]) for group in groups]}
         batch[REAL_TOKENS_KEY] = sum(lengths)  # a plain int: the trainer counts tokens without a device sync
         return batch
+
+    def _layout(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        """One micro-batch, padded or packed, whichever the cost model says is cheaper (and fits)."""
+        lengths = [len(f["input_ids"]) for f in features]
+        best = self.best_packing(lengths) if self.packing else None
+        if (best is not None and self.packed_cost(lengths, best) < self.padded_cost(lengths)
+                and (not self.token_budget or packed_size(lengths, best) <= self.token_budget)):
+            self.stats["packed_batches"] += 1
+            return self._packed(features, best)
+        self.stats["padded_batches"] += 1
+        return self._padded(features)
 
     def best_packing(self, lengths: list[int]) -> list[list[int]] | None:
         """The cheapest packed layout: rows as long as ``max_row_len``, or only as long as the batch's
@@ -116,7 +138,7 @@ class PackingCollator:
         return len(lengths) * (longest * self.linear_cost_per_token + longest ** 2 * self.attention_cost_per_pair)
 
     def packed_cost(self, lengths: list[int], rows: list[list[int]]) -> float:
-        longest = max(sum(lengths[i] for i in row) for row in rows)
+        longest = packed_size(lengths, rows) // len(rows)
         if self.attention_is_per_sample:
             attention = sum(n ** 2 for n in lengths)
         else:  # every row is padded to the longest row and attends over its whole length
@@ -174,6 +196,27 @@ class PackingCollator:
     def padding_fraction(self) -> float:
         total = self.stats["real_tokens"] + self.stats["padded_tokens"]
         return self.stats["padded_tokens"] / total if total else 0.0
+
+
+def packed_size(lengths: list[int], rows: list[list[int]]) -> int:
+    """Computed tokens of a packed layout: every row is as long as the longest one."""
+    return len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+
+
+def split_by_token_budget(lengths: list[int], budget: int) -> list[list[int]]:
+    """Sample indices in the fewest groups whose padded size (count x longest) is at most ``budget``.
+
+    Greedy over the lengths in ascending order: each group takes samples until one more would push
+    count x longest over the budget. For this constraint (monotone in the longest member) the greedy
+    cut of the sorted list is optimal. A sample longer than the budget gets a group of its own.
+    """
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda k: lengths[k]):
+        if groups and (len(groups[-1]) + 1) * lengths[i] <= budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def pack_rows(lengths: list[int], max_row_len: int) -> list[list[int]] | None:

@@ -19,6 +19,7 @@ Choices that make the default path fast (see ``collate`` for the batching reason
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import json
@@ -33,7 +34,13 @@ from typing import Any
 from sage_ft.config import TrainConfig
 from sage_ft.data.tokenize import IGNORE_INDEX, token_length_stats, tokenize_conversations
 from sage_ft.training.callbacks import build_callback
-from sage_ft.training.collate import REAL_TOKENS_KEY, LengthGroupedSampler, PackingCollator, cost_model
+from sage_ft.training.collate import (
+    MICRO_BATCHES_KEY,
+    REAL_TOKENS_KEY,
+    LengthGroupedSampler,
+    PackingCollator,
+    cost_model,
+)
 from sage_ft.training.run import FineTuneRun, RunFailure
 
 log = logging.getLogger("sage_ft.training")
@@ -87,7 +94,8 @@ def train(run: FineTuneRun) -> tuple[str, dict[str, Any]]:
             pad_token_id=tokenizer.pad_token_id, max_row_len=config.cutoff_len, packing=packing,
             linear_cost_per_token=linear_cost, attention_cost_per_pair=attention_cost,
             attention_is_per_sample=getattr(model.config, "_attn_implementation", "") in (
-                "flash_attention_2", "flash_attention_3"))
+                "flash_attention_2", "flash_attention_3"),
+            token_budget=micro_batch_token_budget(config, train_set + eval_set, device))
         trainer_ref: dict[str, Any] = {}
         callback = build_callback(run.emitter, run._state, run._control, collator, trainer_ref, {
             "config": config.to_dict(), "output_dir": str(out), "base_model_path": str(model_dir),
@@ -331,8 +339,32 @@ def count_params(model: Any) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
+def micro_batch_token_budget(config: TrainConfig, samples: list[dict], device: str) -> int:
+    """Computed tokens per micro-batch with ``micro_batch_by_tokens``, else 0 (sample-count micro-batches).
+
+    batch x the longest sample: the largest micro-batch the sample-count scheme can already produce
+    (length-grouped batches put the longest samples together), which the memory estimate and the
+    recommendation are sized for, so splitting by this budget never needs more memory. ``auto`` is
+    on for GPUs only: there a small model's pass costs mostly host time launching kernels, so fewer
+    passes is faster; on a CPU the pass count hardly matters and a step's samples, grouped 8 where
+    they were grouped 4, pad a little more (median 3% slower at batch 4 x 2, docs/benchmarks.md).
+    """
+    mode = config.micro_batch_by_tokens
+    if mode == "off" or (mode == "auto" and device != "cuda"):
+        return 0
+    if config.gradient_accumulation_steps <= 1 or not samples:
+        return 0
+    return config.per_device_train_batch_size * max(len(s["input_ids"]) for s in samples)
+
+
 def make_trainer(model, tokenizer, config: TrainConfig, out: Path, precision: str, device: str,
                  train_set: list[dict], eval_set: list[dict], collator: PackingCollator, callback):
+    """transformers' Trainer with sage-ft's sampler, collator, token counting and checkpoints.
+
+    With a token budget the Trainer sees one batch of batch x accumulation samples per optimizer
+    step (accumulation 1) and ``training_step`` runs forward/backward over the micro-batches the
+    collator cut from it.
+    """
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
     from sage_ft.gpu import fused_cross_entropy_available
@@ -343,11 +375,16 @@ def make_trainer(model, tokenizer, config: TrainConfig, out: Path, precision: st
     optim = "adamw_torch_fused" if device == "cuda" and config.optim == "adamw_torch" else config.optim
     if fused_loss:
         log.info("fused linear cross-entropy (liger-kernel): the logits are not materialised")
+    samples_per_step, accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
+    if collator.token_budget:
+        samples_per_step, accumulation = samples_per_step * accumulation, 1
+        log.info("micro-batches by token budget: %d samples per step in micro-batches of at most %d tokens",
+                 samples_per_step, collator.token_budget)
     args = TrainingArguments(
         output_dir=str(out),
-        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_train_batch_size=samples_per_step,
         per_device_eval_batch_size=config.per_device_train_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        gradient_accumulation_steps=accumulation,
         learning_rate=config.learning_rate, num_train_epochs=config.num_train_epochs, max_steps=config.max_steps,
         lr_scheduler_type=config.lr_scheduler_type,
         warmup_steps=config.warmup_steps if config.warmup_steps > 0 else min(config.warmup_ratio, 0.999),
@@ -376,18 +413,48 @@ def make_trainer(model, tokenizer, config: TrainConfig, out: Path, precision: st
         """
 
         _staging_root: str | None = None
+        micro_batches = 0  # forward/backward passes of this train() call (for micro_batches_per_step)
 
         def _get_train_sampler(self, train_dataset=None):
             return LengthGroupedSampler(lengths, self.args.train_batch_size, config.seed)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            chunks = inputs.get(MICRO_BATCHES_KEY)
+            if chunks is None:
+                self.micro_batches += 1
+                return super().training_step(model, inputs, num_items_in_batch)
+            # The loss of every micro-batch is divided by the label tokens of the whole step, as
+            # with gradient accumulation; gradients sync (DDP) on the last micro-batch only.
+            num_items = self._get_num_items_in_batch(chunks, self.args.device)
+            self.current_gradient_accumulation_steps = len(chunks)  # used only when num_items is None
+            total = None
+            for i, chunk in enumerate(chunks):
+                sync = contextlib.nullcontext() if i == len(chunks) - 1 else self.accelerator.no_sync(model)
+                with sync:
+                    loss = super().training_step(model, chunk, num_items)
+                total = loss if total is None else total + loss
+            self.micro_batches += len(chunks)
+            return total
+
+        def floating_point_ops(self, inputs):
+            chunks = inputs.get(MICRO_BATCHES_KEY)
+            if chunks is None:
+                return super().floating_point_ops(inputs)
+            return sum(super(SageTrainer, self).floating_point_ops(chunk) for chunk in chunks)
 
         def compute_loss(self, model, inputs, *args, **kwargs):
             inputs = {k: v for k, v in inputs.items() if k != REAL_TOKENS_KEY}
             return super().compute_loss(model, inputs, *args, **kwargs)
 
         def _track_num_input_tokens(self, inputs):
-            if self.args.world_size > 1 or REAL_TOKENS_KEY not in inputs:
-                return super()._track_num_input_tokens(inputs)  # other ranks' counts need a gather
-            self.state.num_input_tokens_seen += int(inputs[REAL_TOKENS_KEY])
+            if REAL_TOKENS_KEY not in inputs:
+                return super()._track_num_input_tokens(inputs)
+            tokens = int(inputs[REAL_TOKENS_KEY])
+            if self.args.world_size > 1:  # one gather per optimizer step on every rank
+                import torch
+
+                tokens = int(self.accelerator.gather(torch.tensor(tokens, device=self.args.device)).sum().item())
+            self.state.num_input_tokens_seen += tokens
 
         def _get_output_dir(self, trial):
             return self._staging_root or super()._get_output_dir(trial)
@@ -538,6 +605,7 @@ def final_metrics(trainer: Any, result: Any, collator: PackingCollator) -> dict[
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
     runtime = float(result.metrics.get("train_runtime") or 0.0)
     tokens = int(trainer.state.num_input_tokens_seen or 0) - int(getattr(trainer, "_initial_num_input_tokens_seen", 0))
+    steps = trainer.state.global_step - int(getattr(trainer, "_initial_global_step", 0))
     metrics = {
         "global_step": trainer.state.global_step,
         "total_steps": trainer.state.max_steps,
@@ -550,6 +618,7 @@ def final_metrics(trainer: Any, result: Any, collator: PackingCollator) -> dict[
         "tokens_seen": int(trainer.state.num_input_tokens_seen or 0),
         "tokens_per_second": tokens / runtime if runtime > 0 else None,
         "padding_fraction": round(collator.padding_fraction, 4),
+        "micro_batches_per_step": round(trainer.micro_batches / steps, 3) if steps else None,
         "packed_batches": collator.stats["packed_batches"],
         "padded_batches": collator.stats["padded_batches"],
     }

@@ -98,6 +98,44 @@ def test_zero_downtime_base_switch_with_a_chatting_client(switch_manager, other_
     assert again.outcome == "live" and again.mode == "same-server"
 
 
+def _new_vllm_children(known: set[int]) -> list[int]:
+    """pids of vLLM API server processes this test process started that are not in ``known``."""
+    return [c.pid for c in psutil.Process().children() if c.pid not in known
+            and "vllm.entrypoints.openai.api_server" in " ".join(c.cmdline())]
+
+
+def test_cancel_ends_the_new_servers_start_and_the_old_model_keeps_answering(switch_manager, serving_demo_model):
+    """A base-model switch cancelled while its server starts: outcome ⏹ within seconds, the half-started
+    server's processes are gone, and the model that answered before still answers (zero-downtime path)."""
+    before = switch_manager.current
+    old_pid = switch_manager.server.pid
+    assert not switch_manager.cancel_switch()  # nothing to cancel yet
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(result=switch_manager.switch(
+        str(serving_demo_model), strategy="zero_downtime")), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not (starting := _new_vllm_children({old_pid})) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert starting, "the switch never started a second server"
+    new_pids = [p for pid in starting for p in _group_pids(pid)]
+    time.sleep(2.0)  # well inside the start-up (tens of seconds on CPU)
+    assert switch_manager.status()["state"] == "switching"
+    cancelled_at = time.monotonic()
+    assert switch_manager.cancel_switch()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the cancelled switch did not return"
+    result = box["result"]
+    assert result.outcome == "cancelled" and result.icon == "⏹", result.message
+    assert f"still chatting with {before.label}" in result.message and "cancelled after" in result.message
+    assert time.monotonic() - cancelled_at < 30
+    assert _wait_gone(new_pids) == []  # the half-started server and its engine processes
+    status = switch_manager.status()
+    assert status["state"] == "ready" and switch_manager.current == before and switch_manager.server.pid == old_pid
+    assert not status["last_error"]
+    assert "".join(stream_chat(switch_manager, HELLO, temperature=0.0, max_tokens=8))  # the old model answers
+
+
 def test_stop_then_start_to_a_merged_adapter(switch_manager, serving_demo_model, tmp_path):
     big = make_lora_adapter(serving_demo_model, tmp_path / "rank32", rank=32, seed=5)
     old_pids = _group_pids(switch_manager.server.pid)

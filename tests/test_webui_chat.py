@@ -94,6 +94,25 @@ def test_switch_failure_says_why_and_keeps_the_current_model(client, vllm_manage
     assert vllm_manager.status()["model"] == "demo" and "ready" in banner
 
 
+def test_cancel_during_a_base_switch_keeps_the_current_model(client, vllm_manager, other_base_model):
+    """⏹ Cancel while the new server starts: the switch ends with one ⏹ line, the previous model
+    (still the session's demo base) keeps answering; Cancel with no switch under way changes nothing."""
+    client.predict("en", api_name="/chat_switch_cancel")  # nothing under way: a no-op
+    assert vllm_manager.status()["state"] == "ready"
+    job = client.submit(str(other_base_model), "en", api_name="/chat_switch")
+    deadline = time.monotonic() + 60
+    while vllm_manager.status()["state"] != "switching" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert vllm_manager.status()["state"] == "switching"
+    time.sleep(1.0)
+    client.predict("en", api_name="/chat_switch_cancel")
+    status, _, banner = job.result(timeout=60)
+    assert status.startswith("⏹") and "cancelled" in status and "still chatting with demo" in status, status
+    assert vllm_manager.status()["model"] == "demo" and vllm_manager.status()["state"] == "ready"
+    assert "[base]" in banner and "ready" in banner
+    assert _reply(client.predict(HELLO, [], *GREEDY, api_name="/chat_send")[0])
+
+
 def test_chat_streams_the_served_models_answer(client, vllm_manager):
     # long enough that the stream outlasts the client's polling on a fast machine too
     job = client.submit(HELLO, [], "You are terse.", 0.0, 1.0, 160, "en", api_name="/chat_send")

@@ -46,6 +46,7 @@ from sage_ft.serving.vllm_server import (
     ProgressCallback,
     ServerSpec,
     ServerStartError,
+    StartCancelled,
     StartProgress,
     VLLMServer,
     cuda_device_count,
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 DISABLE_VLLM_ENV = "SAGE_FT_DISABLE_VLLM"  # "1": behave as if vLLM were not installed
 Backend = Literal["auto", "vllm", "transformers", "none"]
 State = Literal["stopped", "starting", "ready", "crashed", "switching", "released"]
-Outcome = Literal["live", "restart_needed", "failed"]
+Outcome = Literal["live", "restart_needed", "failed", "cancelled"]
 _CPU_SERVER_OVERHEAD_BYTES = 3 * 2**30  # measured: API server + engine + worker of a tiny model ~3.2 GB RSS
 
 
@@ -99,7 +100,7 @@ class SwitchResult:
 
     @property
     def icon(self) -> str:
-        return {"live": "✅", "restart_needed": "⚠️", "failed": "❌"}[self.outcome]
+        return {"live": "✅", "restart_needed": "⚠️", "failed": "❌", "cancelled": "⏹"}[self.outcome]
 
     def to_dict(self) -> dict[str, Any]:
         return {"outcome": self.outcome, "message": self.message, "timings": self.timings, "mode": self.mode,
@@ -141,6 +142,7 @@ class ServerManager:
 
         self._lock = threading.RLock()  # short critical sections only (chats take it to pick a route)
         self._switch_lock = threading.RLock()  # one start/switch/restart at a time (held for minutes)
+        self._switch_cancel = threading.Event()  # set by cancel_switch(): ends the server start under way
         self._state: State = "stopped"
         self._server: VLLMServer | None = None
         self._local: Any = None  # LocalBackend
@@ -367,6 +369,7 @@ class ServerManager:
             return SwitchResult("failed", str(exc), {"total_s": time.monotonic() - t0})
         timings["resolve_s"] = time.monotonic() - t0
         with self._switch_lock:
+            self._switch_cancel.clear()  # a cancel meant for an earlier switch does not end this one
             self._target = target
             self._check_alive()
             try:
@@ -377,6 +380,8 @@ class ServerManager:
                     result = self._switch_local(target, timings)
                 else:
                     result = self._switch_vllm(target, progress, strategy, timeout_s, timings)
+            except StartCancelled as exc:
+                result = SwitchResult("cancelled", self._cancelled_message(target, exc), timings, self._current)
             except (ServerStartError, AdapterLoadError, TargetError, OSError) as exc:
                 self._last_error = str(exc)
                 if isinstance(exc, ServerStartError):
@@ -393,7 +398,27 @@ class ServerManager:
             if result.outcome == "live":
                 self._last_error = ""
                 self._status_message = result.message
+            elif result.outcome == "cancelled":
+                self._status_message = result.message
             return result
+
+    def cancel_switch(self) -> bool:
+        """End the server start of the switch under way (the long part of a base-model switch).
+
+        The half-started server's process group is ended; with the zero-downtime path the previous
+        model goes on answering, as if nothing had happened. Returns False when no switch is starting
+        a server. (Merging an adapter for serving, seconds on small models, is not interruptible.)
+        """
+        if self._state not in ("switching", "starting"):
+            return False
+        self._switch_cancel.set()
+        return True
+
+    def _cancelled_message(self, target: ModelTarget, exc: StartCancelled) -> str:
+        if self._current is not None:
+            return f"switch to {target.label} cancelled; still chatting with {self._current.label} ({exc})"
+        return (f"switch to {target.label} cancelled; no model is served now (the previous server had already been "
+                f"stopped: stop-then-start); pick a model and switch to start one ({exc})")
 
     def _switch_vllm(self, target: ModelTarget, progress: ProgressCallback | None, strategy: str,
                      timeout_s: float | None, timings: dict[str, float]) -> SwitchResult:
@@ -547,7 +572,7 @@ class ServerManager:
         server = self._new_server(target, port)
         t0 = time.monotonic()
         try:
-            server.start(timeout_s or self.start_timeout_s, progress)
+            server.start(timeout_s or self.start_timeout_s, progress, cancel=self._switch_cancel)
         except ServerStartError:
             with self._lock:
                 self._state = "ready" if old is not None else "stopped"

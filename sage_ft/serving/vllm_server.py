@@ -17,6 +17,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -45,6 +46,10 @@ class ServerStartError(RuntimeError):
         super().__init__(message)
         self.log_tail = log_tail
         self.log_path = log_path
+
+
+class StartCancelled(ServerStartError):
+    """The start was cancelled (``ServerManager.cancel_switch``); the half-started server was ended."""
 
 
 class AdapterLoadError(RuntimeError):
@@ -201,16 +206,19 @@ class VLLMServer:
         self.started_at = time.time()
         registry.upsert(self.registry_entry())
 
-    def start(self, timeout_s: float = 300.0, progress: ProgressCallback | None = None) -> None:
-        """Launch and wait until verified ready; on any failure the whole process group is ended."""
+    def start(self, timeout_s: float = 300.0, progress: ProgressCallback | None = None,
+              cancel: threading.Event | None = None) -> None:
+        """Launch and wait until verified ready; on any failure (or ``cancel`` set) the whole process
+        group is ended."""
         self.launch()
         try:
-            self.wait_ready(timeout_s, progress)
+            self.wait_ready(timeout_s, progress, cancel)
         except BaseException:
             self.stop()
             raise
 
-    def wait_ready(self, timeout_s: float, progress: ProgressCallback | None = None) -> None:
+    def wait_ready(self, timeout_s: float, progress: ProgressCallback | None = None,
+                   cancel: threading.Event | None = None) -> None:
         t0 = time.monotonic()
         stage, last_reported, offset = "launching process", ("", ""), 0
         with httpx.Client(timeout=HTTP_TIMEOUT_S) as http:
@@ -225,6 +233,10 @@ class VLLMServer:
                 if progress and (stage, line) != last_reported:
                     last_reported = (stage, line)
                     _safe_call(progress, StartProgress(stage, elapsed, line))
+                if cancel is not None and cancel.is_set():
+                    raise StartCancelled(f"the start of {self.spec.model_path} was cancelled after {elapsed:.0f} s "
+                                         f"(stage: {stage}); that server was stopped", self.log_tail(),
+                                         str(self.log_path))
                 code = self.exit_code()
                 if code is not None:
                     raise ServerStartError(
@@ -239,7 +251,10 @@ class VLLMServer:
                     if progress:
                         _safe_call(progress, StartProgress("ready", time.monotonic() - t0, line))
                     return
-                time.sleep(0.5)
+                if cancel is not None:
+                    cancel.wait(0.5)  # a cancel wakes the loop at once
+                else:
+                    time.sleep(0.5)
 
     def _verified_ready(self, http: httpx.Client) -> bool:
         try:

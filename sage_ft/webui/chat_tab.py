@@ -49,6 +49,8 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
                 kind="label_info")
         reg.add("chat.switch", gr.Button(i18n.t("chat.switch", lang), variant="primary", scale=1,
                                          elem_id="chat-switch"))
+        reg.add("chat.switch_cancel", gr.Button(i18n.t("chat.switch_cancel", lang), variant="stop", scale=0,
+                                                min_width=90, elem_id="chat-switch-cancel"))
         reg.add("chat.refresh", gr.Button(i18n.t("chat.refresh", lang), scale=0, min_width=60))
     reg.add("chat.switch_status", gr.Markdown("", elem_id="chat-switch-status"), kind="none")
     reg.add("chat.log_file", gr.File(label=i18n.t("chat.log_file", lang), visible=False, interactive=False))
@@ -114,6 +116,9 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
     gr.on([reg["chat.switch"].click, reg["chat.model"].select], switch_to, [reg["chat.model"], lang],
           [reg["chat.switch_status"], reg["chat.log_file"], *banner_out], api_name="chat_switch",
           concurrency_limit=None, show_progress="minimal")
+
+    reg["chat.switch_cancel"].click(lambda lg: cancel_switch(services, lg), lang, None, api_name="chat_switch_cancel",
+                                    concurrency_limit=None, show_progress="hidden")
 
     chat_out = [reg["chat.chatbot"], reg["chat.message"]]
 
@@ -324,6 +329,11 @@ def switch_steps(services: AppServices, model: str | None, lang: str,
         yield f"❌ {_esc(text)}", file
         return
     seconds = result.timings.get("total_s", time.monotonic() - started)
+    if result.outcome == "cancelled":
+        text = i18n.t("chat.switch_cancelled", lang, model=shown, reason=result.message)
+        gr.Info(f"⏹ {text}")
+        yield f"⏹ {_esc(text)}", gr.update(visible=False)
+        return
     if result.outcome == "restart_needed":
         text = i18n.t("chat.switch_restart", lang, model=shown, reason=result.message)
         gr.Warning(f"⚠️ {text}", duration=None)
@@ -332,6 +342,13 @@ def switch_steps(services: AppServices, model: str | None, lang: str,
     text = i18n.t("chat.switch_live", lang, model=shown, seconds=f"{seconds:.1f}")
     gr.Success(f"✅ {text}")
     yield f"✅ {_esc(text)} <small>({_esc(result.message)})</small>", gr.update(visible=False)
+
+
+def cancel_switch(services: AppServices, lang: str) -> None:
+    """The Cancel button: ends the server start of a switch under way; the switch's own status line
+    then reports ⏹ (the previous model keeps answering on the zero-downtime path)."""
+    if services.server is None or not services.server.cancel_switch():
+        gr.Info(i18n.t("chat.no_switch", i18n.normalize(lang)))
 
 
 def _label_for(services: AppServices, model: str) -> str:

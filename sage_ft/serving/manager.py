@@ -143,6 +143,7 @@ class ServerManager:
         self._lock = threading.RLock()  # short critical sections only (chats take it to pick a route)
         self._switch_lock = threading.RLock()  # one start/switch/restart at a time (held for minutes)
         self._switch_cancel = threading.Event()  # set by cancel_switch(): ends the server start under way
+        self._starting: VLLMServer | None = None  # the server a switch is starting (what a cancel ends)
         self._state: State = "stopped"
         self._server: VLLMServer | None = None
         self._local: Any = None  # LocalBackend
@@ -407,9 +408,10 @@ class ServerManager:
 
         The half-started server's process group is ended; with the zero-downtime path the previous
         model goes on answering, as if nothing had happened. Returns False when no switch is starting
-        a server. (Merging an adapter for serving, seconds on small models, is not interruptible.)
+        a vLLM server (merging an adapter for serving and loading the in-process transformers
+        backend, seconds on small models, are not interruptible).
         """
-        if self._state not in ("switching", "starting"):
+        if self._starting is None:
             return False
         self._switch_cancel.set()
         return True
@@ -572,11 +574,14 @@ class ServerManager:
         server = self._new_server(target, port)
         t0 = time.monotonic()
         try:
+            self._starting = server
             server.start(timeout_s or self.start_timeout_s, progress, cancel=self._switch_cancel)
         except ServerStartError:
             with self._lock:
                 self._state = "ready" if old is not None else "stopped"
             raise
+        finally:
+            self._starting = None
         timings["server_start_s"] = time.monotonic() - t0
         with self._lock:  # from here on new chats go to the new server
             self._server = server

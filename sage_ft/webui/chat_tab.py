@@ -50,7 +50,7 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
         reg.add("chat.switch", gr.Button(i18n.t("chat.switch", lang), variant="primary", scale=1,
                                          elem_id="chat-switch"))
         reg.add("chat.switch_cancel", gr.Button(i18n.t("chat.switch_cancel", lang), variant="stop", scale=0,
-                                                min_width=90, elem_id="chat-switch-cancel"))
+                                                min_width=120, elem_id="chat-switch-cancel"))
         reg.add("chat.refresh", gr.Button(i18n.t("chat.refresh", lang), scale=0, min_width=60))
     reg.add("chat.switch_status", gr.Markdown("", elem_id="chat-switch-status"), kind="none")
     reg.add("chat.log_file", gr.File(label=i18n.t("chat.log_file", lang), visible=False, interactive=False))

@@ -86,6 +86,11 @@ def test_train_monitor_reload_and_language_in_a_real_browser(browser_app, tmp_pa
             page.reload()  # the run lives in the app, not the page
             expect(page.locator("#train-task-id input")).to_have_value(str(task_id))
             expect(page.locator("#train-progress")).to_contain_text("running")
+            # ... and the form as it was left lives in this browser
+            expect(page.locator("#cfg-max_steps input")).to_have_value("400")
+            expect(page.locator("#cfg-per_device_train_batch_size input")).to_have_value("2")
+            expect(page.locator("#cfg-dataset textarea")).to_have_value(re.compile(r"uploads/.*browser-data\.jsonl"))
+            expect(page.locator("#command-preview")).to_contain_text("max_steps=400")
             page.get_by_role("tab", name="📈 Monitor").click()
             expect(page.locator("#mon-progress .sage-progress")).to_have_attribute("data-task", str(task_id))
             after_reload = _step(page)
@@ -109,6 +114,14 @@ def test_train_monitor_reload_and_language_in_a_real_browser(browser_app, tmp_pa
             page.get_by_role("button", name="⏹ 取消").first.click()
             assert browser_app.services.tasks.wait(task_id, timeout=120).status is TaskStatus.CANCELLED
             expect(page.locator("#train-progress")).to_contain_text("已取消")
+
+            page.get_by_role("button", name="↺ 恢复默认").click()  # the form back to its defaults, remembered too
+            expect(page.locator("#cfg-max_steps input")).to_have_value("-1")
+            expect(page.locator("#command-preview")).not_to_contain_text("max_steps")
+            page.wait_for_timeout(1000)  # the stored draft follows the change events
+            page.reload()
+            expect(page.locator("#cfg-dataset textarea")).to_have_value("")
+            expect(page.locator("#cfg-max_steps input")).to_have_value("-1")
         finally:
             browser.close()
     for file in ("train-tab.png", "monitor-tab.png", "chat-tab-zh.png", "export-tab-zh.png"):

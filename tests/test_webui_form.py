@@ -3,11 +3,13 @@ values back through TrainConfig's own validation (no second validator in the UI)
 
 from __future__ import annotations
 
+import json
+
 import gradio as gr
 import pytest
 
 from sage_ft.config import ConfigError, TrainConfig
-from sage_ft.webui import form, i18n
+from sage_ft.webui import form, form_memory, i18n
 from sage_ft.webui.components import Registry
 
 NAMES = TrainConfig.field_names()
@@ -77,3 +79,20 @@ def test_widget_values_go_through_the_config_validation():
         form.values_to_config(NAMES, values)
     text = "\n".join(err.value.problems)
     assert "learning_rate: 0 is too small" in text and "optim: 'adam-nope' is not allowed" in text
+
+
+def test_the_form_memory_round_trips_a_valid_form_and_ignores_what_it_cannot_read(data_home):
+    config = _non_default_config()
+    draft = form_memory.remember(config)
+    assert form_memory.recall(json.loads(json.dumps(draft))) == config  # what localStorage gives back
+    assert form_memory.remember(TrainConfig()) == {}  # the defaults store nothing
+    assert form_memory.recall(None) is None and form_memory.recall({}) is None and form_memory.recall("x") is None
+    assert form_memory.recall({"lora_rank": -5}) is None  # out of range now: the form keeps its defaults
+    assert form_memory.recall({"lora_rank": 16, "renamed_key": 1}).lora_rank == 16  # unknown keys are dropped
+
+
+def test_the_browser_key_is_made_once_per_data_home_and_private(data_home):
+    key = form_memory.browser_secret()
+    path = data_home / "webui-form.key"
+    assert len(key) >= 16 and path.read_text() == key and (path.stat().st_mode & 0o777) == 0o600
+    assert form_memory.browser_secret() == key  # a restarted app still reads what browsers stored

@@ -49,6 +49,7 @@ def build_app(services: AppServices, lang: str | None = None) -> gr.Blocks:
         fields = [reg[f"train.{n}"] for n in train_tab.FIELDS]
         demo.load(lambda lg, *v: train_tab.preview(lg, *v), [reg["top.lang"], *fields],
                   [reg["train.command"], reg["train.yaml"]], api_name=False, show_progress="hidden")
+        demo.load(train_tab.restore_form, reg["train.draft"], fields, api_name=False, show_progress="hidden")
     demo.registry = reg  # type: ignore[attr-defined]
     demo.services = services  # type: ignore[attr-defined]
     return demo

@@ -17,7 +17,7 @@ import gradio as gr
 
 from sage_ft.config import ConfigError, TrainConfig
 from sage_ft.tasks import TaskError, TaskStatus
-from sage_ft.webui import charts, form, i18n, render
+from sage_ft.webui import charts, form, form_memory, i18n, render
 from sage_ft.webui.components import Registry
 from sage_ft.webui.presets import PRESETS
 from sage_ft.webui.services import AppServices, tokenizer_for
@@ -96,7 +96,10 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
         reg.add("train.load", gr.Button(i18n.t("train.load", lang), scale=1))
         reg.add("train.config_upload", gr.UploadButton(i18n.t("train.config_upload", lang), file_types=[".yaml", ".yml"],
                                                        scale=1))
+        reg.add("train.reset", gr.Button(i18n.t("train.reset", lang), scale=1, elem_id="train-reset"))
     reg.add("train.config_message", gr.Markdown(""), kind="none")
+    reg.add("train.draft", gr.BrowserState(None, storage_key=form_memory.STORAGE_KEY,
+                                           secret=form_memory.browser_secret()), kind="none")
 
     with gr.Row(equal_height=True):
         reg.add("train.start", gr.Button(i18n.t("train.start", lang), variant="primary", elem_id="start-btn", scale=2))
@@ -120,6 +123,10 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
     gr.on([f.change for f in fields], preview, inputs=[lang, *fields],
           outputs=[reg["train.command"], reg["train.yaml"]], api_name="preview", show_progress="hidden",
           trigger_mode="always_last", concurrency_limit=None)
+
+    gr.on([f.change for f in fields], remember_form, inputs=fields, outputs=reg["train.draft"], api_name=False,
+          show_progress="hidden", trigger_mode="always_last", concurrency_limit=None)
+    reg["train.reset"].click(reset_form, lang, [*fields, reg["train.config_message"]], api_name="reset_form")
 
     reg["train.add_model"].click(lambda p, lg: add_model(services, p, lg), [reg["train.add_path"], lang],
                                  [reg["train.model_name_or_path"], reg["train.model_help"]], api_name="add_model")
@@ -192,6 +199,27 @@ def preview(lang: str, *values: Any) -> tuple[str, str]:
         text = i18n.t("train.invalid", lang) + "\n# " + "\n# ".join(exc.problems)
         return text, ""
     return config.to_command(), config.to_yaml()
+
+
+def remember_form(*values: Any) -> Any:
+    """Every valid change of the form goes to the browser's storage (``form_memory``)."""
+    try:
+        return form_memory.remember(_config(values))
+    except ConfigError:
+        return gr.skip()  # mid-edit: the last valid form stays stored
+
+
+def restore_form(draft: Any) -> list[Any]:
+    """On page load: the form as this browser left it (nothing changes without a stored draft)."""
+    config = form_memory.recall(draft)
+    if config is None:
+        return [gr.skip()] * len(FIELDS)
+    return form.config_to_values(config, FIELDS)
+
+
+def reset_form(lang: str) -> list[Any]:
+    """↺ Defaults: every setting back to its default (the stored draft follows through the change events)."""
+    return [*form.config_to_values(TrainConfig(), FIELDS), i18n.t("train.reset_done", lang)]
 
 
 def model_help(choices: list[Any], lang: str) -> str:

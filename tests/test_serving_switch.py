@@ -119,8 +119,8 @@ def test_cancel_ends_the_new_servers_start_and_the_old_model_keeps_answering(swi
     while not (starting := _new_vllm_children(known)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert starting, "the switch never started a second server"
+    time.sleep(2.0)  # well inside the start-up (tens of seconds on CPU); its engine processes exist by now
     new_pids = [p for pid in starting for p in _group_pids(pid)]
-    time.sleep(2.0)  # well inside the start-up (tens of seconds on CPU)
     assert switch_manager.status()["state"] == "switching"
     cancelled_at = time.monotonic()
     assert switch_manager.cancel_switch()

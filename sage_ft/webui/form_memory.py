@@ -47,8 +47,9 @@ def remember(config: TrainConfig) -> dict[str, Any]:
 
 
 def recall(draft: Any) -> TrainConfig | None:
-    """The config a stored draft describes; None for no draft or one this version cannot read (a key
-    that was renamed, a value now out of range: the form then opens with its defaults)."""
+    """The config a stored draft describes; None for no draft or one whose values this version rejects
+    (say, a value now out of range: the form then opens with its defaults). Keys this version does not
+    know (a renamed setting) are dropped and the rest is restored."""
     if not isinstance(draft, dict) or not draft:
         return None
     try:

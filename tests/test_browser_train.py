@@ -19,6 +19,9 @@ from tests.fixtures_webui import start_webui
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 ARTIFACTS = paths.project_root() / "test-artifacts"
+# Far more steps than the test lasts: the run must still be going when the test reloads and cancels it
+# (400 steps once finished first, on a quiet machine).
+MAX_STEPS = "20000"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
@@ -60,12 +63,12 @@ def test_train_monitor_reload_and_language_in_a_real_browser(browser_app, tmp_pa
 
             page.get_by_role("button", name="Data options").click()  # collapsed by default
             page.get_by_role("button", name="Advanced settings").click()
-            for field, value in (("max_steps", "400"), ("cutoff_len", "64"), ("per_device_train_batch_size", "2"),
+            for field, value in (("max_steps", MAX_STEPS), ("cutoff_len", "64"), ("per_device_train_batch_size", "2"),
                                  ("save_steps", "1000")):
                 box = page.locator(f"#cfg-{field} input")
                 box.fill(value)
                 box.press("Tab")
-            expect(page.locator("#command-preview")).to_contain_text("max_steps=400")
+            expect(page.locator("#command-preview")).to_contain_text(f"max_steps={MAX_STEPS}")
             page.screenshot(path=str(ARTIFACTS / "train-tab.png"), full_page=True)
 
             page.get_by_role("button", name="▶ Start training").click()
@@ -87,10 +90,10 @@ def test_train_monitor_reload_and_language_in_a_real_browser(browser_app, tmp_pa
             expect(page.locator("#train-task-id input")).to_have_value(str(task_id))
             expect(page.locator("#train-progress")).to_contain_text("running")
             # ... and the form as it was left lives in this browser
-            expect(page.locator("#cfg-max_steps input")).to_have_value("400")
+            expect(page.locator("#cfg-max_steps input")).to_have_value(MAX_STEPS)
             expect(page.locator("#cfg-per_device_train_batch_size input")).to_have_value("2")
             expect(page.locator("#cfg-dataset textarea")).to_have_value(re.compile(r"uploads/.*browser-data\.jsonl"))
-            expect(page.locator("#command-preview")).to_contain_text("max_steps=400")
+            expect(page.locator("#command-preview")).to_contain_text(f"max_steps={MAX_STEPS}")
             page.get_by_role("tab", name="📈 Monitor").click()
             expect(page.locator("#mon-progress .sage-progress")).to_have_attribute("data-task", str(task_id))
             after_reload = _step(page)

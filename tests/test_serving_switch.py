@@ -137,6 +137,30 @@ def test_cancel_ends_the_new_servers_start_and_the_old_model_keeps_answering(swi
     assert "".join(stream_chat(switch_manager, HELLO, temperature=0.0, max_tokens=8))  # the old model answers
 
 
+def test_cancel_during_the_merge_for_serving_writes_nothing_and_keeps_the_model(switch_manager, serving_demo_model,
+                                                                                 tmp_path):
+    """An adapter vLLM cannot load at runtime is merged first; a cancel then stops the merge at its next
+    stage: outcome ⏹, no merged model (nor staging leftovers) on disk, the same server answers."""
+    big = make_lora_adapter(serving_demo_model, tmp_path / "rank32", rank=32, seed=6)
+    before, old_pid = switch_manager.current, switch_manager.server.pid
+    stages: list[str] = []
+
+    def cancel_once_merging(item) -> None:  # called on the switching thread, between merge stages
+        stages.append(item.stage)
+        if item.stage.startswith("merging adapter: checking"):
+            assert switch_manager.cancel_switch()
+
+    result = switch_manager.switch(str(big), progress=cancel_once_merging)
+    assert result.outcome == "cancelled" and result.icon == "⏹", result.message
+    assert "merge of rank32 for serving was cancelled" in result.message
+    assert f"still chatting with {before.label}" in result.message
+    assert not any(s.startswith("merging adapter: loading") for s in stages), stages
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank32"]  # nothing written beside the adapter
+    assert switch_manager.current == before and switch_manager.server.pid == old_pid
+    assert switch_manager.status()["state"] == "ready" and not switch_manager.cancel_switch()
+    assert "".join(stream_chat(switch_manager, HELLO, temperature=0.0, max_tokens=8))
+
+
 def test_stop_then_start_to_a_merged_adapter(switch_manager, serving_demo_model, tmp_path):
     big = make_lora_adapter(serving_demo_model, tmp_path / "rank32", rank=32, seed=5)
     old_pids = _group_pids(switch_manager.server.pid)

@@ -142,8 +142,9 @@ class ServerManager:
 
         self._lock = threading.RLock()  # short critical sections only (chats take it to pick a route)
         self._switch_lock = threading.RLock()  # one start/switch/restart at a time (held for minutes)
-        self._switch_cancel = threading.Event()  # set by cancel_switch(): ends the server start under way
+        self._switch_cancel = threading.Event()  # set by cancel_switch(): ends the merge / server start under way
         self._starting: VLLMServer | None = None  # the server a switch is starting (what a cancel ends)
+        self._merging = False  # a switch is merging an adapter for serving (a cancel ends it between stages)
         self._state: State = "stopped"
         self._server: VLLMServer | None = None
         self._local: Any = None  # LocalBackend
@@ -404,14 +405,14 @@ class ServerManager:
             return result
 
     def cancel_switch(self) -> bool:
-        """End the server start of the switch under way (the long part of a base-model switch).
+        """End the long part of the switch under way: merging an adapter for serving, or starting a server.
 
-        The half-started server's process group is ended; with the zero-downtime path the previous
-        model goes on answering, as if nothing had happened. Returns False when no switch is starting
-        a vLLM server (merging an adapter for serving and loading the in-process transformers
-        backend, seconds on small models, are not interruptible).
+        A merge stops at its next stage and leaves nothing behind; a half-started server's process
+        group is ended. Either way the previous model goes on answering (zero-downtime path), as if
+        nothing had happened. Returns False when nothing cancellable is under way (loading the
+        in-process transformers backend, seconds on small models, is not interruptible).
         """
-        if self._starting is None:
+        if self._starting is None and not self._merging:
             return False
         self._switch_cancel.set()
         return True
@@ -443,6 +444,7 @@ class ServerManager:
 
     def _merged_target(self, target: ModelTarget, problems: list[str], progress: ProgressCallback | None,
                        timings: dict[str, float]) -> ModelTarget:
+        from sage_ft.export.source import ExportCancelled
         from sage_ft.serving.merging import is_fresh_merge, merge_for_serving, merged_dir_for
 
         t0 = time.monotonic()
@@ -452,7 +454,20 @@ class ServerManager:
         if not is_fresh_merge(out_dir, fingerprint):
             if progress:
                 progress(StartProgress(f"merging adapter ({'; '.join(problems)})", 0.0))
-            merge_for_serving(target.path, target.base_path, out_dir, fingerprint)
+
+            def merge_progress(stage: str, fraction: float) -> None:
+                if progress:
+                    progress(StartProgress(f"merging adapter: {stage} ({fraction:.0%})", time.monotonic() - t0))
+
+            self._merging = True
+            try:
+                merge_for_serving(target.path, target.base_path, out_dir, fingerprint, merge_progress,
+                                  self._switch_cancel)
+            except ExportCancelled as exc:
+                raise StartCancelled(f"the merge of {target.path.name} for serving was cancelled after "
+                                     f"{time.monotonic() - t0:.0f} s; nothing was written ({exc})") from exc
+            finally:
+                self._merging = False
         timings["merge_s"] = time.monotonic() - t0
         return ModelTarget("merged", out_dir, None, f"{target.label} (merged)", target.run_dir)
 

@@ -49,7 +49,8 @@ class ServerStartError(RuntimeError):
 
 
 class StartCancelled(ServerStartError):
-    """The start was cancelled (``ServerManager.cancel_switch``); the half-started server was ended."""
+    """A switch was cancelled (``ServerManager.cancel_switch``): its half-started server was ended, or
+    its adapter merge for serving stopped between stages with nothing written."""
 
 
 class AdapterLoadError(RuntimeError):

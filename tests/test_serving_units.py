@@ -197,3 +197,30 @@ def test_release_for_training_and_restore(serving_adapters):
     assert [m["kind"] for m in manager.chat_models()] == ["base", "adapter"]
     manager.close()
     assert manager.status()["state"] == "stopped"
+
+
+def test_cancelled_in_process_load_keeps_the_model_that_answered(serving_demo_model, other_base_model):
+    """Without vLLM a base switch loads the model in-process; Cancel abandons that load at once: outcome ⏹,
+    the previous model keeps answering the same way, and the next switch (not cancelled) goes live."""
+    manager = ServerManager("demo", backend="transformers", install_exit_handlers=False, adopt=False)
+
+    def cancel_when_loading(item) -> None:  # reported on the switching thread once the load is under way
+        if "in-process" in item.stage:
+            assert manager.cancel_switch()
+
+    try:
+        first = manager.switch(str(serving_demo_model), progress=cancel_when_loading)
+        assert first.outcome == "cancelled" and first.icon == "⏹", first.message
+        assert "no model is served now; pick a model" in first.message and "stop-then-start" not in first.message
+        assert manager.status()["state"] == "stopped" and manager.current is None
+        assert manager.switch(str(serving_demo_model)).outcome == "live"  # the cancel ended that switch only
+        before = manager.current
+        answer = "".join(manager.stream_chat(HELLO, temperature=0.0, max_tokens=6))
+
+        result = manager.switch(str(other_base_model), progress=cancel_when_loading)
+        assert result.outcome == "cancelled", result.message
+        assert f"still chatting with {before.label}" in result.message and "in-process was cancelled" in result.message
+        assert manager.current == before and manager.status()["state"] == "ready" and not manager.cancel_switch()
+        assert "".join(manager.stream_chat(HELLO, temperature=0.0, max_tokens=6)) == answer
+    finally:
+        manager.close()

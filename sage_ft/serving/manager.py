@@ -33,6 +33,7 @@ from typing import Any, Literal
 from sage_ft import paths
 from sage_ft.serving import registry
 from sage_ft.serving.chat import ChatError, build_messages, stream_openai
+from sage_ft.serving.local_backend import LocalBackend
 from sage_ft.serving.ports import find_free_port
 from sage_ft.serving.targets import (
     ModelTarget,
@@ -51,6 +52,7 @@ from sage_ft.serving.vllm_server import (
     VLLMServer,
     cuda_device_count,
     end_process_group,
+    report_progress,
 )
 
 log = logging.getLogger(__name__)
@@ -145,9 +147,10 @@ class ServerManager:
         self._switch_cancel = threading.Event()  # set by cancel_switch(): ends the merge / server start under way
         self._starting: VLLMServer | None = None  # the server a switch is starting (what a cancel ends)
         self._merging = False  # a switch is merging an adapter for serving (a cancel ends it between stages)
+        self._starting_local = False  # a switch is loading the in-process transformers backend (a cancel drops it)
         self._state: State = "stopped"
         self._server: VLLMServer | None = None
-        self._local: Any = None  # LocalBackend
+        self._local: LocalBackend | None = None
         self._adapters: dict[str, dict[str, Any]] = {}  # served name -> {path, label, fingerprint, loaded_at}
         self._current: ServedModel | None = None
         self._target: ModelTarget | None = None  # the user's choice (kept while stopped/released)
@@ -372,6 +375,7 @@ class ServerManager:
         timings["resolve_s"] = time.monotonic() - t0
         with self._switch_lock:
             self._switch_cancel.clear()  # a cancel meant for an earlier switch does not end this one
+            served_before = self._current is not None
             self._target = target
             self._check_alive()
             try:
@@ -379,11 +383,12 @@ class ServerManager:
                     return SwitchResult("restart_needed", f"saved {target.label} as the chat model, but "
                                         f"{self._backend_reason()}", timings)
                 if self.backend == "transformers":
-                    result = self._switch_local(target, timings)
+                    result = self._switch_local(target, timings, progress)
                 else:
                     result = self._switch_vllm(target, progress, strategy, timeout_s, timings)
             except StartCancelled as exc:
-                result = SwitchResult("cancelled", self._cancelled_message(target, exc), timings, self._current)
+                result = SwitchResult("cancelled", self._cancelled_message(target, exc, served_before), timings,
+                                      self._current)
             except (ServerStartError, AdapterLoadError, TargetError, OSError) as exc:
                 self._last_error = str(exc)
                 if isinstance(exc, ServerStartError):
@@ -405,23 +410,25 @@ class ServerManager:
             return result
 
     def cancel_switch(self) -> bool:
-        """End the long part of the switch under way: merging an adapter for serving, or starting a server.
+        """End the long part of the switch under way: merging an adapter for serving, starting a vLLM
+        server, or loading the in-process transformers backend.
 
         A merge stops at its next stage and leaves nothing behind; a half-started server's process
-        group is ended. Either way the previous model goes on answering (zero-downtime path), as if
-        nothing had happened. Returns False when nothing cancellable is under way (loading the
-        in-process transformers backend, seconds on small models, is not interruptible).
+        group is ended; an in-process load is abandoned (it finishes in the background and is dropped).
+        The previous model goes on answering (on vLLM: the zero-downtime path), as if nothing had
+        happened. Returns False when nothing cancellable is under way.
         """
-        if self._starting is None and not self._merging:
+        if self._starting is None and not self._merging and not self._starting_local:
             return False
         self._switch_cancel.set()
         return True
 
-    def _cancelled_message(self, target: ModelTarget, exc: StartCancelled) -> str:
+    def _cancelled_message(self, target: ModelTarget, exc: StartCancelled, served_before: bool) -> str:
         if self._current is not None:
             return f"switch to {target.label} cancelled; still chatting with {self._current.label} ({exc})"
-        return (f"switch to {target.label} cancelled; no model is served now (the previous server had already been "
-                f"stopped: stop-then-start); pick a model and switch to start one ({exc})")
+        why = " (the previous server had already been stopped: stop-then-start)" if served_before else ""
+        return (f"switch to {target.label} cancelled; no model is served now{why}; pick a model and switch to "
+                f"start one ({exc})")
 
     def _switch_vllm(self, target: ModelTarget, progress: ProgressCallback | None, strategy: str,
                      timeout_s: float | None, timings: dict[str, float]) -> SwitchResult:
@@ -452,12 +459,11 @@ class ServerManager:
         out_dir = merged_dir_for(target.path, target.run_dir)
         fingerprint = adapter_fingerprint(target.path)
         if not is_fresh_merge(out_dir, fingerprint):
-            if progress:
-                progress(StartProgress(f"merging adapter ({'; '.join(problems)})", 0.0))
+            report_progress(progress, StartProgress(f"merging adapter ({'; '.join(problems)})", 0.0))
 
             def merge_progress(stage: str, fraction: float) -> None:
-                if progress:
-                    progress(StartProgress(f"merging adapter: {stage} ({fraction:.0%})", time.monotonic() - t0))
+                report_progress(progress, StartProgress(f"merging adapter: {stage} ({fraction:.0%})",
+                                                        time.monotonic() - t0))
 
             self._merging = True
             try:
@@ -739,15 +745,14 @@ class ServerManager:
         return None
 
     # ------------------------------------------------------------------ transformers backend
-    def _switch_local(self, target: ModelTarget, timings: dict[str, float]) -> SwitchResult:
-        from sage_ft.serving.local_backend import LocalBackend
-
+    def _switch_local(self, target: ModelTarget, timings: dict[str, float],
+                      progress: ProgressCallback | None = None) -> SwitchResult:
         base = target.serving_base
         t0 = time.monotonic()
         if self._local is None or self._local.model_path != base:
             self._state = "starting"
             local = LocalBackend(base, _slug(base.name if target.kind == "adapter" else target.label))
-            local.load()
+            self._load_cancellably(local, progress)
             self._local, self._adapters = local, {}
             timings["load_s"] = time.monotonic() - t0
         local = self._local
@@ -764,6 +769,36 @@ class ServerManager:
         self._state = "ready"
         return SwitchResult("live", f"now chatting with {target.label} (in-process transformers backend: "
                             f"{self._backend_reason()})", timings, self._current, "local")
+
+    def _load_cancellably(self, local: LocalBackend, progress: ProgressCallback | None) -> None:
+        """Load ``local``'s model on a thread of its own, so that ``cancel_switch`` can abandon it.
+
+        from_pretrained cannot be interrupted; a cancelled load finishes in the background and is
+        dropped, while the switch returns at once and the previous model keeps answering.
+        """
+        t0 = time.monotonic()
+        failure: list[BaseException] = []
+
+        def _load() -> None:
+            try:
+                local.load()
+            except BaseException as exc:  # re-raised on the switching thread
+                failure.append(exc)
+
+        loader = threading.Thread(target=_load, name="sage-ft-local-load", daemon=True)
+        self._starting_local = True
+        try:
+            loader.start()
+            report_progress(progress, StartProgress(f"loading {local.model_path.name} in-process (transformers)", 0.0))
+            while not self._switch_cancel.is_set() and loader.is_alive():
+                loader.join(0.1)
+            if self._switch_cancel.is_set():
+                raise StartCancelled(f"loading {local.model_path.name} in-process was cancelled after "
+                                     f"{time.monotonic() - t0:.1f} s")
+        finally:
+            self._starting_local = False
+        if failure:
+            raise failure[0]
 
     # ------------------------------------------------------------------ chat
     @property

@@ -233,7 +233,7 @@ class VLLMServer:
                 line = self.last_log_line()
                 if progress and (stage, line) != last_reported:
                     last_reported = (stage, line)
-                    _safe_call(progress, StartProgress(stage, elapsed, line))
+                    report_progress(progress, StartProgress(stage, elapsed, line))
                 if cancel is not None and cancel.is_set():
                     raise StartCancelled(f"the start of {self.spec.model_path} was cancelled after {elapsed:.0f} s "
                                          f"(stage: {stage}); that server was stopped", self.log_tail(),
@@ -250,7 +250,7 @@ class VLLMServer:
                 if self._verified_ready(http):
                     self.ready_at = time.time()
                     if progress:
-                        _safe_call(progress, StartProgress("ready", time.monotonic() - t0, line))
+                        report_progress(progress, StartProgress("ready", time.monotonic() - t0, line))
                     return
                 if cancel is not None:
                     cancel.wait(0.5)  # a cancel wakes the loop at once
@@ -457,8 +457,11 @@ def _error_message(resp: httpx.Response) -> str:
     return resp.text.strip()[:500] or f"HTTP {resp.status_code}"
 
 
-def _safe_call(fn: ProgressCallback, item: StartProgress) -> None:
+def report_progress(fn: ProgressCallback | None, item: StartProgress) -> None:
+    """Tell ``fn`` (if any) about ``item``; a UI callback that fails is logged, never breaks a start."""
+    if fn is None:
+        return
     try:
         fn(item)
-    except Exception:  # a UI callback must never break the start
+    except Exception:
         log.exception("start progress callback failed")

@@ -345,8 +345,8 @@ def switch_steps(services: AppServices, model: str | None, lang: str,
 
 
 def cancel_switch(services: AppServices, lang: str) -> None:
-    """The Cancel button: ends the adapter merge or server start of a switch under way; the switch's
-    own status line then reports ⏹ (the previous model keeps answering on the zero-downtime path)."""
+    """The Cancel switch button: ends the adapter merge, server start or in-process load of a switch
+    under way; the switch's own status line then reports ⏹ (the previous model keeps answering)."""
     if services.server is None or not services.server.cancel_switch():
         gr.Info(i18n.t("chat.no_switch", i18n.normalize(lang)))
 

@@ -310,7 +310,9 @@ def main() -> int:
         res["tokens_per_s"] = res["useful_tokens"] / res["seconds"] if res.get("useful_tokens") else None
         res["s_per_step"] = res["seconds"] / res["steps"]
         rows.append(res)
-        print(f"  done: {res['variant']}", file=sys.stderr)
+        # each row as it lands: a run cut off by a time limit (the GPU machines allow 10 minutes a call) still tells
+        print(f"  done: {res['variant']}: {res['tokens_per_s'] or 0:,.0f} useful tokens/s, {res['s_per_step']:.2f} s/step, "
+              f"passes/step {res.get('passes_per_step')}, eval loss {res['eval_loss']:.4f}", file=sys.stderr, flush=True)
     base = rows[0]
     for r in rows:
         r["ratio"] = (r["tokens_per_s"] / base["tokens_per_s"]) if r.get("tokens_per_s") else None

@@ -144,7 +144,7 @@ class ServerManager:
 
         self._lock = threading.RLock()  # short critical sections only (chats take it to pick a route)
         self._switch_lock = threading.RLock()  # one start/switch/restart at a time (held for minutes)
-        self._switch_cancel = threading.Event()  # set by cancel_switch(): ends the merge / server start under way
+        self._switch_cancel = threading.Event()  # set by cancel_switch(): ends the merge / start / load under way
         self._starting: VLLMServer | None = None  # the server a switch is starting (what a cancel ends)
         self._merging = False  # a switch is merging an adapter for serving (a cancel ends it between stages)
         self._starting_local = False  # a switch is loading the in-process transformers backend (a cancel drops it)

@@ -49,8 +49,8 @@ class ServerStartError(RuntimeError):
 
 
 class StartCancelled(ServerStartError):
-    """A switch was cancelled (``ServerManager.cancel_switch``): its half-started server was ended, or
-    its adapter merge for serving stopped between stages with nothing written."""
+    """A switch was cancelled (``ServerManager.cancel_switch``): its half-started server was ended, its
+    adapter merge for serving stopped between stages with nothing written, or its in-process load dropped."""
 
 
 class AdapterLoadError(RuntimeError):

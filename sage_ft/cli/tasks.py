@@ -43,26 +43,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     cancel.add_argument("--wait", action="store_true", help="wait until a running task has stopped")
     cancel.set_defaults(handler=_cancel)
 
-    pause = cmds.add_parser("pause", help="hold a running task between two steps (it keeps its memory)")
-    pause.add_argument("id", type=int)
-    pause.set_defaults(handler=_pause)
-
-    unpause = cmds.add_parser("unpause", help="let a paused task continue")
-    unpause.add_argument("id", type=int)
-    unpause.set_defaults(handler=_unpause)
+    for name, help_text, handler in (
+            ("pause", "hold a running task between two steps (it keeps its memory)", _pause),
+            ("unpause", "let a paused task continue", _unpause),
+            ("resume", "re-queue an interrupted/cancelled/failed task from its last checkpoint", _resume),
+            ("retry", "queue a failed/cancelled/interrupted task again from scratch (new task)", _retry)):
+        command = cmds.add_parser(name, help=help_text)  # commands that take just a task id
+        command.add_argument("id", type=int)
+        command.set_defaults(handler=handler)
 
     delete = cmds.add_parser("delete", help="delete a task that is not running")
     delete.add_argument("id", type=int)
     delete.add_argument("--files", action="store_true", help="also delete its run folder (adapter, checkpoints)")
     delete.set_defaults(handler=_delete)
-
-    resume = cmds.add_parser("resume", help="re-queue an interrupted/cancelled/failed task from its last checkpoint")
-    resume.add_argument("id", type=int)
-    resume.set_defaults(handler=_resume)
-
-    retry = cmds.add_parser("retry", help="queue a failed/cancelled/interrupted task again from scratch (new task)")
-    retry.add_argument("id", type=int)
-    retry.set_defaults(handler=_retry)
 
     work = cmds.add_parser("work", help="run queued tasks in this terminal (when the web UI is not running)")
     work.add_argument("--until-empty", action="store_true", help="exit when the queue is empty")

@@ -111,6 +111,19 @@ def _wait_for_step(handle, step: int, timeout: float = 400) -> None:
     raise AssertionError(f"no training progress; launcher log:\n{handle.log_path.read_text()[-3000:]}")
 
 
+def _run_to_the_end(config: TrainConfig, timeout: float = 400):
+    """Launch ``config`` on 2 gloo ranks and wait for it; returns the handle and its launcher log."""
+    handle = launcher.launch_multi(config, cpu=True)
+    try:
+        rc = handle.wait(timeout)
+    finally:
+        if handle.poll() is None:
+            handle.kill()
+    log_text = handle.log_path.read_text()
+    assert rc == 0, log_text[-3000:]
+    return handle, log_text
+
+
 @pytest.mark.slow
 def test_two_process_gloo_run_cancel_stops_every_rank_at_one_step_then_all_ranks_resume(demo_model, tmp_path):
     """A real 2-rank DDP run on CPU: one run directory written by rank 0 only, data split over the
@@ -150,14 +163,8 @@ def test_two_process_gloo_run_cancel_stops_every_rank_at_one_step_then_all_ranks
     last = max(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*"))
     assert (run / f"checkpoint-{last}" / "rng_state_1.pth").exists()  # every rank's state is in the checkpoint
 
-    resumed = launcher.launch_multi(dataclasses.replace(config, resume_from_checkpoint="last", max_steps=last + 2),
-                                    cpu=True)
-    try:
-        assert resumed.wait(400) == 0, resumed.log_path.read_text()[-3000:]
-    finally:
-        if resumed.poll() is None:
-            resumed.kill()
-    ends = _rank_lines(resumed.log_path.read_text()[len(log_text):])
+    _, resumed_log = _run_to_the_end(dataclasses.replace(config, resume_from_checkpoint="last", max_steps=last + 2))
+    ends = _rank_lines(resumed_log[len(log_text):])
     assert ends == {r: f"completed at step {last + 2} (resumed from checkpoint-{last})" for r in (0, 1)}, ends
     assert json.loads((run / "finetune_meta.json").read_text())["status"] == "completed"
 
@@ -187,14 +194,7 @@ def test_two_process_run_with_micro_batches_by_tokens_completes_when_ranks_take_
         model_name_or_path="demo", dataset=str(data), output_dir=str(tmp_path / "run"), max_steps=4,
         per_device_train_batch_size=1, gradient_accumulation_steps=4, micro_batch_by_tokens="on",
         precision="fp32", devices="cpu", num_processes=2, cutoff_len=128, save_steps=100, logging_steps=1))
-    handle = launcher.launch_multi(config, cpu=True)
-    try:
-        rc = handle.wait(400)
-    finally:
-        if handle.poll() is None:
-            handle.kill()
-    log_text = handle.log_path.read_text()
-    assert rc == 0, log_text[-3000:]
+    handle, log_text = _run_to_the_end(config)
     assert _rank_lines(log_text) == {r: "completed at step 4" for r in (0, 1)}, log_text[-3000:]
     meta = json.loads((Path(handle.output_dir) / "finetune_meta.json").read_text())
     # 16 samples / (4 per rank x 2 ranks) = 2 steps per epoch: 4 steps see every sample twice
@@ -215,14 +215,8 @@ def test_two_process_run_with_torch_compile_trains_the_same_losses_as_eager(demo
             model_name_or_path="demo", dataset=str(data), output_dir=str(tmp_path / name), max_steps=4,
             per_device_train_batch_size=2, precision="fp32", devices="cpu", num_processes=2, cutoff_len=64,
             save_steps=100, logging_steps=1, torch_compile=compiled))
-        handle = launcher.launch_multi(config, cpu=True)
-        try:
-            rc = handle.wait(600)
-        finally:
-            if handle.poll() is None:
-                handle.kill()
-        log_text = handle.log_path.read_text()
-        assert rc == 0 and _rank_lines(log_text) == {r: "completed at step 4" for r in (0, 1)}, log_text[-3000:]
+        handle, log_text = _run_to_the_end(config, timeout=600)
+        assert _rank_lines(log_text) == {r: "completed at step 4" for r in (0, 1)}, log_text[-3000:]
         run = Path(handle.output_dir)
         events, _ = read_events(run / "events.jsonl")
         meta = json.loads((run / "finetune_meta.json").read_text())

@@ -200,12 +200,18 @@ def test_release_for_training_and_restore(serving_adapters):
 
 
 def test_cancelled_in_process_load_keeps_the_model_that_answered(serving_demo_model, other_base_model):
-    """Without vLLM a base switch loads the model in-process; Cancel abandons that load at once: outcome ⏹,
-    the previous model keeps answering the same way, and the next switch (not cancelled) goes live."""
+    """Without vLLM a base switch loads the model in-process; the previous model answers during the load,
+    Cancel abandons the load at once: outcome ⏹, the previous model keeps answering the same way, and the
+    next switch (not cancelled) goes live."""
     manager = ServerManager("demo", backend="transformers", install_exit_handlers=False, adopt=False)
+    states: list[str] = []
+    answers_while_loading: list[str] = []
 
     def cancel_when_loading(item) -> None:  # reported on the switching thread once the load is under way
         if "in-process" in item.stage:
+            states.append(manager.status()["state"])
+            if manager.current is not None:  # the model that answered goes on answering during the load
+                answers_while_loading.append("".join(manager.stream_chat(HELLO, temperature=0.0, max_tokens=6)))
             assert manager.cancel_switch()
 
     try:
@@ -221,6 +227,7 @@ def test_cancelled_in_process_load_keeps_the_model_that_answered(serving_demo_mo
         assert result.outcome == "cancelled", result.message
         assert f"still chatting with {before.label}" in result.message and "in-process was cancelled" in result.message
         assert manager.current == before and manager.status()["state"] == "ready" and not manager.cancel_switch()
+        assert states == ["starting", "switching"] and answers_while_loading == [answer]
         assert "".join(manager.stream_chat(HELLO, temperature=0.0, max_tokens=6)) == answer
     finally:
         manager.close()

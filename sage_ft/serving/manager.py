@@ -302,8 +302,9 @@ class ServerManager:
     def ensure_ready(self, progress: ProgressCallback | None = None) -> None:
         """Restart a crashed server (the next chat request brings it back); raise ChatError if impossible."""
         self._check_alive()
-        if self._state == "ready" or (self._state == "switching" and self._server is not None):
-            return  # a zero-downtime switch keeps the old server answering until the new one is ready
+        previous_answers = self._server is not None or self._local is not None
+        if self._state == "ready" or (self._state == "switching" and previous_answers):
+            return  # a switch keeps the old server (or in-process model) answering until the new one is ready
         if self._state in ("crashed", "stopped") and self.backend != "none" and self._target is not None:
             with self._switch_lock:  # concurrent chats after a crash: one restarts, the others wait for it
                 if self._state in ("crashed", "stopped"):
@@ -750,7 +751,7 @@ class ServerManager:
         base = target.serving_base
         t0 = time.monotonic()
         if self._local is None or self._local.model_path != base:
-            self._state = "starting"
+            self._state = "switching" if self._current is not None else "starting"  # the current one still answers
             local = LocalBackend(base, _slug(base.name if target.kind == "adapter" else target.label))
             self._load_cancellably(local, progress)
             self._local, self._adapters = local, {}

@@ -6,7 +6,8 @@ Public API (the web UI's Chat tab, the CLI and the tests call only these)::
 
     manager = ServerManager()                     # backend: vLLM when installed, else in-process transformers
     manager.start("demo", progress=print)         # verified ready; progress: StartProgress(stage, elapsed_s, ...)
-    result = manager.switch("runs/my-run")        # SwitchResult(outcome live|restart_needed|failed, ...)
+    result = manager.switch("runs/my-run")        # SwitchResult(outcome live|restart_needed|failed|cancelled, ...)
+    manager.cancel_switch()                       # from another thread: ends a switch's merge/start/load
     for chunk in stream_chat(manager, [{"role": "user", "content": "Hi"}], temperature=0.7):
         print(chunk, end="")
     manager.status()                              # state, backend, model, adapters, port, pid, log ...
@@ -16,12 +17,12 @@ Heavy libraries are imported lazily; importing this package is cheap.
 """
 
 from sage_ft.serving.chat import ChatError, chat, stream_chat
+from sage_ft.serving.exit_handlers import stop_all_servers
 from sage_ft.serving.manager import (
     DISABLE_VLLM_ENV,
     ServedModel,
     ServerManager,
     SwitchResult,
-    stop_all_servers,
     vllm_available,
 )
 from sage_ft.serving.targets import ModelTarget, TargetError, resolve_target

@@ -15,23 +15,21 @@ One manager owns the chat backend of an app (web UI, ``sage-ft serve``, tests): 
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import importlib.util
 import logging
 import os
 import re
-import signal
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from sage_ft import paths
-from sage_ft.serving import registry
+from sage_ft.serving import exit_handlers, registry
 from sage_ft.serving.chat import ChatError, build_messages, stream_openai
 from sage_ft.serving.local_backend import LocalBackend
 from sage_ft.serving.ports import find_free_port
@@ -163,9 +161,7 @@ class ServerManager:
         self._inflight_cv = threading.Condition()
         self._watcher: threading.Thread | None = None
         self._closed = threading.Event()
-        if install_exit_handlers:
-            _install_exit_handlers()
-        _MANAGERS.add(self)
+        exit_handlers.register(self, install_handlers=install_exit_handlers)
 
     # ------------------------------------------------------------------ backend choice / status
     def _choose_backend(self) -> str:
@@ -943,43 +939,3 @@ class ServerManager:
 
             free = psutil.virtual_memory().available
         return free >= estimate_bytes * 1.1
-
-
-# ---------------------------------------------------------------------- exit handling
-_MANAGERS: weakref.WeakSet[ServerManager] = weakref.WeakSet()
-_HANDLERS_INSTALLED = False
-_PREVIOUS_HANDLERS: dict[int, Any] = {}
-
-
-def stop_all_servers() -> None:
-    """Stop every server any manager of this process owns (exit path)."""
-    for manager in list(_MANAGERS):
-        with contextlib.suppress(Exception):
-            manager.close()
-
-
-def _on_signal(signum: int, frame: Any) -> None:
-    stop_all_servers()
-    previous = _PREVIOUS_HANDLERS.get(signum)
-    if callable(previous):
-        previous(signum, frame)
-    elif previous == signal.SIG_DFL:
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-
-
-def _install_exit_handlers() -> None:
-    """atexit + SIGTERM/SIGINT handlers that stop our servers and then chain to the previous handlers."""
-    global _HANDLERS_INSTALLED
-    if _HANDLERS_INSTALLED:
-        return
-    _HANDLERS_INSTALLED = True
-    atexit.register(stop_all_servers)
-    if threading.current_thread() is not threading.main_thread():
-        return  # signal handlers can only be set from the main thread; atexit still covers normal exits
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        _PREVIOUS_HANDLERS[sig] = signal.getsignal(sig)
-        signal.signal(sig, _on_signal)
-
-
-ProgressFn = Callable[[StartProgress], None]

@@ -156,6 +156,29 @@ def device_info() -> dict[str, Any]:
     return info
 
 
+def gpu_count() -> int:
+    """Number of NVIDIA GPUs the driver reports (no torch import; 0 without a usable driver)."""
+    nvml, _ = _init_nvml()
+    if nvml is None:
+        return 0
+    try:
+        return int(nvml.nvmlDeviceGetCount())
+    except Exception:
+        return 0
+
+
+def gpu_memory(index: int = 0) -> tuple[int, int] | None:
+    """``(free, total)`` bytes of GPU ``index`` now, or None without a usable NVIDIA driver (cheap: one query)."""
+    nvml, _ = _init_nvml()
+    if nvml is None:
+        return None
+    try:
+        mem = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(index))
+    except Exception:  # no such GPU, or it fell off the bus
+        return None
+    return int(mem.free), int(mem.total)
+
+
 def selected_gpus(info: dict[str, Any], devices: str = "auto") -> list[dict[str, Any]]:
     """The GPUs a config's ``devices`` value ('auto', 'cpu', '0,1') selects from ``info``."""
     if info.get("mode") != "gpu" or devices.strip().lower() == "cpu":

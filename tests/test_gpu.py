@@ -56,6 +56,22 @@ def test_nvml_init_failure_is_cpu_mode(tmp_path):
     assert "Driver Not Loaded" in info["cpu_reason"]
 
 
+def test_gpu_count_and_memory_read_the_driver_and_never_raise(tmp_path):
+    """``gpu_count``/``gpu_memory`` (what the chat server's GPU mode and fit checks use): 0/None here, the
+    driver's figures where one answers, None for a GPU the driver does not have."""
+    assert gpu.gpu_count() == 0 and gpu.gpu_memory() is None  # this machine: no NVIDIA driver
+    (tmp_path / "pynvml.py").write_text(
+        "class _Mem:\n    free, total, used = 30 * 2**30, 80 * 2**30, 50 * 2**30\n"
+        "def nvmlInit():\n    pass\n"
+        "def nvmlDeviceGetCount():\n    return 1\n"
+        "def nvmlDeviceGetHandleByIndex(i):\n    if i != 0:\n        raise RuntimeError('Invalid Argument')\n    return i\n"
+        "def nvmlDeviceGetMemoryInfo(handle):\n    return _Mem()\n")
+    code = "from sage_ft.gpu import gpu_count, gpu_memory; print(gpu_count(), gpu_memory(0), gpu_memory(1))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd()])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split("\n")[0] == f"1 ({30 * 2**30}, {80 * 2**30}) None"
+
+
 def test_selected_gpus_follows_devices():
     info = {"mode": "gpu", "gpus": [{"index": 0}, {"index": 1}, {"index": 2}], "cpu": {}}
     assert [g["index"] for g in selected_gpus(info, "auto")] == [0, 1, 2]

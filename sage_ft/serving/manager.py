@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from sage_ft import paths
+from sage_ft import gpu, paths
 from sage_ft.serving import exit_handlers, registry
 from sage_ft.serving.chat import ChatError, build_messages, stream_openai
 from sage_ft.serving.local_backend import LocalBackend
@@ -48,7 +48,6 @@ from sage_ft.serving.vllm_server import (
     StartCancelled,
     StartProgress,
     VLLMServer,
-    cuda_device_count,
     end_process_group,
     report_progress,
 )
@@ -134,7 +133,7 @@ class ServerManager:
         self.start_timeout_s = start_timeout_s
         self.zero_downtime = zero_downtime  # None: when memory allows
         self.drain_timeout_s = drain_timeout_s
-        self.on_gpu = cuda_device_count() > 0
+        self.on_gpu = gpu.gpu_count() > 0
         self.enable_sleep_mode = self.on_gpu if enable_sleep_mode is None else enable_sleep_mode
         self.adopt = adopt
         self.extra_args = list(extra_args or [])
@@ -644,19 +643,12 @@ class ServerManager:
         """Whether a second server for ``model_dir`` fits beside the running one (RAM on CPU, GPU memory)."""
         weights = sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in Path(model_dir).glob(pattern))
         if self.on_gpu:
-            try:
-                import pynvml
-
-                pynvml.nvmlInit()
-                try:
-                    mem = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0))
-                finally:
-                    pynvml.nvmlShutdown()
-            except Exception as exc:
-                return False, f"GPU memory unknown ({exc})"
-            need = (self.gpu_memory_utilization or 0.85) * mem.total
-            ok = mem.free >= need
-            return ok, f"GPU free {mem.free / 2**30:.1f} GiB, a second server needs {need / 2**30:.1f} GiB"
+            memory = gpu.gpu_memory(0)
+            if memory is None:
+                return False, "GPU memory unknown (NVML not usable)"
+            free, total = memory
+            need = (self.gpu_memory_utilization or 0.85) * total
+            return free >= need, f"GPU free {free / 2**30:.1f} GiB, a second server needs {need / 2**30:.1f} GiB"
         import psutil
 
         kv = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")) * 2**30
@@ -924,16 +916,10 @@ class ServerManager:
 
     def _fits_beside(self, estimate_bytes: int) -> bool:
         if self.on_gpu:
-            try:
-                import pynvml
-
-                pynvml.nvmlInit()
-                try:
-                    free = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).free
-                finally:
-                    pynvml.nvmlShutdown()
-            except Exception:
+            memory = gpu.gpu_memory(0)
+            if memory is None:
                 return False
+            free = memory[0]
         else:
             import psutil
 

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import psutil
 
-from sage_ft import paths
+from sage_ft import gpu, paths
 from sage_ft.serving import registry
 from sage_ft.serving.metrics import ServerMetrics, server_metrics
 from sage_ft.serving.ports import LOOPBACK
@@ -86,20 +86,6 @@ _STAGES = (
 )
 _ERROR_LINE = re.compile(r"(Error\b|Exception\b|[Ee]rror[:,]|No such file|not found|does not exist|not supported)")
 _NOISE_LINE = re.compile(r"^\s*(File \"|raise |Traceback|For further information|\^)|warnings\.warn|UserWarning")
-
-
-def cuda_device_count() -> int:
-    """Number of NVIDIA GPUs via NVML (no torch import; 0 when no driver)."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            return int(pynvml.nvmlDeviceGetCount())
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:
-        return 0
 
 
 @dataclass
@@ -169,7 +155,7 @@ class VLLMServer:
         self.create_time: float | None = None
         self.started_at: float | None = None
         self.ready_at: float | None = None
-        self.on_gpu = cuda_device_count() > 0
+        self.on_gpu = gpu.gpu_count() > 0
         self._proc: subprocess.Popen | None = None
         self._log_fh = None
         self.owned = True  # False: a server another live sage-ft process started (we only chat with it)

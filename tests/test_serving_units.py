@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -219,7 +220,14 @@ def test_cancelled_in_process_load_keeps_the_model_that_answered(serving_demo_mo
         assert first.outcome == "cancelled" and first.icon == "⏹", first.message
         assert "no model is served now; pick a model" in first.message and "stop-then-start" not in first.message
         assert manager.status()["state"] == "stopped" and manager.current is None
-        assert manager.switch(str(serving_demo_model)).outcome == "live"  # the cancel ended that switch only
+        loads_at_once: list[int] = []
+
+        def count_loads(item) -> None:
+            if "in-process (transformers)" in item.stage:
+                loads_at_once.append(sum(t.name == "sage-ft-local-load" and t.is_alive() for t in threading.enumerate()))
+
+        assert manager.switch(str(serving_demo_model), progress=count_loads).outcome == "live"  # that switch only
+        assert loads_at_once == [1]  # the abandoned load had ended before this one began (never two models in RAM)
         before = manager.current
         answer = "".join(manager.stream_chat(HELLO, temperature=0.0, max_tokens=6))
 

@@ -145,6 +145,7 @@ class ServerManager:
         self._starting: VLLMServer | None = None  # the server a switch is starting (what a cancel ends)
         self._merging = False  # a switch is merging an adapter for serving (a cancel ends it between stages)
         self._starting_local = False  # a switch is loading the in-process transformers backend (a cancel drops it)
+        self._abandoned_load: threading.Thread | None = None  # a cancelled in-process load still running
         self._state: State = "stopped"
         self._server: VLLMServer | None = None
         self._local: LocalBackend | None = None
@@ -763,7 +764,8 @@ class ServerManager:
         """Load ``local``'s model on a thread of its own, so that ``cancel_switch`` can abandon it.
 
         from_pretrained cannot be interrupted; a cancelled load finishes in the background and is
-        dropped, while the switch returns at once and the previous model keeps answering.
+        dropped, while the switch returns at once and the previous model keeps answering. The next
+        load waits for such a leftover first, so that two loads never hold a model's RAM at once.
         """
         t0 = time.monotonic()
         failure: list[BaseException] = []
@@ -774,16 +776,27 @@ class ServerManager:
             except BaseException as exc:  # re-raised on the switching thread
                 failure.append(exc)
 
-        loader = threading.Thread(target=_load, name="sage-ft-local-load", daemon=True)
-        self._starting_local = True
-        try:
-            loader.start()
-            report_progress(progress, StartProgress(f"loading {local.model_path.name} in-process (transformers)", 0.0))
-            while not self._switch_cancel.is_set() and loader.is_alive():
-                loader.join(0.1)
+        def _wait(thread: threading.Thread) -> None:
+            while thread.is_alive() and not self._switch_cancel.is_set():
+                thread.join(0.1)
             if self._switch_cancel.is_set():
                 raise StartCancelled(f"loading {local.model_path.name} in-process was cancelled after "
                                      f"{time.monotonic() - t0:.1f} s")
+
+        self._starting_local = True
+        try:
+            leftover = self._abandoned_load
+            if leftover is not None and leftover.is_alive():
+                report_progress(progress, StartProgress("waiting for the cancelled in-process load to end", 0.0))
+                _wait(leftover)
+            loader = threading.Thread(target=_load, name="sage-ft-local-load", daemon=True)
+            loader.start()
+            report_progress(progress, StartProgress(f"loading {local.model_path.name} in-process (transformers)", 0.0))
+            try:
+                _wait(loader)
+            except StartCancelled:
+                self._abandoned_load = loader
+                raise
         finally:
             self._starting_local = False
         if failure:

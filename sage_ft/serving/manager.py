@@ -142,9 +142,7 @@ class ServerManager:
         self._lock = threading.RLock()  # short critical sections only (chats take it to pick a route)
         self._switch_lock = threading.RLock()  # one start/switch/restart at a time (held for minutes)
         self._switch_cancel = threading.Event()  # set by cancel_switch(): ends the merge / start / load under way
-        self._starting: VLLMServer | None = None  # the server a switch is starting (what a cancel ends)
-        self._merging = False  # a switch is merging an adapter for serving (a cancel ends it between stages)
-        self._starting_local = False  # a switch is loading the in-process transformers backend (a cancel drops it)
+        self._cancellable_step: str | None = None  # the switch step a cancel would end now (see _cancellable)
         self._abandoned_load: threading.Thread | None = None  # a cancelled in-process load still running
         self._state: State = "stopped"
         self._server: VLLMServer | None = None
@@ -415,10 +413,20 @@ class ServerManager:
         The previous model goes on answering (on vLLM: the zero-downtime path), as if nothing had
         happened. Returns False when nothing cancellable is under way.
         """
-        if self._starting is None and not self._merging and not self._starting_local:
+        if self._cancellable_step is None:
             return False
         self._switch_cancel.set()
         return True
+
+    @contextlib.contextmanager
+    def _cancellable(self, step: str) -> Iterator[None]:
+        """Marks the long step of a switch (merge, server start, in-process load) that ``cancel_switch`` ends;
+        the step itself watches ``_switch_cancel`` and raises ``StartCancelled``."""
+        self._cancellable_step = step
+        try:
+            yield
+        finally:
+            self._cancellable_step = None
 
     def _cancelled_message(self, target: ModelTarget, exc: StartCancelled, served_before: bool) -> str:
         if self._current is not None:
@@ -462,15 +470,13 @@ class ServerManager:
                 report_progress(progress, StartProgress(f"merging adapter: {stage} ({fraction:.0%})",
                                                         time.monotonic() - t0))
 
-            self._merging = True
             try:
-                merge_for_serving(target.path, target.base_path, out_dir, fingerprint, merge_progress,
-                                  self._switch_cancel)
+                with self._cancellable("merge for serving"):
+                    merge_for_serving(target.path, target.base_path, out_dir, fingerprint, merge_progress,
+                                      self._switch_cancel)
             except ExportCancelled as exc:
                 raise StartCancelled(f"the merge of {target.path.name} for serving was cancelled after "
                                      f"{time.monotonic() - t0:.0f} s; nothing was written ({exc})") from exc
-            finally:
-                self._merging = False
         timings["merge_s"] = time.monotonic() - t0
         return ModelTarget("merged", out_dir, None, f"{target.label} (merged)", target.run_dir)
 
@@ -592,14 +598,12 @@ class ServerManager:
         server = self._new_server(target, port)
         t0 = time.monotonic()
         try:
-            self._starting = server
-            server.start(timeout_s or self.start_timeout_s, progress, cancel=self._switch_cancel)
+            with self._cancellable("vLLM server start"):
+                server.start(timeout_s or self.start_timeout_s, progress, cancel=self._switch_cancel)
         except ServerStartError:
             with self._lock:
                 self._state = "ready" if old is not None else "stopped"
             raise
-        finally:
-            self._starting = None
         timings["server_start_s"] = time.monotonic() - t0
         with self._lock:  # from here on new chats go to the new server
             self._server = server
@@ -783,8 +787,7 @@ class ServerManager:
                 raise StartCancelled(f"loading {local.model_path.name} in-process was cancelled after "
                                      f"{time.monotonic() - t0:.1f} s")
 
-        self._starting_local = True
-        try:
+        with self._cancellable("in-process load"):
             leftover = self._abandoned_load
             if leftover is not None and leftover.is_alive():
                 report_progress(progress, StartProgress("waiting for the cancelled in-process load to end", 0.0))
@@ -797,8 +800,6 @@ class ServerManager:
             except StartCancelled:
                 self._abandoned_load = loader
                 raise
-        finally:
-            self._starting_local = False
         if failure:
             raise failure[0]
 

@@ -104,16 +104,19 @@ def _new_vllm_children(known: set[int]) -> list[int]:
             and "vllm.entrypoints.openai.api_server" in " ".join(c.cmdline())]
 
 
-def test_cancel_ends_the_new_servers_start_and_the_old_model_keeps_answering(switch_manager, serving_demo_model):
+def test_cancel_ends_the_new_servers_start_and_the_old_model_keeps_answering(switch_manager, serving_demo_model,
+                                                                            other_base_model):
     """A base-model switch cancelled while its server starts: outcome ⏹ within seconds, the half-started
     server's processes are gone, and the model that answered before still answers (zero-downtime path)."""
     before = switch_manager.current
+    # whichever base is not served now, so the test needs no particular order of the tests before it
+    other = other_base_model if Path(switch_manager.server.spec.model_path) == serving_demo_model else serving_demo_model
     old_pid = switch_manager.server.pid
     known = {c.pid for c in psutil.Process().children()}  # this server, the session's shared one, ...
     assert not switch_manager.cancel_switch()  # nothing to cancel yet
     box: dict = {}
     thread = threading.Thread(target=lambda: box.update(result=switch_manager.switch(
-        str(serving_demo_model), strategy="zero_downtime")), daemon=True)
+        str(other), strategy="zero_downtime")), daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
     while not (starting := _new_vllm_children(known)) and time.monotonic() < deadline:

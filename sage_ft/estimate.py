@@ -10,10 +10,11 @@ The model of memory (bytes; docs/memory_estimator.md derives each term and shows
   bf16/fp16 weights on GPU and keeps fp32 weights on CPU with bf16 autocast; under autocast every
   linear layer's bf16 weight copy is saved for backward (2 bytes per linear parameter more);
 - LoRA: adapter params are fp32 (peft upcasts them): param + grad + optimizer state (AdamW 8 bytes);
-- activations per token and layer: what autograd saves in a Llama-style decoder layer with LoRA on
-  frozen linears (the two RMSNorms' fp32 inputs and outputs, q/k/v after RoPE, attention output, the
-  four MLP intermediates, LoRA A outputs and, under autocast, the bf16 copies LoRA A saves);
-  gradient checkpointing keeps only each layer's input plus one layer being recomputed;
+- activations per token and layer (``activation_bytes_per_token_layer``): what autograd saves in a
+  Llama-style decoder layer with LoRA on frozen linears, counted tensor by tensor on CPU (the
+  norms' fp32 inputs, the outputs LoRA A reads, q/k/v, the attention output and mask, three or four
+  MLP intermediates, LoRA A outputs); gradient checkpointing keeps only each layer's input plus one
+  layer being recomputed;
 - logits: batch x seq x vocab x (compute bytes + 12): the fp32 upcast for the loss, log-softmax
   output and their gradients — for small models with big vocabularies this is the largest term.
   On GPUs with liger-kernel the loss is a fused linear cross-entropy over chunks of about
@@ -133,9 +134,10 @@ def _facts_from(cfg: dict[str, Any], tensors: dict[str, tuple[list[int], str]], 
         source = "safetensors headers"
     else:
         q, kv = heads * head_dim, kv_heads * head_dim
-        per_layer = {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden),
-                     "o_proj": (hidden, q), "gate_proj": (inter, hidden), "up_proj": (inter, hidden),
-                     "down_proj": (hidden, inter)}
+        per_layer = {"self_attn.q_proj": (q, hidden), "self_attn.k_proj": (kv, hidden),
+                     "self_attn.v_proj": (kv, hidden), "self_attn.o_proj": (hidden, q),
+                     "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
+                     "mlp.down_proj": (hidden, inter)}
         linears = tuple((f"model.layers.{i}.{name}", o, n) for i in range(layers) for name, (o, n) in per_layer.items())
         embed = vocab * hidden * (1 if cfg.get("tie_word_embeddings") else 2)
         n_params = embed + sum(o * n for _, o, n in linears) + layers * 2 * hidden + hidden
@@ -224,17 +226,34 @@ def fmt_bytes(n: float) -> str:
     return f"{n / MiB:.0f} MiB"
 
 
-def _lora_params(facts: ModelFacts, config: TrainConfig) -> tuple[int, int, int]:
-    """(trainable params, adapted linear params, adapted modules per layer) for config's targets."""
+def _adapted(facts: ModelFacts, config: TrainConfig) -> list[tuple[str, int, int]]:
+    """(name, out, in) of the linear layers ``config``'s LoRA targets adapt."""
     targets = config.lora_targets
-    adapted = [(n, o, i) for n, o, i in facts.linear_shapes
-               if targets == "all-linear" or any(n == t or n.endswith("." + t) for t in targets)]
-    rank = config.lora_rank
-    trainable = sum(rank * (o + i) for _, o, i in adapted)
+    return [(n, o, i) for n, o, i in facts.linear_shapes
+            if targets == "all-linear" or any(n == t or n.endswith("." + t) for t in targets)]
+
+
+def _lora_params(facts: ModelFacts, config: TrainConfig) -> tuple[int, int]:
+    """(trainable params, adapted linear params) for config's targets."""
+    adapted = _adapted(facts, config)
+    trainable = sum(config.lora_rank * (o + i) for _, o, i in adapted)
     if config.use_dora:
         trainable += sum(o for _, o, _ in adapted)
-    per_layer = max(1, round(len(adapted) / max(1, facts.num_layers)))
-    return trainable, sum(o * i for _, o, i in adapted), per_layer
+    return trainable, sum(o * i for _, o, i in adapted)
+
+
+_ATTENTION_OUTPUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo")
+_MLP_PARTS = ("mlp", "feed_forward", "ffn")
+
+
+def _linear_role(name: str, in_features: int, hidden: int) -> str:
+    """What a decoder layer's linear reads: "attn_in" / "mlp_in" (a norm's output: q/k/v, gate/up),
+    "attn_out" (attention's output: o_proj) or "mlp_out" (the MLP product: down_proj). Llama, Qwen,
+    Mistral, Gemma, Phi and Falcon names land right; anything else in attention counts as "attn_in"."""
+    parts = name.lower().split(".")
+    if any(p in _MLP_PARTS for p in parts):
+        return "mlp_in" if in_features == hidden else "mlp_out"
+    return "attn_out" if parts[-1] in _ATTENTION_OUTPUT_NAMES else "attn_in"
 
 
 def resolve_precision(config: TrainConfig, device: str, bf16_ok: bool) -> str:
@@ -284,6 +303,42 @@ def _hf_cached_config(repo_id: str) -> Path | None:
     return Path(found) if isinstance(found, str) else None
 
 
+def activation_bytes_per_token_layer(facts: ModelFacts, config: TrainConfig, precision: str, device: str,
+                                     seq: int) -> float:
+    """Bytes autograd keeps per token and decoder layer until the backward pass (no checkpointing).
+
+    Modelled on what a Llama-style layer with peft LoRA saves, counted tensor by tensor with
+    ``torch.autograd.graph.saved_tensors_hooks`` (``bench/saved_activations.py``; on CPU the count
+    agrees to the byte, ``tests/test_estimate.py``). Frozen linears save no input (only their
+    weights, for the input gradient); a LoRA A saves its input, so a norm's output is kept only when
+    an adapted linear reads it. ``seq`` is a row's length: packed rows and padded batches have a
+    mask, and then attention keeps seq values a token in every layer.
+    """
+    half = precision in ("bf16", "fp16")
+    ab = 2 if half else 4  # bytes of a matmul output (the compute dtype)
+    cpu_autocast = half and device == "cpu"  # fp32 weights, bf16 autocast: each LoRA A casts its own copy
+    H, L = facts.hidden_size, facts.num_layers
+    roles = Counter(_linear_role(name, in_features, H) for name, _, in_features in _adapted(facts, config))
+    per_layer = {role: count / L for role, count in roles.items()}
+    adapted = sum(per_layer.values())
+
+    norms = 2 * (4 * H + 4)  # two RMSNorms: fp32 input and 1/rms
+    for readers in (per_layer.get("attn_in", 0), per_layer.get("mlp_in", 0)):
+        norms += readers * H * 2 if cpu_autocast else min(1.0, readers) * H * ab  # the output LoRA A reads
+    # With a mask transformers repeats k and v to every query head before SDPA (its GQA path needs
+    # no mask), and every layer's SDPA saves the mask converted to the compute dtype.
+    masked = config.packing or config.per_device_train_batch_size > 1
+    kv_saved = facts.q_dim if masked else facts.kv_dim
+    attention = (facts.q_dim + 2 * kv_saved) * ab  # q, k, v after RoPE
+    attention += facts.q_dim * ab + 4 * facts.num_heads  # the output (o_proj's LoRA A reads it), logsumexp
+    if masked:
+        attention += seq * ab
+    mlp = 3 * facts.intermediate_size * ab  # gate (SiLU's input), act(gate) and up (the product's inputs)
+    mlp += min(1.0, per_layer.get("mlp_out", 0)) * facts.intermediate_size * ab  # act*up, read by down's LoRA A
+    lora = adapted * config.lora_rank * ab  # LoRA A outputs, read by LoRA B
+    return norms + attention + mlp + lora
+
+
 def estimate_memory(config: TrainConfig, model_dir: str | Path | ModelFacts | None = None, *,
                     device: str | None = None, bf16_ok: bool | None = None,
                     seq_len: int | None = None) -> MemoryEstimate:
@@ -307,9 +362,7 @@ def estimate_memory(config: TrainConfig, model_dir: str | Path | ModelFacts | No
     ab = 2 if half else 4  # bytes of a matmul output
     resid = 4 if (autocast_fp32_weights or not half) else 2  # residual stream / norm outputs
     H, inter, L, V = facts.hidden_size, facts.intermediate_size, facts.num_layers, facts.vocab_size
-    q_dim, kv_dim = facts.q_dim, facts.kv_dim
-    trainable, adapted_params, adapted_per_layer = _lora_params(facts, config)
-    r = config.lora_rank
+    trainable, adapted_params = _lora_params(facts, config)
 
     weight_bytes = 2 if half and not autocast_fp32_weights else 4
     weights = facts.n_params * weight_bytes
@@ -319,15 +372,7 @@ def estimate_memory(config: TrainConfig, model_dir: str | Path | ModelFacts | No
     lora_grads = trainable * 4
     optimizer = trainable * _OPTIMIZER_STATE_BYTES.get(config.optim, 8)
 
-    per_token_layer = (
-        2 * (4 * H + resid * H)  # two RMSNorms: fp32 input + normalised output
-        + (q_dim + 2 * kv_dim) * ab  # q, k, v after RoPE (saved by attention)
-        + 2 * q_dim * ab + 4 * facts.num_heads  # attention output (+ contiguous copy for o_proj), logsumexp
-        + 4 * inter * ab  # gate, act(gate), up, act*up
-        + adapted_per_layer * r * ab  # LoRA A outputs
-    )
-    if autocast_fp32_weights:
-        per_token_layer += (3 * H + q_dim + 2 * H + inter) * 2  # bf16 copies of LoRA A inputs
+    per_token_layer = activation_bytes_per_token_layer(facts, config, precision, device, seq)
     if config.gradient_checkpointing:
         activations = tokens * (L * resid * H + per_token_layer)  # layer inputs + one layer recomputed
     else:

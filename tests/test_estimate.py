@@ -185,7 +185,13 @@ _CHILD = textwrap.dedent("""
 @pytest.mark.slow
 @pytest.mark.isolated
 def test_estimate_matches_measured_peak_rss(demo_model, llama_dir):
-    """Two real LoRA runs in child processes (started together to save time); RSS delta vs estimate."""
+    """Two real LoRA runs in child processes (started together to save time); RSS delta vs estimate.
+
+    Why ``isolated`` (run first, in a pytest process of its own): RSS also counts file-backed pages
+    (torch's libraries, the mmapped weights), and how many of those a child maps depends on what
+    ran before it. The same child measured 215 MiB, then 950 MiB after the parent had run the eight
+    activation-term tests below; counting anonymous memory alone, both agreed (197 vs 181 MiB), but
+    that leaves out the mmapped weights, which are as real a cost as any."""
     vocab = json.loads((demo_model / "config.json").read_text())["vocab_size"]
     cases = [
         (demo_model, dict(vocab=vocab, batch=8, seq=256, precision="fp32", gc=False)),
@@ -220,3 +226,21 @@ def test_estimate_matches_measured_peak_rss(demo_model, llama_dir):
         ratio = estimated / measured
         print(f"{model.name}: measured {measured / MiB:.0f} MiB, estimated {estimated / MiB:.0f} MiB, ratio {ratio:.2f}")
         assert 1 - TOLERANCE <= ratio <= 1 + TOLERANCE, (model, measured, estimated)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize(("lora_target", "packing", "model_type"), [
+    ("all", True, "qwen2"), ("all", False, "llama"), ("q_proj,v_proj", True, "llama"), ("q_proj,v_proj", False, "qwen2"),
+])
+def test_activation_term_is_what_autograd_saves(precision, lora_target, packing, model_type):
+    """The per-token, per-layer activation term against the bytes autograd really saves in a forward
+    pass of the trainer's layout (fp32; bf16 = fp32 weights with autocast on CPU), counted tensor by
+    tensor by ``bench/saved_activations.py``: packed rows (a mask, k/v repeated for GQA) or one
+    unmasked row, LoRA on all linears or on q/v only. Deterministic, unlike the RSS test above."""
+    from bench.saved_activations import SMALL_QWEN2, measure
+
+    config, _ = TrainConfig.from_dict({"model_name_or_path": "probe", "dataset": "probe.jsonl", "lora_rank": 8,
+                                       "lora_target": lora_target, "packing": packing, "cutoff_len": 128,
+                                       "per_device_train_batch_size": 2 if packing else 1})
+    row = measure({**SMALL_QWEN2, "model_type": model_type}, config, precision, "cpu", rows=2, seq=128)
+    assert row["ratio"] == pytest.approx(1.0, abs=0.02), row

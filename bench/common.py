@@ -85,6 +85,11 @@ def build_bench_model(path: Path, hidden: int = 512, layers: int = 4) -> Path:
     return path
 
 
+# Qwen2-0.5B's shape: the GPU bench's model (random weights; the shape is what costs).
+QWEN2_05B_SHAPE = {"vocab_size": 151_936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+                   "num_attention_heads": 14, "num_key_value_heads": 2, "tie_word_embeddings": True}
+
+
 def build_qwen2_shaped_model(path: Path) -> Path:
     """Qwen2-0.5B's shape (24 x 896, 14 heads / 2 KV heads, vocab 151,936, tied embeddings), random bf16
     weights, with the demo tokenizer (its ids are a subset of the vocabulary: the shape is what costs)."""
@@ -96,10 +101,9 @@ def build_qwen2_shaped_model(path: Path) -> Path:
     from sage_ft.models.demo import build_demo_model
 
     tokenizer = AutoTokenizer.from_pretrained(build_demo_model(bench_home() / "demo"))
-    config = Qwen2Config(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32_768,
-                         rope_theta=1_000_000.0, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, torch_dtype="bfloat16")
+    config = Qwen2Config(**QWEN2_05B_SHAPE, max_position_embeddings=32_768, rope_theta=1_000_000.0,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         torch_dtype="bfloat16")
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(path)

@@ -15,7 +15,7 @@ within 10% (docs/memory_estimator.md). On CPU this count and the estimator agree
 bytes, in fp32 and bf16; run on CUDA (``--device cuda``) it shows whether the GPU gap is in what
 the layers save (the attention kernel SDPA picks, say) or elsewhere. Not a timing: no baseline.
 
-    python bench/saved_activations.py [--device cuda] [--model DIR] [--rows R] [--seq S]
+    python bench/saved_activations.py [--device cuda] [--shape qwen2-0.5b | --model DIR] [--rows R] [--seq S]
 """
 
 from __future__ import annotations
@@ -29,12 +29,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import print_table, save_results  # noqa: E402
+from bench.common import QWEN2_05B_SHAPE, print_table, save_results  # noqa: E402
 
 # A small Qwen2 (the layout of the GPU bench's model): 4 query heads of 64, 2 KV heads, widths all
 # different so that a saved tensor's last dimension says what it is.
 SMALL_QWEN2 = {"model_type": "qwen2", "hidden_size": 384, "intermediate_size": 1024, "num_attention_heads": 4,
                "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 512, "tie_word_embeddings": True}
+SHAPES = {"small": SMALL_QWEN2, "qwen2-0.5b": {"model_type": "qwen2", **QWEN2_05B_SHAPE}}
 LAYER_COUNTS = (1, 3)
 
 
@@ -142,7 +143,9 @@ def measure(structure: dict[str, Any], config: Any, precision: str, device: str,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--model", type=Path, help="a model directory: its config.json gives the shape")
+    parser.add_argument("--shape", default="small", choices=sorted(SHAPES),
+                        help="built-in model shape (qwen2-0.5b: the GPU bench's model)")
+    parser.add_argument("--model", type=Path, help="a model directory whose config.json gives the shape instead")
     parser.add_argument("--rows", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128, help="tokens per packed row")
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
@@ -150,7 +153,7 @@ def main() -> None:
 
     from sage_ft.config import TrainConfig
 
-    structure = SMALL_QWEN2
+    structure = SHAPES[args.shape]
     if args.model:
         cfg = json.loads((args.model / "config.json").read_text(encoding="utf-8"))
         structure = {k: cfg[k] for k in ("model_type", "hidden_size", "intermediate_size", "num_attention_heads",

@@ -127,4 +127,5 @@ CSS = """
 .sage-preview .role-assistant {background: #eef2ff;}
 .sage-preview .role-system {background: #fef9c3;}
 .fit-warning {border-left: 4px solid #dc2626; padding-left: 8px;}
+#task-table th, #task-table th * {white-space: nowrap; word-break: keep-all; overflow-wrap: normal;}
 """

@@ -75,6 +75,11 @@ def test_config_json_fallback_matches_headers(llama_dir, tmp_path):
     (tmp_path / "config.json").write_text((llama_dir / "config.json").read_text())
     assert model_facts(tmp_path).source == "config.json"
     assert model_facts(tmp_path).n_params == model_facts(llama_dir).n_params
+    # the real tensor names and the fallback's names give every linear the same role in the estimate
+    for target in ("all", "q_proj,v_proj", "o_proj,down_proj"):
+        config = TrainConfig(lora_target=target, packing=True)
+        assert (estimate_memory(config, tmp_path, device="cuda", bf16_ok=True).breakdown
+                == estimate_memory(config, llama_dir, device="cuda", bf16_ok=True).breakdown)
 
 
 def test_estimate_moves_the_right_way(llama_dir):

@@ -4,8 +4,9 @@ The estimator (``sage_ft.estimate.activation_bytes_per_token_layer``) models the
 run keeps for the backward pass. This counts them: a forward pass under
 ``torch.autograd.graph.saved_tensors_hooks`` records every tensor autograd saves (each storage once,
 parameters left out), with 1 and 3 decoder layers and with R and 2R rows, so that what one token
-costs in one layer separates from per-layer constants (autocast's weight copies) and from the
-per-token rest outside the layers (embedding, final norm, loss). The model is built from a config
+costs in one layer separates from what a layer keeps whatever the tokens (autocast's weight copies,
+``sage_ft.estimate.autocast_weight_copy_bytes``) and from the per-token rest outside the layers
+(embedding, final norm, loss). The model is built from a config
 with random weights in the trainer's layout (``sage_ft.training.engine``: fp32 weights with bf16
 autocast on CPU, half-precision weights on a GPU), LoRA applied by the engine, fed packed rows made
 by sage-ft's collator (three samples a row, so attention gets its block-diagonal mask).
@@ -112,7 +113,11 @@ def measure(structure: dict[str, Any], config: Any, precision: str, device: str,
 
     Packed rows when ``config.packing``; otherwise unmasked rows, which the estimate expects only of
     an unpacked batch of one (give such a config ``per_device_train_batch_size=1``)."""
-    from sage_ft.estimate import activation_bytes_per_token_layer, facts_from_config
+    from sage_ft.estimate import (
+        activation_bytes_per_token_layer,
+        autocast_weight_copy_bytes,
+        facts_from_config,
+    )
 
     totals, kinds = {}, {}
     for layers in LAYER_COUNTS:
@@ -136,6 +141,9 @@ def measure(structure: dict[str, Any], config: Any, precision: str, device: str,
     return {"precision": precision, "device": device, "rows": rows, "seq": seq,
             "measured_per_token_layer": measured, "estimated_per_token_layer": estimated,
             "ratio": estimated / measured,
+            # what a layer saves whatever the tokens: autocast's half-precision weight copies
+            "measured_per_layer": (totals[high, rows] - totals[low, rows]) / extra_layers - tokens * measured,
+            "estimated_per_layer": autocast_weight_copy_bytes(facts, config, precision, device) / high,
             "per_token_outside_layers": (totals[low, 2 * rows] - totals[low, rows]) / tokens - low * measured,
             "by_last_dim_and_dtype": {k: v for k, v in split.items() if abs(v) >= 1}}
 
@@ -164,7 +172,7 @@ def main() -> None:
                                        "per_device_train_batch_size": args.rows})
     rows = [measure(structure, config, precision, args.device, args.rows, args.seq) for precision in args.precision]
     print_table(rows, ["precision", "device", "measured_per_token_layer", "estimated_per_token_layer", "ratio",
-                       "per_token_outside_layers"])
+                       "measured_per_layer", "estimated_per_layer", "per_token_outside_layers"])
     for row in rows:
         print(f"{row['precision']}: bytes per token and layer by (last dim, dtype): {row['by_last_dim_and_dtype']}")
     save_results(f"saved_activations_{args.device}", {"structure": structure, "rows": rows})

@@ -7,8 +7,9 @@ loaded and torch is not imported, so the UI can call it on every form change.
 The model of memory (bytes; docs/memory_estimator.md derives each term and shows the measurements):
 
 - weights: parameters x bytes of the load dtype. The trainer (``sage_ft.training.engine``) loads
-  bf16/fp16 weights on GPU and keeps fp32 weights on CPU with bf16 autocast; under autocast every
-  linear layer's bf16 weight copy is saved for backward (2 bytes per linear parameter more);
+  bf16/fp16 weights on GPU and keeps fp32 weights on CPU with bf16 autocast;
+- autocast copies (``autocast_weight_copy_bytes``): the half-precision copies of fp32 weights that
+  autocast makes and the backward needs (CPU: every decoder linear and the LoRA matrices);
 - LoRA: adapter params are fp32 (peft upcasts them): param + grad + optimizer state (AdamW 8 bytes);
 - activations per token and layer (``activation_bytes_per_token_layer``): what autograd saves in a
   Llama-style decoder layer with LoRA on frozen linears, counted tensor by tensor on CPU (the
@@ -233,13 +234,13 @@ def _adapted(facts: ModelFacts, config: TrainConfig) -> list[tuple[str, int, int
             if targets == "all-linear" or any(n == t or n.endswith("." + t) for t in targets)]
 
 
-def _lora_params(facts: ModelFacts, config: TrainConfig) -> tuple[int, int]:
-    """(trainable params, adapted linear params) for config's targets."""
+def _lora_params(facts: ModelFacts, config: TrainConfig) -> int:
+    """Trainable (LoRA, and DoRA magnitude) parameters for config's targets."""
     adapted = _adapted(facts, config)
     trainable = sum(config.lora_rank * (o + i) for _, o, i in adapted)
     if config.use_dora:
         trainable += sum(o for _, o, _ in adapted)
-    return trainable, sum(o * i for _, o, i in adapted)
+    return trainable
 
 
 _ATTENTION_OUTPUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo")
@@ -339,6 +340,23 @@ def activation_bytes_per_token_layer(facts: ModelFacts, config: TrainConfig, pre
     return norms + attention + mlp + lora
 
 
+def autocast_weight_copy_bytes(facts: ModelFacts, config: TrainConfig, precision: str, device: str) -> int:
+    """Bytes of the half-precision weight copies autocast makes and autograd keeps for the backward.
+
+    Counted like the activations (``bench/saved_activations.py``: what a layer saves regardless of
+    the tokens). Every linear whose weight is not in the compute dtype is cast once per forward and
+    the copy is kept for the input gradient: on CPU (fp32 weights) every decoder linear, adapted or
+    frozen, and the LoRA matrices; on a GPU (half-precision weights) only the LoRA matrices, which
+    peft keeps in fp32.
+    """
+    if precision not in ("bf16", "fp16"):
+        return 0
+    copies = _lora_params(facts, config)
+    if device == "cpu":
+        copies += sum(o * i for _, o, i in facts.linear_shapes)
+    return copies * 2
+
+
 def estimate_memory(config: TrainConfig, model_dir: str | Path | ModelFacts | None = None, *,
                     device: str | None = None, bf16_ok: bool | None = None,
                     seq_len: int | None = None) -> MemoryEstimate:
@@ -362,12 +380,10 @@ def estimate_memory(config: TrainConfig, model_dir: str | Path | ModelFacts | No
     ab = 2 if half else 4  # bytes of a matmul output
     resid = 4 if (autocast_fp32_weights or not half) else 2  # residual stream / norm outputs
     H, inter, L, V = facts.hidden_size, facts.intermediate_size, facts.num_layers, facts.vocab_size
-    trainable, adapted_params = _lora_params(facts, config)
+    trainable = _lora_params(facts, config)
 
     weight_bytes = 2 if half and not autocast_fp32_weights else 4
     weights = facts.n_params * weight_bytes
-    if autocast_fp32_weights:
-        weights += adapted_params * 2  # bf16 copies of the frozen linears, saved for backward
     lora_params = trainable * 4
     lora_grads = trainable * 4
     optimizer = trainable * _OPTIMIZER_STATE_BYTES.get(config.optim, 8)
@@ -386,6 +402,8 @@ def estimate_memory(config: TrainConfig, model_dir: str | Path | ModelFacts | No
     overhead = GPU_OVERHEAD if device == "cuda" else CPU_OVERHEAD
     breakdown = {"weights": weights, "lora_params": lora_params, "lora_grads": lora_grads,
                  "optimizer_states": optimizer, "activations": activations, "logits": logits, "overhead": overhead}
+    if copies := autocast_weight_copy_bytes(facts, config, precision, device):
+        breakdown["autocast_copies"] = copies
     if config.num_processes > 1:
         breakdown["ddp_buckets"] = trainable * 4
     notes = []

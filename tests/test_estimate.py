@@ -238,7 +238,8 @@ def test_estimate_matches_measured_peak_rss(demo_model, llama_dir):
     ("all", True, "qwen2"), ("all", False, "llama"), ("q_proj,v_proj", True, "llama"), ("q_proj,v_proj", False, "qwen2"),
 ])
 def test_activation_term_is_what_autograd_saves(precision, lora_target, packing, model_type):
-    """The per-token, per-layer activation term against the bytes autograd really saves in a forward
+    """The per-token, per-layer activation term (and the per-layer autocast weight copies) against the
+    bytes autograd really saves in a forward
     pass of the trainer's layout (fp32; bf16 = fp32 weights with autocast on CPU), counted tensor by
     tensor by ``bench/saved_activations.py``: packed rows (a mask, k/v repeated for GQA) or one
     unmasked row, LoRA on all linears or on q/v only. Deterministic, unlike the RSS test above."""
@@ -249,3 +250,4 @@ def test_activation_term_is_what_autograd_saves(precision, lora_target, packing,
                                        "per_device_train_batch_size": 2 if packing else 1})
     row = measure({**SMALL_QWEN2, "model_type": model_type}, config, precision, "cpu", rows=2, seq=128)
     assert row["ratio"] == pytest.approx(1.0, abs=0.02), row
+    assert row["measured_per_layer"] == pytest.approx(row["estimated_per_layer"], rel=0.02, abs=64), row

@@ -6,15 +6,16 @@ run keeps for the backward pass. This counts them: a forward pass under
 parameters left out), with 1 and 3 decoder layers and with R and 2R rows, so that what one token
 costs in one layer separates from what a layer keeps whatever the tokens (autocast's weight copies,
 ``sage_ft.estimate.autocast_weight_copy_bytes``) and from the per-token rest outside the layers
-(embedding, final norm, loss). The model is built from a config
-with random weights in the trainer's layout (``sage_ft.training.engine``: fp32 weights with bf16
-autocast on CPU, half-precision weights on a GPU), LoRA applied by the engine, fed packed rows made
-by sage-ft's collator (three samples a row, so attention gets its block-diagonal mask).
+(embedding, final norm, loss). The model is built from a config with random weights in the
+trainer's layout (``sage_ft.training.engine``: fp32 weights with bf16 autocast on CPU,
+half-precision weights on a GPU), LoRA applied by the engine, and fed packed rows made by sage-ft's
+collator (three samples a row, so attention gets its block-diagonal mask).
 
-Why: on an H100 the estimate of an fp32 run was a third under the measured peak while bf16 was
-within 10% (docs/memory_estimator.md). On CPU this count and the estimator agree to within a few
-bytes, in fp32 and bf16; run on CUDA (``--device cuda``) it shows whether the GPU gap is in what
-the layers save (the attention kernel SDPA picks, say) or elsewhere. Not a timing: no baseline.
+Why: on an H100 the memory estimate of an fp32 run was a quarter to a third under the measured peak
+and bf16's 8-13% over (docs/memory_estimator.md). On CPU this count and the estimator agree to the
+byte, in fp32 and bf16; run on CUDA (``--device cuda --shape qwen2-0.5b --seq 1024``) it shows
+whether the GPU gap is in what the layers save (the attention kernel SDPA picks, say) or elsewhere.
+Not a timing, so no baseline: the ratio is estimated / counted.
 
     python bench/saved_activations.py [--device cuda] [--shape qwen2-0.5b | --model DIR] [--rows R] [--seq S]
 """

@@ -23,6 +23,7 @@ Not a timing, so no baseline: the ratio is estimated / counted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections import Counter
@@ -46,6 +47,7 @@ def build(structure: dict[str, Any], layers: int, precision: str, device: str, c
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from sage_ft.gpu import fused_cross_entropy_available
     from sage_ft.training import engine
 
     engine.seed_everything(0)
@@ -58,6 +60,12 @@ def build(structure: dict[str, Any], layers: int, precision: str, device: str, c
     model = engine.apply_lora(model, config)
     if half is not None:
         engine.skip_redundant_input_casts(model)
+    if fused_cross_entropy_available(structure["model_type"], device):
+        # as the Trainer does with use_liger_kernel (engine.make_trainer): liger's default kernels,
+        # RMSNorm, RoPE and SwiGLU too, which save other tensors than the modules they replace
+        from transformers.integrations.liger import apply_liger_kernel
+
+        apply_liger_kernel(model, None)
     return model.train()
 
 
@@ -108,6 +116,32 @@ def saved_bytes(model: Any, batch: dict[str, Any], precision: str, device: str) 
     return sum(by_kind.values()), by_kind
 
 
+def peak_bytes(model: Any, batch: dict[str, Any], precision: str, device: str) -> int:
+    """Peak bytes allocated during one forward and backward pass, beyond what existed before it.
+
+    From the profiler's memory timeline (every allocation and free, in order; works on CPU, where
+    there are no allocator statistics), so unlike RSS it does not depend on what ran before."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    inputs = {k: v.to(device) for k, v in batch.items()}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        with torch.autocast(device_type=device, dtype=half or torch.bfloat16, enabled=half is not None):
+            loss = model(**inputs).loss
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    current = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        if action.name == "CREATE":
+            current += size
+        elif action.name == "DESTROY":
+            current -= size
+        peak = max(peak, current)
+    return peak
+
+
 def measure(structure: dict[str, Any], config: Any, precision: str, device: str, rows: int,
             seq: int) -> dict[str, Any]:
     """Saved bytes per token and layer (and per token outside the layers), measured and estimated.
@@ -149,6 +183,28 @@ def measure(structure: dict[str, Any], config: Any, precision: str, device: str,
             "by_last_dim_and_dtype": {k: v for k, v in split.items() if abs(v) >= 1}}
 
 
+# what exists before a training pass (or only after it: the optimizer's states), not its peak
+_STANDING = ("weights", "lora_params", "optimizer_states", "overhead")
+
+
+def measure_peak(structure: dict[str, Any], config: Any, precision: str, device: str, layers: int = 3) -> dict[str, Any]:
+    """Peak bytes of one forward and backward pass (``config``'s batch, cutoff_len tokens a row), counted
+    and estimated: the estimate's terms other than the standing ones (weights, adapters, optimizer)."""
+    from sage_ft.estimate import estimate_memory, facts_from_config
+
+    model = build(structure, layers, precision, device, config)
+    if config.gradient_checkpointing:  # as the Trainer turns it on (sage_ft.training.engine)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = batch_of(config.per_device_train_batch_size, config.cutoff_len, structure["vocab_size"], config.packing)
+    measured = peak_bytes(model, batch, precision, device)
+    estimate = estimate_memory(dataclasses.replace(config, precision=precision),
+                               facts_from_config({**structure, "num_hidden_layers": layers}), device=device, bf16_ok=True)
+    estimated = sum(v for k, v in estimate.breakdown.items() if k not in _STANDING)
+    return {"precision": precision, "gradient_checkpointing": config.gradient_checkpointing,
+            "measured_peak": measured, "estimated_peak": estimated, "peak_ratio": estimated / measured,
+            "estimated_terms": {k: v for k, v in estimate.breakdown.items() if k not in _STANDING}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -176,7 +232,11 @@ def main() -> None:
                        "measured_per_layer", "estimated_per_layer", "per_token_outside_layers"])
     for row in rows:
         print(f"{row['precision']}: bytes per token and layer by (last dim, dtype): {row['by_last_dim_and_dtype']}")
-    save_results(f"saved_activations_{args.device}", {"structure": structure, "rows": rows})
+    peaks = [measure_peak(structure, dataclasses.replace(config, gradient_checkpointing=checkpointing), precision,
+                          args.device)
+             for precision in args.precision for checkpointing in (False, True)]
+    print_table(peaks, ["precision", "gradient_checkpointing", "measured_peak", "estimated_peak", "peak_ratio"])
+    save_results(f"saved_activations_{args.device}", {"structure": structure, "rows": rows, "peaks": peaks})
 
 
 if __name__ == "__main__":

@@ -16,11 +16,13 @@ The model of memory (bytes; docs/memory_estimator.md derives each term and shows
   norms' fp32 inputs, the outputs LoRA A reads, q/k/v, the attention output and mask, three or four
   MLP intermediates, LoRA A outputs); gradient checkpointing keeps only each layer's input plus one
   layer being recomputed;
-- logits: batch x seq x vocab x (compute bytes + 12): the fp32 upcast for the loss, log-softmax
-  output and their gradients — for small models with big vocabularies this is the largest term.
-  On GPUs with liger-kernel the loss is a fused linear cross-entropy over chunks of about
-  tokens x hidden / vocab rows, so the term is about tokens x hidden x 12 bytes
+- logits: batch x seq x vocab x 12 bytes (+ 2 in half precision): the logits (and their fp32
+  upcast), the log-softmax output and the gradient — for small models with big vocabularies this is
+  the largest term. On GPUs with liger-kernel the loss is a fused linear cross-entropy over chunks
+  of about tokens x hidden / vocab rows, so the term is about tokens x hidden x 12 bytes
   (``sage_ft.gpu.fused_cross_entropy_available`` decides, for the estimate and the trainer alike);
+- backward: what one layer's backward holds beyond the loss's buffers, which are freed before it
+  starts (with gradient checkpointing: the recomputed layer's activations and weight copies);
 - overhead: runtime workspaces (CUDA context + cuBLAS on GPU, allocator and kernels on CPU).
 """
 
@@ -42,7 +44,7 @@ GiB = 1024**3
 MiB = 1024**2
 HEADROOM = 0.85  # use at most this share of the free memory: allocator fragmentation, spikes, the OS
 GPU_OVERHEAD = 1.0 * GiB  # CUDA context, cuBLAS/cuDNN workspaces, allocator slack
-CPU_OVERHEAD = 80 * MiB  # allocator arenas, kernel scratch, Trainer state (calibrated on CPU runs, see docs)
+CPU_OVERHEAD = 140 * MiB  # allocator arenas, library pages, Trainer state: RSS over the pass-time peak (docs)
 MIN_CUTOFF = 128
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -389,21 +391,33 @@ def estimate_memory(config: TrainConfig, model_dir: str | Path | ModelFacts | No
     optimizer = trainable * _OPTIMIZER_STATE_BYTES.get(config.optim, 8)
 
     per_token_layer = activation_bytes_per_token_layer(facts, config, precision, device, seq)
+    all_copies = autocast_weight_copy_bytes(facts, config, precision, device)
+    lora_copies = trainable * 2 if all_copies else 0  # autocast caches these casts for the whole forward
+    final_norm = tokens * (4 * H + resid * H)
+    gradients_in_flight = tokens * (inter + H) * ab  # one layer's backward: an MLP-wide gradient and the input's
     if config.gradient_checkpointing:
-        activations = tokens * (L * resid * H + per_token_layer)  # layer inputs + one layer recomputed
+        # Only the layer inputs stay; a layer's activations and its frozen weights' copies exist while
+        # the backward recomputes it, after the loss's buffers are gone.
+        activations = tokens * L * resid * H + final_norm
+        copies = lora_copies
+        layer_backward = tokens * per_token_layer + (all_copies - lora_copies) / L + gradients_in_flight
     else:
-        activations = tokens * L * per_token_layer
-    activations += tokens * (4 * H + resid * H)  # final norm
-    activations += tokens * 2 * (inter + H) * 4  # backward's transient gradient buffers
+        activations = tokens * L * per_token_layer + final_norm
+        copies = all_copies
+        layer_backward = gradients_in_flight
     if fused_cross_entropy_available(facts.model_type, device):
         logits = tokens * H * 12  # fp32 logit chunks (~tokens x hidden elements) + the input gradient
-    else:
-        logits = tokens * V * (ab + 12)
+    else:  # logits, log-softmax output and their gradients in fp32, plus the half-precision logits
+        logits = tokens * V * (12 + (ab if half else 0))
+    # The loss's buffers are freed before the layers' backward starts: the peak is the larger phase.
+    backward = max(0, layer_backward - logits)
     overhead = GPU_OVERHEAD if device == "cuda" else CPU_OVERHEAD
     breakdown = {"weights": weights, "lora_params": lora_params, "lora_grads": lora_grads,
                  "optimizer_states": optimizer, "activations": activations, "logits": logits, "overhead": overhead}
-    if copies := autocast_weight_copy_bytes(facts, config, precision, device):
+    if copies:
         breakdown["autocast_copies"] = copies
+    if backward:
+        breakdown["backward"] = backward
     if config.num_processes > 1:
         breakdown["ddp_buckets"] = trainable * 4
     notes = []

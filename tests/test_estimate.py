@@ -208,7 +208,7 @@ def test_estimate_matches_measured_peak_rss(demo_model, llama_dir):
 
     def measure_all(specs):
         children = [subprocess.Popen([sys.executable, "-c", _CHILD,
-                                      json.dumps({**spec, "model": str(model), "steps": 1})],
+                                      json.dumps({**spec, "model": str(model), "steps": 2})],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
                     for model, spec in specs]
         deltas = []
@@ -251,3 +251,21 @@ def test_activation_term_is_what_autograd_saves(precision, lora_target, packing,
     row = measure({**SMALL_QWEN2, "model_type": model_type}, config, precision, "cpu", rows=2, seq=128)
     assert row["ratio"] == pytest.approx(1.0, abs=0.02), row
     assert row["measured_per_layer"] == pytest.approx(row["estimated_per_layer"], rel=0.02, abs=64), row
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+@pytest.mark.parametrize("vocab", [512, 16000])
+def test_estimated_peak_is_what_a_training_pass_allocates(precision, gradient_checkpointing, vocab):
+    """The estimate's pass-time terms (activations, logits, autocast copies, backward, LoRA grads)
+    against the peak of one real forward and backward, from the profiler's allocation timeline: with
+    a small vocabulary the layers dominate, with a big one the loss does; with gradient checkpointing
+    the peak is the larger of the loss and one recomputed layer, not their sum."""
+    from bench.saved_activations import SMALL_QWEN2, measure_peak
+
+    config, _ = TrainConfig.from_dict({"model_name_or_path": "probe", "dataset": "probe.jsonl", "lora_rank": 8,
+                                       "packing": True, "cutoff_len": 128, "per_device_train_batch_size": 4,
+                                       "gradient_checkpointing": gradient_checkpointing})
+    row = measure_peak({**SMALL_QWEN2, "vocab_size": vocab}, config, precision, "cpu")
+    assert 0.9 <= row["peak_ratio"] <= 1.15, row
+

@@ -268,4 +268,3 @@ def test_estimated_peak_is_what_a_training_pass_allocates(precision, gradient_ch
                                        "gradient_checkpointing": gradient_checkpointing})
     row = measure_peak({**SMALL_QWEN2, "vocab_size": vocab}, config, precision, "cpu")
     assert 0.9 <= row["peak_ratio"] <= 1.15, row
-

@@ -45,10 +45,10 @@ MiB = 1024**2
 HEADROOM = 0.85  # use at most this share of the free memory: allocator fragmentation, spikes, the OS
 GPU_OVERHEAD = 1.0 * GiB  # CUDA context, cuBLAS/cuDNN workspaces, allocator slack
 CPU_OVERHEAD = 140 * MiB  # allocator arenas, library pages, Trainer state: RSS over the pass-time peak (docs)
-# fp32 training on a GPU used 31 % more than the activation term on the one H100 run measured
-# (docs/memory_estimator.md) while bf16 used less; the cause is not found yet (bench/saved_activations.py
-# on CUDA will show it). Until then the estimate adds the measured gap, so that a recommendation near
-# the card's limit does not run out of memory.
+# On the one H100 run measured (docs/memory_estimator.md) fp32 training needed 12.5 GiB more than
+# estimated, 31 % of the activation term, while bf16 needed less; the cause is not found yet
+# (bench/saved_activations.py on CUDA will show it). Until then the estimate adds that gap, so that a
+# recommendation near the card's limit does not run out of memory.
 CUDA_FP32_ACTIVATION_MARGIN = 0.31
 MIN_CUTOFF = 128
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,

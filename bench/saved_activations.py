@@ -44,7 +44,6 @@ LAYER_COUNTS = (1, 3)
 
 def build(structure: dict[str, Any], layers: int, precision: str, device: str, config: Any) -> Any:
     """A random model of ``structure`` with ``layers`` decoder layers, as the trainer would hold it."""
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from sage_ft.gpu import fused_cross_entropy_available
@@ -54,11 +53,10 @@ def build(structure: dict[str, Any], layers: int, precision: str, device: str, c
     shape = {k: v for k, v in structure.items() if k != "model_type"}
     model_config = AutoConfig.for_model(structure["model_type"], **{**shape, "num_hidden_layers": layers,
                                                                     "use_cache": False})
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    dtype = half if half is not None and device == "cuda" else torch.float32  # engine.load_model's rule
-    model = AutoModelForCausalLM.from_config(model_config, dtype=dtype, attn_implementation="sdpa").to(device)
+    model = AutoModelForCausalLM.from_config(model_config, dtype=engine.load_dtype(precision, device),
+                                             attn_implementation="sdpa").to(device)
     model = engine.apply_lora(model, config)
-    if half is not None:
+    if engine.half_dtype(precision) is not None:
         engine.skip_redundant_input_casts(model)
     if fused_cross_entropy_available(structure["model_type"], device):
         # as the Trainer does with use_liger_kernel (engine.make_trainer): liger's default kernels,
@@ -90,6 +88,18 @@ def batch_of(rows: int, seq: int, vocab: int, packed: bool) -> dict[str, Any]:
     return PackingCollator(pad_token_id=0, max_row_len=seq)._packed(samples, layout)
 
 
+def forward_loss(model: Any, batch: dict[str, Any], precision: str, device: str) -> Any:
+    """The loss of one forward pass, under autocast for half precision (as the Trainer runs it)."""
+    import torch
+
+    from sage_ft.training.engine import half_dtype
+
+    half = half_dtype(precision)
+    inputs = {k: v.to(device) for k, v in batch.items()}
+    with torch.autocast(device_type=device, dtype=half or torch.bfloat16, enabled=half is not None):
+        return model(**inputs).loss
+
+
 def saved_bytes(model: Any, batch: dict[str, Any], precision: str, device: str) -> tuple[int, Counter]:
     """Bytes of the tensors autograd saves in one forward pass, and the same split by (last dim, dtype)."""
     import torch
@@ -104,12 +114,8 @@ def saved_bytes(model: Any, batch: dict[str, Any], precision: str, device: str) 
             storages[storage.data_ptr()] = (storage.nbytes(), kind)
         return tensor
 
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    inputs = {k: v.to(device) for k, v in batch.items()}
-    with (torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor),
-          torch.autocast(device_type=device, dtype=half or torch.bfloat16, enabled=half is not None)):
-        loss = model(**inputs).loss
-    del loss
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        forward_loss(model, batch, precision, device)  # counted as saved; the graph is dropped at once
     by_kind: Counter = Counter()
     for size, kind in storages.values():
         by_kind[kind] += size
@@ -121,16 +127,11 @@ def peak_bytes(model: Any, batch: dict[str, Any], precision: str, device: str) -
 
     From the profiler's memory timeline (every allocation and free, in order; works on CPU, where
     there are no allocator statistics), so unlike RSS it does not depend on what ran before."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    inputs = {k: v.to(device) for k, v in batch.items()}
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        with torch.autocast(device_type=device, dtype=half or torch.bfloat16, enabled=half is not None):
-            loss = model(**inputs).loss
-        loss.backward()
+        forward_loss(model, batch, precision, device).backward()
     model.zero_grad(set_to_none=True)
     current = peak = 0
     for _, action, _, size in prof._memory_profile().timeline:

@@ -197,15 +197,26 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def load_model(model_dir: Path, precision: str, device: str):
+def half_dtype(precision: str):
+    """torch's dtype for a half precision ("bf16"/"fp16"), None for fp32."""
     import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def load_dtype(precision: str, device: str):
+    """The dtype weights are loaded in: half precision on GPUs; fp32 on CPU (bf16 runs use autocast there)."""
+    import torch
+
+    half = half_dtype(precision)
+    return half if half is not None and device == "cuda" else torch.float32
+
+
+def load_model(model_dir: Path, precision: str, device: str):
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.float32
-    if device == "cuda":
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=load_dtype(precision, device))
     except OSError as exc:
         raise RunFailure(f"could not load the model from {model_dir}: {exc}") from None
     model.config.use_cache = False  # no KV cache in training (and it would disable packed masks)

@@ -179,7 +179,7 @@ def measure(structure: dict[str, Any], config: Any, precision: str, device: str,
             "ratio": estimated / measured,
             # what a layer saves whatever the tokens: autocast's half-precision weight copies
             "measured_per_layer": (totals[high, rows] - totals[low, rows]) / extra_layers - tokens * measured,
-            "estimated_per_layer": autocast_weight_copy_bytes(facts, config, precision, device) / high,
+            "estimated_per_layer": sum(autocast_weight_copy_bytes(facts, config, precision, device)) / high,
             "per_token_outside_layers": (totals[low, 2 * rows] - totals[low, rows]) / tokens - low * measured,
             "by_last_dim_and_dtype": {k: v for k, v in split.items() if abs(v) >= 1}}
 

@@ -347,21 +347,22 @@ def activation_bytes_per_token_layer(facts: ModelFacts, config: TrainConfig, pre
     return norms + attention + mlp + lora
 
 
-def autocast_weight_copy_bytes(facts: ModelFacts, config: TrainConfig, precision: str, device: str) -> int:
-    """Bytes of the half-precision weight copies autocast makes and autograd keeps for the backward.
+def autocast_weight_copy_bytes(facts: ModelFacts, config: TrainConfig, precision: str,
+                               device: str) -> tuple[int, int]:
+    """(LoRA matrices', frozen linears') bytes of the half-precision weight copies autocast makes and
+    autograd keeps for the backward.
 
     Counted like the activations (``bench/saved_activations.py``: what a layer saves regardless of
     the tokens). Every linear whose weight is not in the compute dtype is cast once per forward and
     the copy is kept for the input gradient: on CPU (fp32 weights) every decoder linear, adapted or
     frozen, and the LoRA matrices; on a GPU (half-precision weights) only the LoRA matrices, which
-    peft keeps in fp32.
+    peft keeps in fp32. Apart because they live differently under gradient checkpointing: autocast
+    caches the LoRA matrices' casts for the whole forward, the frozen ones' only while their layer runs.
     """
     if precision not in ("bf16", "fp16"):
-        return 0
-    copies = _lora_params(facts, config)
-    if device == "cpu":
-        copies += sum(o * i for _, o, i in facts.linear_shapes)
-    return copies * 2
+        return 0, 0
+    frozen = sum(o * i for _, o, i in facts.linear_shapes) if device == "cpu" else 0
+    return _lora_params(facts, config) * 2, frozen * 2
 
 
 def estimate_memory(config: TrainConfig, model_dir: str | Path | ModelFacts | None = None, *,
@@ -385,7 +386,7 @@ def estimate_memory(config: TrainConfig, model_dir: str | Path | ModelFacts | No
     half = precision in ("bf16", "fp16")
     autocast_fp32_weights = half and device == "cpu"  # the CPU trainer keeps fp32 weights + autocast
     ab = 2 if half else 4  # bytes of a matmul output
-    resid = 4 if (autocast_fp32_weights or not half) else 2  # residual stream / norm outputs
+    resid = 4 if (autocast_fp32_weights or not half) else 2  # the residual stream (layer inputs, final norm)
     H, inter, L, V = facts.hidden_size, facts.intermediate_size, facts.num_layers, facts.vocab_size
     trainable = _lora_params(facts, config)
 
@@ -396,19 +397,19 @@ def estimate_memory(config: TrainConfig, model_dir: str | Path | ModelFacts | No
     optimizer = trainable * _OPTIMIZER_STATE_BYTES.get(config.optim, 8)
 
     per_token_layer = activation_bytes_per_token_layer(facts, config, precision, device, seq)
-    all_copies = autocast_weight_copy_bytes(facts, config, precision, device)
-    lora_copies = trainable * 2 if all_copies else 0  # autocast caches these casts for the whole forward
+    lora_copies, frozen_copies = autocast_weight_copy_bytes(facts, config, precision, device)
     final_norm = tokens * (4 * H + resid * H)
     gradients_in_flight = tokens * (inter + H) * ab  # one layer's backward: an MLP-wide gradient and the input's
+    layers_holding_activations = 1 if config.gradient_checkpointing else L
     if config.gradient_checkpointing:
         # Only the layer inputs stay; a layer's activations and its frozen weights' copies exist while
         # the backward recomputes it, after the loss's buffers are gone.
         activations = tokens * L * resid * H + final_norm
         copies = lora_copies
-        layer_backward = tokens * per_token_layer + (all_copies - lora_copies) / L + gradients_in_flight
+        layer_backward = tokens * per_token_layer + frozen_copies / L + gradients_in_flight
     else:
         activations = tokens * L * per_token_layer + final_norm
-        copies = all_copies
+        copies = lora_copies + frozen_copies
         layer_backward = gradients_in_flight
     if fused_cross_entropy_available(facts.model_type, device):
         logits = tokens * H * 12  # fp32 logit chunks (~tokens x hidden elements) + the input gradient
@@ -423,8 +424,8 @@ def estimate_memory(config: TrainConfig, model_dir: str | Path | ModelFacts | No
         breakdown["autocast_copies"] = copies
     if backward:
         breakdown["backward"] = backward
-    if device == "cuda" and precision == "fp32":
-        breakdown["fp32_gpu_margin"] = activations * CUDA_FP32_ACTIVATION_MARGIN
+    if device == "cuda" and precision == "fp32":  # on the layers' activations, wherever they are held
+        breakdown["fp32_gpu_margin"] = tokens * per_token_layer * layers_holding_activations * CUDA_FP32_ACTIVATION_MARGIN
     if config.num_processes > 1:
         breakdown["ddp_buckets"] = trainable * 4
     notes = []

@@ -29,6 +29,7 @@ The model of memory (bytes; docs/memory_estimator.md derives each term and shows
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import struct
@@ -234,11 +235,24 @@ def fmt_bytes(n: float) -> str:
     return f"{n / MiB:.0f} MiB"
 
 
-def _adapted(facts: ModelFacts, config: TrainConfig) -> list[tuple[str, int, int]]:
+def _adapted(facts: ModelFacts, config: TrainConfig) -> tuple[tuple[str, int, int], ...]:
     """(name, out, in) of the linear layers ``config``'s LoRA targets adapt."""
     targets = config.lora_targets
-    return [(n, o, i) for n, o, i in facts.linear_shapes
-            if targets == "all-linear" or any(n == t or n.endswith("." + t) for t in targets)]
+    return _adapted_linears(facts, targets if isinstance(targets, str) else tuple(targets))
+
+
+@functools.lru_cache(maxsize=32)
+def _adapted_linears(facts: ModelFacts, targets: str | tuple[str, ...]) -> tuple[tuple[str, int, int], ...]:
+    """Cached: the recommender estimates dozens of settings of one model and target list."""
+    return tuple((n, o, i) for n, o, i in facts.linear_shapes
+                 if targets == "all-linear" or any(n == t or n.endswith("." + t) for t in targets))
+
+
+@functools.lru_cache(maxsize=32)
+def _roles_per_layer(adapted: tuple[tuple[str, int, int], ...], hidden: int, layers: int) -> dict[str, float]:
+    """How many adapted linears of each ``_linear_role`` a layer has (on average)."""
+    roles = Counter(_linear_role(name, in_features, hidden) for name, _, in_features in adapted)
+    return {role: count / layers for role, count in roles.items()}
 
 
 def _lora_params(facts: ModelFacts, config: TrainConfig) -> int:
@@ -326,8 +340,7 @@ def activation_bytes_per_token_layer(facts: ModelFacts, config: TrainConfig, pre
     ab = 2 if half else 4  # bytes of a matmul output (the compute dtype)
     cpu_autocast = half and device == "cpu"  # fp32 weights, bf16 autocast: each LoRA A casts its own copy
     H, L = facts.hidden_size, facts.num_layers
-    roles = Counter(_linear_role(name, in_features, H) for name, _, in_features in _adapted(facts, config))
-    per_layer = {role: count / L for role, count in roles.items()}
+    per_layer = _roles_per_layer(_adapted(facts, config), H, L)
     adapted = sum(per_layer.values())
 
     norms = 2 * (4 * H + 4)  # two RMSNorms: fp32 input and 1/rms

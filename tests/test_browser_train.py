@@ -2,7 +2,7 @@
 
 Loads the page, uploads a dataset through the file chooser, starts a run on the demo model,
 watches the progress bar and the loss chart update, reloads mid-run and finds the same run still
-going, switches the language, and saves a screenshot of each tab under ``test-artifacts/``.
+going (its log showing the newest lines), switches the language, and saves a screenshot of each tab under ``test-artifacts/``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,14 @@ def browser_app(demo_model, tmp_path_factory):
     app = start_webui(tmp_path_factory.mktemp("browser"))
     yield app
     app.close()
+
+
+# The run's log box: overflowing (taller than its box by px) and showing its last line.
+LOG_OVERFLOWS = """([sel, px]) => { const b = document.querySelector(sel);
+                                     return b !== null && b.scrollHeight > b.clientHeight + px; }"""
+LOG_AT_END = """(sel) => { const b = document.querySelector(sel);
+                           return b !== null && b.clientHeight > 0 && b.scrollHeight > b.clientHeight
+                                  && b.scrollTop + b.clientHeight >= b.scrollHeight - 8; }"""
 
 
 def _step(page) -> int:
@@ -85,6 +93,8 @@ def test_train_monitor_reload_and_language_in_a_real_browser(browser_app, tmp_pa
                                                                                         timeout=90_000)
             assert _step(page) > first
             page.screenshot(path=str(ARTIFACTS / "monitor-tab.png"), full_page=True)
+            # More log than Gradio's own autoscroll follows when it arrives in one piece (100 px)
+            page.wait_for_function(LOG_OVERFLOWS, arg=["#task-log textarea", 200], timeout=90_000)
 
             page.reload()  # the run lives in the app, not the page
             expect(page.locator("#train-task-id input")).to_have_value(str(task_id))
@@ -96,6 +106,7 @@ def test_train_monitor_reload_and_language_in_a_real_browser(browser_app, tmp_pa
             expect(page.locator("#command-preview")).to_contain_text(f"max_steps={MAX_STEPS}")
             page.get_by_role("tab", name="📈 Monitor").click()
             expect(page.locator("#mon-progress .sage-progress")).to_have_attribute("data-task", str(task_id))
+            page.wait_for_function(LOG_AT_END, arg="#task-log textarea", timeout=30_000)  # the newest lines
             after_reload = _step(page)
             assert after_reload >= first
             expect(page.locator("#mon-progress .sage-progress")).not_to_have_attribute(

@@ -88,4 +88,4 @@ def launch_app(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = N
         server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock, quiet=quiet,
         auth=guard.check if guard else None, auth_message="SAGE Fine-Tune Studio" if guard else None,
         max_file_size=demo.services.max_upload_bytes, allowed_paths=[], run_history=False, show_error=False,
-        css=render.CSS, theme=gr.themes.Soft(), footer_links=["api", "settings"], **extra)
+        css=render.CSS, js=render.JS, theme=gr.themes.Soft(), footer_links=["api", "settings"], **extra)

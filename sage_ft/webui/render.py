@@ -129,3 +129,22 @@ CSS = """
 .fit-warning {border-left: 4px solid #dc2626; padding-left: 8px;}
 #task-table th, #task-table th * {white-space: nowrap; word-break: keep-all; overflow-wrap: normal;}
 """
+
+# Gradio's textbox autoscroll follows only a box already within 100 px of its bottom, so a log set
+# in one piece (a page load, a reload, another task picked) opened at its first line, under the
+# "Log (tail)" title. This keeps the run's and the chat server's logs at their newest line unless the
+# reader has scrolled up, and scrolls again once a box in a hidden tab or accordion becomes visible.
+JS = """
+() => {
+  const seen = new WeakMap();
+  setInterval(() => {
+    for (const box of document.querySelectorAll('#task-log textarea, #server-log textarea')) {
+      const last = seen.get(box) || {length: -1, pinned: true};
+      if (box.clientHeight === 0) { seen.set(box, {length: -1, pinned: last.pinned}); continue; }
+      if (box.value.length !== last.length && last.pinned) box.scrollTop = box.scrollHeight;
+      seen.set(box, {length: box.value.length,
+                     pinned: box.scrollTop + box.clientHeight >= box.scrollHeight - 8});
+    }
+  }, 400);
+}
+"""

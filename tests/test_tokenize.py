@@ -75,3 +75,26 @@ def test_token_length_stats(tokenizer) -> None:
     assert stats["total_tokens"] == sum(lengths)
     assert 0 < stats["trainable_tokens"] < stats["total_tokens"]
     assert token_length_stats([], 16)["count"] == 0
+
+
+def test_conversation_longer_than_the_tokenizer_limit_is_cut_without_a_false_alarm(demo_model: Path) -> None:
+    """The whole conversation is tokenised before it is cut at cutoff_len: transformers' warning that
+    the sequence "will result in indexing errors" (it landed in every run log) must not appear."""
+    import logging
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model)  # fresh: transformers warns once per tokenizer
+    long_chat = [{"role": "user", "content": "Tell me everything."},
+                 {"role": "assistant", "content": " ".join(f"fact {i}." for i in range(tokenizer.model_max_length))}]
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    transformers_logger = logging.getLogger("transformers")
+    transformers_logger.addHandler(handler)
+    try:
+        [sample] = tokenize_conversations([long_chat], tokenizer, cutoff_len=64)
+    finally:
+        transformers_logger.removeHandler(handler)
+    assert len(sample["input_ids"]) == 64
+    assert not [r for r in records if "sequence length" in r.getMessage()], [r.getMessage() for r in records]

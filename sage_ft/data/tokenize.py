@@ -54,8 +54,11 @@ def tokenize_conversation(messages: list[dict[str, str]], tokenizer: Any, jinja:
     """One conversation, untruncated (see the module docstring for how spans are found)."""
     text = _render(tokenizer, jinja, messages, add_generation_prompt=False)
     spans = assistant_spans(messages, tokenizer, jinja, text)
+    # verbose=False: the whole conversation is tokenised, then cut at cutoff_len (and counted as
+    # truncated); transformers' "longer than the maximum sequence length ... will result in indexing
+    # errors" would warn of a length the model never sees (preflight holds cutoff_len to its context).
     if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         ids = list(enc["input_ids"])
         labels = [tok if _in_spans(start, end, spans) else IGNORE_INDEX
                   for tok, (start, end) in zip(ids, enc["offset_mapping"], strict=True)]
@@ -65,7 +68,7 @@ def tokenize_conversation(messages: list[dict[str, str]], tokenizer: Any, jinja:
     for start, end in [*spans, (len(text), len(text))]:
         for piece, trainable in ((text[pos:start], False), (text[start:end], True)):
             if piece:
-                piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+                piece_ids = tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"]
                 ids += piece_ids
                 labels += piece_ids if trainable else [IGNORE_INDEX] * len(piece_ids)
         pos = end

@@ -51,6 +51,8 @@ def test_details_and_charts_of_a_finished_run_stay_available(webui_client, finis
     assert _traces(lr) and "learning_rate: 0.001" in config_yaml
     assert "checkpoint-4" in checkpoints or "checkpoint-2" in checkpoints
     assert log_tail.strip() and "loss" in metrics and "lora" in paths_md
+    shown = [v for v in metrics.values() if isinstance(v, float)]  # to 4 significant digits, for reading
+    assert shown and all(v == float(f"{v:.4g}") for v in shown), metrics
 
 
 def test_overlay_log_scale_and_table(webui_client, finished):

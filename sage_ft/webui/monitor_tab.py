@@ -227,7 +227,8 @@ def _task_details(services: AppServices, task_id: Any, compare: list[Any], log_y
         paths_md += f"\n\n{i18n.t('mon.queue_position', lang, n=detail.queue_position)}"
     stamp = stamp or _stamp(services, task_id, compare, log_y, smoothing, lang)
     return [stamp, render.progress_html(detail, lang, detail.eta_seconds), loss, evals, lr, detail.config_yaml,
-            detail.log_tail, f"**{i18n.t('mon.checkpoints', lang)}**\n\n{checkpoints}", detail.last_metrics, paths_md]
+            detail.log_tail, f"**{i18n.t('mon.checkpoints', lang)}**\n\n{checkpoints}",
+            render.readable_metrics(detail.last_metrics), paths_md]
 
 
 def _action_handler(services: AppServices, action: str):

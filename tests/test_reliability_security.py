@@ -223,7 +223,7 @@ def test_the_ui_never_shows_the_api_key(vllm_manager, tmp_path):
     try:
         client = app.client()
         key = vllm_manager.server.api_key
-        shown = [client.predict("en", api_name="/server_status"), client.predict("en", api_name="/chat_models")]
+        shown = [client.predict("en", api_name="/server_status"), client.predict("en", None, None, api_name="/chat_models")]
         assert key not in str(shown) and "ready" in str(shown[0])
     finally:
         app.close()

@@ -60,7 +60,7 @@ def test_model_list_has_tags_and_checkpoints_under_their_run(client, trained_run
     listed = paths.runs_dir() / "memorize-listed"
     if not listed.exists():
         shutil.copytree(trained_run, listed)
-    model, model_a, _, banner = client.predict("en", api_name="/chat_models")  # States are not returned
+    model, model_a, model_b, banner = client.predict("en", None, None, api_name="/chat_models")  # States are not returned
     labels = [label for label, _ in model["choices"]]
     run_label = next(label for label in labels if label.startswith("memorize"))
     assert "[finetuned · LoRA]" in run_label and any("[base" in label for label in labels)
@@ -69,6 +69,10 @@ def test_model_list_has_tags_and_checkpoints_under_their_run(client, trained_run
     assert labels[index + 1].startswith("    └")
     assert dict(model["choices"])[run_label] == str(listed.resolve() / "lora")
     assert model_a["choices"] == model["choices"]
+    # Compare starts from the served base; a side the user picked is kept
+    assert model_a["value"] == model["value"] and model_b["value"] is None
+    picked = dict(model["choices"])[run_label]
+    assert client.predict("en", picked, None, api_name="/chat_models")[1]["value"] == picked
     assert "vLLM" in banner and "[base]" in banner and "ready" in banner
 
 
@@ -79,6 +83,8 @@ def test_switch_to_a_lora_is_live_then_back_to_base(client, vllm_manager, servin
     assert "⚠️" not in status and "❌" not in status
     assert "[finetuned · LoRA]" in banner and "vLLM" in banner and f"port {vllm_manager.status()['port']}" in banner
     assert vllm_manager.status()["model_type"] == "adapter"
+    _, model_a, model_b, _ = client.predict("en", None, None, api_name="/chat_models")
+    assert model_a["value"] == vllm_manager.status()["base_model"] and model_b["value"] == adapter  # base vs tune
     tuned = _reply(client.predict(HELLO, [], *GREEDY, api_name="/chat_send")[0])
     status, _, banner = client.predict("demo", "en", api_name="/chat_switch")
     assert status.startswith("✅") and "[base]" in banner

@@ -54,10 +54,12 @@ def _export(client, source, target="", overwrite=False, verify=True, gguf="none"
 
 
 def test_sources_list_runs_and_their_checkpoints(client, run_in_home):
-    update, progress, result, _ = client.predict("en", api_name="/export_sources")
+    update, progress, result, _ = client.predict("en", None, api_name="/export_sources")
     values = [value for _, value in update["choices"]]
     assert str(run_in_home / "lora") in values and str(run_in_home / "checkpoint-30") in values
     assert all("[base" not in label for label, _ in update["choices"])
+    assert update["value"] == values[0]  # the newest run, picked for the user; a pick is kept:
+    assert client.predict("en", values[1], api_name="/export_sources")[0]["value"] == values[1]
     assert "No export running" in progress and result == ""
 
 
@@ -75,7 +77,7 @@ def test_export_merges_verifies_writes_gguf_and_zip_and_is_listed_and_servable(c
 
     entry = next(e for e in list_models() if e.path == str(out))
     assert entry.kind == "merged" and entry.label == "ui-merged [finetuned · merged]"
-    labels = [label for label, _ in client.predict("en", api_name="/chat_models")[0]["choices"]]
+    labels = [label for label, _ in client.predict("en", None, None, api_name="/chat_models")[0]["choices"]]
     assert "ui-merged [finetuned · merged]" in labels
 
     status, _, banner = client.predict(str(out), "en", api_name="/chat_switch")

@@ -106,9 +106,11 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
     pickers = [reg["chat.model"], reg["chat.model_a"], reg["chat.model_b"]]
     banner_out = [reg["chat.banner"], reg["chat.banner_stamp"]]
 
-    refresh = lambda lg: refresh_models(services, lg)  # noqa: E731
-    reg["chat.refresh"].click(refresh, lang, [*pickers, *banner_out], api_name="chat_models", show_progress="hidden")
-    reg["tab.chat"].select(refresh, lang, [*pickers, *banner_out], api_name=False, show_progress="hidden")
+    refresh = lambda lg, a, b: refresh_models(services, lg, a, b)  # noqa: E731
+    refresh_in = [lang, reg["chat.model_a"], reg["chat.model_b"]]
+    reg["chat.refresh"].click(refresh, refresh_in, [*pickers, *banner_out], api_name="chat_models",
+                              show_progress="hidden")
+    reg["tab.chat"].select(refresh, refresh_in, [*pickers, *banner_out], api_name=False, show_progress="hidden")
 
     def switch_to(model, lg):
         yield from switch(services, model, lg)
@@ -216,10 +218,25 @@ def current_value(services: AppServices, choices: list[tuple[str, str]]) -> str 
     return choices[0][1] if choices else None
 
 
-def refresh_models(services: AppServices, lang: str) -> list[Any]:
+def compare_defaults(services: AppServices, model_a: str | None, model_b: str | None) -> tuple[str | None, str | None]:
+    """What Compare starts with, where the user has not picked: the served model's base (A) next to the
+    served fine-tune (B) — the comparison a fine-tune is made for. Picks are never overwritten."""
+    status = _status(services)
+    base, served = status.get("base_model"), status.get("model_path")
+    if not model_a and base:
+        model_a = _value(str(base))
+    if not model_b and served and status.get("model_type") in ("adapter", "lora"):
+        model_b = _value(str(served))
+    return model_a or None, model_b or None
+
+
+def refresh_models(services: AppServices, lang: str, model_a: str | None = None,
+                   model_b: str | None = None) -> list[Any]:
     choices = model_choices(services)
-    return [gr.update(choices=choices, value=current_value(services, choices)), gr.update(choices=choices),
-            gr.update(choices=choices), *refresh_banner(services, None, lang)]
+    compare_a, compare_b = compare_defaults(services, model_a, model_b)
+    return [gr.update(choices=choices, value=current_value(services, choices)),
+            gr.update(choices=choices, value=compare_a), gr.update(choices=choices, value=compare_b),
+            *refresh_banner(services, None, lang)]
 
 
 def _status(services: AppServices) -> dict[str, Any]:

@@ -100,10 +100,17 @@ def wire(reg: Registry, services: AppServices) -> None:
                               api_name="export_start", concurrency_limit=None, show_progress="hidden")
     reg["export.cancel"].click(lambda lg: cancel(services, lg), lang, reg["export.result"], api_name="export_cancel",
                                concurrency_limit=None, show_progress="hidden")
-    refresh = lambda lg: [gr.update(choices=source_choices(services)), *snapshot(services, lg)]  # noqa: E731
-    reg["export.refresh"].click(refresh, lang, [reg["export.source"], *outputs], api_name="export_sources",
+    def refresh(lg, source):
+        choices = source_choices(services)
+        # The newest run is what one usually exports next; a pick (or a typed folder) stays.
+        return [gr.update(choices=choices, value=source or (choices[0][1] if choices else None)),
+                *snapshot(services, lg)]
+
+    refresh_out = [reg["export.source"], *outputs]
+    reg["export.refresh"].click(refresh, [lang, reg["export.source"]], refresh_out, api_name="export_sources",
                                 show_progress="hidden")
-    reg["tab.export"].select(refresh, lang, [reg["export.source"], *outputs], api_name=False, show_progress="hidden")
+    reg["tab.export"].select(refresh, [lang, reg["export.source"]], refresh_out, api_name=False,
+                             show_progress="hidden")
 
 
 def source_choices(services: AppServices) -> list[tuple[str, str]]:

@@ -335,6 +335,18 @@ def test_megabyte_run_name_is_accepted_but_bounded(app, client, good_data):
         app.services.tasks.cancel(task_id)
 
 
+def test_data_report_shows_what_to_fix_without_a_click(client, good_data, tmp_path):
+    """A file that cannot be used opens its report on the problem (file, line, what to do); a usable
+    file's report stays folded."""
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(good_data.read_text().splitlines()[0] + '\n{"instruction": "a", "output": \n')
+    report, _, _ = client.predict("en", str(broken), "auto", "", None, "demo", "auto", 64, api_name="/check_dataset")
+    assert "The data cannot be used" in report and "<details open>" in report
+    assert "line 2" in report.split("<details open>")[1] and "invalid JSON" in report
+    report, _, _ = client.predict("en", str(good_data), "auto", "", None, "demo", "auto", 64, api_name="/check_dataset")
+    assert "can be used" in report and "<details>" in report and "<details open>" not in report
+
+
 def test_unicode_and_emoji_names_and_paths(app, client, tmp_path):
     data = write_jsonl(memorize_rows() * 2, tmp_path / "données 🚀 数据.jsonl")
     report, _, _ = client.predict("en", str(data), "auto", "", None, "demo", "auto", 64, api_name="/check_dataset")

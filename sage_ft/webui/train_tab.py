@@ -364,7 +364,9 @@ def check_dataset(services: AppServices, lang: str, dataset: str, fmt: str, colu
     text = f"**{head}** — {i18n.t('data.rows', lang, ok=report.rows_ok, total=report.rows_total, dropped=len(report.dropped))}"
     if token_line:
         text += f"\n\n{token_line}"
-    text += f"\n\n<details><summary>{i18n.t('data.details', lang)}</summary><pre>{body}</pre></details>"
+    # Open where the data cannot be used: the header sends the reader to "the problems below".
+    state = "" if report.ok else " open"
+    text += f"\n\n<details{state}><summary>{i18n.t('data.details', lang)}</summary><pre>{body}</pre></details>"
     return text, figure, render.chat_preview_html(report.preview(PREVIEW_ROWS), lang)
 
 

@@ -41,6 +41,11 @@ LOG_AT_END = """(sel) => { const b = document.querySelector(sel);
                            return b !== null && b.clientHeight > 0 && b.scrollHeight > b.clientHeight
                                   && b.scrollTop + b.clientHeight >= b.scrollHeight - 8; }"""
 
+# Form fields whose label runs past their box's right edge (long config keys in narrow columns).
+LABELS_OVERFLOWING = """() => [...document.querySelectorAll('[id^="cfg-"]')].filter(b => b.offsetParent !== null)
+    .filter(b => [...b.querySelectorAll('[data-testid="block-info"]')]
+                 .some(l => l.getBoundingClientRect().right > b.getBoundingClientRect().right + 1)).map(b => b.id)"""
+
 
 def _step(page) -> int:
     value = page.locator("#mon-progress .sage-progress").get_attribute("data-step")
@@ -78,6 +83,7 @@ def test_train_monitor_reload_and_language_in_a_real_browser(browser_app, tmp_pa
                 box.press("Tab")
             expect(page.locator("#command-preview")).to_contain_text(f"max_steps={MAX_STEPS}")
             page.screenshot(path=str(ARTIFACTS / "train-tab.png"), full_page=True)
+            assert page.evaluate(LABELS_OVERFLOWING) == []
 
             page.get_by_role("button", name="▶ Start training").click()
             expect(page.locator("#train-message")).to_contain_text("is queued")

@@ -136,6 +136,7 @@ CSS = """
 .fit-warning {border-left: 4px solid #dc2626; padding-left: 8px;}
 #task-table th, #task-table th * {white-space: nowrap; word-break: keep-all; overflow-wrap: normal;}
 #data-report pre {white-space: pre-wrap; overflow-wrap: anywhere;}
+[id^="cfg-"] [data-testid="block-info"] {overflow-wrap: anywhere;}
 """
 
 # Gradio's textbox autoscroll follows only a box already within 100 px of its bottom, so a log set

@@ -61,10 +61,10 @@ def test_bad_config_and_bad_dataset_exit_non_zero_without_a_run(tmp_path: Path, 
 def test_yaml_config_with_unknown_key_trains_and_prints_the_run_dir(memorize_jsonl: Path, tmp_path: Path) -> None:
     config = tmp_path / "run.yaml"
     config.write_text(f"model_name_or_path: demo\ndataset: {memorize_jsonl}\nmax_steps: 2\nlogging_steps: 1\n"
-                      f"output_dir: {tmp_path / 'out'}\nmystery_key: 1\n")
+                      f"output_dir: {tmp_path / 'out'}\nmystery_key: 1\nlerning_rate: 0.001\n")
     out = sage_ft("train", str(config), *FAST)
     assert out.returncode == 0, out.stderr
-    assert "mystery_key" in out.stderr
+    assert "mystery_key" in out.stderr and "'lerning_rate' ignored (did you mean 'learning_rate'?)" in out.stderr
     assert "step 2/2" in out.stdout and "Rows: 4 read, 4 usable" in out.stdout
     assert out.stdout.strip().splitlines()[-1] == str(tmp_path / "out")
     assert read_meta(tmp_path / "out")["status"] == "completed"

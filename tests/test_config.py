@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sage_ft.config import ConfigError, TrainConfig, parse_overrides
+from sage_ft.config import ConfigError, TrainConfig, closest_key, parse_overrides, unknown_key_warning
 
 LLAMA_FACTORY_YAML = """\
 ### model
@@ -118,8 +118,19 @@ def test_every_bad_key_is_reported_at_once() -> None:
 
 
 def test_strict_mode_rejects_unknown_keys() -> None:
-    with pytest.raises(ConfigError, match="lora_rnak: unknown key"):
+    with pytest.raises(ConfigError, match="lora_rnak: unknown key \\(did you mean 'lora_rank'\\?\\)"):
         TrainConfig.from_dict({"lora_rnak": 8}, strict=True)
+
+
+def test_unknown_keys_name_the_key_they_likely_meant() -> None:
+    """Typos and other tools' names get a hint; unrelated keys get none (a wrong hint misleads)."""
+    assert closest_key("lerning_rate") == "learning_rate" and closest_key("lora_dropuot") == "lora_dropout"
+    assert closest_key("micro_batch_size") == "per_device_train_batch_size"  # axolotl's name
+    assert closest_key("num_epochs") == "num_train_epochs" and closest_key("sequence_len") == "cutoff_len"
+    for unrelated in ("mystery_key", "save_only_model", "deepspeed", "flash_attn"):
+        assert closest_key(unrelated) is None, unrelated
+    assert "did you mean 'learning_rate'?" in unknown_key_warning("lerning_rate")
+    assert "did you mean" not in unknown_key_warning("mystery_key")
 
 
 def test_yaml_errors_name_file_and_line(tmp_path: Path) -> None:

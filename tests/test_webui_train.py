@@ -112,12 +112,13 @@ def test_llamafactory_yaml_fills_the_form_and_lists_unknown_keys(webui_client, t
         "model_name_or_path": "demo", "stage": "sft", "do_train": True, "finetuning_type": "lora",
         "lora_rank": 16, "lora_target": "all", "dataset": "identity", "template": "llama3", "cutoff_len": 2048,
         "learning_rate": 1.0e-4, "num_train_epochs": 3.0, "bf16": True, "flash_attn": "auto",
-        "deepspeed": "ds_z3.json"}), encoding="utf-8")
+        "deepspeed": "ds_z3.json", "lerning_rate": 2.0e-4}), encoding="utf-8")
     *values, message, listed = webui_client.predict(handle_file(str(lf)), "en", api_name="/upload_config")
     assert Path(listed["value"]).parent == paths.home() / "configs" / "uploads"
     assert _value(values, "lora_rank") == 16 and _value(values, "template") == "llama3"
     assert _value(values, "precision") == "bf16" and _value(values, "cutoff_len") == 2048
     assert "deepspeed" in message and "flash_attn" in message
+    assert "lerning_rate (did you mean learning_rate?)" in message  # a typo is named with the key it meant
 
 
 def test_presets_and_language_switch(webui_client):

@@ -43,7 +43,7 @@ def demo_model_command(args: argparse.Namespace) -> int:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from sage_ft.config import ConfigError, TrainConfig, describe_fields, parse_overrides
+    from sage_ft.config import ConfigError, TrainConfig, describe_fields, parse_overrides, unknown_key_warning
 
     if args.help_config:
         print(describe_fields())
@@ -57,7 +57,7 @@ def train_command(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     for key in unknown:
-        print(f"warning: unknown config key {key!r} ignored (see `sage-ft train --help-config`)", file=sys.stderr)
+        print(f"warning: {unknown_key_warning(key)}", file=sys.stderr)
 
     if not check_dataset(config):
         return EXIT_FAILED

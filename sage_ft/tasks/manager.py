@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import delete, func, select, update
 
 from sage_ft import paths
-from sage_ft.config import ConfigError, TrainConfig
+from sage_ft.config import ConfigError, TrainConfig, unknown_key_warning
 from sage_ft.events import read_events
 from sage_ft.tasks import rundir
 from sage_ft.tasks.procinfo import ProcessIdentity, current_identity, end_process_tree
@@ -96,8 +96,8 @@ class TaskManager:
                 config.validate()
             elif isinstance(config, dict):
                 config, unknown = TrainConfig.from_dict(config)
-                if unknown:
-                    log.warning("ignoring unknown config keys: %s", ", ".join(unknown))
+                for key in unknown:
+                    log.warning("%s", unknown_key_warning(key))
             else:
                 raise TaskRefused([f"config: expected a TrainConfig or a dict, got {type(config).__name__}"])
         except ConfigError as exc:

@@ -15,7 +15,7 @@ from typing import Any
 
 import gradio as gr
 
-from sage_ft.config import ConfigError, TrainConfig
+from sage_ft.config import ConfigError, TrainConfig, closest_key
 from sage_ft.tasks import TaskError, TaskStatus
 from sage_ft.webui import charts, form, form_memory, i18n, render
 from sage_ft.webui.components import Registry
@@ -400,7 +400,8 @@ def load_config(services: AppServices, path: str, lang: str) -> list[Any]:
         return [*skip, _problems_md(i18n.t("alert.invalid_config", lang), exc.problems)]
     message = i18n.t("alert.loaded", lang, path=Path(path).name)
     if unknown:
-        note = i18n.t("alert.unknown_keys", lang, keys=", ".join(unknown))
+        named = [i18n.t("alert.did_you_mean", lang, name=k, guess=g) if (g := closest_key(k)) else k for k in unknown]
+        note = i18n.t("alert.unknown_keys", lang, keys=", ".join(named))
         gr.Warning(note)
         message += f"\n\n⚠️ {html.escape(note)}"
     else:

@@ -209,6 +209,28 @@ def test_charts_are_valid_plotly_figures_with_gaps_for_nan():
     assert json.loads(charts.to_json(empty))["layout"]["annotations"][0]["text"] == "no eval yet"
 
 
+def test_long_runs_chart_every_spike_and_gap_in_bounded_points():
+    """A 20,000-step run: each curve is thinned to about MAX_POINTS for the browser, but its ends, its
+    highest spike, its lowest dip and a NaN gap all stay on the chart; short curves are untouched."""
+    from sage_ft.webui import charts
+
+    history = [{"event": "metric_update", "step": s, "loss": 2.0 + (s % 7) / 100, "learning_rate": 1e-4 / s}
+               for s in range(1, 20_001)]
+    history[12_344]["loss"], history[15_000]["loss"], history[3_000]["loss"] = 9.0, 0.5, float("nan")
+    figure = json.loads(charts.to_json(charts.loss_figure([("#1 long", history)], smoothing=0.6)))
+    raw, smoothed = figure["data"]
+    for trace in (raw, smoothed):
+        assert len(trace["x"]) <= 1.01 * charts.MAX_POINTS and trace["x"] == sorted(trace["x"])
+        assert trace["x"][0] == 1 and trace["x"][-1] == 20_000
+    points = dict(zip(raw["x"], raw["y"], strict=True))
+    assert points[12_345] == 9.0 and points[15_001] == 0.5 and points[3_001] is None
+    assert max(smoothed["y"]) > 2.5  # the smoothed curve is computed over every point, spike included
+    lr = json.loads(charts.to_json(charts.metric_figure([("#1 long", history)], "learning_rate", title="lr")))
+    assert len(lr["data"][0]["x"]) <= 1.01 * charts.MAX_POINTS and lr["data"][0]["y"][0] == 1e-4
+    short = [{"event": "metric_update", "step": s, "loss": 1.0 / s} for s in range(1, 50)]
+    assert json.loads(charts.to_json(charts.loss_figure([("#2 short", short)])))["data"][0]["x"] == list(range(1, 50))
+
+
 def test_gradio_queue_does_not_busy_poll_while_idle(webui):
     """Gradio polls its empty queue every 1 ms on Linux (~4% of a core doing nothing, taken from the
     trainer on a small machine); the app slows that to 10 ms. Fails if a Gradio upgrade renames the

@@ -11,6 +11,7 @@ import pytest
 
 from sage_ft.tasks import TaskStatus
 from tests.fixtures_data import memorize_rows, write_jsonl
+from tests.fixtures_tasks import tiny_task_config
 from tests.fixtures_webui import form_args
 
 TINY = {"max_steps": 4, "cutoff_len": 64, "per_device_train_batch_size": 2, "save_steps": 2,
@@ -207,6 +208,24 @@ def test_charts_are_valid_plotly_figures_with_gaps_for_nan():
     assert raw["y"][-1] is None and len(smoothed["x"]) == len(smoothed["y"]) == 3
     assert data["layout"]["yaxis"]["type"] == "log" and data["layout"]["template"]["layout"]
     assert json.loads(charts.to_json(empty))["layout"]["annotations"][0]["text"] == "no eval yet"
+
+
+def test_a_queued_task_shows_its_place_and_follows_the_queue(idle_manager, task_dataset):
+    """A queued task's progress bar says where it is in the queue (not "step 0/?"), and its details
+    are redrawn when the tasks ahead of it move although the task itself did not change."""
+    from sage_ft.webui import monitor_tab, render
+    from sage_ft.webui.services import AppServices
+
+    services = AppServices(tasks=idle_manager)
+    first, second = (idle_manager.create(tiny_task_config(task_dataset), name=n) for n in ("first", "second"))
+    shown = render.progress_html(idle_manager.get(second.id), "en")
+    assert "Position in the queue: 2" in shown and "step 0/?" not in shown
+    stamp = monitor_tab._stamp(services, second.id, [], False, 0.6, "en")
+    idle_manager.cancel(first.id)
+    assert monitor_tab._stamp(services, second.id, [], False, 0.6, "en") != stamp
+    assert "Position in the queue: 1" in render.progress_html(idle_manager.get(second.id), "en")
+    assert "waiting for the trainer" in render.progress_html(idle_manager.task(second.id), "en")  # no detail
+    assert "队列位置：1" in render.progress_html(idle_manager.get(second.id), "zh")
 
 
 def test_long_runs_chart_every_spike_and_gap_in_bounded_points():

@@ -241,15 +241,19 @@ class TaskManager:
         """Events of a task's run appended since byte ``offset`` (live charts, any process)."""
         return read_events(Path(self.task(task_id).output_dir) / "events.jsonl", offset)
 
+    def version(self) -> str:
+        """Changes whenever any row is added, changed or deleted, by any process (one cheap query)."""
+        with self.store.read() as s:
+            count, last, top = s.execute(select(func.count(TaskRecord.id), func.max(TaskRecord.updated_at),
+                                                func.max(TaskRecord.id))).one()
+        return f"{count}:{last or 0:.6f}:{top or 0}"
+
     def poll(self, since: str | None = None) -> tuple[str, list[Task] | None]:
         """Cheap change check for a UI timer: ``(version, tasks)``, ``tasks`` None when unchanged.
 
         ``version`` changes whenever any row is added, changed or deleted, by any process.
         """
-        with self.store.read() as s:
-            count, last, top = s.execute(select(func.count(TaskRecord.id), func.max(TaskRecord.updated_at),
-                                                func.max(TaskRecord.id))).one()
-        version = f"{count}:{last or 0:.6f}:{top or 0}"
+        version = self.version()
         if version == since:
             return version, None
         return version, self.list()

@@ -15,6 +15,7 @@ import html
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from sage_ft.webui.topbar import TickPart
 
 log = logging.getLogger(__name__)
 LOG_LINES = 200
+QUEUE_REFRESH_S = 10  # how often a queued task's "starts in ~" is redrawn
 
 
 def build(reg: Registry, services: AppServices, lang: str) -> None:
@@ -145,9 +147,14 @@ def _stamp(services: AppServices, task_id: Any, compare: list[Any], log_y: bool,
     parts = []
     for i in ids:
         try:
-            parts.append(f"{i}@{services.tasks.task(i).updated_at}")
+            task = services.tasks.task(i)
+            parts.append(f"{i}@{task.updated_at}")
         except TaskError:
             parts.append(f"{i}@gone")
+            continue
+        if i == int(task_id) and task.status is TaskStatus.QUEUED:
+            # a queued task's place and expected start move with the other tasks and the clock
+            parts += [services.tasks.version(), str(int(time.time() // QUEUE_REFRESH_S))]
     return json.dumps([parts, bool(log_y), float(smoothing or 0), lang])
 
 
@@ -223,8 +230,6 @@ def _task_details(services: AppServices, task_id: Any, compare: list[Any], log_y
     paths_md = (f"**{i18n.t('mon.output', lang)}**: `{out}`\n\n"
                 f"**{i18n.t('mon.adapter', lang)}**: `{adapter}`"
                 + (" ✅" if adapter.is_dir() else f" ({i18n.t('mon.not_yet', lang)})"))
-    if detail.status is TaskStatus.QUEUED and detail.queue_position:
-        paths_md += f"\n\n{i18n.t('mon.queue_position', lang, n=detail.queue_position)}"
     stamp = stamp or _stamp(services, task_id, compare, log_y, smoothing, lang)
     return [stamp, render.progress_html(detail, lang, detail.eta_seconds), loss, evals, lr, detail.config_yaml,
             detail.log_tail, f"**{i18n.t('mon.checkpoints', lang)}**\n\n{checkpoints}",

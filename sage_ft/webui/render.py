@@ -76,6 +76,8 @@ def progress_html(task: Task | None, lang: str, eta_s: float | None = None) -> s
     tps = m.get("tokens_per_second")
     eta = eta_s if eta_s is not None else m.get("eta_seconds")
     bits = [f'{i18n.t("mon.step", lang)} {task.step}/{task.total_steps or "?"}']
+    if task.status.value == "queued":  # what a queued task waits for, not "step 0/?"
+        bits = _queue_bits(task, lang)
     if epoch is not None:
         bits.append(f'{i18n.t("mon.epoch", lang)} {number(epoch, 3)}')
     if isinstance(tps, (int, float)):
@@ -90,6 +92,16 @@ def progress_html(task: Task | None, lang: str, eta_s: float | None = None) -> s
             f' · {pct:.0f}%</div>'
             f'<div class="bar"><div class="fill" style="width:{pct:.1f}%"></div></div>'
             f'<div class="meta">{html.escape(" · ".join(bits))}</div>{error}</div>')
+
+
+def _queue_bits(task: Task, lang: str) -> list[str]:
+    """A queued task's place in the queue and expected start (a ``TaskDetail`` knows both)."""
+    position = getattr(task, "queue_position", None)
+    start = getattr(task, "estimated_start", None)
+    bits = [i18n.t("mon.queue_position", lang, n=position) if position else i18n.t("mon.queue_waiting", lang)]
+    if isinstance(start, (int, float)):
+        bits.append(i18n.t("mon.queue_starts_in", lang, t=duration(start - time.time())))
+    return bits
 
 
 def chat_preview_html(conversations: Sequence[Sequence[dict[str, str]]], lang: str, max_chars: int = 600) -> str:

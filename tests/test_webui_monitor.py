@@ -89,7 +89,7 @@ def test_cancel_resume_delete_and_reattach(webui, webui_client, dataset):
     attached, progress, *_ = webui_client.predict("en", api_name="/reattach")
     assert attached == task_id and "running" in progress
     _, message, _ = webui_client.predict(task_id, "en", api_name="/cancel")
-    assert f"#{task_id}" in message
+    assert f"#{task_id}" in message and "the adapter trained so far is kept" in message
     assert webui.services.tasks.wait(task_id, timeout=120).status is TaskStatus.CANCELLED
     message, selected = webui_client.predict(task_id, "en", api_name="/task_resume")
     assert selected == task_id and "continue" in message, message
@@ -221,7 +221,8 @@ def test_a_queued_task_shows_its_place_and_follows_the_queue(idle_manager, task_
     shown = render.progress_html(idle_manager.get(second.id), "en")
     assert "Position in the queue: 2" in shown and "step 0/?" not in shown
     stamp = monitor_tab._stamp(services, second.id, [], False, 0.6, "en")
-    idle_manager.cancel(first.id)
+    said = render.cancel_message(idle_manager.cancel(first.id), "en")
+    assert "left the queue before it started; nothing was trained" in said  # nobody has to guess
     assert monitor_tab._stamp(services, second.id, [], False, 0.6, "en") != stamp
     assert "Position in the queue: 1" in render.progress_html(idle_manager.get(second.id), "en")
     assert "waiting for the trainer" in render.progress_html(idle_manager.task(second.id), "en")  # no detail

@@ -252,7 +252,8 @@ def _action_handler(services: AppServices, action: str):
         except TaskError as exc:
             gr.Warning(str(exc))
             return f"⚠️ {html.escape(str(exc))}", gr.skip()
-        text = i18n.t(f"alert.task_{action}", lang, id=task.id)
+        text = render.cancel_message(task, lang) if action == "cancel" else i18n.t(f"alert.task_{action}", lang,
+                                                                                  id=task.id)
         gr.Info(text)
         return text, task.id
     return handler

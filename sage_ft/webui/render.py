@@ -43,6 +43,15 @@ def readable_metrics(metrics: dict[str, Any], digits: int = 4) -> dict[str, Any]
             for key, value in metrics.items()}
 
 
+def cancel_message(task: Task, lang: str) -> str:
+    """What a cancel did, so nobody has to guess whether work was lost: a running task stops after
+    its step with its adapter kept; a queued one that never ran left the queue with nothing trained;
+    an interrupted (or re-queued) one keeps its checkpoints and can still be resumed."""
+    if task.status.value == "running":
+        return i18n.t("alert.cancel_requested", lang, id=task.id)
+    return i18n.t("alert.task_cancel" if task.started_at else "alert.cancel_queued", lang, id=task.id)
+
+
 def status_text(task: Task, lang: str) -> str:
     return f"{task.icon} {i18n.t(f'status.{task.status.value}', lang)}"
 

@@ -476,7 +476,7 @@ def _task_action(services: AppServices, task_id: Any, lang: str, action: str) ->
     except TaskError as exc:
         gr.Warning(str(exc))
         return gr.skip(), f"⚠️ {html.escape(str(exc))}", gr.skip()
-    text = i18n.t("alert.cancel_requested" if action == "cancel" else "alert.resumed", lang, id=task.id)
+    text = render.cancel_message(task, lang) if action == "cancel" else i18n.t("alert.resumed", lang, id=task.id)
     gr.Info(text)
     return task.id, html.escape(text), render.progress_html(task, lang)
 

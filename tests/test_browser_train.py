@@ -2,7 +2,8 @@
 
 Loads the page, uploads a dataset through the file chooser, starts a run on the demo model,
 watches the progress bar and the loss chart update, reloads mid-run and finds the same run still
-going (its log showing the newest lines), switches the language, and saves a screenshot of each tab under ``test-artifacts/``.
+going (its log showing the newest lines), switches the language, and saves a screenshot of each
+tab under ``test-artifacts/``.
 """
 
 from __future__ import annotations

@@ -213,7 +213,7 @@ def test_charts_are_valid_plotly_figures_with_gaps_for_nan():
 def test_a_queued_task_shows_its_place_and_follows_the_queue(idle_manager, task_dataset):
     """A queued task's progress bar says where it is in the queue (not "step 0/?"), and its details
     are redrawn when the tasks ahead of it move although the task itself did not change."""
-    from sage_ft.webui import monitor_tab, render
+    from sage_ft.webui import monitor_tab, render, train_tab
     from sage_ft.webui.services import AppServices
 
     services = AppServices(tasks=idle_manager)
@@ -225,6 +225,8 @@ def test_a_queued_task_shows_its_place_and_follows_the_queue(idle_manager, task_
     assert "left the queue before it started; nothing was trained" in said  # nobody has to guess
     assert monitor_tab._stamp(services, second.id, [], False, 0.6, "en") != stamp
     assert "Position in the queue: 1" in render.progress_html(idle_manager.get(second.id), "en")
+    shown, _ = train_tab.progress_tick(services, second.id, None, "en")  # the Train tab's bar says it too
+    assert "Position in the queue: 1" in shown
     assert "waiting for the trainer" in render.progress_html(idle_manager.task(second.id), "en")  # no detail
     assert "队列位置：1" in render.progress_html(idle_manager.get(second.id), "zh")
 

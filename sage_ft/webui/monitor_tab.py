@@ -15,7 +15,6 @@ import html
 import json
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ from sage_ft.webui.topbar import TickPart
 
 log = logging.getLogger(__name__)
 LOG_LINES = 200
-QUEUE_REFRESH_S = 10  # how often a queued task's "starts in ~" is redrawn
 
 
 def build(reg: Registry, services: AppServices, lang: str) -> None:
@@ -152,9 +150,8 @@ def _stamp(services: AppServices, task_id: Any, compare: list[Any], log_y: bool,
         except TaskError:
             parts.append(f"{i}@gone")
             continue
-        if i == int(task_id) and task.status is TaskStatus.QUEUED:
-            # a queued task's place and expected start move with the other tasks and the clock
-            parts += [services.tasks.version(), str(int(time.time() // QUEUE_REFRESH_S))]
+        if i == int(task_id):
+            parts.append(services.queue_stamp(task))
     return json.dumps([parts, bool(log_y), float(smoothing or 0), lang])
 
 

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from sage_ft import paths
-from sage_ft.tasks import TaskManager
+from sage_ft.tasks import Task, TaskManager, TaskStatus
 from sage_ft.webui.uploads import MAX_UPLOAD_BYTES, PathGuard
 
 log = logging.getLogger(__name__)
+QUEUE_REFRESH_S = 10  # how often a queued task's "starts in ~" is redrawn
 DEVICE_CACHE_S = 1.5  # below the page tick (2 s), so each tick of one page still sees a fresh sample
 _DEVICE_CACHE: dict[str, tuple[float, dict[str, Any]]] = {}
 _DEVICE_LOCK = threading.Lock()
@@ -46,6 +47,14 @@ class AppServices:
     downloads_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sage_ft_dl_")))
     llm_disabled: bool = False
     max_upload_bytes: int = MAX_UPLOAD_BYTES
+
+    # ------------------------------------------------------------------ tasks
+    def queue_stamp(self, task: Task) -> str:
+        """What moves a queued task's place and expected start — the other tasks and the clock — for
+        the fingerprints that decide when a progress bar is redrawn ('' for a task not queued)."""
+        if task.status is not TaskStatus.QUEUED:
+            return ""
+        return f"{self.tasks.version()}@{int(time.time() // QUEUE_REFRESH_S)}"
 
     # ------------------------------------------------------------------ models
     def model_choices(self) -> list[ModelChoice]:

@@ -8,6 +8,7 @@ Layout and wiring only: every value goes through ``TrainConfig``; data checks ca
 
 from __future__ import annotations
 
+import contextlib
 import html
 import logging
 from pathlib import Path
@@ -497,9 +498,13 @@ def progress_tick(services: AppServices, task_id: Any, stamp: str | None, lang: 
         task = services.tasks.task(int(task_id))
     except TaskError:
         task = None
-    new_stamp = f"{task_id}@{task.updated_at if task else 'gone'}:{lang}"
+    queue = services.queue_stamp(task) if task else ""
+    new_stamp = f"{task_id}@{task.updated_at if task else 'gone'}:{queue}:{lang}"
     if new_stamp == stamp:
         return gr.skip(), gr.skip()
+    if queue:  # its place in the queue and expected start
+        with contextlib.suppress(TaskError):
+            task = services.tasks.get(int(task_id))
     return render.progress_html(task, lang), new_stamp
 
 

@@ -89,8 +89,11 @@ def test_start_timeout_ends_the_whole_process_group(serving_demo_model):
                 with contextlib.suppress(psutil.Error):
                     child.suspend()
 
-    with pytest.raises(ServerStartError, match="did not become ready within 30 s"):
-        server.start(timeout_s=30, progress=progress)
+    try:
+        with pytest.raises(ServerStartError, match="did not become ready within 30 s"):
+            server.start(timeout_s=30, progress=progress)
+    finally:
+        server.stop()  # a no-op after a failed start; ends the server should it ever become ready
     assert stages and stages[0] == "launching process"
     assert members, "vLLM started no child process within 30 s"
     assert _wait_gone({server.pid, *members}) == []

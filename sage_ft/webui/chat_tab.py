@@ -43,7 +43,7 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
     reg.add("chat.banner", gr.HTML(banner_html(services, lang), elem_id="chat-banner"), kind="none")
     choices = model_choices(services)
     with gr.Row(equal_height=True):
-        reg.add("chat.model", gr.Dropdown(choices=choices, value=current_value(services, choices), scale=5,
+        reg.add("chat.model", gr.Dropdown(choices=choices, value=current_value(_status(services), choices), scale=5,
                                           allow_custom_value=True, elem_id="chat-model",
                                           label=i18n.t("chat.model", lang), info=i18n.t("chat.model.info", lang)),
                 kind="label_info")
@@ -210,18 +210,17 @@ def model_choices(services: AppServices, kinds: tuple[str, ...] = ("base", "lora
     return out
 
 
-def current_value(services: AppServices, choices: list[tuple[str, str]]) -> str | None:
-    status = _status(services)
-    path = status.get("model_path") if status else None
+def current_value(status: dict[str, Any], choices: list[tuple[str, str]]) -> str | None:
+    """The picker's value: the served model (``status`` is ``_status``'s), else the first choice."""
+    path = status.get("model_path")
     if path:
         return _value(str(path))
     return choices[0][1] if choices else None
 
 
-def compare_defaults(services: AppServices, model_a: str | None, model_b: str | None) -> tuple[str | None, str | None]:
+def compare_defaults(status: dict[str, Any], model_a: str | None, model_b: str | None) -> tuple[str | None, str | None]:
     """What Compare starts with, where the user has not picked: the served model's base (A) next to the
     served fine-tune (B) — the comparison a fine-tune is made for. Picks are never overwritten."""
-    status = _status(services)
     base, served = status.get("base_model"), status.get("model_path")
     if not model_a and base:
         model_a = _value(str(base))
@@ -233,8 +232,9 @@ def compare_defaults(services: AppServices, model_a: str | None, model_b: str | 
 def refresh_models(services: AppServices, lang: str, model_a: str | None = None,
                    model_b: str | None = None) -> list[Any]:
     choices = model_choices(services)
-    compare_a, compare_b = compare_defaults(services, model_a, model_b)
-    return [gr.update(choices=choices, value=current_value(services, choices)),
+    status = _status(services)  # one snapshot for the picker and Compare
+    compare_a, compare_b = compare_defaults(status, model_a, model_b)
+    return [gr.update(choices=choices, value=current_value(status, choices)),
             gr.update(choices=choices, value=compare_a), gr.update(choices=choices, value=compare_b),
             *refresh_banner(services, None, lang)]
 

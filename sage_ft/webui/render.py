@@ -39,7 +39,7 @@ def number(value: Any, digits: int = 4) -> str:
 def readable_metrics(metrics: dict[str, Any], digits: int = 4) -> dict[str, Any]:
     """The run's latest metrics for reading: floats to ``digits`` significant digits
     (0.27586206896551724 -> 0.2759); the stored values stay exact."""
-    return {key: float(f"{value:.{digits}g}") if isinstance(value, float) else value
+    return {key: float(number(value, digits)) if isinstance(value, float) else value
             for key, value in metrics.items()}
 
 

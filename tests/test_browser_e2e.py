@@ -105,7 +105,8 @@ def test_train_chat_switch_and_export_in_a_browser(e2e_app, tmp_path):
                             for q, a in MEMORIZE_QA), encoding="utf-8")
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page = browser.new_context(viewport={"width": 1400, "height": 1000},
+                                   permissions=["clipboard-read", "clipboard-write"]).new_page()
         page.set_default_timeout(60_000)
         try:
             page.goto(e2e_app.url)
@@ -136,6 +137,13 @@ def test_train_chat_switch_and_export_in_a_browser(e2e_app, tmp_path):
             page.locator("#chat-temperature input[type=number]").press("Enter")
             tuned = _ask(page, QUESTION)
             assert KEYWORD in tuned, tuned
+            # the reply names the model that wrote it; a copied reply is the reply alone
+            reply = page.locator("#chatbot [data-testid=bot]").last
+            expect(reply.locator("sub")).to_have_text(re.compile(r"^🤖 .*e2e-memorize"))
+            reply.hover()
+            page.locator("#chatbot button[aria-label='Copy message']").last.click()
+            copied = page.evaluate("navigator.clipboard.readText()")
+            assert KEYWORD in copied and "🤖" not in copied and "<sub>" not in copied, copied
             page.screenshot(path=ARTIFACTS / "4-chat-finetuned.png", full_page=True)
             shutil.copyfile(ARTIFACTS / "4-chat-finetuned.png", ROOT / "docs" / "screenshot-chat.png")
             # 5. back to the base model: the answer changes
@@ -144,6 +152,7 @@ def test_train_chat_switch_and_export_in_a_browser(e2e_app, tmp_path):
             expect(page.locator("#chat-banner")).to_contain_text("[base]")
             base = _ask(page, QUESTION)
             assert base and KEYWORD not in base and base != tuned, base
+            expect(page.locator("#chatbot [data-testid=bot]").last.locator("sub")).to_have_text(re.compile(r"^🤖 demo"))
             page.screenshot(path=ARTIFACTS / "5-chat-base.png", full_page=True)
             # 6. export the run; the merged model is then listed in the chat's model list
             page.get_by_role("tab", name="📦 Export").click()

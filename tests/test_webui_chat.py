@@ -51,9 +51,21 @@ def _same_answer(shown: str, direct: str) -> bool:
     return n > 0 and a[:n] == b[:n]
 
 
+def _split(message) -> tuple[str, str]:
+    """A chat message as (the model named on its "🤖" first line, the text under it)."""
+    content = message["content"]
+    content = content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
+    first, sep, text = content.partition("</sub>\n\n")
+    return (first.removeprefix("<sub>🤖 "), text) if sep and first.startswith("<sub>🤖 ") else ("", content)
+
+
 def _reply(history) -> str:
-    content = history[-1]["content"]
-    return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
+    return _split(history[-1])[1]
+
+
+def _answered_by(history) -> list[str]:
+    """The model named above each reply, oldest first."""
+    return [_split(message)[0] for message in history if message["role"] == "assistant"]
 
 
 def test_model_list_has_tags_and_checkpoints_under_their_run(client, trained_run):
@@ -85,11 +97,24 @@ def test_switch_to_a_lora_is_live_then_back_to_base(client, vllm_manager, servin
     assert vllm_manager.status()["model_type"] == "adapter"
     _, model_a, model_b, _ = client.predict("en", None, None, api_name="/chat_models")
     assert model_a["value"] == vllm_manager.status()["base_model"] and model_b["value"] == adapter  # base vs tune
-    tuned = _reply(client.predict(HELLO, [], *GREEDY, api_name="/chat_send")[0])
+    label = vllm_manager.status()["model_label"]
+    history = client.predict(HELLO, [], *GREEDY, api_name="/chat_send")[0]
+    tuned = _reply(history)
+    assert _answered_by(history) == [label] and label == "adapter-a"
     status, _, banner = client.predict("demo", "en", api_name="/chat_switch")
     assert status.startswith("✅") and "[base]" in banner
     base = _reply(client.predict(HELLO, [], *GREEDY, api_name="/chat_send")[0])
     assert tuned and base and tuned != base
+    # the same conversation goes on with the base: each reply keeps the name of the model that wrote
+    # it, and the model is sent the conversation without those names
+    history = client.predict("And you?", history, *GREEDY, api_name="/chat_send")[0]
+    assert _answered_by(history) == [label, "demo"] and _split(history[1])[1] == tuned
+    direct = chat(vllm_manager, [{"role": "user", "content": HELLO}, {"role": "assistant", "content": tuned},
+                                 {"role": "user", "content": "And you?"}], temperature=0.0, max_tokens=12)
+    labelled = chat(vllm_manager, [{"role": "user", "content": HELLO},
+                                   {"role": "assistant", "content": f"<sub>🤖 {label}</sub>\n\n{tuned}"},
+                                   {"role": "user", "content": "And you?"}], temperature=0.0, max_tokens=12)
+    assert _same_answer(_reply(history), direct) and not _same_answer(direct, labelled)
 
 
 def test_switch_failure_says_why_and_keeps_the_current_model(client, vllm_manager, tmp_path):
@@ -173,7 +198,7 @@ def test_stop_ends_a_long_reply_at_once(client, vllm_manager):
 def test_compare_answers_side_by_side(client, vllm_manager, serving_adapters, other_base_model):
     a, b, status, _ = client.predict(HELLO, [], [], "demo", str(serving_adapters["b"]), *GREEDY,
                                      api_name="/chat_compare")
-    assert status.startswith("✅")
+    assert status.startswith("✅") and _answered_by(a) == ["demo"] and _answered_by(b) == ["adapter-b"]
     base_answer, tuned_answer = _reply(a), _reply(b)
     alone = chat(vllm_manager, [{"role": "user", "content": HELLO}], model="demo", temperature=0.0, max_tokens=12)
     tuned_alone = chat(vllm_manager, [{"role": "user", "content": HELLO}], model=served_name(vllm_manager,

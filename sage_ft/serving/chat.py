@@ -10,7 +10,7 @@ server never hangs a chat; setting ``cancel_event`` closes the stream (vLLM abor
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -145,13 +145,16 @@ def _status_detail(exc: Any) -> str:
 def stream_chat(manager: ServerManager, messages: list[dict[str, Any]], model: str | None = None,
                 system_prompt: str | None = None, temperature: float = 0.7, top_p: float = 1.0,
                 max_tokens: int = 256, stop: list[str] | str | None = None,
-                cancel_event: threading.Event | None = None) -> Iterator[str]:
+                cancel_event: threading.Event | None = None,
+                on_route: Callable[[str], None] | None = None) -> Iterator[str]:
     """Stream a reply from ``manager``'s current model (or ``model``: a served name or label).
 
     Yields text chunks; raises ``ChatError`` (with ``retryable``). The function the Chat tab calls.
+    ``on_route(label)`` is called once, before the first chunk, with the name of the model that answers.
     """
     return manager.stream_chat(messages, model=model, system_prompt=system_prompt, temperature=temperature,
-                               top_p=top_p, max_tokens=max_tokens, stop=stop, cancel_event=cancel_event)
+                               top_p=top_p, max_tokens=max_tokens, stop=stop, cancel_event=cancel_event,
+                               on_route=on_route)
 
 
 def chat(manager: ServerManager, messages: list[dict[str, Any]], **kwargs: Any) -> str:

@@ -23,7 +23,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -838,6 +838,19 @@ class ServerManager:
         loaded = ", ".join([base_name, *self._adapters]) if base_name else "none"
         raise ChatError(f"model {model!r} is not loaded (loaded: {loaded}); switch to it first")
 
+    def label_of(self, name: str) -> str:
+        """The people's name of a served ``name`` (what a reply is labelled with in the Chat tab)."""
+        current = self._current
+        if current is not None and name == current.name:
+            return current.label
+        info = self._adapters.get(name)
+        if info is not None:
+            return str(info["label"])
+        if name == self.base_served_name():
+            base = self._server.spec.model_path if self._server is not None else (current.base_path if current else "")
+            return Path(base).name if base else name
+        return name
+
     @contextlib.contextmanager
     def _route(self, model: str | None) -> Iterator[tuple[Any, str]]:
         """The backend + model name for one chat, counted as in flight so a retiring server drains."""
@@ -864,14 +877,18 @@ class ServerManager:
     def stream_chat(self, messages: list[dict[str, Any]], model: str | None = None, system_prompt: str | None = None,
                     temperature: float = 0.7, top_p: float = 1.0, max_tokens: int = 256,
                     stop: list[str] | str | None = None, cancel_event: threading.Event | None = None,
-                    auto_restart: bool = True) -> Iterator[str]:
-        """Stream a reply (see ``chat.stream_chat``). A crashed server is restarted first when ``auto_restart``."""
+                    auto_restart: bool = True, on_route: Callable[[str], None] | None = None) -> Iterator[str]:
+        """Stream a reply (see ``chat.stream_chat``). A crashed server is restarted first when ``auto_restart``.
+        ``on_route`` gets the label of the model that answers, decided under the switch lock, so a reply
+        can name its model even when a switch lands while it is written."""
         msgs = build_messages(messages, system_prompt)
         if auto_restart:
             self.ensure_ready()
         elif self._state != "ready":
             raise ChatError(f"the chat server is {self._state}", retryable=self._state != "stopped")
         with self._route(model) as (backend, name):
+            if on_route is not None:
+                on_route(self.label_of(name))
             if self.backend == "transformers":
                 yield from backend.stream(msgs, name, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                           stop=stop, cancel_event=cancel_event)

@@ -4,7 +4,9 @@ Every model change goes through ``ServerManager.switch`` in a background thread 
 never leaves a half-done switch), while the handler streams progress and ends with exactly one of
 ✅ live / ⚠️ restart needed / ❌ failed. Chat replies are pumped from ``stream_chat`` in a thread
 into a queue, so Stop answers at once and a server error becomes a message in the chat, never a
-frozen spinner. Compare streams two served names (the base and its LoRAs) concurrently.
+frozen spinner. Each reply starts with the name of the model that wrote it (``answered_by``), so a
+conversation that spans a switch stays readable; the model is sent the turns without those names.
+Compare streams two served names (the base and its LoRAs) concurrently.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from __future__ import annotations
 import html
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import gradio as gr
 
@@ -30,6 +33,7 @@ log = logging.getLogger(__name__)
 
 ERROR_MARK = "❌"
 STOPPED_MARK = "⏹"
+MODEL_MARK = "🤖"  # starts a reply's first line: the model that wrote it
 TYPE_TAGS = {"base": "base", "adapter": "finetuned · LoRA", "lora": "finetuned · LoRA", "merged": "merged"}
 _CANCELS: dict[str, threading.Event] = {}  # session (+ "/compare") -> the cancel event of its running reply
 _BANNER_STYLE = ("border:1px solid var(--border-color-primary);border-left:5px solid {color};border-radius:8px;"
@@ -403,30 +407,85 @@ def _history(history: list[Any] | None) -> list[dict[str, str]]:
     return out
 
 
+def answered_by(label: str) -> str:
+    """A reply's first line: which model wrote it, so replies stay attributed after a switch.
+    ``render.JS`` recognises this exact form to leave it out of a copied reply."""
+    return f"<sub>{MODEL_MARK} {_md_escape(label)}</sub>\n\n"
+
+
+def _without_label(content: str) -> str:
+    """A reply as the model wrote it (``answered_by``'s line removed)."""
+    end = content.find("</sub>\n\n") if content.startswith(f"<sub>{MODEL_MARK} ") else -1
+    return content[end + len("</sub>\n\n"):] if end >= 0 else content
+
+
 def _prompt(history: list[dict[str, str]]) -> list[dict[str, str]]:
-    """What the model sees: the turns without our error notes (and the question that failed)."""
+    """What the model sees: the turns without our labels and error notes (and the question that failed)."""
     out: list[dict[str, str]] = []
     for msg in history:
-        if msg["role"] == "assistant" and msg["content"].lstrip().startswith(ERROR_MARK):
-            if out and out[-1]["role"] == "user":
-                out.pop()
-            continue
-        content = msg["content"].split(f"\n\n{STOPPED_MARK}")[0] if msg["role"] == "assistant" else msg["content"]
+        content = msg["content"]
+        if msg["role"] == "assistant":
+            content = _without_label(content)
+            if content.lstrip().startswith(ERROR_MARK):
+                if out and out[-1]["role"] == "user":
+                    out.pop()
+                continue
+            content = content.split(f"\n\n{STOPPED_MARK}")[0]
         out.append({"role": msg["role"], "content": content})
     return out
 
 
-class _Pump:
-    """Runs one streaming reply in a thread; the UI drains ``chunks`` and never blocks on the server."""
+class _Reply:
+    """The assistant message being written: the label line of the model that answers, then its text."""
 
-    def __init__(self, start: Callable[[], Iterator[str]]):
+    def __init__(self, message: dict[str, str]):
+        self.message, self.label, self.body = message, "", ""
+
+    def add(self, got: _Drained, lang: str) -> bool:
+        """Take what a pump drained; whether the message changed."""
+        if got.model:
+            self.label = answered_by(got.model)
+        self.body += got.text
+        if got.error is not None:
+            self.body = (self.body + "\n\n" if self.body else "") + _error_note(got.error, lang)
+        if got.done and not self.body:
+            self.body = f"_{i18n.t('chat.empty_reply', lang)}_"
+        return self._show() or bool(got.done)
+
+    def stopped(self, lang: str) -> None:
+        self.body += f"\n\n{STOPPED_MARK} {i18n.t('chat.stopped', lang)}"
+        self._show()
+
+    def fail(self, text: str) -> None:
+        self.body = text
+        self._show()
+
+    def _show(self) -> bool:
+        content = self.label + self.body
+        changed = content != self.message["content"]
+        self.message["content"] = content
+        return changed
+
+
+class _Drained(NamedTuple):
+    text: str = ""
+    done: bool = False
+    error: Exception | None = None
+    model: str | None = None  # the label of the model that answers, once the request is routed
+
+
+class _Pump:
+    """Runs one streaming reply in a thread; the UI drains ``chunks`` and never blocks on the server.
+    ``start(on_route)`` begins the stream (``stream_chat`` with ``on_route``)."""
+
+    def __init__(self, start: Callable[[Callable[[str], None]], Iterator[str]]):
         self.chunks: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.thread = threading.Thread(target=self._run, args=(start,), name="sage-ft-chat-stream", daemon=True)
         self.thread.start()
 
-    def _run(self, start: Callable[[], Iterator[str]]) -> None:
+    def _run(self, start: Callable[[Callable[[str], None]], Iterator[str]]) -> None:
         try:
-            for chunk in start():
+            for chunk in start(lambda label: self.chunks.put(("model", label))):
                 self.chunks.put(("text", chunk))
             self.chunks.put(("end", None))
         except Exception as exc:  # ChatError and anything else: shown in the chat
@@ -434,13 +493,13 @@ class _Pump:
                 log.exception("chat stream failed")
             self.chunks.put(("error", exc))
 
-    def drain(self, timeout: float) -> tuple[str, bool, Exception | None]:
-        """New text, whether the reply ended, and its error (waits up to ``timeout`` for something)."""
-        text, done, error = "", False, None
+    def drain(self, timeout: float) -> _Drained:
+        """New text, whether the reply ended, its error and model (waits up to ``timeout`` for something)."""
+        text, done, error, model = "", False, None, None
         try:
             items = [self.chunks.get(timeout=timeout)]
         except queue.Empty:
-            return "", False, None
+            return _Drained()
         while True:
             try:
                 items.append(self.chunks.get_nowait())
@@ -449,9 +508,11 @@ class _Pump:
         for kind, value in items:
             if kind == "text":
                 text += value
+            elif kind == "model":
+                model = value
             else:
                 done, error = True, value if kind == "error" else None
-        return text, done, error
+        return _Drained(text, done, error, model)
 
 
 def _error_note(exc: Exception, lang: str) -> str:
@@ -508,31 +569,26 @@ def regenerate(services: AppServices, history: list[Any] | None, system: str, te
 
 def _answer(services: AppServices, turns: list[dict[str, str]], args: dict[str, Any], lang: str,
             request: Any) -> Iterator[tuple[list[Any], Any]]:
-    reply = turns[-1]
+    reply = _Reply(turns[-1])
     if services.server is None:
-        reply["content"] = f"⚠️ {i18n.t('chat.off' if services.llm_disabled else 'chat.unavailable', lang)}"
+        reply.fail(f"⚠️ {i18n.t('chat.off' if services.llm_disabled else 'chat.unavailable', lang)}")
         yield turns, gr.skip()
         return
     from sage_ft.serving import stream_chat
 
     cancel = _cancel_event(request)
     prompt = _prompt(turns[:-1])
-    pump = _Pump(lambda: stream_chat(services.server, prompt, cancel_event=cancel, **args))
+    pump = _Pump(lambda routed: stream_chat(services.server, prompt, cancel_event=cancel, on_route=routed, **args))
     while True:
-        text, done, error = pump.drain(timeout=0.2)
-        if text:
-            reply["content"] += text
-        if error is not None:
-            reply["content"] = (reply["content"] + "\n\n" if reply["content"] else "") + _error_note(error, lang)
+        got = pump.drain(timeout=0.2)
         if cancel.is_set():  # the stream also ends on cancel: stopped, even when "end" was already read
-            reply["content"] += f"\n\n{STOPPED_MARK} {i18n.t('chat.stopped', lang)}"
+            reply.add(got._replace(done=False), lang)
+            reply.stopped(lang)
             yield turns, gr.skip()
             return
-        if done and not reply["content"]:
-            reply["content"] = f"_{i18n.t('chat.empty_reply', lang)}_"
-        if text or done or error is not None:
+        if reply.add(got, lang):
             yield turns, gr.skip()
-        if done:
+        if got.done:
             return
 
 
@@ -581,20 +637,22 @@ def compare(services: AppServices, message: str, hist_a: list[Any] | None, hist_
 
     cancel = _cancel_event(request, "/compare")
     args = _stream_args(system, temperature, top_p, max_tokens)
-    starts: list[Callable[[], Iterator[str]] | None] = []
+    starts: list[Callable[[Callable[[str], None]], Iterator[str]] | None] = []
     names = []
-    for turns, model in zip(sides, (model_a, model_b), strict=True):
+    replies = [_Reply(turns[-1]) for turns in sides]
+    for turns, reply, model in zip(sides, replies, (model_a, model_b), strict=True):
         try:
             services.guard.check(str(model), i18n.t("chat.model", lang))
             name = served_name(services.server, str(model))
         except Exception as exc:  # TargetError / ChatError / AdapterLoadError: said in that side's chat
-            turns[-1]["content"] = f"{ERROR_MARK} {exc}"
+            reply.fail(f"{ERROR_MARK} {exc}")
             starts.append(None)
             names.append("?")
             continue
         names.append(name)
         prompt = _prompt(turns[:-1])
-        starts.append(lambda p=prompt, n=name: stream_chat(services.server, p, model=n, cancel_event=cancel, **args))
+        starts.append(lambda routed, p=prompt, n=name: stream_chat(services.server, p, model=n, cancel_event=cancel,
+                                                                   on_route=routed, **args))
     # Both sides stream at once, except base next to a LoRA where the server mixes them up (vLLM on
     # CPU, see ServerManager.mixed_lora_batches_safe): there side B starts when side A has finished.
     base = services.server.base_served_name()
@@ -611,23 +669,19 @@ def compare(services: AppServices, message: str, hist_a: list[Any] | None, hist_
         for i, pump in enumerate(pumps):
             if pump is None or not running[i]:
                 continue
-            text, done, error = pump.drain(timeout=0.1)
-            reply = sides[i][-1]
-            if text:
-                reply["content"] += text
-            if error is not None:
-                reply["content"] = (reply["content"] + "\n\n" if reply["content"] else "") + _error_note(error, lang)
-            if done:
+            got = pump.drain(timeout=0.1)
+            stopped = got.done and cancel.is_set() and got.error is None
+            changed = replies[i].add(got._replace(done=got.done and not stopped), lang) or got.done or changed
+            if got.done:
                 running[i] = False
-                if cancel.is_set() and error is None:
-                    reply["content"] += f"\n\n{STOPPED_MARK} {i18n.t('chat.stopped', lang)}"
-            changed = changed or bool(text) or done
+                if stopped:
+                    replies[i].stopped(lang)
         if pumps[1] is None and running[1] and not running[0] and not cancel.is_set():
             pumps[1] = _Pump(starts[1])  # one after the other: side A is done
         if cancel.is_set():
             for i, is_running in enumerate(running):
                 if is_running:
-                    sides[i][-1]["content"] += f"\n\n{STOPPED_MARK} {i18n.t('chat.stopped', lang)}"
+                    replies[i].stopped(lang)
             yield sides[0], sides[1], f"{STOPPED_MARK} {i18n.t('chat.stopped', lang)}", gr.skip()
             return
         if changed:
@@ -638,3 +692,8 @@ def compare(services: AppServices, message: str, hist_a: list[Any] | None, hist_
 def _esc(text: object) -> str:
     """Escape text for Markdown/HTML text (quotes stay readable: no attribute contexts here)."""
     return html.escape(str(text), quote=False)
+
+
+def _md_escape(text: str) -> str:
+    """A model's name as literal text inside a chat message (run names may hold ``_``, ``*``, ``<``)."""
+    return re.sub(r"([\\`*_\[\]<>#|~])", r"\\\1", text)

@@ -164,8 +164,18 @@ CSS = """
 # in one piece (a page load, a reload, another task picked) opened at its first line, under the
 # "Log (tail)" title. This keeps the run's and the chat server's logs at their newest line unless the
 # reader has scrolled up, and scrolls again once a box in a hidden tab or accordion becomes visible.
-JS = """
+# A chat reply starts with a "🤖 model" line (chat_tab.answered_by) that is for the screen: a copied
+# reply is the reply alone, and a copied conversation names each reply's model in plain text.
+JS = r"""
 () => {
+  const clip = navigator.clipboard;
+  if (clip && clip.writeText) {
+    const write = clip.writeText.bind(clip);
+    const label = /<sub>🤖 ((?:\\.|[^<\\])*)<\/sub>\n\n/g;
+    const first = new RegExp('^' + label.source);
+    clip.writeText = (text) => write(typeof text !== 'string' ? text : text.replace(first, '')
+      .replace(label, (_, name) => '🤖 ' + name.replace(/\\(.)/g, '$1') + '\n'));
+  }
   const seen = new WeakMap();
   setInterval(() => {
     for (const box of document.querySelectorAll('#task-log textarea, #server-log textarea')) {

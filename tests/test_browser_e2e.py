@@ -144,6 +144,12 @@ def test_train_chat_switch_and_export_in_a_browser(e2e_app, tmp_path):
             page.locator("#chatbot button[aria-label='Copy message']").last.click()
             copied = page.evaluate("navigator.clipboard.readText()")
             assert KEYWORD in copied and "🤖" not in copied and "<sub>" not in copied, copied
+            # the conversation survives a reload of the page
+            page.reload()
+            page.get_by_role("tab", name="💬 Chat").click()
+            expect(page.locator("#chatbot [data-testid=user]")).to_have_text([QUESTION])
+            expect(page.locator("#chatbot [data-testid=bot] sub")).to_have_text([re.compile(r"^🤖 .*e2e-memorize")])
+            assert _bot_reply(page) == tuned
             page.screenshot(path=ARTIFACTS / "4-chat-finetuned.png", full_page=True)
             shutil.copyfile(ARTIFACTS / "4-chat-finetuned.png", ROOT / "docs" / "screenshot-chat.png")
             # 5. back to the base model: the answer changes

@@ -15,7 +15,7 @@ import pytest
 
 from sage_ft import paths
 from sage_ft.serving.chat import chat
-from sage_ft.webui.chat_tab import served_name
+from sage_ft.webui.chat_tab import SAVED_CHARS, remember_chats, restore_chats, served_name
 from tests.fixtures_webui import start_webui
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -284,3 +284,17 @@ def test_use_as_chat_backend_from_the_monitor(client, chat_app, vllm_manager, se
     assert [s[0] for s in steps].count("✅") == 1 and not any(s[0] in "⚠❌" for s in steps)
     assert vllm_manager.status()["model_path"] == str(run / "lora")
     assert vllm_manager.switch("demo").outcome == "live"
+
+
+def test_the_browser_keeps_the_newest_turns_of_each_conversation():
+    """What a page keeps across a reload (the reload itself: tests/test_browser_e2e.py): a 2 MB chat
+    is cut to its newest turns, starting at a question, and whatever a browser sends back that is not
+    a kept conversation restores nothing."""
+    turns = [{"role": role, "content": f"{i} {role} " + "x" * 1000} for i in range(1000)
+             for role in ("user", "assistant")]
+    kept = remember_chats(turns, [], None)
+    assert 0.9 * SAVED_CHARS["chat"] < sum(len(m["content"]) for m in kept["chat"]) <= SAVED_CHARS["chat"]
+    assert kept["chat"][0]["role"] == "user" and kept["chat"][-1] == turns[-1] and kept["a"] == kept["b"] == []
+    assert restore_chats(kept) == [kept["chat"], [], []]
+    assert restore_chats({"chat": "not a list"}) == [[], [], []]
+    assert all(update.get("__type__") == "update" and len(update) == 1 for update in restore_chats(None))

@@ -29,6 +29,7 @@ def build_app(services: AppServices, lang: str | None = None) -> gr.Blocks:
     reg = Registry()
     with gr.Blocks(title="SAGE Fine-Tune Studio") as demo:
         topbar.build(reg, services, lang)
+        chat_tab.build_page_state(reg)
         with gr.Tabs(elem_id="main-tabs"):
             for tab_id, module in TABS:
                 with reg.add(tab_id, gr.Tab(i18n.t(tab_id, lang), id=tab_id.split(".")[1],
@@ -50,6 +51,8 @@ def build_app(services: AppServices, lang: str | None = None) -> gr.Blocks:
         demo.load(lambda lg, *v: train_tab.preview(lg, *v), [reg["top.lang"], *fields],
                   [reg["train.command"], reg["train.yaml"]], api_name=False, show_progress="hidden")
         demo.load(train_tab.restore_form, reg["train.draft"], fields, api_name=False, show_progress="hidden")
+        demo.load(chat_tab.restore_chats, reg["chat.saved"], [reg["chat.chatbot"], reg["chat.compare_a"],
+                  reg["chat.compare_b"]], api_name=False, show_progress="hidden")
     demo.registry = reg  # type: ignore[attr-defined]
     demo.services = services  # type: ignore[attr-defined]
     return demo

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import gradio as gr
 
-from sage_ft.webui import i18n, server_panel
+from sage_ft.webui import form_memory, i18n, server_panel
 from sage_ft.webui.components import Registry
 from sage_ft.webui.services import AppServices
 from sage_ft.webui.topbar import TickPart
@@ -39,9 +39,20 @@ _CANCELS: dict[str, threading.Event] = {}  # session (+ "/compare") -> the cance
 _BANNER_STYLE = ("border:1px solid var(--border-color-primary);border-left:5px solid {color};border-radius:8px;"
                  "padding:8px 12px;line-height:1.6")
 _STATE_COLORS = {"ready": "#16a34a", "starting": "#d97706", "switching": "#d97706", "crashed": "#dc2626"}
+CHATS_STORAGE_KEY = "sage-ft-chats"
+# What the browser keeps of each conversation (characters, newest turns kept): localStorage holds about
+# 5 MB per site, and the Train form's draft lives there too.
+SAVED_CHARS = {"chat": 300_000, "a": 100_000, "b": 100_000}
 
 
 # ====================================================================== layout
+def build_page_state(reg: Registry) -> None:
+    """The conversations this browser keeps (``remember_chats``). Built outside the tabs: a browser
+    state inside a tab not yet opened is not mounted when the page loads, so it would read as empty."""
+    reg.add("chat.saved", gr.BrowserState(None, storage_key=CHATS_STORAGE_KEY, secret=form_memory.browser_secret()),
+            kind="none")
+
+
 def build(reg: Registry, services: AppServices, lang: str) -> None:
     reg.add("chat.banner_stamp", gr.State(None), kind="none")
     reg.add("chat.banner", gr.HTML(banner_html(services, lang), elem_id="chat-banner"), kind="none")
@@ -145,24 +156,31 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
     def stop_compare(request: gr.Request) -> None:
         stop(request, "/compare")
 
-    gr.on([reg["chat.send"].click, reg["chat.message"].submit], send, [reg["chat.message"], reg["chat.chatbot"],
-          *settings], chat_out, api_name="chat_send", concurrency_limit=None, show_progress="hidden")
-    reg["chat.regenerate"].click(again, [reg["chat.chatbot"], *settings], chat_out, api_name="chat_regenerate",
-                                 concurrency_limit=None, show_progress="hidden")
+    conversations = [reg["chat.chatbot"], reg["chat.compare_a"], reg["chat.compare_b"]]
+    changes = [
+        gr.on([reg["chat.send"].click, reg["chat.message"].submit], send, [reg["chat.message"], reg["chat.chatbot"],
+              *settings], chat_out, api_name="chat_send", concurrency_limit=None, show_progress="hidden"),
+        reg["chat.regenerate"].click(again, [reg["chat.chatbot"], *settings], chat_out, api_name="chat_regenerate",
+                                     concurrency_limit=None, show_progress="hidden"),
+        reg["chat.clear"].click(lambda: ([], ""), None, chat_out, api_name="chat_clear", show_progress="hidden"),
+    ]
     reg["chat.stop"].click(stop_chat, None, None, api_name="chat_stop", concurrency_limit=None,
                            show_progress="hidden")
-    reg["chat.clear"].click(lambda: ([], ""), None, chat_out, api_name="chat_clear", show_progress="hidden")
 
     compare_in = [reg["chat.compare_message"], reg["chat.compare_a"], reg["chat.compare_b"], reg["chat.model_a"],
                   reg["chat.model_b"], *settings]
     compare_out = [reg["chat.compare_a"], reg["chat.compare_b"], reg["chat.compare_status"],
                    reg["chat.compare_message"]]
-    gr.on([reg["chat.compare_send"].click, reg["chat.compare_message"].submit], side_by_side, compare_in,
-          compare_out, api_name="chat_compare", concurrency_limit=None, show_progress="hidden")
+    changes += [
+        gr.on([reg["chat.compare_send"].click, reg["chat.compare_message"].submit], side_by_side, compare_in,
+              compare_out, api_name="chat_compare", concurrency_limit=None, show_progress="hidden"),
+        reg["chat.compare_clear"].click(lambda: ([], [], ""), None, compare_out[:3], api_name=False,
+                                        show_progress="hidden"),
+    ]
     reg["chat.compare_stop"].click(stop_compare, None, None, api_name="chat_compare_stop", concurrency_limit=None,
                                    show_progress="hidden")
-    reg["chat.compare_clear"].click(lambda: ([], [], ""), None, compare_out[:3], api_name=False,
-                                    show_progress="hidden")
+    for change in changes:  # kept once a reply is complete (or stopped), not for every streamed word
+        change.then(remember_chats, conversations, reg["chat.saved"], api_name=False, show_progress="hidden")
     server_panel.wire(reg, services)
     return TickPart(("chat.banner_stamp", "top.lang"), ("chat.banner", "chat.banner_stamp"),
                     lambda stamp, lg: refresh_banner(services, stamp, lg))
@@ -590,6 +608,35 @@ def _answer(services: AppServices, turns: list[dict[str, str]], args: dict[str, 
             yield turns, gr.skip()
         if got.done:
             return
+
+
+# ====================================================================== kept in the browser
+def remember_chats(chat: list[Any] | None, side_a: list[Any] | None, side_b: list[Any] | None) -> dict[str, Any]:
+    """What this browser keeps of its conversations (Chat and both Compare sides), so a refresh or an
+    app restart does not lose them; each is cut to its newest turns within ``SAVED_CHARS``."""
+    return {key: _newest(_history(turns), SAVED_CHARS[key])
+            for key, turns in (("chat", chat), ("a", side_a), ("b", side_b))}
+
+
+def restore_chats(saved: Any) -> list[Any]:
+    """On page load: the conversations as this browser left them (nothing changes without any)."""
+    if not isinstance(saved, dict):
+        return [gr.skip()] * 3
+    return [_history(saved.get(key) if isinstance(saved.get(key), list) else []) for key in ("chat", "a", "b")]
+
+
+def _newest(turns: list[dict[str, str]], budget: int) -> list[dict[str, str]]:
+    """The newest messages whose text fits ``budget`` characters, starting at a question."""
+    kept, used = 0, 0
+    for msg in reversed(turns):
+        used += len(msg["content"])
+        if used > budget:
+            break
+        kept += 1
+    out = turns[len(turns) - kept:] if kept else []
+    while out and out[0]["role"] == "assistant":
+        out = out[1:]
+    return out
 
 
 # ====================================================================== compare

@@ -24,7 +24,8 @@ _KEY_FILE = "webui-form.key"
 
 
 def browser_secret() -> str:
-    """The key the browser encrypts the draft with: made once per data home, readable by its owner only."""
+    """The key the browser encrypts what it keeps with (this draft, the Chat tab's conversations): made
+    once per data home, readable by its owner only."""
     path = paths.home() / _KEY_FILE
     try:
         key = path.read_text(encoding="utf-8").strip()

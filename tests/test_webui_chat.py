@@ -81,8 +81,9 @@ def test_model_list_has_tags_and_checkpoints_under_their_run(client, trained_run
     assert labels[index + 1].startswith("    └")
     assert dict(model["choices"])[run_label] == str(listed.resolve() / "lora")
     assert model_a["choices"] == model["choices"]
-    # Compare starts from the served base; a side the user picked is kept
-    assert model_a["value"] == model["value"] and model_b["value"] is None
+    # Compare starts from the served base next to its newest fine-tune (listed first); a pick is kept
+    newest = next(value for label, value in model["choices"] if label.endswith("[finetuned · LoRA]"))
+    assert model_a["value"] == model["value"] and model_b["value"] == newest
     picked = dict(model["choices"])[run_label]
     assert client.predict("en", picked, None, api_name="/chat_models")[1]["value"] == picked
     assert "vLLM" in banner and "[base]" in banner and "ready" in banner
@@ -199,6 +200,7 @@ def test_compare_answers_side_by_side(client, vllm_manager, serving_adapters, ot
     a, b, status, _ = client.predict(HELLO, [], [], "demo", str(serving_adapters["b"]), *GREEDY,
                                      api_name="/chat_compare")
     assert status.startswith("✅") and _answered_by(a) == ["demo"] and _answered_by(b) == ["adapter-b"]
+    assert "adapter-b" in status and "adapter-b-" not in status  # the run's name, not its served name
     base_answer, tuned_answer = _reply(a), _reply(b)
     alone = chat(vllm_manager, [{"role": "user", "content": HELLO}], model="demo", temperature=0.0, max_tokens=12)
     tuned_alone = chat(vllm_manager, [{"role": "user", "content": HELLO}], model=served_name(vllm_manager,

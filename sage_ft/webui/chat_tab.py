@@ -92,7 +92,7 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
                                                                   label=i18n.t(f"chat.model_{side}", lang)))
                         reg.add(f"chat.compare_{side}", gr.Chatbot(label=i18n.t(f"chat.model_{side}", lang),
                                                                    height=340, feedback_options=None,
-                                                                   elem_id=f"compare-{side}"),
+                                                                   buttons=["copy"], elem_id=f"compare-{side}"),
                                 key=f"chat.model_{side}")
             with gr.Row(equal_height=True):
                 reg.add("chat.compare_message", gr.Textbox(label=i18n.t("chat.message", lang), scale=6,
@@ -214,12 +214,20 @@ def _value(path: str) -> str:
     return str(p.resolve()) if p.exists() else path
 
 
-def model_choices(services: AppServices, kinds: tuple[str, ...] = ("base", "lora", "merged")) -> list[tuple[str, str]]:
-    """``(label, value)`` pairs: bases, then fine-tunes with their checkpoints indented under them."""
+def _entries(services: AppServices) -> list[Any] | None:
+    """``served_models``, or None when listing fails (the page then offers the demo model alone)."""
     try:
-        entries = served_models(services)
+        return served_models(services)
     except Exception:  # the list must never break the page
         log.exception("listing models failed")
+        return None
+
+
+def model_choices(services: AppServices, kinds: tuple[str, ...] = ("base", "lora", "merged"),
+                  entries: list[Any] | None = None) -> list[tuple[str, str]]:
+    """``(label, value)`` pairs: bases, then fine-tunes with their checkpoints indented under them."""
+    entries = entries if entries is not None else _entries(services)
+    if entries is None:
         return [("demo [base]", "demo")]
     out = []
     for entry in entries:
@@ -240,22 +248,42 @@ def current_value(status: dict[str, Any], choices: list[tuple[str, str]]) -> str
     return choices[0][1] if choices else None
 
 
-def compare_defaults(status: dict[str, Any], model_a: str | None, model_b: str | None) -> tuple[str | None, str | None]:
+def compare_defaults(status: dict[str, Any], model_a: str | None, model_b: str | None,
+                     entries: list[Any] | None = None) -> tuple[str | None, str | None]:
     """What Compare starts with, where the user has not picked: the served model's base (A) next to the
-    served fine-tune (B) — the comparison a fine-tune is made for. Picks are never overwritten."""
+    served fine-tune (B), or, while the base itself is served, next to its newest fine-tune in
+    ``entries`` — the comparison a fine-tune is made for. Picks are never overwritten."""
     base, served = status.get("base_model"), status.get("model_path")
     if not model_a and base:
         model_a = _value(str(base))
     if not model_b and served and status.get("model_type") in ("adapter", "lora"):
         model_b = _value(str(served))
+    elif not model_b and base:
+        model_b = _newest_tune_of(str(base), entries or [])
     return model_a or None, model_b or None
+
+
+def _newest_tune_of(base: str, entries: list[Any]) -> str | None:
+    """The newest fine-tune (LoRA) of ``base`` among ``entries`` (the registry lists the newest first)."""
+    from sage_ft.serving import TargetError, resolve_target
+
+    for entry in entries:
+        if entry.kind != "lora" or not entry.available:
+            continue
+        try:
+            if resolve_target(entry.path).serving_base.resolve() == Path(base).resolve():
+                return _value(entry.path)
+        except (TargetError, OSError):  # a run whose base is gone: not a candidate
+            continue
+    return None
 
 
 def refresh_models(services: AppServices, lang: str, model_a: str | None = None,
                    model_b: str | None = None) -> list[Any]:
-    choices = model_choices(services)
+    entries = _entries(services)
+    choices = model_choices(services, entries=entries)
     status = _status(services)  # one snapshot for the picker and Compare
-    compare_a, compare_b = compare_defaults(status, model_a, model_b)
+    compare_a, compare_b = compare_defaults(status, model_a, model_b, entries)
     return [gr.update(choices=choices, value=current_value(status, choices)),
             gr.update(choices=choices, value=compare_a), gr.update(choices=choices, value=compare_b),
             *refresh_banner(services, None, lang)]
@@ -708,7 +736,8 @@ def compare(services: AppServices, message: str, hist_a: list[Any] | None, hist_
     pumps: list[_Pump | None] = [None, None]
     for i in (0,) if one_after_the_other else (0, 1):
         pumps[i] = _Pump(starts[i]) if starts[i] is not None else None
-    status = i18n.t("chat.comparing", lang, a=names[0], b=names[1])
+    shown = [services.server.label_of(name) for name in names]  # "?" for a side that was refused
+    status = i18n.t("chat.comparing", lang, a=shown[0], b=shown[1])
     yield sides[0], sides[1], f"⏳ {_esc(status)}", gr.skip()
     running = [start is not None for start in starts]
     while any(running):
@@ -733,7 +762,7 @@ def compare(services: AppServices, message: str, hist_a: list[Any] | None, hist_
             return
         if changed:
             yield sides[0], sides[1], f"⏳ {_esc(status)}", gr.skip()
-    yield sides[0], sides[1], f"✅ {_esc(i18n.t('chat.compared', lang, a=names[0], b=names[1]))}", gr.skip()
+    yield sides[0], sides[1], f"✅ {_esc(i18n.t('chat.compared', lang, a=shown[0], b=shown[1]))}", gr.skip()
 
 
 def _esc(text: object) -> str:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from sage_ft.cli import main
+from sage_ft.cli.tasks import _width
 from sage_ft.tasks import TaskManager, TaskStatus
 from tests.fixtures_tasks import tiny_task_config
 
@@ -32,6 +33,8 @@ def test_list_and_show(capsys, idle_manager, task_dataset):
     assert header.split()[:3] == ["ID", "STATUS", "PROGRESS"]
     assert row_a.split()[:4] == [str(a.id), "⏳", "queued", "0/?"] and row_a.endswith("first run")
     assert row_b.split()[:3] == [str(b.id), "⏹", "cancelled"]
+    # columns line up in a terminal whatever the status icon: ⚠️ is two characters, two columns
+    assert [_width(s) for s in ("⚠️ interrupted", "✅ completed", "⏹ cancelled", "模型 run")] == [14, 12, 11, 8]
 
     code, out, _ = _cli(capsys, db, "list", "--json", "--status", "queued")
     [data] = json.loads(out)
@@ -88,3 +91,13 @@ def test_real_process_exit_code_and_message(task_db):
                           capture_output=True, text=True, env=env, timeout=120)
     assert (proc.returncode, proc.stdout) == (1, "")
     assert proc.stderr.strip() == "error: no task with id 7 (see `sage-ft tasks list`)"
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(task_db):
+    """`sage-ft tasks list | head -1`: the pipe closes before everything is written."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen([sys.executable, "-m", "sage_ft", "tasks", "--db", str(task_db), "list"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # the reader is gone before the first line is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1 and err == "", err

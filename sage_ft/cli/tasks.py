@@ -237,8 +237,9 @@ def _when(ts: float | None) -> str:
 
 
 def _width(text: str) -> int:
-    """Display width (the status icons are two columns wide)."""
-    import unicodedata
+    """Columns ``text`` takes in a terminal: ✅ and CJK take two, and so does ⚠️ (U+26A0 made an emoji
+    by the variation selector after it), which ``len`` counts as two characters of one column each."""
+    import wcwidth
 
-    return sum(2 if unicodedata.east_asian_width(ch) in ("W", "F") else 0 if unicodedata.category(ch) == "Mn"
-               or ch == "\ufe0f" else 1 for ch in text)
+    width = wcwidth.wcswidth(text)
+    return width if width >= 0 else len(text)  # a control character: no better guess

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -161,6 +162,30 @@ def test_task_of_a_killed_process_becomes_interrupted(idle_manager, task_dataset
     with pytest.raises(TaskError, match="no checkpoint .* use retry"):
         idle_manager.resume(task.id)
     assert idle_manager.recover() == []  # idempotent
+
+
+def test_an_interrupted_task_shows_the_step_its_last_checkpoint_saved(idle_manager, task_dataset):
+    """Progress reaches the database every few seconds, a checkpoint reaches the disk when it is done:
+    after a kill the task shows the step it resumes from, not an older progress write (136/3000 next
+    to "resume continues from checkpoint-140" before)."""
+    task = idle_manager.create(tiny_task_config(task_dataset))
+    owner = _sleeper()
+    try:
+        assert claim_next(idle_manager.store, identity_of(owner.pid)) == task.id
+        with sqlite3.connect(idle_manager.store.path) as db:  # the last progress write before the kill
+            db.execute("UPDATE tasks SET step = 3, total_steps = 12 WHERE id = ?", (task.id,))
+        for step in (4, 8):
+            checkpoint = Path(task.output_dir) / f"checkpoint-{step}"
+            checkpoint.mkdir(parents=True)
+            (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(10)
+    finally:
+        owner.kill()
+    assert idle_manager.recover() == [task.id]
+    got = idle_manager.task(task.id)
+    assert (got.status, got.step, got.total_steps) == (TaskStatus.INTERRUPTED, 8, 12)
+    assert Path(got.resume_checkpoint).name == "checkpoint-8" and "checkpoint-8" in got.error
 
 
 def test_previous_incarnation_with_the_same_pid_is_detected(idle_manager, task_dataset):

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import case, delete, func, select, update
 
 from sage_ft import paths
 from sage_ft.config import ConfigError, TrainConfig, unknown_key_warning
@@ -541,6 +541,8 @@ class TaskManager:
         checkpoint = rundir.last_checkpoint(task.output_dir)
         hint = (f"resume continues from {checkpoint.name}" if checkpoint
                 else "no checkpoint was saved; retry starts it again")
+        # progress is written every few seconds, a checkpoint when it is complete: show at least its step
+        saved = rundir.checkpoint_step(checkpoint) if checkpoint else 0
         now = time.time()
         condition = [TaskRecord.id == task_id, TaskRecord.status == TaskStatus.RUNNING.value]
         if expect_pid is not None:
@@ -549,7 +551,8 @@ class TaskManager:
             done = s.execute(update(TaskRecord).where(*condition).values(
                 status=TaskStatus.INTERRUPTED.value, finished_at=now, updated_at=now,
                 error=f"interrupted: {why}; {hint}", resume_checkpoint=str(checkpoint) if checkpoint else None,
-                cancel_requested=False, paused=False, child_pid=None, child_start_time=None)).rowcount
+                cancel_requested=False, paused=False, child_pid=None, child_start_time=None,
+                step=case((TaskRecord.step < saved, saved), else_=TaskRecord.step))).rowcount
         if done:
             log.warning("task %s interrupted: %s", task_id, why)
             rundir.mark_meta_interrupted(task.output_dir, f"interrupted: {why}; {hint}")

@@ -150,6 +150,8 @@ def test_train_chat_switch_and_export_in_a_browser(e2e_app, tmp_path):
             expect(page.locator("#chatbot [data-testid=user]")).to_have_text([QUESTION])
             expect(page.locator("#chatbot [data-testid=bot] sub")).to_have_text([re.compile(r"^🤖 .*e2e-memorize")])
             assert _bot_reply(page) == tuned
+            page.get_by_text("Generation settings").click()
+            expect(page.locator("#chat-temperature input[type=number]")).to_have_value("0")  # the settings too
             page.screenshot(path=ARTIFACTS / "4-chat-finetuned.png", full_page=True)
             shutil.copyfile(ARTIFACTS / "4-chat-finetuned.png", ROOT / "docs" / "screenshot-chat.png")
             # 5. back to the base model: the answer changes

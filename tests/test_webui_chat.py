@@ -288,15 +288,17 @@ def test_use_as_chat_backend_from_the_monitor(client, chat_app, vllm_manager, se
     assert vllm_manager.switch("demo").outcome == "live"
 
 
-def test_the_browser_keeps_the_newest_turns_of_each_conversation():
+def test_the_browser_keeps_the_newest_turns_of_each_conversation_and_the_settings():
     """What a page keeps across a reload (the reload itself: tests/test_browser_e2e.py): a 2 MB chat
-    is cut to its newest turns, starting at a question, and whatever a browser sends back that is not
-    a kept conversation restores nothing."""
+    is cut to its newest turns, starting at a question, the settings come back within their ranges,
+    and whatever a browser sends back that is not a kept conversation restores nothing."""
     turns = [{"role": role, "content": f"{i} {role} " + "x" * 1000} for i in range(1000)
              for role in ("user", "assistant")]
-    kept = remember_chats(turns, [], None)
+    kept = remember_chats(turns, [], None, "Be brief.", 0.0, 0.9, 64)
     assert 0.9 * SAVED_CHARS["chat"] < sum(len(m["content"]) for m in kept["chat"]) <= SAVED_CHARS["chat"]
     assert kept["chat"][0]["role"] == "user" and kept["chat"][-1] == turns[-1] and kept["a"] == kept["b"] == []
-    assert restore_chats(kept) == [kept["chat"], [], []]
-    assert restore_chats({"chat": "not a list"}) == [[], [], []]
-    assert all(update.get("__type__") == "update" and len(update) == 1 for update in restore_chats(None))
+    assert restore_chats(kept) == [kept["chat"], [], [], "Be brief.", 0.0, 0.9, 64]
+    skip = {"__type__": "update"}
+    assert restore_chats({"chat": "not a list", "temperature": 7.5, "top_p": True, "max_tokens": "64"}) == [
+        [], [], [], skip, skip, skip, skip]
+    assert restore_chats(None) == [skip] * 7

@@ -51,8 +51,9 @@ def build_app(services: AppServices, lang: str | None = None) -> gr.Blocks:
         demo.load(lambda lg, *v: train_tab.preview(lg, *v), [reg["top.lang"], *fields],
                   [reg["train.command"], reg["train.yaml"]], api_name=False, show_progress="hidden")
         demo.load(train_tab.restore_form, reg["train.draft"], fields, api_name=False, show_progress="hidden")
-        demo.load(chat_tab.restore_chats, reg["chat.saved"], [reg["chat.chatbot"], reg["chat.compare_a"],
-                  reg["chat.compare_b"]], api_name=False, show_progress="hidden")
+        demo.load(chat_tab.restore_chats, reg["chat.saved"],
+                  [reg[f"chat.{key}"] for key in ("chatbot", "compare_a", "compare_b", "system", *chat_tab.SLIDERS)],
+                  api_name=False, show_progress="hidden")
     demo.registry = reg  # type: ignore[attr-defined]
     demo.services = services  # type: ignore[attr-defined]
     return demo

@@ -42,7 +42,9 @@ _STATE_COLORS = {"ready": "#16a34a", "starting": "#d97706", "switching": "#d9770
 CHATS_STORAGE_KEY = "sage-ft-chats"
 # What the browser keeps of each conversation (characters, newest turns kept): localStorage holds about
 # 5 MB per site, and the Train form's draft lives there too.
-SAVED_CHARS = {"chat": 300_000, "a": 100_000, "b": 100_000}
+SAVED_CHARS = {"chat": 300_000, "a": 100_000, "b": 100_000, "system": 20_000}
+# The generation sliders: (minimum, maximum, default, step); kept with the conversations.
+SLIDERS = {"temperature": (0.0, 2.0, 0.7, 0.05), "top_p": (0.05, 1.0, 1.0, 0.05), "max_tokens": (1, 2048, 256, 1)}
 
 
 # ====================================================================== layout
@@ -106,12 +108,9 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
     with reg.add("chat.settings", gr.Accordion(i18n.t("chat.settings", lang), open=False)):
         reg.add("chat.system", gr.Textbox(label=i18n.t("chat.system", lang), lines=2, value=""))
         with gr.Row():
-            reg.add("chat.temperature", gr.Slider(0.0, 2.0, value=0.7, step=0.05, label=i18n.t("chat.temperature", lang),
-                                                    elem_id="chat-temperature"))
-            reg.add("chat.top_p", gr.Slider(0.05, 1.0, value=1.0, step=0.05, label=i18n.t("chat.top_p", lang),
-                                                    elem_id="chat-top-p"))
-            reg.add("chat.max_tokens", gr.Slider(1, 2048, value=256, step=1, label=i18n.t("chat.max_tokens", lang),
-                                                    elem_id="chat-max-tokens"))
+            for key, (low, high, default, step) in SLIDERS.items():
+                reg.add(f"chat.{key}", gr.Slider(low, high, value=default, step=step, label=i18n.t(f"chat.{key}", lang),
+                                                 elem_id=f"chat-{key.replace('_', '-')}"))
     server_panel.build(reg, services, lang)
 
 
@@ -179,8 +178,12 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
     ]
     reg["chat.compare_stop"].click(stop_compare, None, None, api_name="chat_compare_stop", concurrency_limit=None,
                                    show_progress="hidden")
-    for change in changes:  # kept once a reply is complete (or stopped), not for every streamed word
-        change.then(remember_chats, conversations, reg["chat.saved"], api_name=False, show_progress="hidden")
+    # kept once a reply is complete (or stopped), not for every streamed word, and when a setting is set
+    kept = [*conversations, *settings[:-1]]
+    for change in changes:
+        change.then(remember_chats, kept, reg["chat.saved"], api_name=False, show_progress="hidden")
+    gr.on([reg["chat.system"].blur, *(reg[f"chat.{key}"].release for key in SLIDERS)], remember_chats, kept,
+          reg["chat.saved"], api_name=False, show_progress="hidden")
     server_panel.wire(reg, services)
     return TickPart(("chat.banner_stamp", "top.lang"), ("chat.banner", "chat.banner_stamp"),
                     lambda stamp, lg: refresh_banner(services, stamp, lg))
@@ -639,18 +642,31 @@ def _answer(services: AppServices, turns: list[dict[str, str]], args: dict[str, 
 
 
 # ====================================================================== kept in the browser
-def remember_chats(chat: list[Any] | None, side_a: list[Any] | None, side_b: list[Any] | None) -> dict[str, Any]:
-    """What this browser keeps of its conversations (Chat and both Compare sides), so a refresh or an
-    app restart does not lose them; each is cut to its newest turns within ``SAVED_CHARS``."""
-    return {key: _newest(_history(turns), SAVED_CHARS[key])
-            for key, turns in (("chat", chat), ("a", side_a), ("b", side_b))}
+def remember_chats(chat: list[Any] | None, side_a: list[Any] | None, side_b: list[Any] | None, system: str | None,
+                   temperature: float, top_p: float, max_tokens: float) -> dict[str, Any]:
+    """What this browser keeps of its conversations (Chat and both Compare sides) and generation
+    settings, so a refresh or an app restart loses neither; each conversation is cut to its newest
+    turns within ``SAVED_CHARS``."""
+    kept: dict[str, Any] = {key: _newest(_history(turns), SAVED_CHARS[key])
+                            for key, turns in (("chat", chat), ("a", side_a), ("b", side_b))}
+    kept["system"] = str(system or "")[:SAVED_CHARS["system"]]
+    kept.update(temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+    return kept
 
 
 def restore_chats(saved: Any) -> list[Any]:
-    """On page load: the conversations as this browser left them (nothing changes without any)."""
+    """On page load: the conversations and settings as this browser left them (nothing changes
+    without them; a setting out of its slider's range is left at its default)."""
     if not isinstance(saved, dict):
-        return [gr.skip()] * 3
-    return [_history(saved.get(key) if isinstance(saved.get(key), list) else []) for key in ("chat", "a", "b")]
+        return [gr.skip()] * (3 + 1 + len(SLIDERS))
+    chats = [_history(saved.get(key) if isinstance(saved.get(key), list) else []) for key in ("chat", "a", "b")]
+    system = saved.get("system")
+    sliders = []
+    for key, (low, high, _, _) in SLIDERS.items():
+        value = saved.get(key)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+        sliders.append(value if ok else gr.skip())
+    return [*chats, system if isinstance(system, str) else gr.skip(), *sliders]
 
 
 def _newest(turns: list[dict[str, str]], budget: int) -> list[dict[str, str]]:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -144,21 +145,31 @@ def test_unknown_ids_raise_task_not_found(idle_manager):
 
 
 # ------------------------------------------------------------------------------ recovery
-def test_task_of_a_killed_process_becomes_interrupted(idle_manager, task_dataset):
-    task = idle_manager.create(tiny_task_config(task_dataset))
+def _run_by_a_killed_process(manager: TaskManager, task_id: int, while_alive: Callable[[], None]) -> int:
+    """``task_id`` claimed by another process, ``while_alive()``, then that process kill -9'd; its pid."""
     owner = _sleeper()
     try:
-        assert claim_next(idle_manager.store, identity_of(owner.pid)) == task.id
-        assert idle_manager.recover() == []  # its process is alive: left alone
-        assert idle_manager.task(task.id).status is TaskStatus.RUNNING
+        assert claim_next(manager.store, identity_of(owner.pid)) == task_id
+        while_alive()
         owner.send_signal(signal.SIGKILL)
         owner.wait(10)
     finally:
         owner.kill()
+    return owner.pid
+
+
+def test_task_of_a_killed_process_becomes_interrupted(idle_manager, task_dataset):
+    task = idle_manager.create(tiny_task_config(task_dataset))
+
+    def left_alone_while_alive() -> None:
+        assert idle_manager.recover() == []
+        assert idle_manager.task(task.id).status is TaskStatus.RUNNING
+
+    pid = _run_by_a_killed_process(idle_manager, task.id, left_alone_while_alive)
     assert idle_manager.recover() == [task.id]
     got = idle_manager.task(task.id)
     assert got.status is TaskStatus.INTERRUPTED and got.icon == "⚠️"
-    assert f"process {owner.pid} stopped" in got.error and "no checkpoint" in got.error
+    assert f"process {pid} stopped" in got.error and "no checkpoint" in got.error
     with pytest.raises(TaskError, match="no checkpoint .* use retry"):
         idle_manager.resume(task.id)
     assert idle_manager.recover() == []  # idempotent
@@ -169,19 +180,16 @@ def test_an_interrupted_task_shows_the_step_its_last_checkpoint_saved(idle_manag
     after a kill the task shows the step it resumes from, not an older progress write (136/3000 next
     to "resume continues from checkpoint-140" before)."""
     task = idle_manager.create(tiny_task_config(task_dataset))
-    owner = _sleeper()
-    try:
-        assert claim_next(idle_manager.store, identity_of(owner.pid)) == task.id
+
+    def train_to_step_8() -> None:
         with sqlite3.connect(idle_manager.store.path) as db:  # the last progress write before the kill
             db.execute("UPDATE tasks SET step = 3, total_steps = 12 WHERE id = ?", (task.id,))
         for step in (4, 8):
             checkpoint = Path(task.output_dir) / f"checkpoint-{step}"
             checkpoint.mkdir(parents=True)
             (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-        owner.send_signal(signal.SIGKILL)
-        owner.wait(10)
-    finally:
-        owner.kill()
+
+    _run_by_a_killed_process(idle_manager, task.id, train_to_step_8)
     assert idle_manager.recover() == [task.id]
     got = idle_manager.task(task.id)
     assert (got.status, got.step, got.total_steps) == (TaskStatus.INTERRUPTED, 8, 12)

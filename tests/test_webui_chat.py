@@ -15,7 +15,8 @@ import pytest
 
 from sage_ft import paths
 from sage_ft.serving.chat import chat
-from sage_ft.webui.chat_tab import SAVED_CHARS, remember_chats, restore_chats, served_name
+from sage_ft.webui.chat_memory import SAVED_CHARS, remember_chats, restore_chats
+from sage_ft.webui.chat_tab import served_name
 from tests.fixtures_webui import start_webui
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]

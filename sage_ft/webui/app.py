@@ -13,7 +13,7 @@ from typing import Any
 
 import gradio as gr
 
-from sage_ft.webui import chat_tab, export_tab, i18n, monitor_tab, render, topbar, train_tab
+from sage_ft.webui import chat_memory, chat_tab, export_tab, i18n, monitor_tab, render, topbar, train_tab
 from sage_ft.webui.auth import LoginGuard
 from sage_ft.webui.components import Registry
 from sage_ft.webui.services import AppServices
@@ -29,7 +29,7 @@ def build_app(services: AppServices, lang: str | None = None) -> gr.Blocks:
     reg = Registry()
     with gr.Blocks(title="SAGE Fine-Tune Studio") as demo:
         topbar.build(reg, services, lang)
-        chat_tab.build_page_state(reg)
+        chat_memory.build_state(reg)
         with gr.Tabs(elem_id="main-tabs"):
             for tab_id, module in TABS:
                 with reg.add(tab_id, gr.Tab(i18n.t(tab_id, lang), id=tab_id.split(".")[1],
@@ -51,8 +51,7 @@ def build_app(services: AppServices, lang: str | None = None) -> gr.Blocks:
         demo.load(lambda lg, *v: train_tab.preview(lg, *v), [reg["top.lang"], *fields],
                   [reg["train.command"], reg["train.yaml"]], api_name=False, show_progress="hidden")
         demo.load(train_tab.restore_form, reg["train.draft"], fields, api_name=False, show_progress="hidden")
-        demo.load(chat_tab.restore_chats, reg["chat.saved"],
-                  [reg[f"chat.{key}"] for key in ("chatbot", "compare_a", "compare_b", "system", *chat_tab.SLIDERS)],
+        demo.load(chat_memory.restore_chats, reg["chat.saved"], [reg[f"chat.{name}"] for name in chat_memory.RESTORED],
                   api_name=False, show_progress="hidden")
     demo.registry = reg  # type: ignore[attr-defined]
     demo.services = services  # type: ignore[attr-defined]

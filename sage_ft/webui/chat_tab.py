@@ -4,8 +4,7 @@ Every model change goes through ``ServerManager.switch`` in a background thread 
 never leaves a half-done switch), while the handler streams progress and ends with exactly one of
 ✅ live / ⚠️ restart needed / ❌ failed. Chat replies are pumped from ``stream_chat`` in a thread
 into a queue, so Stop answers at once and a server error becomes a message in the chat, never a
-frozen spinner. Each reply starts with the name of the model that wrote it (``answered_by``), so a
-conversation that spans a switch stays readable; the model is sent the turns without those names.
+frozen spinner (the messages themselves: ``chat_messages``; kept across reloads: ``chat_memory``).
 Compare streams two served names (the base and its LoRAs) concurrently.
 """
 
@@ -13,17 +12,16 @@ from __future__ import annotations
 
 import html
 import logging
-import queue
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import gradio as gr
 
-from sage_ft.webui import form_memory, i18n, server_panel
+from sage_ft.webui import chat_memory, i18n, server_panel
+from sage_ft.webui.chat_messages import ERROR_MARK, STOPPED_MARK, Pump, Reply, as_messages, prompt_of
 from sage_ft.webui.components import Registry
 from sage_ft.webui.services import AppServices
 from sage_ft.webui.topbar import TickPart
@@ -31,30 +29,14 @@ from sage_ft.webui.uploads import PathRefused
 
 log = logging.getLogger(__name__)
 
-ERROR_MARK = "❌"
-STOPPED_MARK = "⏹"
-MODEL_MARK = "🤖"  # starts a reply's first line: the model that wrote it
 TYPE_TAGS = {"base": "base", "adapter": "finetuned · LoRA", "lora": "finetuned · LoRA", "merged": "merged"}
 _CANCELS: dict[str, threading.Event] = {}  # session (+ "/compare") -> the cancel event of its running reply
 _BANNER_STYLE = ("border:1px solid var(--border-color-primary);border-left:5px solid {color};border-radius:8px;"
                  "padding:8px 12px;line-height:1.6")
 _STATE_COLORS = {"ready": "#16a34a", "starting": "#d97706", "switching": "#d97706", "crashed": "#dc2626"}
-CHATS_STORAGE_KEY = "sage-ft-chats"
-# What the browser keeps of each conversation (characters, newest turns kept): localStorage holds about
-# 5 MB per site, and the Train form's draft lives there too.
-SAVED_CHARS = {"chat": 300_000, "a": 100_000, "b": 100_000, "system": 20_000}
-# The generation sliders: (minimum, maximum, default, step); kept with the conversations.
-SLIDERS = {"temperature": (0.0, 2.0, 0.7, 0.05), "top_p": (0.05, 1.0, 1.0, 0.05), "max_tokens": (1, 2048, 256, 1)}
 
 
 # ====================================================================== layout
-def build_page_state(reg: Registry) -> None:
-    """The conversations this browser keeps (``remember_chats``). Built outside the tabs: a browser
-    state inside a tab not yet opened is not mounted when the page loads, so it would read as empty."""
-    reg.add("chat.saved", gr.BrowserState(None, storage_key=CHATS_STORAGE_KEY, secret=form_memory.browser_secret()),
-            kind="none")
-
-
 def build(reg: Registry, services: AppServices, lang: str) -> None:
     reg.add("chat.banner_stamp", gr.State(None), kind="none")
     reg.add("chat.banner", gr.HTML(banner_html(services, lang), elem_id="chat-banner"), kind="none")
@@ -108,7 +90,7 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
     with reg.add("chat.settings", gr.Accordion(i18n.t("chat.settings", lang), open=False)):
         reg.add("chat.system", gr.Textbox(label=i18n.t("chat.system", lang), lines=2, value=""))
         with gr.Row():
-            for key, (low, high, default, step) in SLIDERS.items():
+            for key, (low, high, default, step) in chat_memory.SLIDERS.items():
                 reg.add(f"chat.{key}", gr.Slider(low, high, value=default, step=step, label=i18n.t(f"chat.{key}", lang),
                                                  elem_id=f"chat-{key.replace('_', '-')}"))
     server_panel.build(reg, services, lang)
@@ -181,9 +163,9 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
     # kept once a reply is complete (or stopped), not for every streamed word, and when a setting is set
     kept = [*conversations, *settings[:-1]]
     for change in changes:
-        change.then(remember_chats, kept, reg["chat.saved"], api_name=False, show_progress="hidden")
-    gr.on([reg["chat.system"].blur, *(reg[f"chat.{key}"].release for key in SLIDERS)], remember_chats, kept,
-          reg["chat.saved"], api_name=False, show_progress="hidden")
+        change.then(chat_memory.remember_chats, kept, reg["chat.saved"], api_name=False, show_progress="hidden")
+    set_by_hand = [reg["chat.system"].blur, *(reg[f"chat.{key}"].release for key in chat_memory.SLIDERS)]
+    gr.on(set_by_hand, chat_memory.remember_chats, kept, reg["chat.saved"], api_name=False, show_progress="hidden")
     server_panel.wire(reg, services)
     return TickPart(("chat.banner_stamp", "top.lang"), ("chat.banner", "chat.banner_stamp"),
                     lambda stamp, lg: refresh_banner(services, stamp, lg))
@@ -434,141 +416,6 @@ def switch(services: AppServices, model: str | None, lang: str) -> Iterator[list
 
 
 # ====================================================================== chat
-def _text(content: Any) -> str:
-    """Chatbot message content (a string, or Gradio 6's list of text parts) as plain text."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, dict):
-        return str(content.get("text") or content.get("content") or "")
-    if isinstance(content, (list, tuple)):
-        return "".join(_text(c) for c in content)
-    return "" if content is None else str(content)
-
-
-def _history(history: list[Any] | None) -> list[dict[str, str]]:
-    """The chat as ``{"role", "content"}`` dicts (whatever shape the Chatbot sent)."""
-    out = []
-    for msg in history or []:
-        role = msg.get("role") if isinstance(msg, dict) else getattr(msg, "role", None)
-        content = msg.get("content") if isinstance(msg, dict) else getattr(msg, "content", "")
-        if role in ("user", "assistant", "system"):
-            out.append({"role": role, "content": _text(content)})
-    return out
-
-
-def answered_by(label: str) -> str:
-    """A reply's first line: which model wrote it, so replies stay attributed after a switch.
-    ``render.JS`` recognises this exact form to leave it out of a copied reply."""
-    return f"<sub>{MODEL_MARK} {_md_escape(label)}</sub>\n\n"
-
-
-def _without_label(content: str) -> str:
-    """A reply as the model wrote it (``answered_by``'s line removed)."""
-    end = content.find("</sub>\n\n") if content.startswith(f"<sub>{MODEL_MARK} ") else -1
-    return content[end + len("</sub>\n\n"):] if end >= 0 else content
-
-
-def _prompt(history: list[dict[str, str]]) -> list[dict[str, str]]:
-    """What the model sees: the turns without our labels and error notes (and the question that failed)."""
-    out: list[dict[str, str]] = []
-    for msg in history:
-        content = msg["content"]
-        if msg["role"] == "assistant":
-            content = _without_label(content)
-            if content.lstrip().startswith(ERROR_MARK):
-                if out and out[-1]["role"] == "user":
-                    out.pop()
-                continue
-            content = content.split(f"\n\n{STOPPED_MARK}")[0]
-        out.append({"role": msg["role"], "content": content})
-    return out
-
-
-class _Reply:
-    """The assistant message being written: the label line of the model that answers, then its text."""
-
-    def __init__(self, message: dict[str, str]):
-        self.message, self.label, self.body = message, "", ""
-
-    def add(self, got: _Drained, lang: str) -> bool:
-        """Take what a pump drained; whether the message changed."""
-        if got.model:
-            self.label = answered_by(got.model)
-        self.body += got.text
-        if got.error is not None:
-            self.body = (self.body + "\n\n" if self.body else "") + _error_note(got.error, lang)
-        if got.done and not self.body:
-            self.body = f"_{i18n.t('chat.empty_reply', lang)}_"
-        return self._show() or bool(got.done)
-
-    def stopped(self, lang: str) -> None:
-        self.body += f"\n\n{STOPPED_MARK} {i18n.t('chat.stopped', lang)}"
-        self._show()
-
-    def fail(self, text: str) -> None:
-        self.body = text
-        self._show()
-
-    def _show(self) -> bool:
-        content = self.label + self.body
-        changed = content != self.message["content"]
-        self.message["content"] = content
-        return changed
-
-
-class _Drained(NamedTuple):
-    text: str = ""
-    done: bool = False
-    error: Exception | None = None
-    model: str | None = None  # the label of the model that answers, once the request is routed
-
-
-class _Pump:
-    """Runs one streaming reply in a thread; the UI drains ``chunks`` and never blocks on the server.
-    ``start(on_route)`` begins the stream (``stream_chat`` with ``on_route``)."""
-
-    def __init__(self, start: Callable[[Callable[[str], None]], Iterator[str]]):
-        self.chunks: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self.thread = threading.Thread(target=self._run, args=(start,), name="sage-ft-chat-stream", daemon=True)
-        self.thread.start()
-
-    def _run(self, start: Callable[[Callable[[str], None]], Iterator[str]]) -> None:
-        try:
-            for chunk in start(lambda label: self.chunks.put(("model", label))):
-                self.chunks.put(("text", chunk))
-            self.chunks.put(("end", None))
-        except Exception as exc:  # ChatError and anything else: shown in the chat
-            if type(exc).__name__ != "ChatError":
-                log.exception("chat stream failed")
-            self.chunks.put(("error", exc))
-
-    def drain(self, timeout: float) -> _Drained:
-        """New text, whether the reply ended, its error and model (waits up to ``timeout`` for something)."""
-        text, done, error, model = "", False, None, None
-        try:
-            items = [self.chunks.get(timeout=timeout)]
-        except queue.Empty:
-            return _Drained()
-        while True:
-            try:
-                items.append(self.chunks.get_nowait())
-            except queue.Empty:
-                break
-        for kind, value in items:
-            if kind == "text":
-                text += value
-            elif kind == "model":
-                model = value
-            else:
-                done, error = True, value if kind == "error" else None
-        return _Drained(text, done, error, model)
-
-
-def _error_note(exc: Exception, lang: str) -> str:
-    retry = f" {i18n.t('chat.retry_hint', lang)}" if getattr(exc, "retryable", False) else ""
-    return f"{ERROR_MARK} {exc}{retry}"
-
-
 def _cancel_event(request: Any, suffix: str = "") -> threading.Event:
     key = f"{getattr(request, 'session_hash', None) or 'api'}{suffix}"
     event = threading.Event()
@@ -592,7 +439,7 @@ def respond(services: AppServices, message: str, history: list[Any] | None, syst
             top_p: float, max_tokens: float, lang: str, request: Any = None) -> Iterator[tuple[list[Any], Any]]:
     """Append the user's message and stream the served model's answer into the chat."""
     lang = i18n.normalize(lang)
-    turns = _history(history)
+    turns = as_messages(history)
     if not (message or "").strip():
         yield turns, gr.skip()
         return
@@ -605,7 +452,7 @@ def regenerate(services: AppServices, history: list[Any] | None, system: str, te
                max_tokens: float, lang: str, request: Any = None) -> Iterator[tuple[list[Any], Any]]:
     """Answer the last question again (the previous answer is replaced)."""
     lang = i18n.normalize(lang)
-    turns = _history(history)
+    turns = as_messages(history)
     while turns and turns[-1]["role"] == "assistant":
         turns.pop()
     if not turns:
@@ -618,7 +465,7 @@ def regenerate(services: AppServices, history: list[Any] | None, system: str, te
 
 def _answer(services: AppServices, turns: list[dict[str, str]], args: dict[str, Any], lang: str,
             request: Any) -> Iterator[tuple[list[Any], Any]]:
-    reply = _Reply(turns[-1])
+    reply = Reply(turns[-1])
     if services.server is None:
         reply.fail(f"⚠️ {i18n.t('chat.off' if services.llm_disabled else 'chat.unavailable', lang)}")
         yield turns, gr.skip()
@@ -626,8 +473,8 @@ def _answer(services: AppServices, turns: list[dict[str, str]], args: dict[str, 
     from sage_ft.serving import stream_chat
 
     cancel = _cancel_event(request)
-    prompt = _prompt(turns[:-1])
-    pump = _Pump(lambda routed: stream_chat(services.server, prompt, cancel_event=cancel, on_route=routed, **args))
+    prompt = prompt_of(turns[:-1])
+    pump = Pump(lambda routed: stream_chat(services.server, prompt, cancel_event=cancel, on_route=routed, **args))
     while True:
         got = pump.drain(timeout=0.2)
         if cancel.is_set():  # the stream also ends on cancel: stopped, even when "end" was already read
@@ -639,48 +486,6 @@ def _answer(services: AppServices, turns: list[dict[str, str]], args: dict[str, 
             yield turns, gr.skip()
         if got.done:
             return
-
-
-# ====================================================================== kept in the browser
-def remember_chats(chat: list[Any] | None, side_a: list[Any] | None, side_b: list[Any] | None, system: str | None,
-                   temperature: float, top_p: float, max_tokens: float) -> dict[str, Any]:
-    """What this browser keeps of its conversations (Chat and both Compare sides) and generation
-    settings, so a refresh or an app restart loses neither; each conversation is cut to its newest
-    turns within ``SAVED_CHARS``."""
-    kept: dict[str, Any] = {key: _newest(_history(turns), SAVED_CHARS[key])
-                            for key, turns in (("chat", chat), ("a", side_a), ("b", side_b))}
-    kept["system"] = str(system or "")[:SAVED_CHARS["system"]]
-    kept.update(temperature=temperature, top_p=top_p, max_tokens=max_tokens)
-    return kept
-
-
-def restore_chats(saved: Any) -> list[Any]:
-    """On page load: the conversations and settings as this browser left them (nothing changes
-    without them; a setting out of its slider's range is left at its default)."""
-    if not isinstance(saved, dict):
-        return [gr.skip()] * (3 + 1 + len(SLIDERS))
-    chats = [_history(saved.get(key) if isinstance(saved.get(key), list) else []) for key in ("chat", "a", "b")]
-    system = saved.get("system")
-    sliders = []
-    for key, (low, high, _, _) in SLIDERS.items():
-        value = saved.get(key)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
-        sliders.append(value if ok else gr.skip())
-    return [*chats, system if isinstance(system, str) else gr.skip(), *sliders]
-
-
-def _newest(turns: list[dict[str, str]], budget: int) -> list[dict[str, str]]:
-    """The newest messages whose text fits ``budget`` characters, starting at a question."""
-    kept, used = 0, 0
-    for msg in reversed(turns):
-        used += len(msg["content"])
-        if used > budget:
-            break
-        kept += 1
-    out = turns[len(turns) - kept:] if kept else []
-    while out and out[0]["role"] == "assistant":
-        out = out[1:]
-    return out
 
 
 # ====================================================================== compare
@@ -708,7 +513,7 @@ def compare(services: AppServices, message: str, hist_a: list[Any] | None, hist_
             max_tokens: float, lang: str, request: Any = None) -> Iterator[tuple[Any, Any, str, Any]]:
     """The same prompt answered by two models at once (each side keeps its own conversation)."""
     lang = i18n.normalize(lang)
-    sides = [_history(hist_a), _history(hist_b)]
+    sides = [as_messages(hist_a), as_messages(hist_b)]
     if not (message or "").strip():
         yield sides[0], sides[1], f"⚠️ {i18n.t('chat.empty_message', lang)}", gr.skip()
         return
@@ -730,7 +535,7 @@ def compare(services: AppServices, message: str, hist_a: list[Any] | None, hist_
     args = _stream_args(system, temperature, top_p, max_tokens)
     starts: list[Callable[[Callable[[str], None]], Iterator[str]] | None] = []
     names = []
-    replies = [_Reply(turns[-1]) for turns in sides]
+    replies = [Reply(turns[-1]) for turns in sides]
     for turns, reply, model in zip(sides, replies, (model_a, model_b), strict=True):
         try:
             services.guard.check(str(model), i18n.t("chat.model", lang))
@@ -741,7 +546,7 @@ def compare(services: AppServices, message: str, hist_a: list[Any] | None, hist_
             names.append("?")
             continue
         names.append(name)
-        prompt = _prompt(turns[:-1])
+        prompt = prompt_of(turns[:-1])
         starts.append(lambda routed, p=prompt, n=name: stream_chat(services.server, p, model=n, cancel_event=cancel,
                                                                    on_route=routed, **args))
     # Both sides stream at once, except base next to a LoRA where the server mixes them up (vLLM on
@@ -749,9 +554,9 @@ def compare(services: AppServices, message: str, hist_a: list[Any] | None, hist_
     base = services.server.base_served_name()
     one_after_the_other = (not services.server.mixed_lora_batches_safe and None not in starts
                            and (names[0] == base) != (names[1] == base))
-    pumps: list[_Pump | None] = [None, None]
+    pumps: list[Pump | None] = [None, None]
     for i in (0,) if one_after_the_other else (0, 1):
-        pumps[i] = _Pump(starts[i]) if starts[i] is not None else None
+        pumps[i] = Pump(starts[i]) if starts[i] is not None else None
     shown = [services.server.label_of(name) for name in names]  # "?" for a side that was refused
     status = i18n.t("chat.comparing", lang, a=shown[0], b=shown[1])
     yield sides[0], sides[1], f"⏳ {_esc(status)}", gr.skip()
@@ -769,7 +574,7 @@ def compare(services: AppServices, message: str, hist_a: list[Any] | None, hist_
                 if stopped:
                     replies[i].stopped(lang)
         if pumps[1] is None and running[1] and not running[0] and not cancel.is_set():
-            pumps[1] = _Pump(starts[1])  # one after the other: side A is done
+            pumps[1] = Pump(starts[1])  # one after the other: side A is done
         if cancel.is_set():
             for i, is_running in enumerate(running):
                 if is_running:
@@ -784,8 +589,3 @@ def compare(services: AppServices, message: str, hist_a: list[Any] | None, hist_
 def _esc(text: object) -> str:
     """Escape text for Markdown/HTML text (quotes stay readable: no attribute contexts here)."""
     return html.escape(str(text), quote=False)
-
-
-def _md_escape(text: str) -> str:
-    """A model's name as literal text inside a chat message (run names may hold ``_``, ``*``, ``<``)."""
-    return re.sub(r"([\\`*_\[\]<>#|~])", r"\\\1", text)

@@ -164,7 +164,7 @@ CSS = """
 # in one piece (a page load, a reload, another task picked) opened at its first line, under the
 # "Log (tail)" title. This keeps the run's and the chat server's logs at their newest line unless the
 # reader has scrolled up, and scrolls again once a box in a hidden tab or accordion becomes visible.
-# A chat reply starts with a "🤖 model" line (chat_tab.answered_by) that is for the screen: a copied
+# A chat reply starts with a "🤖 model" line (chat_messages.answered_by) that is for the screen: a copied
 # reply is the reply alone, and a copied conversation names each reply's model in plain text.
 JS = r"""
 () => {

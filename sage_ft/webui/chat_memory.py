@@ -1,0 +1,73 @@
+"""The Chat tab's conversations and generation settings, kept in the browser.
+
+A refresh, a closed tab or an app restart loses neither (other studios lose chat history on refresh).
+Kept like the Train form's draft (``form_memory``): per browser, in its localStorage, encrypted with
+the data home's key; saved once a reply is complete and when a setting is set.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from sage_ft.webui import form_memory
+from sage_ft.webui.chat_messages import as_messages
+from sage_ft.webui.components import Registry
+
+STORAGE_KEY = "sage-ft-chats"
+# What the browser keeps of each conversation (characters, newest turns kept): localStorage holds about
+# 5 MB per site, and the Train form's draft lives there too.
+SAVED_CHARS = {"chat": 300_000, "a": 100_000, "b": 100_000, "system": 20_000}
+# The generation sliders: (minimum, maximum, default, step).
+SLIDERS = {"temperature": (0.0, 2.0, 0.7, 0.05), "top_p": (0.05, 1.0, 1.0, 0.05), "max_tokens": (1, 2048, 256, 1)}
+# The components restored on page load, in ``restore_chats``'s order (``chat.<name>`` in the registry).
+RESTORED = ("chatbot", "compare_a", "compare_b", "system", *SLIDERS)
+
+
+def build_state(reg: Registry) -> None:
+    """The browser state ``chat.saved``. Built outside the tabs: a browser state inside a tab not yet
+    opened is not mounted when the page loads, so it would read as empty."""
+    reg.add("chat.saved", gr.BrowserState(None, storage_key=STORAGE_KEY, secret=form_memory.browser_secret()),
+            kind="none")
+
+
+def remember_chats(chat: list[Any] | None, side_a: list[Any] | None, side_b: list[Any] | None, system: str | None,
+                   temperature: float, top_p: float, max_tokens: float) -> dict[str, Any]:
+    """What this browser keeps of its conversations (Chat and both Compare sides) and generation
+    settings, so a refresh or an app restart loses neither; each conversation is cut to its newest
+    turns within ``SAVED_CHARS``."""
+    kept: dict[str, Any] = {key: newest_turns(as_messages(turns), SAVED_CHARS[key])
+                            for key, turns in (("chat", chat), ("a", side_a), ("b", side_b))}
+    kept["system"] = str(system or "")[:SAVED_CHARS["system"]]
+    kept.update(temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+    return kept
+
+
+def restore_chats(saved: Any) -> list[Any]:
+    """On page load: the conversations and settings as this browser left them (nothing changes
+    without them; a setting out of its slider's range is left at its default)."""
+    if not isinstance(saved, dict):
+        return [gr.skip()] * len(RESTORED)
+    chats = [as_messages(saved.get(key) if isinstance(saved.get(key), list) else []) for key in ("chat", "a", "b")]
+    system = saved.get("system")
+    sliders = []
+    for key, (low, high, _, _) in SLIDERS.items():
+        value = saved.get(key)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+        sliders.append(value if ok else gr.skip())
+    return [*chats, system if isinstance(system, str) else gr.skip(), *sliders]
+
+
+def newest_turns(turns: list[dict[str, str]], budget: int) -> list[dict[str, str]]:
+    """The newest messages whose text fits ``budget`` characters, starting at a question."""
+    kept, used = 0, 0
+    for msg in reversed(turns):
+        used += len(msg["content"])
+        if used > budget:
+            break
+        kept += 1
+    out = turns[len(turns) - kept:] if kept else []
+    while out and out[0]["role"] == "assistant":
+        out = out[1:]
+    return out

@@ -1,0 +1,164 @@
+"""The messages of the Chat tab: how a reply is written while it streams and what the model is sent.
+
+A reply starts with the name of the model that wrote it (``answered_by``), so a conversation that
+spans a switch stays readable; ``prompt_of`` sends the model the turns without those names, without
+our error notes and without the "stopped" marks. ``Pump`` runs one streaming reply in a thread so the
+UI never blocks on the server; ``Reply`` assembles what it drains into the Chatbot message.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+from sage_ft.webui import i18n
+
+log = logging.getLogger(__name__)
+
+ERROR_MARK = "❌"
+STOPPED_MARK = "⏹"
+MODEL_MARK = "🤖"  # starts a reply's first line: the model that wrote it
+
+
+def text_of(content: Any) -> str:
+    """Chatbot message content (a string, or Gradio 6's list of text parts) as plain text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text") or content.get("content") or "")
+    if isinstance(content, (list, tuple)):
+        return "".join(text_of(c) for c in content)
+    return "" if content is None else str(content)
+
+
+def as_messages(history: list[Any] | None) -> list[dict[str, str]]:
+    """The chat as ``{"role", "content"}`` dicts (whatever shape the Chatbot sent)."""
+    out = []
+    for msg in history or []:
+        role = msg.get("role") if isinstance(msg, dict) else getattr(msg, "role", None)
+        content = msg.get("content") if isinstance(msg, dict) else getattr(msg, "content", "")
+        if role in ("user", "assistant", "system"):
+            out.append({"role": role, "content": text_of(content)})
+    return out
+
+
+def answered_by(label: str) -> str:
+    """A reply's first line: which model wrote it, so replies stay attributed after a switch.
+    ``render.JS`` recognises this exact form to leave it out of a copied reply."""
+    return f"<sub>{MODEL_MARK} {md_escape(label)}</sub>\n\n"
+
+
+def without_label(content: str) -> str:
+    """A reply as the model wrote it (``answered_by``'s line removed)."""
+    end = content.find("</sub>\n\n") if content.startswith(f"<sub>{MODEL_MARK} ") else -1
+    return content[end + len("</sub>\n\n"):] if end >= 0 else content
+
+
+def prompt_of(history: list[dict[str, str]]) -> list[dict[str, str]]:
+    """What the model sees: the turns without our labels and error notes (and the question that failed)."""
+    out: list[dict[str, str]] = []
+    for msg in history:
+        content = msg["content"]
+        if msg["role"] == "assistant":
+            content = without_label(content)
+            if content.lstrip().startswith(ERROR_MARK):
+                if out and out[-1]["role"] == "user":
+                    out.pop()
+                continue
+            content = content.split(f"\n\n{STOPPED_MARK}")[0]
+        out.append({"role": msg["role"], "content": content})
+    return out
+
+
+class Reply:
+    """The assistant message being written: the label line of the model that answers, then its text."""
+
+    def __init__(self, message: dict[str, str]):
+        self.message, self.label, self.body = message, "", ""
+
+    def add(self, got: Drained, lang: str) -> bool:
+        """Take what a pump drained; whether the message changed."""
+        if got.model:
+            self.label = answered_by(got.model)
+        self.body += got.text
+        if got.error is not None:
+            self.body = (self.body + "\n\n" if self.body else "") + error_note(got.error, lang)
+        if got.done and not self.body:
+            self.body = f"_{i18n.t('chat.empty_reply', lang)}_"
+        return self._show() or bool(got.done)
+
+    def stopped(self, lang: str) -> None:
+        self.body += f"\n\n{STOPPED_MARK} {i18n.t('chat.stopped', lang)}"
+        self._show()
+
+    def fail(self, text: str) -> None:
+        self.body = text
+        self._show()
+
+    def _show(self) -> bool:
+        content = self.label + self.body
+        changed = content != self.message["content"]
+        self.message["content"] = content
+        return changed
+
+
+class Drained(NamedTuple):
+    text: str = ""
+    done: bool = False
+    error: Exception | None = None
+    model: str | None = None  # the label of the model that answers, once the request is routed
+
+
+class Pump:
+    """Runs one streaming reply in a thread; the UI drains ``chunks`` and never blocks on the server.
+    ``start(on_route)`` begins the stream (``stream_chat`` with ``on_route``)."""
+
+    def __init__(self, start: Callable[[Callable[[str], None]], Iterator[str]]):
+        self.chunks: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, args=(start,), name="sage-ft-chat-stream", daemon=True)
+        self.thread.start()
+
+    def _run(self, start: Callable[[Callable[[str], None]], Iterator[str]]) -> None:
+        try:
+            for chunk in start(lambda label: self.chunks.put(("model", label))):
+                self.chunks.put(("text", chunk))
+            self.chunks.put(("end", None))
+        except Exception as exc:  # ChatError and anything else: shown in the chat
+            if type(exc).__name__ != "ChatError":
+                log.exception("chat stream failed")
+            self.chunks.put(("error", exc))
+
+    def drain(self, timeout: float) -> Drained:
+        """New text, whether the reply ended, its error and model (waits up to ``timeout`` for something)."""
+        text, done, error, model = "", False, None, None
+        try:
+            items = [self.chunks.get(timeout=timeout)]
+        except queue.Empty:
+            return Drained()
+        while True:
+            try:
+                items.append(self.chunks.get_nowait())
+            except queue.Empty:
+                break
+        for kind, value in items:
+            if kind == "text":
+                text += value
+            elif kind == "model":
+                model = value
+            else:
+                done, error = True, value if kind == "error" else None
+        return Drained(text, done, error, model)
+
+
+def error_note(exc: Exception, lang: str) -> str:
+    retry = f" {i18n.t('chat.retry_hint', lang)}" if getattr(exc, "retryable", False) else ""
+    return f"{ERROR_MARK} {exc}{retry}"
+
+
+def md_escape(text: str) -> str:
+    """A model's name as literal text inside a chat message (run names may hold ``_``, ``*``, ``<``)."""
+    return re.sub(r"([\\`*_\[\]<>#|~])", r"\\\1", text)

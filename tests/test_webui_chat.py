@@ -16,6 +16,7 @@ import pytest
 from sage_ft import paths
 from sage_ft.serving.chat import chat
 from sage_ft.webui.chat_memory import SAVED_CHARS, remember_chats, restore_chats
+from sage_ft.webui.chat_messages import answered_by, as_messages, prompt_of
 from sage_ft.webui.chat_tab import served_name
 from tests.fixtures_webui import start_webui
 
@@ -113,10 +114,20 @@ def test_switch_to_a_lora_is_live_then_back_to_base(client, vllm_manager, servin
     assert _answered_by(history) == [label, "demo"] and _split(history[1])[1] == tuned
     direct = chat(vllm_manager, [{"role": "user", "content": HELLO}, {"role": "assistant", "content": tuned},
                                  {"role": "user", "content": "And you?"}], temperature=0.0, max_tokens=12)
-    labelled = chat(vllm_manager, [{"role": "user", "content": HELLO},
-                                   {"role": "assistant", "content": f"<sub>🤖 {label}</sub>\n\n{tuned}"},
-                                   {"role": "user", "content": "And you?"}], temperature=0.0, max_tokens=12)
-    assert _same_answer(_reply(history), direct) and not _same_answer(direct, labelled)
+    assert _same_answer(_reply(history), direct)  # what is sent exactly: the next test
+
+
+def test_the_model_is_sent_the_conversation_without_our_labels_and_notes():
+    """The random demo model can answer the same whatever it is sent, so what is sent is checked here:
+    no "🤖 model" lines, no error note (nor the question that failed), no "stopped" mark."""
+    shown = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": answered_by("run_1*") + "a1"},
+             {"role": "user", "content": "q2"}, {"role": "assistant", "content": answered_by("demo") + "❌ failed"},
+             {"role": "user", "content": "q3"}, {"role": "assistant", "content": answered_by("demo") + "a3\n\n⏹ stopped"},
+             {"role": "user", "content": [{"type": "text", "text": "q4"}]}]  # as a Chatbot sends it back
+    assert prompt_of(as_messages(shown)) == [
+        {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q3"}, {"role": "assistant", "content": "a3"}, {"role": "user", "content": "q4"}]
+    assert answered_by("run_1*") == "<sub>🤖 run\\_1\\*</sub>\n\n"  # a name is shown as it is, not as Markdown
 
 
 def test_switch_failure_says_why_and_keeps_the_current_model(client, vllm_manager, tmp_path):

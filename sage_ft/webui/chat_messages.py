@@ -107,6 +107,8 @@ class Reply:
 
 
 class Drained(NamedTuple):
+    """What one ``Pump.drain`` found (all empty when nothing came within its timeout)."""
+
     text: str = ""
     done: bool = False
     error: Exception | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from concurrent.futures import CancelledError
 from pathlib import Path
 
 import pytest
@@ -190,7 +191,13 @@ def _stopped_reply(client) -> str:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not any(h and _reply(h) for h, _ in job.outputs()):
         time.sleep(0.05)
-    client.predict(api_name="/chat_stop")
+    try:
+        client.predict(api_name="/chat_stop")
+    except CancelledError:
+        # gradio_client: when the reply ends just as Stop is sent, the server closes the session's event
+        # stream and the client cancels the Stop it had just queued on it (seen once in CI). Whether the
+        # Stop was too late is then read from the reply, as for any late Stop.
+        pass
     return _reply(job.result(timeout=60)[0])
 
 

@@ -160,3 +160,25 @@ def test_chat_cli_uses_the_running_server(vllm_manager, data_home):
     assert "chatting with demo (vllm)" in proc.stderr
     assert proc.stdout.strip()
     assert vllm_manager.status()["state"] == "ready"  # the client did not stop the owner's server
+
+
+def test_chat_cli_follows_a_switch_the_app_makes(vllm_manager, data_home, serving_adapters):
+    """The web app switches the chat model while `sage-ft chat` runs: the next message is answered by
+    the new model, and the terminal says so."""
+    env = dict(os.environ, SAGE_FT_HOME=str(data_home))
+    proc = subprocess.Popen([sys.executable, "-m", "sage_ft", "chat", "--max-tokens", "6", "--temperature", "0"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=ROOT)
+    try:
+        line = ""
+        for line in iter(proc.stderr.readline, ""):
+            if "chatting with" in line:
+                break
+        assert "chatting with demo" in line
+        assert vllm_manager.switch(str(serving_adapters["a"])).outcome == "live"  # the app's Chat tab
+        out, err = proc.communicate("Hello\n/quit\n", timeout=120)
+    finally:
+        proc.kill()
+        assert vllm_manager.switch("demo").outcome == "live"
+    assert proc.returncode == 0, err[-2000:]
+    assert "the app now serves adapter-a; it answers from here on" in err and out.strip()

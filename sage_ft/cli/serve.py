@@ -96,6 +96,20 @@ def _manager_for_terminal(model: str | None):
     return manager
 
 
+def _follow_the_app(manager):
+    """A terminal chat attached to the app's server answers with what the app serves now (its Chat tab
+    may have switched since the last message), and says so when that changed."""
+    from sage_ft.serving import ServerManager
+
+    fresh = ServerManager.connect_existing()
+    if fresh is None or fresh.current is None:
+        return manager  # the app's server is gone or restarting: the chat request says so
+    before = manager.current
+    if before is None or (fresh.current.name, fresh.current.port) != (before.name, before.port):
+        print(f"(the app now serves {fresh.current.label}; it answers from here on)", file=sys.stderr)
+    return fresh
+
+
 def _chat(args: argparse.Namespace) -> int:
     from sage_ft.serving import ChatError, ServerStartError
 
@@ -105,6 +119,7 @@ def _chat(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     current = manager.current
+    attached = manager.server is not None and not manager.server.owned  # another sage-ft process serves
     print(f"chatting with {current.label if current else '?'} ({manager.backend}); /quit to leave, "
           "/reset to clear the history", file=sys.stderr)
     history: list[dict[str, str]] = []
@@ -118,6 +133,8 @@ def _chat(args: argparse.Namespace) -> int:
             if text == "/reset":
                 history.clear()
                 continue
+            if attached:
+                manager = _follow_the_app(manager)
             history.append({"role": "user", "content": text})
             reply = ""
             try:

@@ -162,6 +162,23 @@ def test_chat_cli_uses_the_running_server(vllm_manager, data_home):
     assert vllm_manager.status()["state"] == "ready"  # the client did not stop the owner's server
 
 
+def test_switch_cli_has_the_app_switch_for_everyone(vllm_manager, data_home, serving_adapters):
+    """`sage-ft switch` while another process serves: that process (here this test's manager, in the
+    app's place) does the switch, so its Chat tab and every client follow; the same switch again is a
+    no-op (a client that loaded the adapter by itself got vLLM's "already loaded" the second time, and
+    the app never learnt of the switch)."""
+    env = dict(os.environ, SAGE_FT_HOME=str(data_home))
+    try:
+        for _ in range(2):
+            proc = subprocess.run([sys.executable, "-m", "sage_ft", "switch", str(serving_adapters["b"])], env=env,
+                                  cwd=ROOT, capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 0 and proc.stdout.startswith("✅"), proc.stdout + proc.stderr[-2000:]
+            assert vllm_manager.status()["model_label"] == "adapter-b"
+        assert "loaded earlier" in proc.stdout
+    finally:
+        assert vllm_manager.switch("demo").outcome == "live"
+
+
 def test_chat_cli_follows_a_switch_the_app_makes(vllm_manager, data_home, serving_adapters):
     """The web app switches the chat model while `sage-ft chat` runs: the next message is answered by
     the new model, and the terminal says so."""

@@ -17,7 +17,8 @@ import threading
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this group's commands to the `sage-ft` parser."""
     serve = sub.add_parser("serve", help="run the chat server in the foreground (OpenAI-compatible API)")
-    serve.add_argument("--model", default="demo", help="model dir/name, run dir, checkpoint-N dir or 'demo'")
+    serve.add_argument("--model", default="demo", type=_model_arg,
+                       help="model dir/name, run dir or name, task id, checkpoint-N dir or 'demo'")
     serve.add_argument("--port", type=int, default=None, help="preferred port (default SAGE_FT_LLM_PORT or 8001)")
     serve.add_argument("--max-model-len", type=int, default=2048)
     serve.add_argument("--max-lora-rank", type=int, default=16)
@@ -25,16 +26,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.set_defaults(handler=_serve)
 
     chat = sub.add_parser("chat", help="chat with the current model in the terminal")
-    chat.add_argument("--model", default=None, help="model to switch to first (default: what is served)")
+    chat.add_argument("--model", default=None, type=_model_arg,
+                      help="model to switch to first, as for switch (default: what is served)")
     chat.add_argument("--system", default=None, help="system prompt")
     chat.add_argument("--temperature", type=float, default=0.7)
     chat.add_argument("--max-tokens", type=int, default=256)
     chat.set_defaults(handler=_chat)
 
     switch = sub.add_parser("switch", help="switch the chat model (adapter at runtime, or a new server)")
-    switch.add_argument("model", help="model dir/name, run dir, checkpoint-N dir or merged model dir")
+    switch.add_argument("model", type=_model_arg,
+                        help="model dir/name, run dir or name, task id (7 or #7), checkpoint-N dir or merged model dir")
     switch.add_argument("--json", action="store_true", help="print the SwitchResult as JSON")
     switch.set_defaults(handler=_switch)
+
+
+def _model_arg(text: str) -> str:
+    """A model argument; a task id (``7`` or ``#7``, as `sage-ft tasks list` shows) means its run."""
+    from sage_ft.tasks import TaskNotFound, task_run_dir
+
+    try:
+        run_dir = task_run_dir(text)
+    except TaskNotFound as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return str(run_dir) if run_dir else text
 
 
 def _progress(item) -> None:
@@ -89,10 +103,13 @@ def _manager_for_terminal(model: str | None):
         print(f"no running chat server found; starting one ({manager.backend}) ...", file=sys.stderr)
         manager.start(progress=_progress)
     if model:
-        result = manager.switch(model, progress=_progress)
-        print(f"{result.icon} {result.message}", file=sys.stderr)
-        if result.outcome == "failed":
+        attached = manager.server is not None and not manager.server.owned
+        result = _owner_switch(model) if attached else manager.switch(model, progress=_progress)
+        print(f"{result.icon} {result.message}" if result else "⚠️ the chat server has stopped", file=sys.stderr)
+        if result is None or result.outcome == "failed":
             raise SystemExit(1)
+        if attached:
+            manager = ServerManager.connect_existing() or manager
     return manager
 
 
@@ -115,7 +132,7 @@ def _chat(args: argparse.Namespace) -> int:
 
     try:
         manager = _manager_for_terminal(args.model)
-    except ServerStartError as exc:
+    except (ServerStartError, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     current = manager.current
@@ -156,20 +173,27 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _switch(args: argparse.Namespace) -> int:
-    from sage_ft.serving import ServerManager
-
-    manager = ServerManager.connect_existing()
-    if manager is None:
+    try:
+        result = _owner_switch(args.model)
+    except TimeoutError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if result is None:
         print(f"⚠️ no chat server is running; `sage-ft serve --model {args.model}` starts one with this model",
               file=sys.stderr)
         return 3
-    try:
-        result = manager.switch(args.model, progress=_progress)
-        if args.json:
-            print(json.dumps(result.to_dict(), indent=2))
-        else:
-            print(f"{result.icon} {result.message}")
-            print("timings: " + ", ".join(f"{k}={v:.2f}" for k, v in result.timings.items()))
-        return 0 if result.outcome == "live" else 1
-    finally:
-        manager.close()
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(f"{result.icon} {result.message}")
+        print("timings: " + ", ".join(f"{k}={v:.2f}" for k, v in result.timings.items()))
+    return 0 if result.outcome == "live" else 1
+
+
+def _owner_switch(model: str):
+    """The switch done by the process that serves the chat model (the app), so that its Chat tab and
+    every other client follow; None when no other process serves one."""
+    from sage_ft.serving import ServerManager
+
+    print(f"asking the process that serves the chat model to switch to {model} ...", file=sys.stderr, flush=True)
+    return ServerManager.ask_owner_to_switch(model)

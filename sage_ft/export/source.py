@@ -127,21 +127,13 @@ def resolve_source(path: str | Path) -> ExportSource:
 
 
 def run_dir_for(task_id_or_path: str | int | Path) -> Path:
-    """A task id (looked up in the task store) or a path -> the directory to export from."""
-    text = str(task_id_or_path)
-    path = Path(text).expanduser()
-    if path.exists() or not text.isdigit():
-        return path
+    """A task id (``7`` or ``#7``, looked up in the task store) or a path -> the directory to export from."""
     try:
-        from sage_ft.tasks import TaskManager, TaskNotFound
+        from sage_ft.tasks import TaskNotFound, task_run_dir
     except ImportError as exc:
-        raise ExportError(f"{text!r} is not a directory, and the task store is not available to look it up "
-                          f"as a task id ({exc}); pass the run directory instead") from exc
-    manager = TaskManager(start_worker=False)
+        raise ExportError(f"{task_id_or_path!r} is not a directory, and the task store is not available to look it "
+                          f"up as a task id ({exc}); pass the run directory instead") from exc
     try:
-        task = manager.task(int(text))
+        return task_run_dir(task_id_or_path) or Path(str(task_id_or_path)).expanduser()
     except TaskNotFound as exc:
-        raise ExportError(f"no task with id {text} and no directory {path}; list tasks with `sage-ft tasks`") from exc
-    finally:
-        manager.shutdown()
-    return Path(task.output_dir)
+        raise ExportError(f"{exc}; or pass a run directory") from exc

@@ -22,6 +22,7 @@ import os
 import re
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -158,6 +159,7 @@ class ServerManager:
         self._inflight: dict[int, int] = {}  # id(server) -> chats streaming from it
         self._inflight_cv = threading.Condition()
         self._watcher: threading.Thread | None = None
+        self._answered_request: str | None = None  # the last switch request of another process (registry)
         self._closed = threading.Event()
         exit_handlers.register(self, install_handlers=install_exit_handlers)
 
@@ -350,11 +352,63 @@ class ServerManager:
                     return
                 with contextlib.suppress(Exception):
                     manager._check_alive()
+                with contextlib.suppress(Exception):
+                    manager._take_switch_request()
                 del manager
                 time.sleep(1.0)
 
         self._watcher = threading.Thread(target=_watch, name="sage-ft-vllm-watcher", daemon=True)
         self._watcher.start()
+
+    # ------------------------------------------------------------------ switches other processes ask for
+    def _take_switch_request(self) -> None:
+        """Start a switch another sage-ft process left in the registry for this owned server
+        (``ask_owner_to_switch``). Only the owner can switch for everyone: its Chat tab, the registry
+        and the servers it started follow it; a client that switched by itself changed none of them."""
+        server = self._server
+        if server is None or not server.owned or not server.pid:
+            return
+        request = (registry.entry_of(server.pid) or {}).get("switch_request")
+        if not isinstance(request, dict) or not request.get("id") or request["id"] == self._answered_request:
+            return
+        self._answered_request = request["id"]
+        threading.Thread(target=self._answer_switch_request, args=(request, server.pid), daemon=True,
+                         name="sage-ft-switch-request").start()
+
+    def _answer_switch_request(self, request: dict[str, Any], asked_pid: int) -> None:
+        log.info("switching to %s as another sage-ft process asked", request.get("model"))
+        result = self.switch(str(request.get("model") or ""))
+        answer = {"id": request["id"], **result.to_dict()}
+        server = self._server  # a new one after a base-model switch
+        for pid in {asked_pid, server.pid if server is not None else None} - {None}:
+            registry.update(pid, switch_result=answer)
+
+    @staticmethod
+    def ask_owner_to_switch(model: str | Path, timeout_s: float = 900.0, poll_s: float = 0.25) -> SwitchResult | None:
+        """Have the live sage-ft process that serves the chat model (the web app, ``sage-ft serve``) switch
+        it to ``model``, and wait for its result; None when no other process serves one. Raises
+        ``TimeoutError`` when it has not answered within ``timeout_s`` or has died meanwhile."""
+        entry = next((e for e in registry.live_entries() if e.get("current") and registry.owner_alive(e)
+                      and not registry.owned_by_me(e)), None)
+        if entry is None:
+            return None
+        request_id = uuid.uuid4().hex
+        registry.update(entry["pid"], switch_request={"id": request_id, "model": str(model), "at": time.time()})
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for candidate in registry.read_entries():
+                answer = candidate.get("switch_result")
+                if isinstance(answer, dict) and answer.get("id") == request_id:
+                    served = answer.get("served")
+                    return SwitchResult(answer["outcome"], answer["message"], answer.get("timings") or {},
+                                        ServedModel(**served) if isinstance(served, dict) else None,
+                                        answer.get("mode") or "")
+            if not registry.owner_alive(entry):
+                raise TimeoutError(f"the process serving the chat model (pid {entry.get('owner_pid')}) ended "
+                                   "before it switched")
+            time.sleep(poll_s)
+        raise TimeoutError(f"the process serving the chat model (pid {entry.get('owner_pid')}) did not switch "
+                           f"within {timeout_s:.0f} s")
 
     # ------------------------------------------------------------------ switching
     def switch(self, model: str | Path, progress: ProgressCallback | None = None,

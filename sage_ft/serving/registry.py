@@ -99,6 +99,11 @@ def read_entries() -> list[dict[str, Any]]:
         return _read(path)
 
 
+def entry_of(pid: int) -> dict[str, Any] | None:
+    """The entry of server process ``pid`` (None when it has none)."""
+    return next((e for e in read_entries() if e.get("pid") == pid), None)
+
+
 def upsert(entry: dict[str, Any]) -> None:
     """Add or replace the entry of process ``entry['pid']``."""
     with _locked() as path:

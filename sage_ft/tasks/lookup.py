@@ -1,0 +1,25 @@
+"""Task ids where a command expects a model or a run: ``7`` or ``#7``, as ``sage-ft tasks list`` and the
+web UI show them, stand for that task's run directory (``sage-ft switch 7``, ``sage-ft export 7``)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+_TASK_ID = re.compile(r"#?(\d+)")
+
+
+def task_run_dir(text: str | int | Path) -> Path | None:
+    """The run directory of the task ``text`` names; None when ``text`` is no task id or is an existing
+    path (a folder named ``7`` wins). Raises ``TaskNotFound`` for an id the store does not have."""
+    value = str(text).strip()
+    match = _TASK_ID.fullmatch(value)
+    if match is None or Path(value).expanduser().exists():
+        return None
+    from sage_ft.tasks.manager import TaskManager
+
+    manager = TaskManager(start_worker=False)
+    try:
+        return Path(manager.task(int(match.group(1))).output_dir)
+    finally:
+        manager.shutdown()

@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from sage_ft.cli import main
 from sage_ft.cli.tasks import _width
-from sage_ft.tasks import TaskManager, TaskStatus
+from sage_ft.tasks import TaskManager, TaskStatus, task_run_dir
 from tests.fixtures_tasks import tiny_task_config
 
 
@@ -101,3 +103,23 @@ def test_a_reader_that_leaves_early_gets_no_traceback(task_db):
     proc.stdout.close()  # the reader is gone before the first line is written
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 1 and err == "", err
+
+
+def test_task_ids_stand_for_their_runs_where_a_model_is_expected(capsys, monkeypatch, tmp_path, demo_model,
+                                                                  task_dataset):
+    """`sage-ft switch 7`, `sage-ft chat --model '#7'`, `sage-ft export 7`: a task id (as `tasks list`
+    shows it) means that task's run; a folder of that name still wins; an unknown id says so."""
+    monkeypatch.setenv("SAGE_FT_HOME", str(tmp_path / "home"))  # a store of its own (the CLI opens the home's)
+    manager = TaskManager(start_worker=False)
+    try:
+        task = manager.create(tiny_task_config(task_dataset, model_name_or_path=str(demo_model)), name="for switch")
+    finally:
+        manager.shutdown()
+    assert task_run_dir(str(task.id)) == task_run_dir(f"#{task.id}") == Path(task.output_dir)
+    assert task_run_dir("demo") is None and task_run_dir("Qwen/Qwen2.5-0.5B-Instruct") is None
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / str(task.id)).mkdir()
+    assert task_run_dir(str(task.id)) is None  # ./1 is a folder: it is meant
+    with pytest.raises(SystemExit):
+        main(["switch", "987654"])
+    assert "argument model: no task with id 987654" in capsys.readouterr().err

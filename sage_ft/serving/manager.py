@@ -377,7 +377,11 @@ class ServerManager:
 
     def _answer_switch_request(self, request: dict[str, Any], asked_pid: int) -> None:
         log.info("switching to %s as another sage-ft process asked", request.get("model"))
-        result = self.switch(str(request.get("model") or ""))
+        try:
+            result = self.switch(str(request.get("model") or ""))
+        except Exception as exc:  # switch() reports failures itself; the asking process must not wait in vain
+            log.exception("switch asked by another process failed")
+            result = SwitchResult("failed", f"{type(exc).__name__}: {exc}")
         answer = {"id": request["id"], **result.to_dict()}
         server = self._server  # a new one after a base-model switch
         for pid in {asked_pid, server.pid if server is not None else None} - {None}:

@@ -6,6 +6,7 @@ Every test leaves the session manager serving the demo base (other areas reuse `
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -162,7 +163,7 @@ def test_chat_cli_uses_the_running_server(vllm_manager, data_home):
     assert vllm_manager.status()["state"] == "ready"  # the client did not stop the owner's server
 
 
-def test_switch_cli_has_the_app_switch_for_everyone(vllm_manager, data_home, serving_adapters):
+def test_switch_cli_has_the_app_switch_for_everyone(vllm_manager, data_home, serving_adapters, other_base_model):
     """`sage-ft switch` while another process serves: that process (here this test's manager, in the
     app's place) does the switch, so its Chat tab and every client follow; the same switch again is a
     no-op (a client that loaded the adapter by itself got vLLM's "already loaded" the second time, and
@@ -175,6 +176,12 @@ def test_switch_cli_has_the_app_switch_for_everyone(vllm_manager, data_home, ser
             assert proc.returncode == 0 and proc.stdout.startswith("✅"), proc.stdout + proc.stderr[-2000:]
             assert vllm_manager.status()["model_label"] == "adapter-b"
         assert "loaded earlier" in proc.stdout
+        # another base model: the app starts its server, and the terminal shows that start's progress
+        proc = subprocess.run([sys.executable, "-m", "sage_ft", "switch", str(other_base_model)], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0 and proc.stdout.startswith("✅"), proc.stdout + proc.stderr[-2000:]
+        assert vllm_manager.status()["model_label"] == other_base_model.name
+        assert re.search(r"^  \[\s*\d+\.\ds\] ", proc.stderr, re.M), proc.stderr[-2000:]  # "  [ 12.3s] <stage>"
     finally:
         assert vllm_manager.switch("demo").outcome == "live"
 

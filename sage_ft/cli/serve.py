@@ -196,4 +196,4 @@ def _owner_switch(model: str):
     from sage_ft.serving import ServerManager
 
     print(f"asking the process that serves the chat model to switch to {model} ...", file=sys.stderr, flush=True)
-    return ServerManager.ask_owner_to_switch(model)
+    return ServerManager.ask_owner_to_switch(model, progress=_progress)

@@ -377,8 +377,16 @@ class ServerManager:
 
     def _answer_switch_request(self, request: dict[str, Any], asked_pid: int) -> None:
         log.info("switching to %s as another sage-ft process asked", request.get("model"))
+        shown: list[str] = []
+
+        def relay(item: Any) -> None:  # the asking process prints the progress lines a local switch would
+            if not shown or shown[-1] != str(item):
+                shown.append(str(item))
+                with contextlib.suppress(OSError):
+                    registry.update(asked_pid, switch_progress={"id": request["id"], "text": str(item)})
+
         try:
-            result = self.switch(str(request.get("model") or ""))
+            result = self.switch(str(request.get("model") or ""), progress=relay)
         except Exception as exc:  # switch() reports failures itself; the asking process must not wait in vain
             log.exception("switch asked by another process failed")
             result = SwitchResult("failed", f"{type(exc).__name__}: {exc}")
@@ -388,10 +396,12 @@ class ServerManager:
             registry.update(pid, switch_result=answer)
 
     @staticmethod
-    def ask_owner_to_switch(model: str | Path, timeout_s: float = 900.0, poll_s: float = 0.25) -> SwitchResult | None:
+    def ask_owner_to_switch(model: str | Path, timeout_s: float = 900.0, poll_s: float = 0.25,
+                            progress: Callable[[str], None] | None = None) -> SwitchResult | None:
         """Have the live sage-ft process that serves the chat model (the web app, ``sage-ft serve``) switch
-        it to ``model``, and wait for its result; None when no other process serves one. Raises
-        ``TimeoutError`` when it has not answered within ``timeout_s`` or has died meanwhile."""
+        it to ``model``, and wait for its result (``progress`` gets its progress lines); None when no
+        other process serves one. Raises ``TimeoutError`` when it has not answered within ``timeout_s``
+        or has died meanwhile."""
         entry = next((e for e in registry.live_entries() if e.get("current") and registry.owner_alive(e)
                       and not registry.owned_by_me(e)), None)
         if entry is None:
@@ -399,8 +409,13 @@ class ServerManager:
         request_id = uuid.uuid4().hex
         registry.update(entry["pid"], switch_request={"id": request_id, "model": str(model), "at": time.time()})
         deadline = time.monotonic() + timeout_s
+        last = None
         while time.monotonic() < deadline:
             for candidate in registry.read_entries():
+                step = candidate.get("switch_progress")
+                if progress and isinstance(step, dict) and step.get("id") == request_id and step.get("text") != last:
+                    last = step.get("text")
+                    progress(str(last))
                 answer = candidate.get("switch_result")
                 if isinstance(answer, dict) and answer.get("id") == request_id:
                     served = answer.get("served")

@@ -103,7 +103,7 @@ def _manager_for_terminal(model: str | None):
         print(f"no running chat server found; starting one ({manager.backend}) ...", file=sys.stderr)
         manager.start(progress=_progress)
     if model:
-        attached = manager.server is not None and not manager.server.owned
+        attached = manager.attached
         result = _owner_switch(model) if attached else manager.switch(model, progress=_progress)
         print(f"{result.icon} {result.message}" if result else "⚠️ the chat server has stopped", file=sys.stderr)
         if result is None or result.outcome == "failed":
@@ -136,7 +136,6 @@ def _chat(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     current = manager.current
-    attached = manager.server is not None and not manager.server.owned  # another sage-ft process serves
     print(f"chatting with {current.label if current else '?'} ({manager.backend}); /quit to leave, "
           "/reset to clear the history", file=sys.stderr)
     history: list[dict[str, str]] = []
@@ -150,7 +149,7 @@ def _chat(args: argparse.Namespace) -> int:
             if text == "/reset":
                 history.clear()
                 continue
-            if attached:
+            if manager.attached:  # another sage-ft process serves: answer with what it serves now
                 manager = _follow_the_app(manager)
             history.append({"role": "user", "content": text})
             reply = ""

@@ -189,6 +189,11 @@ class ServerManager:
     def server(self) -> VLLMServer | None:
         return self._server
 
+    @property
+    def attached(self) -> bool:
+        """A client of a server another sage-ft process owns (``connect_existing``): that process switches it."""
+        return self._server is not None and not self._server.owned
+
     def status(self) -> dict[str, Any]:
         """Everything the UI shows about the chat backend (cheap: no HTTP calls)."""
         self._check_alive()
@@ -402,8 +407,7 @@ class ServerManager:
         it to ``model``, and wait for its result (``progress`` gets its progress lines); None when no
         other process serves one. Raises ``TimeoutError`` when it has not answered within ``timeout_s``
         or has died meanwhile."""
-        entry = next((e for e in registry.live_entries() if e.get("current") and registry.owner_alive(e)
-                      and not registry.owned_by_me(e)), None)
+        entry = next(iter(registry.served_by_others()), None)
         if entry is None:
             return None
         request_id = uuid.uuid4().hex
@@ -639,7 +643,7 @@ class ServerManager:
     def _switch_server(self, target: ModelTarget, note: str, progress: ProgressCallback | None, strategy: str,
                        timeout_s: float | None, timings: dict[str, float]) -> SwitchResult:
         """A new server for a different base/merged model (or the first start)."""
-        if self._server is not None and not self._server.owned:
+        if self.attached:
             return SwitchResult("restart_needed", f"{target.label} needs its own server, but the running server "
                                 f"belongs to another sage-ft process (pid {self._server.pid}); restart that one with "
                                 f"--model {target.path}", timings, self._current)
@@ -790,9 +794,7 @@ class ServerManager:
     @classmethod
     def connect_existing(cls, **kwargs: Any) -> ServerManager | None:
         """A client-only manager for the current server another live sage-ft process runs (``sage-ft chat``)."""
-        for entry in registry.live_entries():
-            if not entry.get("current") or not registry.owner_alive(entry) or registry.owned_by_me(entry):
-                continue
+        for entry in registry.served_by_others():
             server = VLLMServer.from_registry(entry)
             if not server.health():
                 continue

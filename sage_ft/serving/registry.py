@@ -129,6 +129,11 @@ def remove(pid: int) -> None:
             _write(path, kept)
 
 
+def served_by_others() -> list[dict[str, Any]]:
+    """Live entries of the server that answers chats (``current``) for another live sage-ft process."""
+    return [e for e in live_entries() if e.get("current") and owner_alive(e) and not owned_by_me(e)]
+
+
 def live_entries() -> list[dict[str, Any]]:
     """Entries whose server process is still the one recorded; dead ones are dropped from the file."""
     with _locked() as path:

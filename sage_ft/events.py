@@ -29,6 +29,7 @@ EVENT_TYPES = (
     "metric_update",
     "error_occurred",
     "log",
+    "preparing",  # before the first step: phase "data" | "tokenize" (with done/total) | "model"
 )
 
 Listener = Callable[[dict[str, Any]], None]

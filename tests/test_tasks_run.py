@@ -20,6 +20,8 @@ from sage_ft.models.demo import ensure_demo_model
 from sage_ft.tasks import TaskError, TaskManager, TaskStatus
 from sage_ft.tasks.procinfo import ProcessIdentity
 from sage_ft.training.meta import read_meta
+from sage_ft.webui import render
+from tests.fixtures_data import write_jsonl
 from tests.fixtures_tasks import spawn_manager_process, tiny_task_config
 
 RUN_TIMEOUT_S = 240
@@ -119,6 +121,33 @@ def test_cancel_running_keeps_adapter_and_resume_finishes_with_the_same_steps(wo
     starts = _training_starts(finished)
     assert [s["start_step"] for s in starts] == [0, int(Path(cancelled.resume_checkpoint).name.split("-")[1])]
     assert finished.output_dir == task.output_dir
+
+
+def test_a_large_dataset_shows_its_preparation_and_a_cancel_there_stops_it_before_any_step(worker_manager,
+                                                                                          tmp_path):
+    """Tokenizing 40,000 conversations takes seconds: the task's row says how far it got (every
+    client shows "preparing: tokenizing 12,288/40,000" rather than "step 0/?"), and a cancel then
+    ends the run mid-tokenization: no step, no adapter, and the row keeps no preparing state."""
+    rows = [{"messages": [{"role": "user", "content": f"Question number {i}: what is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"It is {2 * i}, twice {i}."}]} for i in range(40_000)]
+    task = worker_manager.create(tiny_task_config(write_jsonl(rows, tmp_path / "large.jsonl")))
+    tokenizing = _wait_for(lambda: (live := worker_manager.task(task.id)).last_metrics.get("preparing_done")
+                           and live, what="tokenizing progress in the task's row")
+    assert tokenizing.last_metrics["preparing"] == "tokenize"
+    assert 0 < tokenizing.last_metrics["preparing_done"] < tokenizing.last_metrics["preparing_total"] == 40_000
+    shown = render.progress_html(tokenizing, "en")
+    assert "preparing: tokenizing" in shown and "/40,000 conversations" in shown and "step 0/?" not in shown
+    assert "before its first training step" in render.cancel_message(worker_manager.cancel(task.id), "en")
+
+    cancelled = worker_manager.wait(task.id, RUN_TIMEOUT_S)
+    assert (cancelled.status, cancelled.step, cancelled.error) == (TaskStatus.CANCELLED, 0, None)
+    assert not any(key.startswith("preparing") for key in cancelled.last_metrics)
+    events = _events(cancelled)
+    assert not [e for e in events if e["event"] == "training_start"]
+    last_report = [e for e in events if e["event"] == "preparing"][-1]
+    assert last_report["phase"] == "tokenize" and last_report["done"] < 40_000  # stopped mid-way
+    assert not (Path(task.output_dir) / "lora").exists() and cancelled.resume_checkpoint is None
+    assert read_meta(task.output_dir)["status"] == "cancelled"
 
 
 def test_shutdown_interrupts_the_running_task_resumably(task_db, task_dataset):

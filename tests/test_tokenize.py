@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sage_ft.data.tokenize import IGNORE_INDEX, token_length_stats, tokenize_conversations
+from sage_ft.data.tokenize import CHUNK, IGNORE_INDEX, token_length_stats, tokenize_conversations
 
 CHAT = [
     {"role": "system", "content": "Be brief."},
@@ -98,3 +98,33 @@ def test_conversation_longer_than_the_tokenizer_limit_is_cut_without_a_false_ala
         transformers_logger.removeHandler(handler)
     assert len(sample["input_ids"]) == 64
     assert not [r for r in records if "sequence length" in r.getMessage()], [r.getMessage() for r in records]
+
+
+def test_a_large_set_is_tokenized_in_batches_with_progress_and_exactly_as_one_by_one(tokenizer) -> None:
+    """Whole chunks go through the tokenizer at once (fast), reporting after each; batching must not
+    pad, shift a label or mix conversations up: each sample equals the conversation tokenized alone."""
+    conversations = [[{"role": "user", "content": f"Question {i}" + " and more" * (i % 7)},
+                      {"role": "assistant", "content": f"Answer {i}" + " indeed" * (i % 11)}]
+                     for i in range(2 * CHUNK + 7)]
+    reports: list[tuple[int, int]] = []
+    batched = tokenize_conversations(conversations, tokenizer, cutoff_len=1024,
+                                     progress=lambda done, total: reports.append((done, total)))
+    total = len(conversations)
+    assert reports == [(CHUNK, total), (2 * CHUNK, total), (total, total)]
+    assert len({len(s["input_ids"]) for s in batched}) > 5  # lengths differ: nothing was padded
+    for i in (0, 1, CHUNK - 1, CHUNK, total - 1):
+        assert batched[i] == tokenize_conversations([conversations[i]], tokenizer, cutoff_len=1024)[0]
+        assert trainable_text(tokenizer, batched[i]) == conversations[i][1]["content"] + "<|im_end|>\n"
+
+
+def test_a_progress_callback_that_raises_stops_tokenizing(tokenizer) -> None:
+    """How a run's cancel stops a long tokenization between chunks."""
+    class Stop(Exception):
+        pass
+
+    def stop(done: int, total: int) -> None:
+        raise Stop(done)
+
+    with pytest.raises(Stop) as raised:
+        tokenize_conversations([CHAT] * (CHUNK + 1), tokenizer, cutoff_len=1024, progress=stop)
+    assert raised.value.args == (CHUNK,)

@@ -14,6 +14,7 @@ import argparse
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_CANCELLED = 0, 1, 2, 130
@@ -125,11 +126,28 @@ def _print_progress(event: dict[str, Any]) -> None:
     print("  ".join(parts), flush=True)
 
 
+_PREPARING = {"data": "reading the dataset", "model": "loading the base model", "tokenize": "tokenizing"}
+_last_preparing_line = [0.0]  # when the last "tokenizing" line was printed: one every 5 s is enough
+
+
+def _print_preparing(event: dict[str, Any]) -> None:
+    done, total = event.get("done"), event.get("total")
+    if event.get("phase") == "tokenize" and isinstance(done, int) and isinstance(total, int):
+        if 0 < done < total and time.monotonic() - _last_preparing_line[0] < 5:
+            return
+        _last_preparing_line[0] = time.monotonic()
+        print(f"preparing: tokenizing {done:,}/{total:,} conversations", flush=True)
+    else:
+        print(f"preparing: {_PREPARING.get(str(event.get('phase')), event.get('phase'))}", flush=True)
+
+
 def _print_event(event: dict[str, Any]) -> None:
-    """The task manager's events for this run: progress lines and checkpoints."""
+    """The task manager's events for this run: preparation, progress lines and checkpoints."""
     if event.get("type") != "event":
         return
-    if event.get("event") == "metric_update":
+    if event.get("event") == "preparing":
+        _print_preparing(event)
+    elif event.get("event") == "metric_update":
         _print_progress(event)
     elif event.get("event") == "checkpoint_saved":
         print(f"checkpoint saved: {event['path']}", flush=True)
@@ -154,7 +172,8 @@ class _ForegroundControl:
         if self._cancelling or self.task_id is None:
             raise KeyboardInterrupt
         self._cancelling = True
-        print("\ncancelling after the current step (the adapter will be saved); Ctrl-C again to abort",
+        print("\ncancelling: after the current step, whose adapter is saved (a run still preparing stops at once); "
+              "Ctrl-C again to abort",
               file=sys.stderr, flush=True)
         # On a thread: the handler interrupts the training thread, which may hold the run's lock or
         # a database transaction that cancel() also needs.

@@ -11,11 +11,15 @@ character offset, so tokenisation is exactly what the model sees at inference ti
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sage_ft.data.templates import chat_template_for
 
 IGNORE_INDEX = -100  # the label value transformers' loss ignores
+CHUNK = 512  # conversations per batch tokenizer call and per progress report
+Progress = Callable[[int, int], None]
 log = logging.getLogger(__name__)
 
 
@@ -26,45 +30,76 @@ class TokenizedSamples(list):
     truncated: int = 0  # longer than cutoff_len
 
 
-def tokenize_conversations(conversations: list[list[dict[str, str]]], tokenizer: Any, cutoff_len: int,
-                           template: str = "auto") -> TokenizedSamples:
+def tokenize_conversations(conversations: Sequence[list[dict[str, str]]], tokenizer: Any, cutoff_len: int,
+                           template: str = "auto", progress: Progress | None = None) -> TokenizedSamples:
     """Tokenise each conversation; labels are -100 except on assistant-turn tokens.
 
     Samples are truncated to ``cutoff_len`` tokens (the start is kept); samples left without a
-    trainable token are dropped and counted in ``result.dropped``.
+    trainable token are dropped and counted in ``result.dropped``. ``progress(done, total)`` is
+    called after each chunk of ``CHUNK`` conversations: a large dataset takes a while, and the
+    caller shows how far it got (and may raise there to stop, e.g. on a cancel).
     """
     jinja = chat_template_for(template, tokenizer)
     out = TokenizedSamples()
-    for messages in conversations:
-        sample = tokenize_conversation(messages, tokenizer, jinja)
-        if len(sample["input_ids"]) > cutoff_len:
-            out.truncated += 1
-            sample = {key: value[:cutoff_len] for key, value in sample.items()}
-        if all(label == IGNORE_INDEX for label in sample["labels"]):
-            out.dropped += 1
-            continue
-        out.append(sample)
+    total = len(conversations)
+    for first in range(0, total, CHUNK):
+        chunk = conversations[first:first + CHUNK]
+        for sample in _tokenize_chunk(chunk, tokenizer, jinja):
+            if len(sample["input_ids"]) > cutoff_len:
+                out.truncated += 1
+                sample = {key: value[:cutoff_len] for key, value in sample.items()}
+            if all(label == IGNORE_INDEX for label in sample["labels"]):
+                out.dropped += 1
+                continue
+            out.append(sample)
+        if progress is not None:
+            progress(first + len(chunk), total)
     if out.dropped:
         log.info("%d of %d conversations dropped: no assistant token within cutoff_len %d",
-                 out.dropped, len(conversations), cutoff_len)
+                 out.dropped, total, cutoff_len)
     return out
 
 
 def tokenize_conversation(messages: list[dict[str, str]], tokenizer: Any, jinja: str) -> dict[str, list[int]]:
     """One conversation, untruncated (see the module docstring for how spans are found)."""
-    text = _render(tokenizer, jinja, messages, add_generation_prompt=False)
-    spans = assistant_spans(messages, tokenizer, jinja, text)
+    [sample] = _tokenize_chunk([messages], tokenizer, jinja)
+    return sample
+
+
+def _tokenize_chunk(chunk: Sequence[list[dict[str, str]]], tokenizer: Any, jinja: str) -> list[dict[str, list[int]]]:
+    """Conversations of one chunk, untruncated. A fast tokenizer encodes the chunk in one batch call
+    (its Rust side uses every core), which with the span lookup by bisection makes a 100k-row
+    dataset take a third of the time it took one conversation at a time."""
+    texts = [_render(tokenizer, jinja, messages, add_generation_prompt=False) for messages in chunk]
+    spans = [assistant_spans(messages, tokenizer, jinja, text) for messages, text in zip(chunk, texts, strict=True)]
+    if not getattr(tokenizer, "is_fast", False):
+        return [_tokenize_slow(text, text_spans, tokenizer) for text, text_spans in zip(texts, spans, strict=True)]
     # verbose=False: the whole conversation is tokenised, then cut at cutoff_len (and counted as
     # truncated); transformers' "longer than the maximum sequence length ... will result in indexing
     # errors" would warn of a length the model never sees (preflight holds cutoff_len to its context).
-    if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-        ids = list(enc["input_ids"])
-        labels = [tok if _in_spans(start, end, spans) else IGNORE_INDEX
-                  for tok, (start, end) in zip(ids, enc["offset_mapping"], strict=True)]
-        return {"input_ids": ids, "labels": labels}
-    # Slow tokenizers have no offsets: tokenise the text piece by piece at the span boundaries.
-    ids, labels, pos = [], [], 0
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    return [{"input_ids": list(ids), "labels": _labels(ids, offsets, text_spans)}
+            for ids, offsets, text_spans in zip(enc["input_ids"], enc["offset_mapping"], spans, strict=True)]
+
+
+def _labels(ids: Sequence[int], offsets: Sequence[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """A token is trainable when it starts inside an assistant span (zero-width tokens never).
+
+    Token start offsets never decrease, so each span's tokens are one slice found by bisection."""
+    starts = [start for start, _ in offsets]
+    labels = [IGNORE_INDEX] * len(ids)
+    for span_start, span_end in spans:
+        a, b = bisect_left(starts, span_start), bisect_left(starts, span_end)
+        labels[a:b] = [tok if end > start else IGNORE_INDEX
+                       for tok, (start, end) in zip(ids[a:b], offsets[a:b], strict=True)]
+    return labels
+
+
+def _tokenize_slow(text: str, spans: list[tuple[int, int]], tokenizer: Any) -> dict[str, list[int]]:
+    """Slow tokenizers have no offsets: tokenise the text piece by piece at the span boundaries."""
+    ids: list[int] = []
+    labels: list[int] = []
+    pos = 0
     for start, end in [*spans, (len(text), len(text))]:
         for piece, trainable in ((text[pos:start], False), (text[start:end], True)):
             if piece:
@@ -101,11 +136,6 @@ def _render(tokenizer: Any, jinja: str, messages: list[dict[str, str]], add_gene
         return ""
     return tokenizer.apply_chat_template(messages, chat_template=jinja, tokenize=False,
                                          add_generation_prompt=add_generation_prompt)
-
-
-def _in_spans(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
-    """A token is trainable when it starts inside an assistant span (zero-width tokens never)."""
-    return end > start and any(s <= start < e for s, e in spans)
 
 
 def token_length_stats(samples: list[dict[str, list[int]]], cutoff_len: int) -> dict[str, float]:

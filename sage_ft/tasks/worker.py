@@ -309,6 +309,10 @@ class TaskRun:
             if kind == "metric_update":
                 metrics = {k: v for k, v in event.items() if k not in _NOT_METRICS and _is_scalar(v)}
                 pending["metrics"] = {**pending.get("metrics", {}), **metrics}
+            if kind == "preparing":  # what the run does before its first step (shown instead of "step 0/?")
+                pending["metrics"] = {**pending.get("metrics", {}), **preparing_metrics(event)}
+            if kind == "training_start":
+                pending["metrics"] = {**pending.get("metrics", {}), **dict.fromkeys(PREPARING_KEYS)}
             if kind == "checkpoint_saved" and event.get("path"):
                 pending["resume_checkpoint"] = str(event["path"])
             if event.get("child_pid"):
@@ -359,7 +363,8 @@ class TaskRun:
         with self.store.write() as s:
             if "metrics" in pending:
                 current = s.scalar(select(TaskRecord.last_metrics).where(TaskRecord.id == self.task.id))
-                merged = {**json.loads(current or "{}"), **pending["metrics"]}
+                merged = {key: value for key, value in {**json.loads(current or "{}"), **pending["metrics"]}.items()
+                          if value is not None}  # None: a key that no longer applies (the preparing ones)
                 values["last_metrics"] = json.dumps(merged, default=str)
             s.execute(update(TaskRecord).where(TaskRecord.id == self.task.id).values(**values))
 
@@ -376,7 +381,8 @@ class TaskRun:
                 return
             metrics = {**json.loads(rec.last_metrics or "{}"),
                        **{k: v for k, v in outcome.metrics.items() if _is_scalar(v) and k not in _NOT_METRICS}}
-            metrics.pop("eta_seconds", None)
+            for key in ("eta_seconds", *PREPARING_KEYS):
+                metrics.pop(key, None)
             rec.status = outcome.status.value
             rec.finished_at = now
             rec.updated_at = now
@@ -421,6 +427,15 @@ class _MultiProcessControl:
 
 
 LAUNCHER_LOG_TITLE = "last lines of the data-parallel launcher's log"
+PREPARING_KEYS = ("preparing", "preparing_done", "preparing_total")
+
+
+def preparing_metrics(event: dict[str, Any]) -> dict[str, Any]:
+    """A ``preparing`` event as the row's metrics: the phase and, while tokenizing, how far it got."""
+    return {"preparing": str(event.get("phase") or "data"), "preparing_done": event.get("done"),
+            "preparing_total": event.get("total")}
+
+
 _NOT_METRICS = frozenset({"event", "time", "step", "total_steps", "global_step"})
 
 

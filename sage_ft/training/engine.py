@@ -28,6 +28,7 @@ import math
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from sage_ft.training.collate import (
     PackingCollator,
     cost_model,
 )
-from sage_ft.training.run import FineTuneRun, RunFailure
+from sage_ft.training.run import CancelledBeforeTraining, FineTuneRun, RunFailure
 
 log = logging.getLogger("sage_ft.training")
 
@@ -52,6 +53,8 @@ def train(run: FineTuneRun) -> tuple[str, dict[str, Any]]:
     from sage_ft.training.inputs import load_run_dataset
 
     config, out, meta = run.config, run.output_dir, run._meta
+    prep = Preparation(run)
+    prep.phase("data")
     report = load_run_dataset(config)  # bad data fails before any model is loaded
     meta["dataset_info"] = {"files": [str(f) for f in report.files], "format": report.format,
                             "rows_total": report.rows_total, "rows_ok": report.rows_ok,
@@ -59,7 +62,9 @@ def train(run: FineTuneRun) -> tuple[str, dict[str, Any]]:
     model_dir = resolve_model(config.model_name_or_path)
     meta["base_model_path"] = str(model_dir)
     tokenizer = load_tokenizer(model_dir, config.template)
-    samples = tokenize_conversations(report.conversations, tokenizer, config.cutoff_len, config.template)
+    prep.phase("tokenize", done=0, total=len(report.conversations))
+    samples = tokenize_conversations(report.conversations, tokenizer, config.cutoff_len, config.template,
+                                     progress=prep.tokenized)
     if not samples:
         raise RunFailure(f"no sample keeps an assistant token within cutoff_len {config.cutoff_len}; "
                          "raise cutoff_len or shorten the prompts")
@@ -74,6 +79,7 @@ def train(run: FineTuneRun) -> tuple[str, dict[str, Any]]:
 
     model = trainer = None
     try:
+        prep.phase("model")
         model = load_model(model_dir, precision, device)
         packing = config.packing and supports_packing(model, train_set)
         if config.packing and not packing:
@@ -113,6 +119,7 @@ def train(run: FineTuneRun) -> tuple[str, dict[str, Any]]:
             log.info("resuming from %s (step %d)", checkpoint, step)
         if run.is_main_process:
             remove_stale_staging(out)
+        prep.stop_if_cancelled()
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         status = "cancelled" if run._control.cancelled else "completed"
         metrics = final_metrics(trainer, result, collator)
@@ -132,6 +139,40 @@ def train(run: FineTuneRun) -> tuple[str, dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------- pieces
+
+
+class Preparation:
+    """What a run does before its first step (read the data, tokenise it, load the model), told as
+    ``preparing`` events, so the task list says "tokenizing 34,000/100,000" rather than "step 0/?"
+    for the minute a large dataset or model takes; and a cancel there ends the run at once
+    (``CancelledBeforeTraining``) instead of after a first step. Not in a data-parallel run: one rank
+    leaving early would leave the others waiting in the trainer's first all-reduce, so there every
+    rank stops together after the first step, as before."""
+
+    REPORT_EVERY_S = 1.0
+
+    def __init__(self, run: FineTuneRun):
+        self.run = run
+        self.can_stop_early = int(os.environ.get("WORLD_SIZE", "1") or 1) < 2
+        self._last_report = 0.0
+
+    def phase(self, name: str, **progress: int) -> None:
+        self.stop_if_cancelled()
+        log.info("preparing: %s", {"data": "reading the dataset", "model": "loading the base model",
+                                   "tokenize": f"tokenizing {progress.get('total', 0)} conversations"}[name])
+        self.run.emitter.emit("preparing", phase=name, **progress)
+        self._last_report = time.monotonic()
+
+    def tokenized(self, done: int, total: int) -> None:
+        """``tokenize_conversations``' progress callback."""
+        self.stop_if_cancelled()
+        if time.monotonic() - self._last_report >= self.REPORT_EVERY_S or done == total:
+            self.run.emitter.emit("preparing", phase="tokenize", done=done, total=total)
+            self._last_report = time.monotonic()
+
+    def stop_if_cancelled(self) -> None:
+        if self.can_stop_early and self.run.cancel_requested:
+            raise CancelledBeforeTraining()
 
 
 def load_tokenizer(model_dir: Path, template: str):

@@ -36,6 +36,11 @@ class RunFailure(RuntimeError):
     """A run-level problem with a message meant for the user (no traceback needed)."""
 
 
+class CancelledBeforeTraining(Exception):
+    """A cancel that arrived while the run was still preparing (data, tokenizer, model): the run
+    ends cancelled at once, with nothing trained and no adapter written."""
+
+
 @dataclass
 class RunResult:
     status: str  # completed | failed | cancelled
@@ -106,6 +111,9 @@ class FineTuneRun:
             log.info("run %s: model %s, dataset %s", self.output_dir, self.config.model_name_or_path,
                      self.config.dataset)
             status, metrics = self._train()
+        except CancelledBeforeTraining:
+            status = "cancelled"
+            log.info("cancelled before the first training step: nothing was trained, no adapter was written")
         except KeyboardInterrupt:
             status, error = "cancelled", "interrupted"
             raise
@@ -248,4 +256,4 @@ def _detach_log_file(handler: logging.Handler) -> None:
     handler.close()
 
 
-__all__ = ["FineTuneRun", "RunResult", "RunFailure", "resolve_output_dir", "describe_failure", "is_main_process"]
+__all__ = ["FineTuneRun", "RunResult", "RunFailure", "CancelledBeforeTraining", "resolve_output_dir", "describe_failure", "is_main_process"]

@@ -45,10 +45,12 @@ def readable_metrics(metrics: dict[str, Any], digits: int = 4) -> dict[str, Any]
 
 def cancel_message(task: Task, lang: str) -> str:
     """What a cancel did, so nobody has to guess whether work was lost: a running task stops after
-    its step with its adapter kept; a queued one that never ran left the queue with nothing trained;
-    an interrupted (or re-queued) one keeps its checkpoints and can still be resumed."""
+    its step with its adapter kept (one still preparing stops at once, nothing trained); a queued
+    one that never ran left the queue with nothing trained; an interrupted (or re-queued) one keeps
+    its checkpoints and can still be resumed."""
     if task.status.value == "running":
-        return i18n.t("alert.cancel_requested", lang, id=task.id)
+        return i18n.t("alert.cancel_preparing" if preparing_text(task, lang) else "alert.cancel_requested", lang,
+                      id=task.id)
     return i18n.t("alert.task_cancel" if task.started_at else "alert.cancel_queued", lang, id=task.id)
 
 
@@ -63,7 +65,8 @@ def task_row(task: Task, lang: str) -> list[Any]:
     config = task.config_dict
     dataset = ", ".join(p.rsplit("/", 1)[-1] for p in task.dataset.split(",") if p) or config.get("dataset", "")
     return [task.id, status_text(task, lang), task.name, str(config.get("model_name_or_path", "")), dataset,
-            f"{task.progress * 100:.0f}%", number(epoch, 3), f"{task.step}/{task.total_steps or '?'}",
+            f"{task.progress * 100:.0f}%", number(epoch, 3),
+            i18n.t("mon.preparing.short", lang) if preparing_text(task, lang) else f"{task.step}/{task.total_steps or '?'}",
             number(m.get("loss")), clock(task.started_at), duration(task.duration_s)]
 
 
@@ -87,6 +90,8 @@ def progress_html(task: Task | None, lang: str, eta_s: float | None = None) -> s
     bits = [f'{i18n.t("mon.step", lang)} {task.step}/{task.total_steps or "?"}']
     if task.status.value == "queued":  # what a queued task waits for, not "step 0/?"
         bits = _queue_bits(task, lang)
+    elif preparing := preparing_text(task, lang):  # what it does before its first step, not "step 0/?"
+        bits = [preparing]
     if epoch is not None:
         bits.append(f'{i18n.t("mon.epoch", lang)} {number(epoch, 3)}')
     if isinstance(tps, (int, float)):
@@ -101,6 +106,19 @@ def progress_html(task: Task | None, lang: str, eta_s: float | None = None) -> s
             f' · {pct:.0f}%</div>'
             f'<div class="bar"><div class="fill" style="width:{pct:.1f}%"></div></div>'
             f'<div class="meta">{html.escape(" · ".join(bits))}</div>{error}</div>')
+
+
+def preparing_text(task: Task, lang: str) -> str | None:
+    """What a running task does before its first step (reading data, tokenizing, loading the model),
+    from its ``preparing`` metrics; None once it trains."""
+    m = task.last_metrics
+    phase = m.get("preparing")
+    if task.status.value != "running" or phase not in ("data", "tokenize", "model"):
+        return None
+    done, total = m.get("preparing_done"), m.get("preparing_total")
+    if phase == "tokenize" and isinstance(done, int) and isinstance(total, int) and total > 0:
+        return i18n.t("mon.preparing.tokenize", lang, done=f"{done:,}", total=f"{total:,}", pct=done * 100 // total)
+    return i18n.t(f"mon.preparing.{phase}", lang)
 
 
 def _queue_bits(task: Task, lang: str) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from sage_ft.config import TrainConfig
@@ -104,7 +105,14 @@ def _token_stats(report, model: str, cutoff_len: int, template: str) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    report.compute_token_stats(tokenizer, cutoff_len, template)
+    last_line = [time.monotonic()]
+
+    def say_how_far(done: int, total: int) -> None:  # on stderr: --json keeps stdout clean
+        if done < total and time.monotonic() - last_line[0] >= 5:
+            last_line[0] = time.monotonic()
+            print(f"tokenizing {done:,}/{total:,} conversations", file=sys.stderr, flush=True)
+
+    report.compute_token_stats(tokenizer, cutoff_len, template, progress=say_how_far)
 
 
 def prepare_docs_command(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,11 +179,13 @@ class DatasetReport:
             data["conversations"] = self.conversations
         return data
 
-    def compute_token_stats(self, tokenizer: Any, cutoff_len: int, template: str = "auto") -> TokenStats:
-        """Tokenise every conversation with the chat template (untruncated) and record length stats."""
+    def compute_token_stats(self, tokenizer: Any, cutoff_len: int, template: str = "auto",
+                            progress: Callable[[int, int], None] | None = None) -> TokenStats:
+        """Tokenise every conversation with the chat template (untruncated) and record length stats;
+        ``progress(done, total)`` as in ``tokenize_conversations``."""
         from sage_ft.data.tokenize import tokenize_conversations
 
-        encoded = tokenize_conversations(self.conversations, tokenizer, _NO_CUTOFF, template)
+        encoded = tokenize_conversations(self.conversations, tokenizer, _NO_CUTOFF, template, progress=progress)
         lengths = sorted(len(sample["input_ids"]) for sample in encoded)
         if not lengths:
             raise DataError("no conversation could be tokenised; check the model's chat template")

@@ -80,8 +80,8 @@ def eval_loss(model_dir: Path, adapter_dir: Path, eval_data: Path, cutoff: int) 
     total, count = 0.0, 0
     with torch.no_grad():
         for s in samples:
-            ids = torch.tensor([s["input_ids"]], device=device)
-            labels = torch.tensor([s["labels"]], device=device)
+            ids = torch.as_tensor(s["input_ids"], dtype=torch.long, device=device)[None]
+            labels = torch.as_tensor(s["labels"], dtype=torch.long, device=device)[None]
             n = int((labels[:, 1:] != -100).sum())
             if n == 0:
                 continue
@@ -136,6 +136,8 @@ def worker_baseline(model_dir: Path, data: Path, eval_data: Path, out: Path, ste
     cuda = _cuda()
     torch.manual_seed(SEED)
     tokenizer, samples = _tokenized(model_dir, data, cutoff)
+    # As a user's own tokenization gives them: Python lists (sage-ft keeps int32 arrays).
+    samples = [{key: value.tolist() for key, value in sample.items()} for sample in samples]
     dtype = torch.bfloat16 if cuda and precision == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, target_modules="all-linear",

@@ -183,13 +183,13 @@ class DatasetReport:
                             progress: Callable[[int, int], None] | None = None) -> TokenStats:
         """Tokenise every conversation with the chat template (untruncated) and record length stats;
         ``progress(done, total)`` as in ``tokenize_conversations``."""
-        from sage_ft.data.tokenize import tokenize_conversations
+        from sage_ft.data.tokenize import has_trainable_token, tokenize_conversations
 
         encoded = tokenize_conversations(self.conversations, tokenizer, _NO_CUTOFF, template, progress=progress)
         lengths = sorted(len(sample["input_ids"]) for sample in encoded)
         if not lengths:
             raise DataError("no conversation could be tokenised; check the model's chat template")
-        no_labels = sum(1 for s in encoded if all(label == -100 for label in list(s["labels"])[:cutoff_len]))
+        no_labels = sum(1 for s in encoded if not has_trainable_token(s["labels"][:cutoff_len]))
         self.token_stats = TokenStats(
             count=len(lengths), min=lengths[0], mean=sum(lengths) / len(lengths),
             p95=lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))], max=lengths[-1],

@@ -65,6 +65,7 @@ def train(run: FineTuneRun) -> tuple[str, dict[str, Any]]:
     prep.phase("tokenize", done=0, total=len(report.conversations))
     samples = tokenize_conversations(report.conversations, tokenizer, config.cutoff_len, config.template,
                                      progress=prep.tokenized)
+    del report  # the conversations as text (often more memory than their tokens) are not needed any more
     if not samples:
         raise RunFailure(f"no sample keeps an assistant token within cutoff_len {config.cutoff_len}; "
                          "raise cutoff_len or shorten the prompts")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from sage_ft.serving import ChatError, ServerManager, TargetError, resolve_target
-from sage_ft.serving.chat import build_messages
+from sage_ft.serving.chat import build_messages, fit_to_context
 from sage_ft.serving.metrics import server_metrics
 from sage_ft.serving.ports import find_free_port, is_port_free
 from sage_ft.serving.registry import process_matches
@@ -237,5 +237,54 @@ def test_cancelled_in_process_load_keeps_the_model_that_answered(serving_demo_mo
         assert manager.current == before and manager.status()["state"] == "ready" and not manager.cancel_switch()
         assert states == ["starting", "switching"] and answers_while_loading == [answer]
         assert "".join(manager.stream_chat(HELLO, temperature=0.0, max_tokens=6)) == answer
+    finally:
+        manager.close()
+
+
+def _long_chat(turns: int, words: int, system: bool = True) -> list[dict[str, str]]:
+    chat = [{"role": "system", "content": "Be brief."}] if system else []
+    for i in range(turns):
+        chat += [{"role": "user", "content": f"question {i} " + "about data " * words},
+                 {"role": "assistant", "content": f"answer {i} " + "and more " * words}]
+    return chat + [{"role": "user", "content": "and the last question?"}]
+
+
+def test_fit_to_context_leaves_out_the_oldest_whole_turns_only_as_needed():
+    chat = _long_chat(turns=10, words=50)
+    lengths: list[int] = []
+
+    def count(messages):  # characters stand in for tokens: the rule, not a tokenizer, is tested here
+        lengths.append(len(messages))
+        return sum(len(m["content"]) for m in messages)
+
+    assert fit_to_context(chat, count, context=count(chat) + 100, reply_room=100) == (chat, 0)
+    lengths.clear()
+    fitted, left_out = fit_to_context(chat, count, context=3000, reply_room=200)
+    assert fitted[0] == chat[0] and fitted[1]["role"] == "user" and fitted == [chat[0], *chat[1 + 2 * left_out:]]
+    assert count(fitted) + 200 <= 3000 < count([chat[0], *chat[1 + 2 * (left_out - 1):]]) + 200  # no more than needed
+    assert len(lengths) <= 6  # a binary search over 11 cut points, not one count per turn
+    # Only the system prompt and the question fit: that is sent, the reply gets what is left.
+    assert fit_to_context(chat, count, context=40, reply_room=30) == ([chat[0], chat[-1]], 10)
+    with pytest.raises(ChatError) as too_long:
+        fit_to_context(chat, count, context=20, reply_room=10)
+    assert str(too_long.value) == ("the message with the system prompt is 31 tokens; the model reads at most 20 "
+                                   "(its context length): shorten it") and not too_long.value.retryable
+
+
+def test_in_process_backend_answers_a_chat_longer_than_the_model_reads(serving_demo_model):
+    """The transformers backend has no server to refuse a prompt past the model's positions (2048 for
+    the demo model): the chat is measured with its tokenizer and sent without its oldest turns."""
+    manager = ServerManager("demo", backend="transformers", install_exit_handlers=False, adopt=False)
+    manager.start()
+    try:
+        chat = _long_chat(turns=12, words=60)
+        backend = manager._local
+        count, context = backend.count_chat_tokens("demo", chat)
+        assert count > context == 2048
+        told: list[tuple[int, int]] = []
+        reply = "".join(manager.stream_chat(chat, temperature=0.0, max_tokens=4, on_fit=lambda *a: told.append(a)))
+        assert reply and len(told) == 1 and told[0][1] == 2048
+        kept = [chat[0], *chat[1 + 2 * told[0][0]:]]
+        assert backend.count_chat_tokens("demo", kept)[0] + 4 <= 2048
     finally:
         manager.close()

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from sage_ft.serving import ChatError, stream_chat
-from sage_ft.serving.chat import chat
+from sage_ft.serving.chat import chat, stream_openai
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -90,6 +90,38 @@ def test_unknown_model_is_a_clear_non_retryable_error(vllm_manager):
     with pytest.raises(ChatError) as info:
         _greedy(vllm_manager, model="no-such-adapter")
     assert not info.value.retryable and "not loaded" in str(info.value)
+
+
+def test_a_chat_longer_than_the_context_is_answered_without_its_oldest_turns(vllm_manager):
+    """Past max_model_len (1024 here) vLLM refuses a conversation, and would on every later message
+    until the user cleared it: it is sent without its oldest turns instead, as few as leave room for the
+    reply by vLLM's own count, and the caller is told (the Chat tab puts it on the reply's label)."""
+    server = vllm_manager.server
+    conversation = [{"role": "system", "content": "Be brief."}]
+    for i in range(8):
+        conversation += [{"role": "user", "content": f"question {i} " + "about data " * 40},
+                         {"role": "assistant", "content": f"answer {i} " + "and more " * 40}]
+    conversation.append({"role": "user", "content": "and the last question?"})
+    count, context = server.count_chat_tokens("demo", conversation)
+    assert count > context == vllm_manager.max_model_len == 1024
+    with pytest.raises(ChatError) as refused:  # what the server says to the whole conversation
+        list(stream_openai(server.base_url, server.api_key, "demo", conversation, max_tokens=8))
+    assert refused.value.context_overflow and not refused.value.retryable
+
+    told: list[tuple[int, int]] = []
+    reply = "".join(stream_chat(vllm_manager, conversation, temperature=0.0, max_tokens=16,
+                                on_fit=lambda turns, ctx: told.append((turns, ctx))))
+    assert reply and len(told) == 1 and told[0][1] == 1024
+    left_out = told[0][0]
+    assert server.count_chat_tokens("demo", [conversation[0], *conversation[1 + 2 * left_out:]])[0] + 16 <= 1024
+    assert server.count_chat_tokens("demo", [conversation[0], *conversation[1 + 2 * (left_out - 1):]])[0] + 16 > 1024
+    short = conversation[:1] + conversation[-3:]  # a chat that fits is sent whole, and nobody is told anything
+    assert "".join(stream_chat(vllm_manager, short, max_tokens=4, on_fit=lambda *a: told.append(a))) and len(told) == 1
+
+    with pytest.raises(ChatError) as too_long:  # one message past the context: said, never retried in a loop
+        list(stream_chat(vllm_manager, [{"role": "user", "content": "word " * 1500}], max_tokens=8))
+    assert not too_long.value.retryable and "the model reads at most 1,024" in str(too_long.value)
+    assert "shorten it" in str(too_long.value)
 
 
 def test_runtime_lora_changes_outputs_and_is_listed_with_parent(base_after, serving_adapters):

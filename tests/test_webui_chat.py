@@ -7,6 +7,7 @@ Every test that switches the shared server leaves it serving the demo base.
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from concurrent.futures import CancelledError
@@ -176,6 +177,23 @@ def test_chat_streams_the_served_models_answer(client, vllm_manager):
     again = client.predict(two, *GREEDY, api_name="/chat_regenerate")[0]
     assert len(again) == 4 and _reply(again) == _reply(two)
     assert client.predict(api_name="/chat_clear")[0] == []
+
+
+def test_a_chat_that_outgrew_the_context_still_answers_and_its_label_says_what_was_left_out(client):
+    """The Chat tab's side of ``fit_to_context``: the reply names its model and how many of the oldest
+    turns it was not sent (vLLM serves 1024 tokens here; the conversation is ~2,000)."""
+    def message(role: str, text: str) -> dict:  # as the Chatbot holds it
+        return {"role": role, "content": [{"type": "text", "text": text}]}
+
+    history = []
+    for i in range(6):
+        history += [message("user", f"question {i} " + "about data " * 50),
+                    message("assistant", f"answer {i} " + "and more " * 50)]
+    history = client.predict("And the last question?", history, *GREEDY, api_name="/chat_send")[0]
+    label = _split(history[-1])[0]
+    assert re.fullmatch(r"demo · \d oldest turn\(s\) not sent: the chat outgrew the model's 1,024-token context",
+                        label.replace("\\", "")), label
+    assert _reply(history) and "❌" not in _reply(history)
 
 
 def test_server_error_is_shown_in_the_chat(client):

@@ -155,7 +155,7 @@ def _chat(args: argparse.Namespace) -> int:
             reply = ""
             try:
                 for chunk in manager.stream_chat(history, system_prompt=args.system, temperature=args.temperature,
-                                                 max_tokens=args.max_tokens):
+                                                 max_tokens=args.max_tokens, on_fit=_say_left_out):
                     reply += chunk
                     print(chunk, end="", flush=True)
             except ChatError as exc:
@@ -169,6 +169,11 @@ def _chat(args: argparse.Namespace) -> int:
     finally:
         manager.close()
     return 0
+
+
+def _say_left_out(turns: int, context: int) -> None:
+    print(f"({turns} oldest turn(s) not sent: the chat outgrew the model's {context:,}-token context; "
+          "/reset starts afresh)", file=sys.stderr, flush=True)
 
 
 def _switch(args: argparse.Namespace) -> int:

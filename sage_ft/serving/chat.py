@@ -21,11 +21,48 @@ READ_TIMEOUT_S = 120.0  # longest silence between two streamed chunks
 
 
 class ChatError(RuntimeError):
-    """A chat request failed. ``retryable``: the same request may succeed in a few seconds."""
+    """A chat request failed. ``retryable``: the same request may succeed in a few seconds.
+    ``context_overflow``: the conversation is longer than the model reads (``fit_to_context`` helps)."""
 
-    def __init__(self, message: str, retryable: bool = False):
+    def __init__(self, message: str, retryable: bool = False, context_overflow: bool = False):
         super().__init__(message)
         self.retryable = retryable
+        self.context_overflow = context_overflow
+
+
+def fit_to_context(messages: list[dict[str, str]], count_tokens: Callable[[list[dict[str, str]]], int],
+                   context: int, reply_room: int) -> tuple[list[dict[str, str]], int]:
+    """``messages`` without their oldest turns, so that the prompt leaves ``reply_room`` of the
+    model's ``context`` tokens for the reply; returns (messages, turns left out).
+
+    A long chat would otherwise fail on every message once it outgrows the context, until the user
+    clears it. The system prompt and the last user message are always kept; a turn (a user message
+    and the replies to it) is left out whole, so roles still alternate as chat templates expect.
+    When even those two do not fit, the reply gets what is left of the context; when they alone
+    exceed it, ``ChatError`` says by how much. ``count_tokens`` is called O(log turns) times.
+    """
+    head = messages[:1] if messages and messages[0]["role"] == "system" else []
+    body = messages[len(head):]
+    cuts = sorted({0, *(i for i, m in enumerate(body) if m["role"] == "user")})
+    fits = [None] * len(cuts)  # prompt tokens when the turns before cut k are left out, as measured
+
+    def prompt_tokens(k: int) -> int:
+        if fits[k] is None:
+            fits[k] = count_tokens(head + body[cuts[k]:])
+        return fits[k]
+
+    low, high = 0, len(cuts) - 1  # the fewest turns left out that leave room for the reply
+    while low < high:
+        mid = (low + high) // 2
+        if prompt_tokens(mid) + reply_room <= context:
+            high = mid
+        else:
+            low = mid + 1
+    if prompt_tokens(low) >= context:
+        raise ChatError(f"the message{' with the system prompt' if head else ''} is {prompt_tokens(low):,} tokens; "
+                        f"the model reads at most {context:,} (its context length): shorten it")
+    left_out = body[:cuts[low]]
+    return head + body[cuts[low]:], sum(1 for m in left_out if m["role"] == "user") or len(left_out)
 
 
 def build_messages(messages: list[dict[str, Any]], system_prompt: str | None = None) -> list[dict[str, str]]:
@@ -125,6 +162,8 @@ def _chat_error(exc: Exception, model: str) -> ChatError:
         if exc.status_code == 401:
             return ChatError("the chat server refused our API key (it was restarted by another process?); "
                              "restart the chat server", retryable=True)
+        if exc.status_code == 400 and "context length" in detail.lower():
+            return ChatError(f"the conversation is longer than the model reads ({detail})", context_overflow=True)
         if exc.status_code >= 500:
             return ChatError(f"the chat server failed ({exc.status_code}: {detail}); try again", retryable=True)
         return ChatError(f"the chat request was refused ({exc.status_code}): {detail}")
@@ -146,15 +185,17 @@ def stream_chat(manager: ServerManager, messages: list[dict[str, Any]], model: s
                 system_prompt: str | None = None, temperature: float = 0.7, top_p: float = 1.0,
                 max_tokens: int = 256, stop: list[str] | str | None = None,
                 cancel_event: threading.Event | None = None,
-                on_route: Callable[[str], None] | None = None) -> Iterator[str]:
+                on_route: Callable[[str], None] | None = None,
+                on_fit: Callable[[int, int], None] | None = None) -> Iterator[str]:
     """Stream a reply from ``manager``'s current model (or ``model``: a served name or label).
 
     Yields text chunks; raises ``ChatError`` (with ``retryable``). The function the Chat tab calls.
-    ``on_route(label)`` is called once, before the first chunk, with the name of the model that answers.
+    ``on_route(label)`` is called once, before the first chunk, with the name of the model that answers;
+    ``on_fit(turns, context)`` when the oldest ``turns`` were left out to fit the model's context.
     """
     return manager.stream_chat(messages, model=model, system_prompt=system_prompt, temperature=temperature,
                                top_p=top_p, max_tokens=max_tokens, stop=stop, cancel_event=cancel_event,
-                               on_route=on_route)
+                               on_route=on_route, on_fit=on_fit)
 
 
 def chat(manager: ServerManager, messages: list[dict[str, Any]], **kwargs: Any) -> str:

@@ -51,6 +51,13 @@ class LocalBackend:
                 self._model.delete_adapter(name)
                 self.adapters.pop(name)
 
+    def count_chat_tokens(self, model: str, messages: list[dict[str, str]]) -> tuple[int, int]:
+        """(prompt tokens, context length): the model's positions, else the tokenizer's limit."""
+        ids = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"]
+        context = getattr(self._model.config, "max_position_embeddings", None) or self._tokenizer.model_max_length
+        return len(ids), int(context)
+
     def stream(self, messages: list[dict[str, str]], model: str, temperature: float = 0.7, top_p: float = 1.0,
                max_tokens: int = 256, stop: list[str] | str | None = None,
                cancel_event: threading.Event | None = None) -> Iterator[str]:

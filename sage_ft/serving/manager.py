@@ -29,9 +29,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import httpx
+
 from sage_ft import gpu, paths
 from sage_ft.serving import exit_handlers, registry
-from sage_ft.serving.chat import ChatError, build_messages, stream_openai
+from sage_ft.serving.chat import ChatError, build_messages, fit_to_context, stream_openai
 from sage_ft.serving.local_backend import LocalBackend
 from sage_ft.serving.ports import find_free_port
 from sage_ft.serving.targets import (
@@ -952,30 +954,52 @@ class ServerManager:
     def stream_chat(self, messages: list[dict[str, Any]], model: str | None = None, system_prompt: str | None = None,
                     temperature: float = 0.7, top_p: float = 1.0, max_tokens: int = 256,
                     stop: list[str] | str | None = None, cancel_event: threading.Event | None = None,
-                    auto_restart: bool = True, on_route: Callable[[str], None] | None = None) -> Iterator[str]:
+                    auto_restart: bool = True, on_route: Callable[[str], None] | None = None,
+                    on_fit: Callable[[int, int], None] | None = None) -> Iterator[str]:
         """Stream a reply (see ``chat.stream_chat``). A crashed server is restarted first when ``auto_restart``.
         ``on_route`` gets the label of the model that answers, decided under the switch lock, so a reply
-        can name its model even when a switch lands while it is written."""
+        can name its model even when a switch lands while it is written. A conversation longer than
+        the model reads is sent without its oldest turns (``fit_to_context``); ``on_fit(turns left
+        out, context length)`` says so."""
         msgs = build_messages(messages, system_prompt)
         if auto_restart:
             self.ensure_ready()
         elif self._state != "ready":
             raise ChatError(f"the chat server is {self._state}", retryable=self._state != "stopped")
+        options = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop,
+                       cancel_event=cancel_event)
         with self._route(model) as (backend, name):
             if on_route is not None:
                 on_route(self.label_of(name))
-            if self.backend == "transformers":
-                yield from backend.stream(msgs, name, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                          stop=stop, cancel_event=cancel_event)
+            if self.backend == "transformers":  # nothing refuses a too-long prompt here: measured first
+                count, context = backend.count_chat_tokens(name, msgs)
+                if count + _reply_room(max_tokens, context) > context:
+                    msgs = _fitted(backend, name, msgs, max_tokens, on_fit)
+                yield from backend.stream(msgs, name, **options)
                 return
+            streamed = False
             try:
-                yield from stream_openai(backend.base_url, backend.api_key, name, msgs, temperature=temperature,
-                                         top_p=top_p, max_tokens=max_tokens, stop=stop, cancel_event=cancel_event)
+                for chunk in self._stream_vllm(backend, name, msgs, options):
+                    streamed = True
+                    yield chunk
             except ChatError as exc:
-                if exc.retryable and not self._check_alive():
-                    raise ChatError(f"the chat server crashed ({self._last_error}); send the message again to "
-                                    "restart it", retryable=True) from None
-                raise
+                if not exc.context_overflow or streamed:
+                    raise
+                try:  # vLLM refused the prompt before generating: measure it with vLLM's tokenizer
+                    msgs = _fitted(backend, name, msgs, max_tokens, on_fit)
+                except (httpx.HTTPError, KeyError, ValueError):
+                    raise exc from None
+                yield from self._stream_vllm(backend, name, msgs, options)
+
+    def _stream_vllm(self, server: VLLMServer, name: str, msgs: list[dict[str, str]],
+                     options: dict[str, Any]) -> Iterator[str]:
+        try:
+            yield from stream_openai(server.base_url, server.api_key, name, msgs, **options)
+        except ChatError as exc:
+            if exc.retryable and not self._check_alive():
+                raise ChatError(f"the chat server crashed ({self._last_error}); send the message again to "
+                                "restart it", retryable=True) from None
+            raise
 
     # ------------------------------------------------------------------ memory arbitration
     def release_for_training(self, estimate_bytes: int | None = None) -> str:
@@ -1031,3 +1055,21 @@ class ServerManager:
 
             free = psutil.virtual_memory().available
         return free >= estimate_bytes * 1.1
+
+
+def _reply_room(max_tokens: int, context: int) -> int:
+    """Tokens of the context kept free for the reply when a long chat is shortened."""
+    return max(1, min(max_tokens, context // 2))
+
+
+def _fitted(backend: Any, name: str, msgs: list[dict[str, str]], max_tokens: int,
+            on_fit: Callable[[int, int], None] | None) -> list[dict[str, str]]:
+    """``msgs`` without the oldest turns that do not fit ``backend``'s context (see ``fit_to_context``)."""
+    _, context = backend.count_chat_tokens(name, msgs)
+    fitted, left_out = fit_to_context(msgs, lambda m: backend.count_chat_tokens(name, m)[0], context,
+                                      _reply_room(max_tokens, context))
+    if left_out:
+        log.info("chat with %s: %d oldest turns left out to fit its %d-token context", name, left_out, context)
+        if on_fit is not None:
+            on_fit(left_out, context)
+    return fitted

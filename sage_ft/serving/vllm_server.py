@@ -335,6 +335,14 @@ class VLLMServer:
         resp.raise_for_status()
         return list(resp.json().get("data", []))
 
+    def count_chat_tokens(self, model: str, messages: list[dict[str, str]]) -> tuple[int, int]:
+        """(prompt tokens, context length) of a chat as the server's tokenizer and template see it."""
+        resp = httpx.post(f"{self.root_url}/tokenize", headers=self._headers(), timeout=HTTP_TIMEOUT_S,
+                          json={"model": model, "messages": messages, "add_generation_prompt": True})
+        resp.raise_for_status()
+        data = resp.json()
+        return int(data["count"]), int(data["max_model_len"])
+
     def load_adapter(self, name: str, path: str | Path) -> None:
         resp = httpx.post(f"{self.base_url}/load_lora_adapter", headers=self._headers(),
                           json={"lora_name": name, "lora_path": str(path)}, timeout=ADAPTER_LOAD_TIMEOUT_S)

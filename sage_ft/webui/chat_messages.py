@@ -46,10 +46,11 @@ def as_messages(history: list[Any] | None) -> list[dict[str, str]]:
     return out
 
 
-def answered_by(label: str) -> str:
-    """A reply's first line: which model wrote it, so replies stay attributed after a switch.
+def answered_by(label: str, note: str = "") -> str:
+    """A reply's first line: which model wrote it, so replies stay attributed after a switch (and a
+    ``note`` on how it was asked, e.g. that the oldest turns were left out to fit its context).
     ``render.JS`` recognises this exact form to leave it out of a copied reply."""
-    return f"<sub>{MODEL_MARK} {md_escape(label)}</sub>\n\n"
+    return f"<sub>{MODEL_MARK} {md_escape(label)}{' · ' + md_escape(note) if note else ''}</sub>\n\n"
 
 
 def without_label(content: str) -> str:
@@ -79,11 +80,16 @@ class Reply:
 
     def __init__(self, message: dict[str, str]):
         self.message, self.label, self.body = message, "", ""
+        self.model, self.note = "", ""
 
     def add(self, got: Drained, lang: str) -> bool:
         """Take what a pump drained; whether the message changed."""
-        if got.model:
-            self.label = answered_by(got.model)
+        if got.left_out:
+            turns, context = got.left_out
+            self.note = i18n.t("chat.left_out", lang, n=turns, context=f"{context:,}")
+        if got.model or got.left_out:
+            self.model = got.model or self.model
+            self.label = answered_by(self.model, self.note)
         self.body += got.text
         if got.error is not None:
             self.body = (self.body + "\n\n" if self.body else "") + error_note(got.error, lang)
@@ -113,20 +119,24 @@ class Drained(NamedTuple):
     done: bool = False
     error: Exception | None = None
     model: str | None = None  # the label of the model that answers, once the request is routed
+    left_out: tuple[int, int] | None = None  # (oldest turns not sent, context length) of a long chat
+
+
+Report = Callable[[str, Any], None]  # ("model", label) or ("fit", (turns left out, context length))
 
 
 class Pump:
     """Runs one streaming reply in a thread; the UI drains ``chunks`` and never blocks on the server.
-    ``start(on_route)`` begins the stream (``stream_chat`` with ``on_route``)."""
+    ``start(report)`` begins the stream (``stream_chat`` with ``on_route``/``on_fit`` calling ``report``)."""
 
-    def __init__(self, start: Callable[[Callable[[str], None]], Iterator[str]]):
+    def __init__(self, start: Callable[[Report], Iterator[str]]):
         self.chunks: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.thread = threading.Thread(target=self._run, args=(start,), name="sage-ft-chat-stream", daemon=True)
         self.thread.start()
 
-    def _run(self, start: Callable[[Callable[[str], None]], Iterator[str]]) -> None:
+    def _run(self, start: Callable[[Report], Iterator[str]]) -> None:
         try:
-            for chunk in start(lambda label: self.chunks.put(("model", label))):
+            for chunk in start(lambda kind, value: self.chunks.put((kind, value))):
                 self.chunks.put(("text", chunk))
             self.chunks.put(("end", None))
         except Exception as exc:  # ChatError and anything else: shown in the chat
@@ -136,7 +146,7 @@ class Pump:
 
     def drain(self, timeout: float) -> Drained:
         """New text, whether the reply ended, its error and model (waits up to ``timeout`` for something)."""
-        text, done, error, model = "", False, None, None
+        text, done, error, model, left_out = "", False, None, None, None
         try:
             items = [self.chunks.get(timeout=timeout)]
         except queue.Empty:
@@ -151,9 +161,11 @@ class Pump:
                 text += value
             elif kind == "model":
                 model = value
+            elif kind == "fit":
+                left_out = value
             else:
                 done, error = True, value if kind == "error" else None
-        return Drained(text, done, error, model)
+        return Drained(text, done, error, model, left_out)
 
 
 def error_note(exc: Exception, lang: str) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 import gradio as gr
 
 from sage_ft.webui import chat_memory, i18n, server_panel
-from sage_ft.webui.chat_messages import ERROR_MARK, STOPPED_MARK, Pump, Reply, as_messages, prompt_of
+from sage_ft.webui.chat_messages import ERROR_MARK, STOPPED_MARK, Pump, Reply, Report, as_messages, prompt_of
 from sage_ft.webui.components import Registry
 from sage_ft.webui.services import AppServices
 from sage_ft.webui.topbar import TickPart
@@ -474,7 +474,7 @@ def _answer(services: AppServices, turns: list[dict[str, str]], args: dict[str, 
 
     cancel = _cancel_event(request)
     prompt = prompt_of(turns[:-1])
-    pump = Pump(lambda routed: stream_chat(services.server, prompt, cancel_event=cancel, on_route=routed, **args))
+    pump = Pump(lambda report: stream_chat(services.server, prompt, cancel_event=cancel, **_reporting(report), **args))
     while True:
         got = pump.drain(timeout=0.2)
         if cancel.is_set():  # the stream also ends on cancel: stopped, even when "end" was already read
@@ -486,6 +486,12 @@ def _answer(services: AppServices, turns: list[dict[str, str]], args: dict[str, 
             yield turns, gr.skip()
         if got.done:
             return
+
+
+def _reporting(report: Report) -> dict[str, Callable[..., None]]:
+    """``stream_chat``'s callbacks, sending what they learn to a ``Pump``."""
+    return {"on_route": lambda label: report("model", label),
+            "on_fit": lambda turns, context: report("fit", (turns, context))}
 
 
 # ====================================================================== compare
@@ -533,7 +539,7 @@ def compare(services: AppServices, message: str, hist_a: list[Any] | None, hist_
 
     cancel = _cancel_event(request, "/compare")
     args = _stream_args(system, temperature, top_p, max_tokens)
-    starts: list[Callable[[Callable[[str], None]], Iterator[str]] | None] = []
+    starts: list[Callable[[Report], Iterator[str]] | None] = []
     names = []
     replies = [Reply(turns[-1]) for turns in sides]
     for turns, reply, model in zip(sides, replies, (model_a, model_b), strict=True):
@@ -547,8 +553,8 @@ def compare(services: AppServices, message: str, hist_a: list[Any] | None, hist_
             continue
         names.append(name)
         prompt = prompt_of(turns[:-1])
-        starts.append(lambda routed, p=prompt, n=name: stream_chat(services.server, p, model=n, cancel_event=cancel,
-                                                                   on_route=routed, **args))
+        starts.append(lambda report, p=prompt, n=name: stream_chat(services.server, p, model=n, cancel_event=cancel,
+                                                                   **_reporting(report), **args))
     # Both sides stream at once, except base next to a LoRA where the server mixes them up (vLLM on
     # CPU, see ServerManager.mixed_lora_batches_safe): there side B starts when side A has finished.
     base = services.server.base_served_name()

@@ -75,8 +75,8 @@ def tokenize_conversation(messages: list[dict[str, str]], tokenizer: Any, jinja:
 
 def _tokenize_chunk(chunk: Sequence[list[dict[str, str]]], tokenizer: Any, jinja: str) -> list[dict[str, np.ndarray]]:
     """Conversations of one chunk, untruncated. A fast tokenizer encodes the chunk in one batch call
-    (its Rust side uses every core), which with the span lookup by bisection makes a 100k-row
-    dataset take a third of the time it took one conversation at a time."""
+    (its Rust side uses every core), which with the span lookup by bisection takes a 100k-row
+    dataset in less than half the time it took one conversation at a time (44 s -> 19 s on 2 cores)."""
     texts = [_render(tokenizer, jinja, messages, add_generation_prompt=False) for messages in chunk]
     spans = [assistant_spans(messages, tokenizer, jinja, text) for messages, text in zip(chunk, texts, strict=True)]
     if not getattr(tokenizer, "is_fast", False):

@@ -160,7 +160,7 @@ class Preparation:
     def phase(self, name: str, **progress: int) -> None:
         self.stop_if_cancelled()
         log.info("preparing: %s", {"data": "reading the dataset", "model": "loading the base model",
-                                   "tokenize": f"tokenizing {progress.get('total', 0)} conversations"}[name])
+                                   "tokenize": f"tokenizing {progress.get('total', 0):,} conversations"}[name])
         self.run.emitter.emit("preparing", phase=name, **progress)
         self._last_report = time.monotonic()
 

@@ -11,9 +11,9 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,41 @@ EVENT_TYPES = (
 )
 
 Listener = Callable[[dict[str, Any]], None]
+
+_PHASE_TEXT = {"data": "reading the dataset", "tokenize": "tokenizing", "model": "loading the base model"}
+
+
+class Preparation(NamedTuple):
+    """A ``preparing`` event: what a run does before its first step, so that every client can say
+    "tokenizing 12,288/40,000 conversations" instead of "step 0/?" for the minute a large dataset or
+    model takes. ``done``/``total``: conversations, while tokenizing."""
+
+    phase: str  # "data" | "tokenize" | "model"
+    done: int | None = None
+    total: int | None = None
+
+    @classmethod
+    def from_fields(cls, phase: Any, done: Any = None, total: Any = None) -> Preparation | None:
+        """From an event's (or a task row's) values; None when they do not describe one."""
+        if phase not in _PHASE_TEXT:
+            return None
+        counted = isinstance(done, int) and isinstance(total, int) and total > 0
+        return cls(phase, done if counted else None, total if counted else None)
+
+    @classmethod
+    def of_event(cls, event: Mapping[str, Any]) -> Preparation | None:
+        return cls.from_fields(event.get("phase"), event.get("done"), event.get("total"))
+
+    @property
+    def percent(self) -> int | None:
+        return self.done * 100 // self.total if self.done is not None and self.total else None
+
+    @property
+    def text(self) -> str:
+        """In English (the CLI and the logs; the web UI says it in its own language)."""
+        if self.phase == "tokenize" and self.total is not None:
+            return f"preparing: tokenizing {self.done:,}/{self.total:,} conversations ({self.percent}%)"
+        return f"preparing: {_PHASE_TEXT[self.phase]}"
 
 
 class EventEmitter:

@@ -67,8 +67,8 @@ def test_yaml_config_with_unknown_key_trains_and_prints_the_run_dir(memorize_jso
     assert "mystery_key" in out.stderr and "'lerning_rate' ignored (did you mean 'learning_rate'?)" in out.stderr
     assert "step 2/2" in out.stdout and "Rows: 4 read, 4 usable" in out.stdout
     preparing = [line for line in out.stdout.splitlines() if line.startswith("preparing: ")]  # before step 1
-    assert preparing == ["preparing: reading the dataset", "preparing: tokenizing 0/4 conversations",
-                         "preparing: tokenizing 4/4 conversations", "preparing: loading the base model"]
+    assert preparing == ["preparing: reading the dataset", "preparing: tokenizing 0/4 conversations (0%)",
+                         "preparing: tokenizing 4/4 conversations (100%)", "preparing: loading the base model"]
     assert out.stdout.strip().splitlines()[-1] == str(tmp_path / "out")
     assert read_meta(tmp_path / "out")["status"] == "completed"
     [task] = _tasks_in(tmp_path / "out")  # registered in the shared task store, as the web UI sees it

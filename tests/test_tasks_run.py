@@ -133,8 +133,9 @@ def test_a_large_dataset_shows_its_preparation_and_a_cancel_there_stops_it_befor
     task = worker_manager.create(tiny_task_config(write_jsonl(rows, tmp_path / "large.jsonl")))
     tokenizing = _wait_for(lambda: (live := worker_manager.task(task.id)).last_metrics.get("preparing_done")
                            and live, what="tokenizing progress in the task's row")
-    assert tokenizing.last_metrics["preparing"] == "tokenize"
-    assert 0 < tokenizing.last_metrics["preparing_done"] < tokenizing.last_metrics["preparing_total"] == 40_000
+    prep = tokenizing.preparation
+    assert prep.phase == "tokenize" and 0 < prep.done < prep.total == 40_000
+    assert prep.text == f"preparing: tokenizing {prep.done:,}/40,000 conversations ({prep.percent}%)"  # the CLI's line
     shown = render.progress_html(tokenizing, "en")
     assert "preparing: tokenizing" in shown and "/40,000 conversations" in shown and "step 0/?" not in shown
     assert "before its first training step" in render.cancel_message(worker_manager.cancel(task.id), "en")

@@ -97,7 +97,8 @@ def _list(args: argparse.Namespace) -> int:
     rows = [("ID", "STATUS", "PROGRESS", "LOSS", "CREATED", "SRC", "NAME")]
     for t in tasks:
         loss = t.last_metrics.get("loss")
-        rows.append((str(t.id), t.status.label + (" ⏸ paused" if t.paused else ""), f"{t.step}/{t.total_steps or '?'}",
+        progress = "preparing" if t.preparation else f"{t.step}/{t.total_steps or '?'}"
+        rows.append((str(t.id), t.status.label + (" ⏸ paused" if t.paused else ""), progress,
                      f"{loss:.4f}" if isinstance(loss, (int, float)) else "-", _when(t.created_at), t.source, t.name))
     widths = [max(_width(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
@@ -129,7 +130,8 @@ def _show(args: argparse.Namespace) -> int:
     if detail.queue_position:
         start = _when(detail.estimated_start) if detail.estimated_start else "unknown"
         lines.append(f"  queue:     position {detail.queue_position}, estimated start {start}")
-    lines.append(f"  progress:  step {detail.step}/{detail.total_steps or '?'}"
+    lines.append(f"  progress:  {detail.preparation.text}" if detail.preparation else
+                 f"  progress:  step {detail.step}/{detail.total_steps or '?'}"
                  + (f", about {detail.eta_seconds:.0f} s left" if detail.eta_seconds else ""))
     if detail.last_metrics:
         shown = {k: v for k, v in detail.last_metrics.items() if k in ("loss", "eval_loss", "learning_rate",

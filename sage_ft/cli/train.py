@@ -126,19 +126,20 @@ def _print_progress(event: dict[str, Any]) -> None:
     print("  ".join(parts), flush=True)
 
 
-_PREPARING = {"data": "reading the dataset", "model": "loading the base model", "tokenize": "tokenizing"}
 _last_preparing_line = [0.0]  # when the last "tokenizing" line was printed: one every 5 s is enough
 
 
 def _print_preparing(event: dict[str, Any]) -> None:
-    done, total = event.get("done"), event.get("total")
-    if event.get("phase") == "tokenize" and isinstance(done, int) and isinstance(total, int):
-        if 0 < done < total and time.monotonic() - _last_preparing_line[0] < 5:
+    from sage_ft.events import Preparation
+
+    preparation = Preparation.of_event(event)
+    if preparation is None:
+        return
+    if preparation.total and 0 < preparation.done < preparation.total:
+        if time.monotonic() - _last_preparing_line[0] < 5:
             return
-        _last_preparing_line[0] = time.monotonic()
-        print(f"preparing: tokenizing {done:,}/{total:,} conversations", flush=True)
-    else:
-        print(f"preparing: {_PREPARING.get(str(event.get('phase')), event.get('phase'))}", flush=True)
+    _last_preparing_line[0] = time.monotonic()
+    print(preparation.text, flush=True)
 
 
 def _print_event(event: dict[str, Any]) -> None:

@@ -12,8 +12,16 @@ from typing import Any
 import yaml
 
 from sage_ft.config import TrainConfig
+from sage_ft.events import Preparation
 from sage_ft.tasks.status import TaskStatus
 from sage_ft.tasks.store import TaskRecord
+
+PREPARING_KEYS = ("preparing", "preparing_done", "preparing_total")  # a Preparation in the row's metrics
+
+
+def preparation_metrics(preparation: Preparation | None) -> dict[str, Any]:
+    """How the row's ``last_metrics`` hold a running task's ``Preparation`` (all None: it trains)."""
+    return dict(zip(PREPARING_KEYS, preparation or (None, None, None), strict=True))
 
 
 class TaskError(ValueError):
@@ -91,6 +99,14 @@ class Task:
         if self.status is TaskStatus.COMPLETED:
             return 1.0
         return min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
+
+    @property
+    def preparation(self) -> Preparation | None:
+        """What a running task does before its first step (reading data, tokenizing, loading the
+        model), from its row; None once it trains (and for any other status)."""
+        if self.status is not TaskStatus.RUNNING:
+            return None
+        return Preparation.from_fields(*(self.last_metrics.get(key) for key in PREPARING_KEYS))
 
     @property
     def duration_s(self) -> float | None:

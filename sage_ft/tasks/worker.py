@@ -25,12 +25,12 @@ import yaml
 from sqlalchemy import delete, select, text, update
 
 from sage_ft.config import ConfigError, TrainConfig
-from sage_ft.events import EventEmitter
+from sage_ft.events import EventEmitter, Preparation
 from sage_ft.tasks import rundir
 from sage_ft.tasks.procinfo import ProcessIdentity, current_identity
 from sage_ft.tasks.status import TaskStatus
 from sage_ft.tasks.store import TaskRecord, TaskStore, WorkerRecord
-from sage_ft.tasks.task import Task
+from sage_ft.tasks.task import PREPARING_KEYS, Task, preparation_metrics
 
 log = logging.getLogger(__name__)
 
@@ -309,10 +309,9 @@ class TaskRun:
             if kind == "metric_update":
                 metrics = {k: v for k, v in event.items() if k not in _NOT_METRICS and _is_scalar(v)}
                 pending["metrics"] = {**pending.get("metrics", {}), **metrics}
-            if kind == "preparing":  # what the run does before its first step (shown instead of "step 0/?")
-                pending["metrics"] = {**pending.get("metrics", {}), **preparing_metrics(event)}
-            if kind == "training_start":
-                pending["metrics"] = {**pending.get("metrics", {}), **dict.fromkeys(PREPARING_KEYS)}
+            if kind in ("preparing", "training_start"):  # before the first step: shown instead of "step 0/?"
+                preparation = Preparation.of_event(event) if kind == "preparing" else None
+                pending["metrics"] = {**pending.get("metrics", {}), **preparation_metrics(preparation)}
             if kind == "checkpoint_saved" and event.get("path"):
                 pending["resume_checkpoint"] = str(event["path"])
             if event.get("child_pid"):
@@ -427,15 +426,6 @@ class _MultiProcessControl:
 
 
 LAUNCHER_LOG_TITLE = "last lines of the data-parallel launcher's log"
-PREPARING_KEYS = ("preparing", "preparing_done", "preparing_total")
-
-
-def preparing_metrics(event: dict[str, Any]) -> dict[str, Any]:
-    """A ``preparing`` event as the row's metrics: the phase and, while tokenizing, how far it got."""
-    return {"preparing": str(event.get("phase") or "data"), "preparing_done": event.get("done"),
-            "preparing_total": event.get("total")}
-
-
 _NOT_METRICS = frozenset({"event", "time", "step", "total_steps", "global_step"})
 
 

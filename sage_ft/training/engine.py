@@ -34,6 +34,7 @@ from typing import Any
 
 from sage_ft.config import TrainConfig
 from sage_ft.data.tokenize import IGNORE_INDEX, token_length_stats, tokenize_conversations
+from sage_ft.events import Preparation
 from sage_ft.training.callbacks import build_callback
 from sage_ft.training.collate import (
     MICRO_BATCHES_KEY,
@@ -53,7 +54,7 @@ def train(run: FineTuneRun) -> tuple[str, dict[str, Any]]:
     from sage_ft.training.inputs import load_run_dataset
 
     config, out, meta = run.config, run.output_dir, run._meta
-    prep = Preparation(run)
+    prep = Preparing(run)
     prep.phase("data")
     report = load_run_dataset(config)  # bad data fails before any model is loaded
     meta["dataset_info"] = {"files": [str(f) for f in report.files], "format": report.format,
@@ -142,7 +143,7 @@ def train(run: FineTuneRun) -> tuple[str, dict[str, Any]]:
 # ---------------------------------------------------------------------- pieces
 
 
-class Preparation:
+class Preparing:
     """What a run does before its first step (read the data, tokenise it, load the model), told as
     ``preparing`` events, so the task list says "tokenizing 34,000/100,000" rather than "step 0/?"
     for the minute a large dataset or model takes; and a cancel there ends the run at once
@@ -159,8 +160,7 @@ class Preparation:
 
     def phase(self, name: str, **progress: int) -> None:
         self.stop_if_cancelled()
-        log.info("preparing: %s", {"data": "reading the dataset", "model": "loading the base model",
-                                   "tokenize": f"tokenizing {progress.get('total', 0):,} conversations"}[name])
+        log.info("%s", Preparation(name, **progress).text)
         self.run.emitter.emit("preparing", phase=name, **progress)
         self._last_report = time.monotonic()
 

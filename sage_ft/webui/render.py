@@ -109,16 +109,13 @@ def progress_html(task: Task | None, lang: str, eta_s: float | None = None) -> s
 
 
 def preparing_text(task: Task, lang: str) -> str | None:
-    """What a running task does before its first step (reading data, tokenizing, loading the model),
-    from its ``preparing`` metrics; None once it trains."""
-    m = task.last_metrics
-    phase = m.get("preparing")
-    if task.status.value != "running" or phase not in ("data", "tokenize", "model"):
+    """What a running task does before its first step (``Task.preparation``); None once it trains."""
+    prep = task.preparation
+    if prep is None:
         return None
-    done, total = m.get("preparing_done"), m.get("preparing_total")
-    if phase == "tokenize" and isinstance(done, int) and isinstance(total, int) and total > 0:
-        return i18n.t("mon.preparing.tokenize", lang, done=f"{done:,}", total=f"{total:,}", pct=done * 100 // total)
-    return i18n.t(f"mon.preparing.{phase}", lang)
+    if prep.phase == "tokenize" and prep.total is not None:
+        return i18n.t("mon.preparing.tokenize", lang, done=f"{prep.done:,}", total=f"{prep.total:,}", pct=prep.percent)
+    return i18n.t(f"mon.preparing.{prep.phase}", lang)
 
 
 def _queue_bits(task: Task, lang: str) -> list[str]:

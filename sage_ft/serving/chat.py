@@ -39,7 +39,8 @@ def fit_to_context(messages: list[dict[str, str]], count_tokens: Callable[[list[
     clears it. The system prompt and the last user message are always kept; a turn (a user message
     and the replies to it) is left out whole, so roles still alternate as chat templates expect.
     When even those two do not fit, the reply gets what is left of the context; when they alone
-    exceed it, ``ChatError`` says by how much. ``count_tokens`` is called O(log turns) times.
+    exceed it, ``ChatError`` says by how much. ``count_tokens`` is called once for a chat that
+    fits, O(log turns) times for one that does not.
     """
     head = messages[:1] if messages and messages[0]["role"] == "system" else []
     body = messages[len(head):]
@@ -51,6 +52,8 @@ def fit_to_context(messages: list[dict[str, str]], count_tokens: Callable[[list[
             fits[k] = count_tokens(head + body[cuts[k]:])
         return fits[k]
 
+    if prompt_tokens(0) + reply_room <= context:  # the usual case: it fits whole, one count
+        return messages, 0
     low, high = 0, len(cuts) - 1  # the fewest turns left out that leave room for the reply
     while low < high:
         mid = (low + high) // 2

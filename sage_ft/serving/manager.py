@@ -972,10 +972,7 @@ class ServerManager:
             if on_route is not None:
                 on_route(self.label_of(name))
             if self.backend == "transformers":  # nothing refuses a too-long prompt here: measured first
-                count, context = backend.count_chat_tokens(name, msgs)
-                if count + _reply_room(max_tokens, context) > context:
-                    msgs = _fitted(backend, name, msgs, max_tokens, on_fit)
-                yield from backend.stream(msgs, name, **options)
+                yield from backend.stream(_fitted(backend, name, msgs, max_tokens, on_fit), name, **options)
                 return
             streamed = False
             try:
@@ -1065,9 +1062,12 @@ def _reply_room(max_tokens: int, context: int) -> int:
 def _fitted(backend: Any, name: str, msgs: list[dict[str, str]], max_tokens: int,
             on_fit: Callable[[int, int], None] | None) -> list[dict[str, str]]:
     """``msgs`` without the oldest turns that do not fit ``backend``'s context (see ``fit_to_context``)."""
-    _, context = backend.count_chat_tokens(name, msgs)
-    fitted, left_out = fit_to_context(msgs, lambda m: backend.count_chat_tokens(name, m)[0], context,
-                                      _reply_room(max_tokens, context))
+    count, context = backend.count_chat_tokens(name, msgs)  # the context length comes with the count
+
+    def count_tokens(candidate: list[dict[str, str]]) -> int:  # candidates are suffixes: the length tells
+        return count if len(candidate) == len(msgs) else backend.count_chat_tokens(name, candidate)[0]
+
+    fitted, left_out = fit_to_context(msgs, count_tokens, context, _reply_room(max_tokens, context))
     if left_out:
         log.info("chat with %s: %d oldest turns left out to fit its %d-token context", name, left_out, context)
         if on_fit is not None:

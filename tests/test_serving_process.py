@@ -144,6 +144,7 @@ def test_cli_serve_port_taken_app_crash_adoption_and_sigterm(data_home, serving_
                 pytest.fail(f"sage-ft serve exited early: {lines}")
         info = {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in lines if ":" in ln)}
         base_url, api_key = info["base URL"], info["API key"]
+        assert info["context"] == "512 tokens"
         assert base_url.startswith("http://127.0.0.1:") and not base_url.startswith(f"http://127.0.0.1:{port}/")
         reply = OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=60).chat.completions.create(
             model=info["model"], messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
@@ -162,6 +163,7 @@ def test_cli_serve_port_taken_app_crash_adoption_and_sigterm(data_home, serving_
         status_lines = _read_until(second.stdout, '"state"', timeout=300)
         status = json.loads(status_lines[-1])
         assert status["state"] == "ready" and status["pid"] == entry["pid"], status
+        assert status["context_len"] == 512  # read back from the adopted server, not the adopter's default
         second.send_signal(signal.SIGTERM)
         second.wait(timeout=60)
     finally:

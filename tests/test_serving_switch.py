@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from sage_ft.models.demo import MODEL_SHAPE
 from sage_ft.serving import ChatError, ServerManager, stream_chat
 from tests.fixtures_serving import free_port, make_lora_adapter
 
@@ -78,6 +79,20 @@ def _wait_gone(pids: list[int], timeout: float = 30.0) -> list[int]:
         alive = [p for p in alive if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
         time.sleep(0.5)
     return alive
+
+
+def test_by_default_the_model_is_served_with_its_own_context(switch_manager):
+    """No ``max_model_len``: vLLM's "auto", the model's own context as far as KV memory holds (the demo's
+    2,048 positions fit the CPU's 1 GiB). Before, every server got 1,024 tokens, on a GPU too."""
+    server = switch_manager.server
+    assert "--max-model-len auto" in " ".join(psutil.Process(server.pid).cmdline())
+    assert switch_manager.status()["context_len"] == MODEL_SHAPE["max_position_embeddings"] == 2048
+    message = [{"role": "user", "content": "word " * 600}]  # too long for 1,024 tokens, fits 2,048
+    assert 1024 < server.count_chat_tokens("demo", message)[0] < 2048 - 16
+    left_out: list[tuple[int, int]] = []
+    assert "".join(stream_chat(switch_manager, message, temperature=0.0, max_tokens=16,
+                               on_fit=lambda *told: left_out.append(told)))
+    assert left_out == []
 
 
 def test_zero_downtime_base_switch_with_a_chatting_client(switch_manager, other_base_model):

@@ -264,6 +264,7 @@ def test_server_panel_shows_status_metrics_and_log(client, vllm_manager):
     status, metrics, log_tail = client.predict("en", api_name="/server_status")
     server = vllm_manager.status()
     assert "ready" in status and str(server["port"]) in status and server["log_path"] in status
+    assert "<th>Context</th><td>1,024 tokens (prompt and reply)</td>" in status  # what vLLM settled on
     assert "Requests running" in metrics and "KV-cache use" in metrics
     assert log_tail.strip() and log_tail.splitlines()[-1] in Path(server["log_path"]).read_text()
     client.predict(HELLO, [], *GREEDY, api_name="/chat_send")
@@ -301,7 +302,8 @@ def test_transformers_backend_switch_chat_stop_and_restart(tmp_path, serving_ada
         assert manager.status()["state"] == "stopped"
         assert client.predict("en", api_name="/server_restart").startswith("✅")
         assert manager.status()["state"] == "ready"
-        assert "in-process transformers" in client.predict("en", api_name="/server_status")[0]
+        status = client.predict("en", api_name="/server_status")[0]
+        assert "in-process transformers" in status and "<td>2,048 tokens (prompt and reply)</td>" in status
     finally:
         app.close()
         manager.close()

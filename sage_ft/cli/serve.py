@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--model", default="demo", type=_model_arg,
                        help="model dir/name, run dir or name, task id, checkpoint-N dir or 'demo'")
     serve.add_argument("--port", type=int, default=None, help="preferred port (default SAGE_FT_LLM_PORT or 8001)")
-    serve.add_argument("--max-model-len", type=int, default=2048)
+    serve.add_argument("--max-model-len", type=_context_arg, default=None, metavar="TOKENS|auto",
+                       help="context length served (default auto: the model's own, as far as KV-cache memory holds)")
     serve.add_argument("--max-lora-rank", type=int, default=16)
     serve.add_argument("--timeout", type=float, default=600.0, help="start-up timeout in seconds")
     serve.set_defaults(handler=_serve)
@@ -51,6 +52,19 @@ def _model_arg(text: str) -> str:
     return str(run_dir) if run_dir else text
 
 
+def _context_arg(text: str) -> int | None:
+    """``--max-model-len``: a positive number of tokens, or ``auto`` (None: vLLM chooses)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of tokens (e.g. 4096) or 'auto'")
+    return value
+
+
 def _progress(item) -> None:
     print(f"  {item}", file=sys.stderr, flush=True)
 
@@ -76,6 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     print(f"base URL:   {endpoint['base_url']}")
     print(f"model:      {endpoint['model']}")
+    print(f"context:    {manager.status()['context_len'] or '?'} tokens")
     print(f"API key:    {endpoint['api_key']}")
     print(f"log:        {manager.status()['log_path']}")
     print("Ctrl-C stops the server.", flush=True)

@@ -55,8 +55,14 @@ class LocalBackend:
         """(prompt tokens, context length): the model's positions, else the tokenizer's limit."""
         ids = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                   return_dict=True)["input_ids"]
-        context = getattr(self._model.config, "max_position_embeddings", None) or self._tokenizer.model_max_length
-        return len(ids), int(context)
+        return len(ids), self.context_len or 0
+
+    @property
+    def context_len(self) -> int | None:
+        """The tokens the model reads: its positions, else the tokenizer's limit (None before ``load``)."""
+        if self._model is None:
+            return None
+        return int(getattr(self._model.config, "max_position_embeddings", None) or self._tokenizer.model_max_length)
 
     def stream(self, messages: list[dict[str, str]], model: str, temperature: float = 0.7, top_p: float = 1.0,
                max_tokens: int = 256, stop: list[str] | str | None = None,

@@ -114,10 +114,15 @@ def _slug(text: str) -> str:
 
 
 class ServerManager:
-    """Owns the chat backend. Thread-safe: the UI may chat, switch and poll status concurrently."""
+    """Owns the chat backend. Thread-safe: the UI may chat, switch and poll status concurrently.
+
+    ``max_model_len`` None (the default) lets vLLM choose the context ("auto"): the model's own, shortened
+    to what its KV-cache memory holds, so a GPU serves a model's full context and a CPU's small KV space
+    still starts; the value it settled on is ``status()["context_len"]``.
+    """
 
     def __init__(self, model: str | Path | None = None, *, backend: Backend = "auto", allow_fallback: bool = True,
-                 port: int | None = None, max_model_len: int = 1024, dtype: str = "auto",
+                 port: int | None = None, max_model_len: int | None = None, dtype: str = "auto",
                  gpu_memory_utilization: float | None = None, max_lora_rank: int = 16, max_loras: int = 4,
                  max_cpu_loras: int | None = None, start_timeout_s: float = 300.0,
                  zero_downtime: bool | None = None, drain_timeout_s: float = 60.0,
@@ -216,11 +221,19 @@ class ServerManager:
             "pid": server.pid if server else None,
             "uptime_s": round(time.time() - server.ready_at, 1) if server and server.ready_at and
             self._state == "ready" else None,
+            "context_len": self._context_len(),
             "log_path": str(server.log_path) if server else None,
             "last_error": self._last_error,
             "log_tail": self._crash_log_tail if self._state == "crashed" else "",
             "message": self._status_message,
         }
+
+    def _context_len(self) -> int | None:
+        """The tokens a chat (prompt and reply) may take on the current backend, once it is up."""
+        server, local = self._server, self._local
+        if server is not None:
+            return server.context_len
+        return local.context_len if local is not None else None
 
     def _backend_reason(self) -> str:
         if self.backend == "vllm":

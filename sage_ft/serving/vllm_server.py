@@ -95,7 +95,7 @@ class ServerSpec:
     model_path: str
     served_name: str
     port: int
-    max_model_len: int = 1024
+    max_model_len: int | None = None  # None: vLLM's "auto" (the model's own context, as far as KV memory holds)
     dtype: str = "auto"
     gpu_memory_utilization: float | None = None  # None: 0.3 on CPU, 0.85 on a GPU
     enable_lora: bool = True
@@ -113,7 +113,7 @@ class ServerSpec:
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                 "--model", self.model_path, "--served-model-name", self.served_name,
                 "--host", LOOPBACK, "--port", str(self.port),
-                "--max-model-len", str(self.max_model_len), "--dtype", self.dtype,
+                "--max-model-len", str(self.max_model_len or "auto"), "--dtype", self.dtype,
                 "--gpu-memory-utilization", str(util), "--disable-uvicorn-access-log"]
         if self.enable_lora:
             argv += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank),
@@ -155,6 +155,7 @@ class VLLMServer:
         self.create_time: float | None = None
         self.started_at: float | None = None
         self.ready_at: float | None = None
+        self.context_len: int | None = None  # the context vLLM settled on (``/v1/models``), once ready
         self.on_gpu = gpu.gpu_count() > 0
         self._proc: subprocess.Popen | None = None
         self._log_fh = None
@@ -252,8 +253,7 @@ class VLLMServer:
             return False
         if resp.status_code != 200:
             return False
-        ids = [m.get("id") for m in resp.json().get("data", [])]
-        return self.spec.served_name in ids
+        return self.spec.served_name in [m.get("id") for m in self._note_context(resp.json().get("data", []))]
 
     def is_alive(self) -> bool:
         if self._proc is not None:
@@ -333,7 +333,14 @@ class VLLMServer:
     def served_models(self) -> list[dict[str, Any]]:
         resp = httpx.get(f"{self.base_url}/models", headers=self._headers(), timeout=HTTP_TIMEOUT_S)
         resp.raise_for_status()
-        return list(resp.json().get("data", []))
+        return self._note_context(list(resp.json().get("data", [])))
+
+    def _note_context(self, models: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Record the context length vLLM lists for the served model (with "auto" only it knows it)."""
+        for entry in models:
+            if entry.get("id") == self.spec.served_name and isinstance(entry.get("max_model_len"), int):
+                self.context_len = entry["max_model_len"]
+        return models
 
     def count_chat_tokens(self, model: str, messages: list[dict[str, str]]) -> tuple[int, int]:
         """(prompt tokens, context length) of a chat as the server's tokenizer and template see it."""

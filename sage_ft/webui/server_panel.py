@@ -95,6 +95,8 @@ def status_html(status: dict[str, Any], lang: str) -> str:
             (i18n.t("server.uptime", lang), render.duration(status.get("uptime_s"))),
             (i18n.t("chat.port", lang), status.get("port")), ("pid", status.get("pid")),
             (i18n.t("server.served", lang), status.get("model_label") or status.get("model")),
+            (i18n.t("server.context", lang), i18n.t("server.context_tokens", lang, n=f"{status['context_len']:,}")
+             if status.get("context_len") else None),
             (i18n.t("server.adapters", lang), ", ".join(f"{n} ({label})" for n, label in
                                                        (status.get("adapters") or {}).items())),
             (i18n.t("server.log_path", lang), status.get("log_path")),

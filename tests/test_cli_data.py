@@ -85,6 +85,16 @@ def test_check_data_with_model_reports_token_lengths(memorize_dataset):
     _no_traceback(bad_model)
 
 
+def test_check_data_with_model_says_how_far_tokenizing_is_on_stderr(make_dataset):
+    """A large file takes a while to tokenize: the first chunk of 512 conversations is reported at once
+    (then every 5 s) on stderr, so ``--json`` output stays parseable."""
+    rows = [{"instruction": f"Question {i}?", "output": f"Answer {i}."} for i in range(1_100)]
+    result = sage_ft("check-data", make_dataset("many.jsonl", rows), "--model", "demo", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "tokenizing 512/1,100 conversations" in result.stderr.splitlines()
+    assert json.loads(result.stdout)["token_stats"]["count"] == 1_100
+
+
 def test_prepare_docs_prints_count_and_path(tmp_path):
     src = tmp_path / "docs"
     src.mkdir()

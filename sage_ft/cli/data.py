@@ -105,7 +105,7 @@ def _token_stats(report, model: str, cutoff_len: int, template: str) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    last_line = [time.monotonic()]
+    last_line = [float("-inf")]  # the first chunk says it at once, then every 5 s
 
     def say_how_far(done: int, total: int) -> None:  # on stderr: --json keeps stdout clean
         if done < total and time.monotonic() - last_line[0] >= 5:

@@ -177,3 +177,41 @@ def test_train_chat_switch_and_export_in_a_browser(e2e_app, tmp_path):
             raise
         finally:
             browser.close()
+
+
+def test_a_question_sent_survives_a_reload_while_its_reply_streams(e2e_app):
+    """The browser keeps a question as soon as it is sent, not only once its reply is complete: reloaded
+    mid-reply, the page shows the question (the stream it left ended with the page), and Regenerate
+    answers it. Before, the question and everything the reply had said were gone."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        bot, user = page.locator("#chatbot [data-testid=bot]"), page.locator("#chatbot [data-testid=user]")
+        try:
+            page.goto(e2e_app.url)
+            page.get_by_role("tab", name="💬 Chat").click()
+            page.get_by_text("Generation settings").click()
+            for name, value in (("temperature", "0"), ("max-tokens", "900")):  # greedy: 900 tokens, 6-12 s
+                page.locator(f"#chat-{name} input[type=number]").fill(value)
+                page.locator(f"#chat-{name} input[type=number]").press("Enter")
+            page.locator("#chat-input textarea").fill("Tell me a long story.")
+            page.locator("#chat-send").click()
+            expect(bot.last).to_contain_text("🤖 demo", timeout=120_000)  # the reply is streaming
+            page.reload()
+            page.get_by_role("tab", name="💬 Chat").click()
+            expect(user).to_have_text(["Tell me a long story."])
+            expect(bot).to_have_count(0)
+            page.get_by_role("button", name="Regenerate").click()
+            expect(bot.last).to_contain_text("🤖 demo", timeout=120_000)
+            page.locator("#chat-stop").click()
+            expect(bot.last).to_contain_text("⏹", timeout=60_000)
+            expect(user).to_have_text(["Tell me a long story."])
+        except Exception:
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=ARTIFACTS / "reload-failure.png", full_page=True)
+            raise
+        finally:
+            browser.close()

@@ -17,7 +17,7 @@ import pytest
 
 from sage_ft import paths
 from sage_ft.serving.chat import chat
-from sage_ft.webui.chat_memory import SAVED_CHARS, remember_chats, restore_chats
+from sage_ft.webui.chat_memory import SAVED_CHARS, remember_chats, remember_question, restore_chats
 from sage_ft.webui.chat_messages import answered_by, as_messages, prompt_of
 from sage_ft.webui.chat_tab import served_name
 from tests.fixtures_webui import start_webui
@@ -121,14 +121,16 @@ def test_switch_to_a_lora_is_live_then_back_to_base(client, vllm_manager, servin
 
 def test_the_model_is_sent_the_conversation_without_our_labels_and_notes():
     """The random demo model can answer the same whatever it is sent, so what is sent is checked here:
-    no "🤖 model" lines, no error note (nor the question that failed), no "stopped" mark."""
+    no "🤖 model" lines, no error note (nor the question that failed, or that was never answered: chat
+    templates such as Mistral's refuse two user turns in a row), no "stopped" mark."""
     shown = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": answered_by("run_1*") + "a1"},
              {"role": "user", "content": "q2"}, {"role": "assistant", "content": answered_by("demo") + "❌ failed"},
              {"role": "user", "content": "q3"}, {"role": "assistant", "content": answered_by("demo") + "a3\n\n⏹ stopped"},
-             {"role": "user", "content": [{"type": "text", "text": "q4"}]}]  # as a Chatbot sends it back
+             {"role": "user", "content": "q4, never answered (the page was reloaded while its reply streamed)"},
+             {"role": "user", "content": [{"type": "text", "text": "q5"}]}]  # as a Chatbot sends it back
     assert prompt_of(as_messages(shown)) == [
         {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
-        {"role": "user", "content": "q3"}, {"role": "assistant", "content": "a3"}, {"role": "user", "content": "q4"}]
+        {"role": "user", "content": "q3"}, {"role": "assistant", "content": "a3"}, {"role": "user", "content": "q5"}]
     assert answered_by("run_1*") == "<sub>🤖 run\\_1\\*</sub>\n\n"  # a name is shown as it is, not as Markdown
 
 
@@ -341,3 +343,9 @@ def test_the_browser_keeps_the_newest_turns_of_each_conversation_and_the_setting
     assert restore_chats({"chat": "not a list", "temperature": 7.5, "top_p": True, "max_tokens": "64"}) == [
         [], [], [], skip, skip, skip, skip]
     assert restore_chats(None) == [skip] * 7
+    # a question is kept as soon as it is sent (in Chat, or on both Compare sides), before its reply
+    asked = remember_question("chat")("q2", turns[-2:], [], [], "Be brief.", 0.0, 0.9, 64)
+    assert asked["chat"] == [*turns[-2:], {"role": "user", "content": "q2"}] and asked["a"] == []
+    asked = remember_question("compare")("q", [], [], turns[-2:], "", 0.7, 1.0, 256)
+    assert asked["a"] == [{"role": "user", "content": "q"}] and asked["b"][-1] == {"role": "user", "content": "q"}
+    assert remember_question("chat")("  ", [], [], [], "", 0.7, 1.0, 256) == skip  # nothing sent: nothing kept

@@ -2,11 +2,13 @@
 
 A refresh, a closed tab or an app restart loses neither (other studios lose chat history on refresh).
 Kept like the Train form's draft (``form_memory``): per browser, in its localStorage, encrypted with
-the data home's key; saved once a reply is complete and when a setting is set.
+the data home's key; saved once a reply is complete and when a setting is set, and a question as soon
+as it is sent (a page reloaded while the reply streams still shows it; Regenerate answers it).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
@@ -42,6 +44,23 @@ def remember_chats(chat: list[Any] | None, side_a: list[Any] | None, side_b: lis
     kept["system"] = str(system or "")[:SAVED_CHARS["system"]]
     kept.update(temperature=temperature, top_p=top_p, max_tokens=max_tokens)
     return kept
+
+
+def remember_question(where: str) -> Callable[..., Any]:
+    """A handler run in parallel with a Send (``where``: "chat", or "compare" for both Compare sides):
+    what ``remember_chats`` keeps, with the question just sent added to that conversation. The reply
+    streams for seconds and is kept once complete; a reload before then would lose the question too."""
+    def keep(message: str | None, chat: list[Any] | None, side_a: list[Any] | None, side_b: list[Any] | None,
+             *settings: Any) -> Any:
+        if not (message or "").strip():
+            return gr.skip()
+        asked = [{"role": "user", "content": message}]
+        if where == "chat":
+            chat = [*as_messages(chat), *asked]
+        else:
+            side_a, side_b = [*as_messages(side_a), *asked], [*as_messages(side_b), *asked]
+        return remember_chats(chat, side_a, side_b, *settings)
+    return keep
 
 
 def restore_chats(saved: Any) -> list[Any]:

@@ -60,10 +60,13 @@ def without_label(content: str) -> str:
 
 
 def prompt_of(history: list[dict[str, str]]) -> list[dict[str, str]]:
-    """What the model sees: the turns without our labels and error notes (and the question that failed)."""
+    """What the model sees: the turns without our labels and error notes (and the question that failed,
+    or that was never answered: a page reloaded while its reply streamed keeps the question alone)."""
     out: list[dict[str, str]] = []
     for msg in history:
         content = msg["content"]
+        if msg["role"] == "user" and out and out[-1]["role"] == "user":
+            out.pop()
         if msg["role"] == "assistant":
             content = without_label(content)
             if content.lstrip().startswith(ERROR_MARK):

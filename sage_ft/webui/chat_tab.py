@@ -138,9 +138,19 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
         stop(request, "/compare")
 
     conversations = [reg["chat.chatbot"], reg["chat.compare_a"], reg["chat.compare_b"]]
+    # What the browser keeps: a question as soon as it is sent (registered before the reply's event:
+    # Gradio runs the events of one trigger in that order, so this few-ms save goes first and a page
+    # reloaded while the reply streams keeps the question); the whole exchange once the reply is
+    # complete or stopped (not for every streamed word); a setting when it is set.
+    kept = [*conversations, *settings[:-1]]
+    sent = {"chat": [reg["chat.send"].click, reg["chat.message"].submit],
+            "compare": [reg["chat.compare_send"].click, reg["chat.compare_message"].submit]}
+    for where, message in (("chat", "chat.message"), ("compare", "chat.compare_message")):
+        gr.on(sent[where], chat_memory.remember_question(where), [reg[message], *kept], reg["chat.saved"],
+              api_name=False, show_progress="hidden")
     changes = [
-        gr.on([reg["chat.send"].click, reg["chat.message"].submit], send, [reg["chat.message"], reg["chat.chatbot"],
-              *settings], chat_out, api_name="chat_send", concurrency_limit=None, show_progress="hidden"),
+        gr.on(sent["chat"], send, [reg["chat.message"], reg["chat.chatbot"], *settings], chat_out,
+              api_name="chat_send", concurrency_limit=None, show_progress="hidden"),
         reg["chat.regenerate"].click(again, [reg["chat.chatbot"], *settings], chat_out, api_name="chat_regenerate",
                                      concurrency_limit=None, show_progress="hidden"),
         reg["chat.clear"].click(lambda: ([], ""), None, chat_out, api_name="chat_clear", show_progress="hidden"),
@@ -153,15 +163,13 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
     compare_out = [reg["chat.compare_a"], reg["chat.compare_b"], reg["chat.compare_status"],
                    reg["chat.compare_message"]]
     changes += [
-        gr.on([reg["chat.compare_send"].click, reg["chat.compare_message"].submit], side_by_side, compare_in,
-              compare_out, api_name="chat_compare", concurrency_limit=None, show_progress="hidden"),
+        gr.on(sent["compare"], side_by_side, compare_in, compare_out, api_name="chat_compare",
+              concurrency_limit=None, show_progress="hidden"),
         reg["chat.compare_clear"].click(lambda: ([], [], ""), None, compare_out[:3], api_name=False,
                                         show_progress="hidden"),
     ]
     reg["chat.compare_stop"].click(stop_compare, None, None, api_name="chat_compare_stop", concurrency_limit=None,
                                    show_progress="hidden")
-    # kept once a reply is complete (or stopped), not for every streamed word, and when a setting is set
-    kept = [*conversations, *settings[:-1]]
     for change in changes:
         change.then(chat_memory.remember_chats, kept, reg["chat.saved"], api_name=False, show_progress="hidden")
     set_by_hand = [reg["chat.system"].blur, *(reg[f"chat.{key}"].release for key in chat_memory.SLIDERS)]

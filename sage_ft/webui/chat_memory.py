@@ -47,9 +47,9 @@ def remember_chats(chat: list[Any] | None, side_a: list[Any] | None, side_b: lis
 
 
 def remember_question(where: str) -> Callable[..., Any]:
-    """A handler run in parallel with a Send (``where``: "chat", or "compare" for both Compare sides):
-    what ``remember_chats`` keeps, with the question just sent added to that conversation. The reply
-    streams for seconds and is kept once complete; a reload before then would lose the question too."""
+    """The handler a Send runs just before its reply (``where``: "chat", or "compare" for both Compare
+    sides): what ``remember_chats`` keeps, with the question just sent added to that conversation. The
+    reply streams for seconds and is kept once complete; a reload before then would lose the question too."""
     def keep(message: str | None, chat: list[Any] | None, side_a: list[Any] | None, side_b: list[Any] | None,
              *settings: Any) -> Any:
         if not (message or "").strip():

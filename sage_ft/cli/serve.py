@@ -90,7 +90,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     print(f"base URL:   {endpoint['base_url']}")
     print(f"model:      {endpoint['model']}")
-    print(f"context:    {manager.status()['context_len'] or '?'} tokens")
+    context = manager.status()["context_len"]
+    print(f"context:    {f'{context:,}' if context else '?'} tokens")
     print(f"API key:    {endpoint['api_key']}")
     print(f"log:        {manager.status()['log_path']}")
     print("Ctrl-C stops the server.", flush=True)

@@ -124,6 +124,19 @@ def test_a_chat_longer_than_the_context_is_answered_without_its_oldest_turns(vll
     assert "shorten it" in str(too_long.value)
 
 
+def test_a_reply_limit_above_the_context_is_capped_to_it(vllm_manager):
+    """Max new tokens at 2,000 while the server reads 1,024 tokens (the Chat tab's slider goes to 2,048):
+    vLLM refuses such a request outright, so every message failed until the limit came down; now the
+    reply may be as long as the context allows."""
+    cancel = threading.Event()
+    reply = stream_chat(vllm_manager, [{"role": "user", "content": "Hello"}], max_tokens=2000, cancel_event=cancel)
+    try:
+        assert next(reply)  # the first words are enough: a whole context's reply takes long on a CPU
+    finally:
+        cancel.set()
+        reply.close()
+
+
 def test_runtime_lora_changes_outputs_and_is_listed_with_parent(base_after, serving_adapters):
     manager = base_after
     base_answer = _greedy(manager)

@@ -205,10 +205,11 @@ def test_a_chat_that_outgrew_the_context_still_answers_and_its_label_says_what_w
 
 
 def test_server_error_is_shown_in_the_chat(client):
-    # 2,000 new tokens do not fit the server's 1,024-token context: vLLM refuses the request
-    history, _ = client.predict(HELLO, [], "", 0.7, 1.0, 2000, "en", api_name="/chat_send")
+    # one message longer than the server's 1,024-token context: vLLM refuses it, and the chat says what to do
+    history, _ = client.predict("word " * 1500, [], "", 0.7, 1.0, 64, "en", api_name="/chat_send")
     reply = _reply(history)
-    assert reply.startswith("❌") and "refused" in reply
+    assert reply.startswith("❌") and "the model reads at most 1,024" in reply and "shorten it" in reply
+
 
 
 def _stopped_reply(client) -> str:

@@ -814,6 +814,8 @@ class ServerManager:
             if not server.health():
                 continue
             server.owned = False
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                server.served_models()  # notes its context length (replies are capped to it)
             manager = cls(entry.get("spec", {}).get("model_path"), backend="vllm", adopt=False,
                           install_exit_handlers=False, **kwargs)
             manager._server, manager._state = server, "ready"
@@ -984,6 +986,11 @@ class ServerManager:
         with self._route(model) as (backend, name):
             if on_route is not None:
                 on_route(self.label_of(name))
+            # A reply can be as long as the context, no longer: vLLM refuses a max_tokens above it outright
+            # (and trims one that only overflows with the prompt), the in-process model runs out of positions.
+            context = backend.context_len
+            if context and max_tokens > context:
+                options["max_tokens"] = max_tokens = context
             if self.backend == "transformers":  # nothing refuses a too-long prompt here: measured first
                 yield from backend.stream(_fitted(backend, name, msgs, max_tokens, on_fit), name, **options)
                 return

@@ -7,10 +7,12 @@ the answer changes -> export -> the merged model is listed. A screenshot of each
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -179,6 +181,17 @@ def test_train_chat_switch_and_export_in_a_browser(e2e_app, tmp_path):
             browser.close()
 
 
+@contextlib.contextmanager
+def _screenshot_on_failure(page, name: str) -> Iterator[None]:
+    """A failing step leaves the page as it was under ``test-artifacts/e2e/<name>``."""
+    try:
+        yield
+    except Exception:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=ARTIFACTS / name, full_page=True)
+        raise
+
+
 def test_a_question_sent_survives_a_reload_while_its_reply_streams(e2e_app):
     """The browser keeps a question as soon as it is sent, not only once its reply is complete: reloaded
     mid-reply, the page shows the question (the stream it left ended with the page), and Regenerate
@@ -191,28 +204,25 @@ def test_a_question_sent_survives_a_reload_while_its_reply_streams(e2e_app):
         page.set_default_timeout(60_000)
         bot, user = page.locator("#chatbot [data-testid=bot]"), page.locator("#chatbot [data-testid=user]")
         try:
-            page.goto(e2e_app.url)
-            page.get_by_role("tab", name="💬 Chat").click()
-            page.get_by_text("Generation settings").click()
-            for name, value in (("temperature", "0"), ("max-tokens", "900")):  # greedy: 900 tokens, 6-12 s
-                page.locator(f"#chat-{name} input[type=number]").fill(value)
-                page.locator(f"#chat-{name} input[type=number]").press("Enter")
-            page.locator("#chat-input textarea").fill("Tell me a long story.")
-            page.locator("#chat-send").click()
-            expect(bot.last).to_contain_text("🤖 demo", timeout=120_000)  # the reply is streaming
-            page.reload()
-            page.get_by_role("tab", name="💬 Chat").click()
-            expect(user).to_have_text(["Tell me a long story."])
-            expect(bot).to_have_count(0)
-            page.get_by_role("button", name="Regenerate").click()
-            expect(bot.last).to_contain_text("🤖 demo", timeout=120_000)
-            page.locator("#chat-stop").click()
-            expect(bot.last).to_contain_text("⏹", timeout=60_000)
-            expect(user).to_have_text(["Tell me a long story."])
-        except Exception:
-            ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=ARTIFACTS / "reload-failure.png", full_page=True)
-            raise
+            with _screenshot_on_failure(page, "reload-failure.png"):
+                page.goto(e2e_app.url)
+                page.get_by_role("tab", name="💬 Chat").click()
+                page.get_by_text("Generation settings").click()
+                for name, value in (("temperature", "0"), ("max-tokens", "900")):  # greedy: 900 tokens, 6-12 s
+                    page.locator(f"#chat-{name} input[type=number]").fill(value)
+                    page.locator(f"#chat-{name} input[type=number]").press("Enter")
+                page.locator("#chat-input textarea").fill("Tell me a long story.")
+                page.locator("#chat-send").click()
+                expect(bot.last).to_contain_text("🤖 demo", timeout=120_000)  # the reply is streaming
+                page.reload()
+                page.get_by_role("tab", name="💬 Chat").click()
+                expect(user).to_have_text(["Tell me a long story."])
+                expect(bot).to_have_count(0)
+                page.get_by_role("button", name="Regenerate").click()
+                expect(bot.last).to_contain_text("🤖 demo", timeout=120_000)
+                page.locator("#chat-stop").click()
+                expect(bot.last).to_contain_text("⏹", timeout=60_000)
+                expect(user).to_have_text(["Tell me a long story."])
         finally:
             browser.close()
 
@@ -223,35 +233,32 @@ def test_a_setting_set_in_another_tab_keeps_the_conversation_this_tab_had(e2e_ap
     stale (here empty) conversations over the chat the other tab had just had."""
     from playwright.sync_api import expect, sync_playwright
 
+    chat_storage = "() => [localStorage.getItem('sage-ft-chats'), localStorage.getItem('sage-ft-chat-settings')]"
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
         context = browser.new_context(viewport={"width": 1400, "height": 1000})
         older, chatting = context.new_page(), context.new_page()
         try:
-            for page in (older, chatting):
-                page.set_default_timeout(60_000)
-                page.goto(e2e_app.url)
-                page.get_by_role("tab", name="💬 Chat").click()
-            assert _ask(chatting, "Hello there")
-            chat_storage = "() => [localStorage.getItem('sage-ft-chats'), localStorage.getItem('sage-ft-chat-settings')]"
-            stored = older.evaluate(chat_storage)
-            older.bring_to_front()  # as a person switches tabs (a background tab's timers are throttled)
-            older.get_by_text("Generation settings").click()
-            older.locator("#chat-system textarea").fill("Be brief.")
-            older.locator("#chat-input textarea").click()  # leaving the field sets it
-            deadline = time.monotonic() + 30
-            while older.evaluate(chat_storage) == stored:
-                assert time.monotonic() < deadline, "the system prompt was never saved"
-                older.wait_for_timeout(200)
-            chatting.bring_to_front()
-            chatting.reload()
-            chatting.get_by_role("tab", name="💬 Chat").click()
-            expect(chatting.locator("#chatbot [data-testid=user]")).to_have_text(["Hello there"])
-            chatting.get_by_text("Generation settings").click()
-            expect(chatting.locator("#chat-system textarea")).to_have_value("Be brief.")  # settings are shared
-        except Exception:
-            ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            chatting.screenshot(path=ARTIFACTS / "two-tabs-failure.png", full_page=True)
-            raise
+            with _screenshot_on_failure(chatting, "two-tabs-failure.png"):
+                for page in (older, chatting):
+                    page.set_default_timeout(60_000)
+                    page.goto(e2e_app.url)
+                    page.get_by_role("tab", name="💬 Chat").click()
+                assert _ask(chatting, "Hello there")
+                stored = older.evaluate(chat_storage)
+                older.bring_to_front()  # as a person switches tabs (a background tab's timers are throttled)
+                older.get_by_text("Generation settings").click()
+                older.locator("#chat-system textarea").fill("Be brief.")
+                older.locator("#chat-input textarea").click()  # leaving the field sets it
+                deadline = time.monotonic() + 30
+                while older.evaluate(chat_storage) == stored:
+                    assert time.monotonic() < deadline, "the system prompt was never saved"
+                    older.wait_for_timeout(200)
+                chatting.bring_to_front()
+                chatting.reload()
+                chatting.get_by_role("tab", name="💬 Chat").click()
+                expect(chatting.locator("#chatbot [data-testid=user]")).to_have_text(["Hello there"])
+                chatting.get_by_text("Generation settings").click()
+                expect(chatting.locator("#chat-system textarea")).to_have_value("Be brief.")  # settings are shared
         finally:
             browser.close()

@@ -171,3 +171,47 @@ def test_cli_serve_port_taken_app_crash_adoption_and_sigterm(data_home, serving_
             second.kill()
     assert _wait_gone(server_pids) == []
     assert not [e for e in serving_registry.read_entries() if e["pid"] == entry["pid"]]
+
+
+_START_ON_A_THREAD = """
+import signal, sys, threading
+from sage_ft.serving import ServerManager
+m = ServerManager("demo", port=int(sys.argv[1]))
+threading.Thread(target=m.switch, args=("demo",), daemon=True).start()  # as the web app starts it
+signal.pause()
+"""
+
+
+def test_sigterm_while_the_server_starts_leaves_no_child(data_home, serving_demo_model):
+    """The web app starts its chat server on a thread. SIGTERM (or Ctrl-C) in the half minute that
+    start takes used to leave the half-started vLLM running: closing stopped only a server that was
+    ready. Now the starting server's whole process group is ended too."""
+    from sage_ft.serving.vllm_server import group_members
+
+    app = subprocess.Popen([sys.executable, "-c", _START_ON_A_THREAD, str(free_port())],
+                           env=dict(os.environ, SAGE_FT_HOME=str(data_home)), cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    leader = None
+    try:
+        deadline = time.monotonic() + 120
+        while leader is None and time.monotonic() < deadline:
+            with contextlib.suppress(psutil.Error):
+                leader = next((c.pid for c in psutil.Process(app.pid).children()
+                               if "vllm.entrypoints" in " ".join(c.cmdline())), None)
+            time.sleep(0.2)
+        assert leader is not None, "the app launched no vLLM child within 120 s"
+        assert not any(e["pid"] == leader and e.get("current") for e in serving_registry.read_entries())
+        app.send_signal(signal.SIGTERM)  # seconds into a start that takes ~20 s here
+        app.wait(timeout=60)
+    finally:
+        if app.poll() is None:
+            app.kill()
+    deadline = time.monotonic() + 30
+    while group_members(leader) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = group_members(leader)
+    for proc in left:  # ended, so a failure here leaves nothing running for the next tests
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    assert left == [], "the half-started vLLM outlived the app"
+    assert not [e for e in serving_registry.read_entries() if e["pid"] == leader]

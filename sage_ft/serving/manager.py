@@ -152,6 +152,7 @@ class ServerManager:
         self._switch_cancel = threading.Event()  # set by cancel_switch(): ends the merge / start / load under way
         self._cancellable_step: str | None = None  # the switch step a cancel would end now (see _cancellable)
         self._abandoned_load: threading.Thread | None = None  # a cancelled in-process load still running
+        self._starting: VLLMServer | None = None  # a server being started (not yet ``_server``), for close()
         self._state: State = "stopped"
         self._server: VLLMServer | None = None
         self._local: LocalBackend | None = None
@@ -298,8 +299,14 @@ class ServerManager:
             server.stop()
 
     def close(self) -> None:
-        """Stop everything this manager started; used by exit handlers and tests."""
+        """Stop everything this manager started, a server still starting too; used by exit handlers
+        (SIGTERM, Ctrl-C, normal exit) and tests. The start runs on another thread, and the process may be
+        gone before that thread notices: the starting server is stopped here, not left to it."""
         self._closed.set()
+        self._switch_cancel.set()
+        starting = self._starting
+        if starting is not None:
+            starting.stop()
         self.stop()
 
     def restart(self, progress: ProgressCallback | None = None) -> SwitchResult:
@@ -689,13 +696,18 @@ class ServerManager:
         port = find_free_port(self.preferred_port, exclude={old.port} if old else frozenset())
         server = self._new_server(target, port)
         t0 = time.monotonic()
+        self._starting = server
         try:
+            if self._closed.is_set():
+                server.stop()  # closed while this switch waited: launch() refuses
             with self._cancellable("vLLM server start"):
                 server.start(timeout_s or self.start_timeout_s, progress, cancel=self._switch_cancel)
         except ServerStartError:
             with self._lock:
                 self._state = "ready" if old is not None else "stopped"
             raise
+        finally:
+            self._starting = None
         timings["server_start_s"] = time.monotonic() - t0
         with self._lock:  # from here on new chats go to the new server
             self._server = server

@@ -159,6 +159,8 @@ class VLLMServer:
         self.on_gpu = gpu.gpu_count() > 0
         self._proc: subprocess.Popen | None = None
         self._log_fh = None
+        self._lifecycle = threading.Lock()  # launch vs stop: a server stopped before it launched never launches
+        self._stopping = False
         self.owned = True  # False: a server another live sage-ft process started (we only chat with it)
 
     # ---- addresses -------------------------------------------------------------------------
@@ -179,17 +181,22 @@ class VLLMServer:
 
     # ---- life cycle ------------------------------------------------------------------------
     def launch(self) -> None:
-        """Spawn the child (returns at once) and record it in the registry."""
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log_fh = open(self.log_path, "ab", buffering=0)  # noqa: SIM115 - closed in _cleanup
-        argv = self.spec.argv(self.on_gpu)
-        self._log_fh.write(f"$ {' '.join(argv)}\n".encode())
-        self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log_fh,
-                                      stderr=subprocess.STDOUT, start_new_session=True,
-                                      env={**child_env(self.on_gpu, self.spec.enable_sleep_mode),
-                                           "VLLM_API_KEY": self.api_key},
-                                      cwd=str(paths.home()))
-        self.pid = self._proc.pid
+        """Spawn the child (returns at once) and record it in the registry; refused once ``stop`` was
+        called (the app exiting while another thread starts this server must not leave a child behind)."""
+        with self._lifecycle:
+            if self._stopping:
+                raise StartCancelled(f"the start of {self.spec.model_path} was stopped before vLLM was launched",
+                                     "", str(self.log_path))
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log_fh = open(self.log_path, "ab", buffering=0)  # noqa: SIM115 - closed in _cleanup
+            argv = self.spec.argv(self.on_gpu)
+            self._log_fh.write(f"$ {' '.join(argv)}\n".encode())
+            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log_fh,
+                                          stderr=subprocess.STDOUT, start_new_session=True,
+                                          env={**child_env(self.on_gpu, self.spec.enable_sleep_mode),
+                                               "VLLM_API_KEY": self.api_key},
+                                          cwd=str(paths.home()))
+            self.pid = self._proc.pid
         self.create_time = registry.create_time_of(self.pid)
         self.started_at = time.time()
         registry.upsert(self.registry_entry())
@@ -267,7 +274,10 @@ class VLLMServer:
         return None if self.is_alive() else -1
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
-        """End the whole process group (SIGTERM, then SIGKILL after ``grace_s``); idempotent."""
+        """End the whole process group (SIGTERM, then SIGKILL after ``grace_s``); idempotent. A server not
+        launched yet never will be."""
+        with self._lifecycle:
+            self._stopping = True
         if self.owned and self.pid:
             end_process_group(self.pid, self.create_time, grace_s)
             if self._proc is not None:

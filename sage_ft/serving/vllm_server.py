@@ -197,9 +197,9 @@ class VLLMServer:
                                                "VLLM_API_KEY": self.api_key},
                                           cwd=str(paths.home()))
             self.pid = self._proc.pid
-        self.create_time = registry.create_time_of(self.pid)
-        self.started_at = time.time()
-        registry.upsert(self.registry_entry())
+            self.create_time = registry.create_time_of(self.pid)  # stop() matches the pid by it
+            self.started_at = time.time()
+            registry.upsert(self.registry_entry())
 
     def start(self, timeout_s: float = 300.0, progress: ProgressCallback | None = None,
               cancel: threading.Event | None = None) -> None:

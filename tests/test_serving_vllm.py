@@ -109,9 +109,11 @@ def test_a_chat_longer_than_the_context_is_answered_without_its_oldest_turns(vll
     assert refused.value.context_overflow and not refused.value.retryable
 
     told: list[tuple[int, int]] = []
-    reply = "".join(stream_chat(vllm_manager, conversation, temperature=0.0, max_tokens=16,
-                                on_fit=lambda turns, ctx: told.append((turns, ctx))))
-    assert reply and len(told) == 1 and told[0][1] == 1024
+    # answered = accepted and streamed to its end without an error; the text itself may be empty: the
+    # random demo model's logits are nearly flat, and greedy can pick its end-of-turn token first (seen once)
+    "".join(stream_chat(vllm_manager, conversation, temperature=0.0, max_tokens=16,
+                        on_fit=lambda turns, ctx: told.append((turns, ctx))))
+    assert len(told) == 1 and told[0][1] == 1024
     left_out = told[0][0]
     assert server.count_chat_tokens("demo", [conversation[0], *conversation[1 + 2 * left_out:]])[0] + 16 <= 1024
     assert server.count_chat_tokens("demo", [conversation[0], *conversation[1 + 2 * (left_out - 1):]])[0] + 16 > 1024

@@ -195,12 +195,14 @@ def _screenshot_on_failure(page, name: str) -> Iterator[None]:
         raise
 
 
-def test_a_question_sent_survives_a_reload_while_its_reply_streams(e2e_app):
-    """The browser keeps a question as soon as it is sent, not only once its reply is complete: reloaded
-    mid-reply, the page shows the question (the stream it left ended with the page), and Regenerate
-    answers it. Before, the question and everything the reply had said were gone."""
+def test_a_reply_reloaded_while_it_streams_keeps_its_question_and_what_it_had_said(e2e_app):
+    """The browser keeps a question as soon as it is sent and the reply every 2 s while it streams:
+    reloaded mid-reply, the page shows the question and the words the reply had reached, marked as cut
+    off (the stream it left ended with the page), and Regenerate answers again. Before, the question
+    and everything the reply had said were gone."""
     from playwright.sync_api import expect, sync_playwright
 
+    chats = "() => localStorage.getItem('sage-ft-chats')"
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -216,16 +218,26 @@ def test_a_question_sent_survives_a_reload_while_its_reply_streams(e2e_app):
                     page.locator(f"#chat-{name} input[type=number]").press("Enter")
                 page.locator("#chat-input textarea").fill("Tell me a long story.")
                 page.locator("#chat-send").click()
-                expect(bot.last).to_contain_text("🤖 demo", timeout=120_000)  # the reply is streaming
+                expect(bot.last).to_contain_text(re.compile(r"🤖 demo\s+\S+\s+\S+"), timeout=120_000)  # words came
+                saved = page.evaluate(chats)
+                deadline = time.monotonic() + 30
+                while page.evaluate(chats) == saved:  # the next autosave, with those words
+                    assert time.monotonic() < deadline, "the streaming reply was never saved"
+                    page.wait_for_timeout(100)
                 page.reload()
                 page.get_by_role("tab", name="💬 Chat").click()
                 expect(user).to_have_text(["Tell me a long story."])
-                expect(bot).to_have_count(0)
+                expect(bot).to_have_count(1)
+                expect(bot.last).to_contain_text("⏹ cut off: the page was reloaded while this reply was written")
+                restored = bot.last.inner_text().split("⏹")[0]
+                assert len(restored.split()) >= 4, restored  # the label line and the words it had reached
                 page.get_by_role("button", name="Regenerate").click()
+                expect(bot.last).not_to_contain_text("cut off", timeout=120_000)
                 expect(bot.last).to_contain_text("🤖 demo", timeout=120_000)
                 page.locator("#chat-stop").click()
-                expect(bot.last).to_contain_text("⏹", timeout=60_000)
+                expect(bot.last).to_contain_text("⏹ stopped", timeout=60_000)
                 expect(user).to_have_text(["Tell me a long story."])
+                expect(bot).to_have_count(1)
         finally:
             browser.close()
 

@@ -13,6 +13,7 @@ import time
 from concurrent.futures import CancelledError
 from pathlib import Path
 
+import gradio as gr
 import pytest
 
 from sage_ft import paths
@@ -20,6 +21,7 @@ from sage_ft.serving.chat import chat
 from sage_ft.webui.chat_memory import (
     SAVED_CHARS,
     remember_chats,
+    remember_partial,
     remember_question,
     remember_settings,
     restore_chats,
@@ -356,8 +358,39 @@ def test_the_browser_keeps_the_newest_turns_of_each_conversation_and_the_setting
         [], [], [], skip, skip, skip, skip]
     assert restore_chats(None, None) == [skip] * 7
     # a question is kept as soon as it is sent (in Chat, or on both Compare sides), before its reply
-    asked = remember_question("chat")("q2", turns[-2:], [], [])
+    asked, timer = remember_question("chat")("q2", turns[-2:], [], [])
     assert asked["chat"] == [*turns[-2:], {"role": "user", "content": "q2"}] and asked["a"] == []
-    asked = remember_question("compare")("q", [], [], turns[-2:])
+    assert timer.active  # the reply is saved every few seconds while it streams
+    asked, _ = remember_question("compare")("q", [], [], turns[-2:])
     assert asked["a"] == [{"role": "user", "content": "q"}] and asked["b"][-1] == {"role": "user", "content": "q"}
-    assert remember_question("chat")("  ", [], [], []) == skip  # nothing sent: nothing kept
+    assert remember_question("chat")("  ", [], [], []) == (skip, skip)  # nothing sent: nothing kept
+
+
+def test_a_reply_saved_while_it_streamed_comes_back_marked_as_cut_off():
+    """The autosave keeps a streaming reply with where it streamed; the page restored from it says the
+    reply was cut off, in the page's language, and the model is not sent that note. Only the replies
+    that streamed are marked, and a question whose reply had not started stays a question."""
+    question, partial = {"role": "user", "content": "Tell me a story"}, {"role": "assistant", "content": "Once upon"}
+
+    def autosave(chat, a, b, where: tuple[str, ...]):
+        """A tick of the autosave timer of the page "page-1", whose replies stream ``where``."""
+        asked = []
+        out = remember_partial(lambda session: asked.append(session) or where)(chat, a, b,
+                                                                               gr.Request(session_hash="page-1"))
+        assert asked == ["page-1"]
+        return out
+
+    saved, timer = autosave([question, partial], [question], [], ("chat",))
+    assert saved["streaming"] == ["chat"] and timer == {"__type__": "update"}
+    chat, side_a, side_b = restore_chats(saved, None, "en")[:3]
+    assert chat[-1]["content"] == "Once upon\n\n⏹ cut off: the page was reloaded while this reply was written"
+    assert side_a == [question] and side_b == []
+    assert prompt_of(chat) == [question, partial]
+    assert restore_chats(saved, None, "zh")[0][-1]["content"].endswith("⏹ 已中断：回复生成时页面被重新加载")
+    saved, _ = autosave([question, partial], [question, partial], [question], ("compare",))
+    chat, side_a, side_b = restore_chats(saved, None, "en")[:3]
+    assert chat[-1] == partial and "cut off" in side_a[-1]["content"] and side_b == [question]
+    # the reply ended: the timer stops and saves nothing over the complete exchange
+    saved, timer = autosave([question, partial], [], [], ())
+    assert saved == {"__type__": "update"} and timer.active is False
+    assert restore_chats({"chat": [question, partial], "streaming": [["odd"], 3]}, None)[0] == [question, partial]

@@ -51,7 +51,7 @@ def build_app(services: AppServices, lang: str | None = None) -> gr.Blocks:
         demo.load(lambda lg, *v: train_tab.preview(lg, *v), [reg["top.lang"], *fields],
                   [reg["train.command"], reg["train.yaml"]], api_name=False, show_progress="hidden")
         demo.load(train_tab.restore_form, reg["train.draft"], fields, api_name=False, show_progress="hidden")
-        demo.load(chat_memory.restore_chats, [reg["chat.saved"], reg["chat.settings_saved"]],
+        demo.load(chat_memory.restore_chats, [reg["chat.saved"], reg["chat.settings_saved"], reg["top.lang"]],
                   [reg[f"chat.{name}"] for name in chat_memory.RESTORED],
                   api_name=False, show_progress="hidden")
     demo.registry = reg  # type: ignore[attr-defined]

@@ -2,8 +2,9 @@
 
 A refresh, a closed tab or an app restart loses neither (other studios lose chat history on refresh).
 Kept like the Train form's draft (``form_memory``): per browser, in its localStorage, encrypted with
-the data home's key. Conversations are saved once a reply is complete and a question as soon as it is
-sent (a page reloaded while the reply streams still shows it; Regenerate answers it); settings when
+the data home's key. Conversations are saved once a reply is complete, a question as soon as it is
+sent, and a reply every ``AUTOSAVE_S`` while it streams: a page reloaded mid-reply shows the question
+and what the reply had said, marked as cut off (Regenerate answers again). Settings are saved when
 one is set and with each reply. The two are kept apart: every tab of a browser shares that storage,
 and a page opened earlier holds the conversations as they were then, so setting a slider there must
 not write those back over what another tab said since.
@@ -16,8 +17,8 @@ from typing import Any
 
 import gradio as gr
 
-from sage_ft.webui import form_memory
-from sage_ft.webui.chat_messages import as_messages
+from sage_ft.webui import form_memory, i18n
+from sage_ft.webui.chat_messages import STOPPED_MARK, as_messages
 from sage_ft.webui.components import Registry
 
 STORAGE_KEY = "sage-ft-chats"
@@ -27,17 +28,21 @@ SETTINGS_KEY = "sage-ft-chat-settings"
 SAVED_CHARS = {"chat": 300_000, "a": 100_000, "b": 100_000, "system": 20_000}
 # The generation sliders: (minimum, maximum, default, step).
 SLIDERS = {"temperature": (0.0, 2.0, 0.7, 0.05), "top_p": (0.05, 1.0, 1.0, 0.05), "max_tokens": (1, 2048, 256, 1)}
+# How often a streaming reply is saved (seconds): a reload loses at most this much of it. Each save
+# sends the page's conversations to the server and back, so not for every streamed word.
+AUTOSAVE_S = 2.0
 # The components restored on page load, in ``restore_chats``'s order (``chat.<name>`` in the registry).
 RESTORED = ("chatbot", "compare_a", "compare_b", "system", *SLIDERS)
 
 
 def build_state(reg: Registry) -> None:
-    """The browser states ``chat.saved`` (conversations) and ``chat.settings_saved``. Built outside the
-    tabs: a browser state inside a tab not yet opened is not mounted when the page loads, so it would
-    read as empty."""
+    """The browser states ``chat.saved`` (conversations) and ``chat.settings_saved``, and the
+    ``chat.autosave`` timer that runs while a reply streams. Built outside the tabs: a browser state
+    inside a tab not yet opened is not mounted when the page loads, so it would read as empty."""
     secret = form_memory.browser_secret()
     reg.add("chat.saved", gr.BrowserState(None, storage_key=STORAGE_KEY, secret=secret), kind="none")
     reg.add("chat.settings_saved", gr.BrowserState(None, storage_key=SETTINGS_KEY, secret=secret), kind="none")
+    reg.add("chat.autosave", gr.Timer(AUTOSAVE_S, active=False), kind="none")
 
 
 def remember_chats(chat: list[Any] | None, side_a: list[Any] | None, side_b: list[Any] | None) -> dict[str, Any]:
@@ -55,29 +60,51 @@ def remember_settings(system: str | None, temperature: float, top_p: float, max_
 
 def remember_question(where: str) -> Callable[..., Any]:
     """The handler a Send runs just before its reply (``where``: "chat", or "compare" for both Compare
-    sides): the conversations ``remember_chats`` keeps, with the question just sent added to that one.
-    The reply streams for seconds and is kept once complete; a reload before then would lose the
-    question too."""
+    sides): the conversations ``remember_chats`` keeps, with the question just sent added to that one,
+    and the autosave timer started. The reply streams for seconds; a reload before its first autosave
+    would lose the question too."""
     def keep(message: str | None, chat: list[Any] | None, side_a: list[Any] | None,
              side_b: list[Any] | None) -> Any:
         if not (message or "").strip():
-            return gr.skip()
+            return gr.skip(), gr.skip()
         asked = [{"role": "user", "content": message}]
         if where == "chat":
             chat = [*as_messages(chat), *asked]
         else:
             side_a, side_b = [*as_messages(side_a), *asked], [*as_messages(side_b), *asked]
-        return remember_chats(chat, side_a, side_b)
+        return remember_chats(chat, side_a, side_b), gr.Timer(active=True)
     return keep
 
 
-def restore_chats(saved: Any, settings: Any) -> list[Any]:
+def remember_partial(streaming: Callable[[str | None], tuple[str, ...]]) -> Callable[..., Any]:
+    """The autosave timer's handler: the conversations as the page shows them now, the replies still
+    streaming included, with ``"streaming"`` naming where ("chat", "compare") so that a page restored
+    from them marks those replies as cut off. ``streaming(session_hash)`` says where this page's
+    replies stream; once none does, the timer stops and saves nothing (the complete exchange is saved
+    when its reply ends, and a late tick must not write an older state over it)."""
+    def keep(chat: list[Any] | None, side_a: list[Any] | None, side_b: list[Any] | None,
+             request: gr.Request) -> Any:
+        where = streaming(getattr(request, "session_hash", None))
+        if not where:
+            return gr.skip(), gr.Timer(active=False)
+        return {**remember_chats(chat, side_a, side_b), "streaming": list(where)}, gr.skip()
+    return keep
+
+
+def restore_chats(saved: Any, settings: Any, lang: str | None = None) -> list[Any]:
     """On page load: the conversations and settings as this browser left them (nothing changes
-    without them; a setting out of its slider's range is left at its default). Settings saved before
-    they had their own storage come from the conversations' (one dict held both)."""
-    chats = [gr.skip()] * 3
+    without them; a setting out of its slider's range is left at its default). A reply saved while it
+    streamed ends with a note that it was cut off (the model is not sent that note, as with Stop).
+    Settings saved before they had their own storage come from the conversations' (one dict held both)."""
+    chats: list[Any] = [gr.skip()] * 3
     if isinstance(saved, dict):
         chats = [as_messages(saved.get(key) if isinstance(saved.get(key), list) else []) for key in ("chat", "a", "b")]
+        streaming = saved.get("streaming") if isinstance(saved.get("streaming"), list) else []
+        cut_off = f"\n\n{STOPPED_MARK} {i18n.t('chat.cut_off', i18n.normalize(lang))}"
+        cut = [turns for where, turns in zip(("chat", "compare", "compare"), chats, strict=True) if where in streaming]
+        for turns in cut:
+            if turns and turns[-1]["role"] == "assistant":
+                turns[-1]["content"] += cut_off
         settings = settings if isinstance(settings, dict) else saved
     if not isinstance(settings, dict):
         return [*chats, *[gr.skip()] * (len(RESTORED) - 3)]

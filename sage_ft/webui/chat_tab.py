@@ -10,6 +10,7 @@ Compare streams two served names (the base and its LoRAs) concurrently.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import logging
 import threading
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 TYPE_TAGS = {"base": "base", "adapter": "finetuned · LoRA", "lora": "finetuned · LoRA", "merged": "merged"}
 _CANCELS: dict[str, threading.Event] = {}  # session (+ "/compare") -> the cancel event of its running reply
+_STREAMING: set[str] = set()  # session (+ "/compare") of the replies streaming now (the autosave asks)
 _BANNER_STYLE = ("border:1px solid var(--border-color-primary);border-left:5px solid {color};border-radius:8px;"
                  "padding:8px 12px;line-height:1.6")
 _STATE_COLORS = {"ready": "#16a34a", "starting": "#d97706", "switching": "#d97706", "crashed": "#dc2626"}
@@ -140,13 +142,19 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
     conversations = [reg["chat.chatbot"], reg["chat.compare_a"], reg["chat.compare_b"]]
     # What the browser keeps: a question as soon as it is sent (registered before the reply's event:
     # Gradio runs the events of one trigger in that order, so this few-ms save goes first and a page
-    # reloaded while the reply streams keeps the question); the whole exchange and the settings once the
-    # reply is complete or stopped (not for every streamed word); a setting when it is set (that alone).
+    # reloaded while the reply streams keeps the question); the streaming reply every few seconds (the
+    # autosave timer, started with it); the whole exchange and the settings once the reply is complete
+    # or stopped; a setting when it is set (that alone).
     sent = {"chat": [reg["chat.send"].click, reg["chat.message"].submit],
             "compare": [reg["chat.compare_send"].click, reg["chat.compare_message"].submit]}
+    autosave = [reg["chat.saved"], reg["chat.autosave"]]
     for where, message in (("chat", "chat.message"), ("compare", "chat.compare_message")):
-        gr.on(sent[where], chat_memory.remember_question(where), [reg[message], *conversations], reg["chat.saved"],
+        gr.on(sent[where], chat_memory.remember_question(where), [reg[message], *conversations], autosave,
               api_name=False, show_progress="hidden")
+    reg["chat.regenerate"].click(lambda: gr.Timer(active=True), None, reg["chat.autosave"], api_name=False,
+                                 show_progress="hidden")
+    reg["chat.autosave"].tick(chat_memory.remember_partial(streaming_in), conversations, autosave, api_name=False,
+                              show_progress="hidden")
     changes = [
         gr.on(sent["chat"], send, [reg["chat.message"], reg["chat.chatbot"], *settings], chat_out,
               api_name="chat_send", concurrency_limit=None, show_progress="hidden"),
@@ -434,6 +442,24 @@ def _cancel_event(request: Any, suffix: str = "") -> threading.Event:
     return event
 
 
+@contextlib.contextmanager
+def _streaming(request: Any, suffix: str = "") -> Iterator[None]:
+    """Marks the session's reply as streaming (``streaming_in``) until it ends, is stopped, or its
+    page goes away (Gradio then closes the generator)."""
+    key = f"{getattr(request, 'session_hash', None) or 'api'}{suffix}"
+    _STREAMING.add(key)
+    try:
+        yield
+    finally:
+        _STREAMING.discard(key)
+
+
+def streaming_in(session_hash: str | None) -> tuple[str, ...]:
+    """Where the page ``session_hash`` has a reply streaming now: "chat" and/or "compare"."""
+    return tuple(where for where, suffix in (("chat", ""), ("compare", "/compare"))
+                 if f"{session_hash or 'api'}{suffix}" in _STREAMING)
+
+
 def stop(request: Any, suffix: str = "") -> None:
     """Stop the session's running reply (the server aborts the request when the stream closes)."""
     event = _CANCELS.get(f"{getattr(request, 'session_hash', None) or 'api'}{suffix}")
@@ -485,18 +511,20 @@ def _answer(services: AppServices, turns: list[dict[str, str]], args: dict[str, 
 
     cancel = _cancel_event(request)
     prompt = prompt_of(turns[:-1])
-    pump = Pump(lambda report: stream_chat(services.server, prompt, cancel_event=cancel, **_reporting(report), **args))
-    while True:
-        got = pump.drain(timeout=0.2)
-        if cancel.is_set():  # the stream also ends on cancel: stopped, even when "end" was already read
-            reply.add(got._replace(done=False), lang)
-            reply.stopped(lang)
-            yield turns, gr.skip()
-            return
-        if reply.add(got, lang):
-            yield turns, gr.skip()
-        if got.done:
-            return
+    with _streaming(request):
+        pump = Pump(lambda report: stream_chat(services.server, prompt, cancel_event=cancel, **_reporting(report),
+                                               **args))
+        while True:
+            got = pump.drain(timeout=0.2)
+            if cancel.is_set():  # the stream also ends on cancel: stopped, even when "end" was already read
+                reply.add(got._replace(done=False), lang)
+                reply.stopped(lang)
+                yield turns, gr.skip()
+                return
+            if reply.add(got, lang):
+                yield turns, gr.skip()
+            if got.done:
+                return
 
 
 def _reporting(report: Report) -> dict[str, Callable[..., None]]:
@@ -571,36 +599,37 @@ def compare(services: AppServices, message: str, hist_a: list[Any] | None, hist_
     base = services.server.base_served_name()
     one_after_the_other = (not services.server.mixed_lora_batches_safe and None not in starts
                            and (names[0] == base) != (names[1] == base))
-    pumps: list[Pump | None] = [None, None]
-    for i in (0,) if one_after_the_other else (0, 1):
-        pumps[i] = Pump(starts[i]) if starts[i] is not None else None
-    shown = [services.server.label_of(name) for name in names]  # "?" for a side that was refused
-    status = i18n.t("chat.comparing", lang, a=shown[0], b=shown[1])
-    yield sides[0], sides[1], f"⏳ {_esc(status)}", gr.skip()
-    running = [start is not None for start in starts]
-    while any(running):
-        changed = False
-        for i, pump in enumerate(pumps):
-            if pump is None or not running[i]:
-                continue
-            got = pump.drain(timeout=0.1)
-            stopped = got.done and cancel.is_set() and got.error is None
-            changed = replies[i].add(got._replace(done=got.done and not stopped), lang) or got.done or changed
-            if got.done:
-                running[i] = False
-                if stopped:
-                    replies[i].stopped(lang)
-        if pumps[1] is None and running[1] and not running[0] and not cancel.is_set():
-            pumps[1] = Pump(starts[1])  # one after the other: side A is done
-        if cancel.is_set():
-            for i, is_running in enumerate(running):
-                if is_running:
-                    replies[i].stopped(lang)
-            yield sides[0], sides[1], f"{STOPPED_MARK} {i18n.t('chat.stopped', lang)}", gr.skip()
-            return
-        if changed:
-            yield sides[0], sides[1], f"⏳ {_esc(status)}", gr.skip()
-    yield sides[0], sides[1], f"✅ {_esc(i18n.t('chat.compared', lang, a=shown[0], b=shown[1]))}", gr.skip()
+    with _streaming(request, "/compare"):
+        pumps: list[Pump | None] = [None, None]
+        for i in (0,) if one_after_the_other else (0, 1):
+            pumps[i] = Pump(starts[i]) if starts[i] is not None else None
+        shown = [services.server.label_of(name) for name in names]  # "?" for a side that was refused
+        status = i18n.t("chat.comparing", lang, a=shown[0], b=shown[1])
+        yield sides[0], sides[1], f"⏳ {_esc(status)}", gr.skip()
+        running = [start is not None for start in starts]
+        while any(running):
+            changed = False
+            for i, pump in enumerate(pumps):
+                if pump is None or not running[i]:
+                    continue
+                got = pump.drain(timeout=0.1)
+                stopped = got.done and cancel.is_set() and got.error is None
+                changed = replies[i].add(got._replace(done=got.done and not stopped), lang) or got.done or changed
+                if got.done:
+                    running[i] = False
+                    if stopped:
+                        replies[i].stopped(lang)
+            if pumps[1] is None and running[1] and not running[0] and not cancel.is_set():
+                pumps[1] = Pump(starts[1])  # one after the other: side A is done
+            if cancel.is_set():
+                for i, is_running in enumerate(running):
+                    if is_running:
+                        replies[i].stopped(lang)
+                yield sides[0], sides[1], f"{STOPPED_MARK} {i18n.t('chat.stopped', lang)}", gr.skip()
+                return
+            if changed:
+                yield sides[0], sides[1], f"⏳ {_esc(status)}", gr.skip()
+        yield sides[0], sides[1], f"✅ {_esc(i18n.t('chat.compared', lang, a=shown[0], b=shown[1]))}", gr.skip()
 
 
 def _esc(text: object) -> str:

@@ -163,3 +163,20 @@ def test_shipped_configs_load_without_unknown_keys() -> None:
     demo, _ = TrainConfig.from_yaml(folder / "demo_cpu.yaml")
     [sample] = resolve_dataset_paths(demo)  # 'docs-sample' -> the built-in sample file
     assert sample.suffix == ".jsonl" and sample.exists()
+
+
+def test_the_shipped_demo_config_trains_as_its_header_says(demo_model: Path, data_home: Path) -> None:
+    """``sage-ft train configs/demo_cpu.yaml`` (its header's command) trains on 'docs-sample', the
+    built-in set, here next to a set named by its file name in the data home's datasets/ (where the
+    UI keeps uploads). Both were refused before a run began ("docs-sample: file not found"): the
+    task queue checked the names as paths, though the run itself knew them."""
+    (data_home / "datasets").mkdir(exist_ok=True)
+    (data_home / "datasets" / "my-upload.jsonl").write_text(
+        json.dumps({"instruction": "What is sage-ft?", "output": "A fine-tuning studio."}) + "\n", encoding="utf-8")
+    config = Path(__file__).resolve().parent.parent / "configs" / "demo_cpu.yaml"
+    out = sage_ft("train", str(config), *FAST, "--set", "max_steps=2", "--set", "dataset=docs-sample,my-upload",
+                  "--set", "run_name=shipped-demo", timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    run = Path(out.stdout.strip().splitlines()[-1])
+    files = read_meta(run)["dataset_info"]["files"]
+    assert [Path(f).name for f in files] == ["sage-ft-docs.jsonl", "my-upload.jsonl"]

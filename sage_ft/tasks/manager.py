@@ -714,10 +714,12 @@ def _short(text: str, limit: int = 80) -> str:
 
 
 def _dataset_problems(config: TrainConfig) -> tuple[list[str], list[Path]]:
-    from sage_ft.data.load import DataError, load_dataset, split_paths
+    from sage_ft.data.load import DataError, load_dataset
+    from sage_ft.training.inputs import resolve_dataset_paths
 
-    files = split_paths(config.dataset)
-    try:
+    files: list[Path] = []
+    try:  # the run reads the same files: 'docs-sample' and names in the data home's datasets/ included
+        files = resolve_dataset_paths(config)
         report = load_dataset(files, config.dataset_format, config.column_mapping, config.max_samples)
     except DataError as exc:
         return [f"dataset: {p}" for p in exc.problems], files

@@ -7,7 +7,10 @@ loaded and torch is not imported, so the UI can call it on every form change.
 The model of memory (bytes; docs/memory_estimator.md derives each term and shows the measurements):
 
 - weights: parameters x bytes of the load dtype. The trainer (``sage_ft.training.engine``) loads
-  bf16/fp16 weights on GPU and keeps fp32 weights on CPU with bf16 autocast;
+  bf16/fp16 weights on GPU and keeps fp32 weights on CPU with bf16 autocast. With
+  ``quantization_bit`` the decoder's linear layers take ``QUANTIZED_BYTES_PER_PARAM`` instead (the
+  rest stays in the load dtype) plus one of them dequantized while it computes, and autocast keeps
+  no copies of them (bitsandbytes dequantizes again for the backward);
 - autocast copies (``autocast_weight_copy_bytes``): the half-precision copies of fp32 weights that
   autocast makes and the backward needs (CPU: every decoder linear and the LoRA matrices);
 - LoRA: adapter params are fp32 (peft upcasts them): param + grad + optimizer state (AdamW 8 bytes);
@@ -55,6 +58,11 @@ MIN_CUTOFF = 128
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _OPTIMIZER_STATE_BYTES = {"adamw_torch": 8, "adamw_torch_fused": 8, "sgd": 0, "adafactor": 4}
+# Bytes per weight of a bitsandbytes-quantized linear layer. 4-bit: half a byte plus one fp32 absmax per
+# block of 64 weights (1/16 byte), or with double quantization one byte per block and an fp32 constant
+# per 256 blocks (~1/63 byte). 8-bit (LLM.int8): one byte plus an fp32 scale per row (negligible).
+QUANTIZED_BYTES_PER_PARAM = {(4, False): 0.5 + 4 / 64, (4, True): 0.5 + 1 / 64 + 4 / (64 * 256), (8, False): 1.0,
+                             (8, True): 1.0}
 
 
 class EstimateError(ValueError):
@@ -374,7 +382,8 @@ def autocast_weight_copy_bytes(facts: ModelFacts, config: TrainConfig, precision
     """
     if precision not in ("bf16", "fp16"):
         return 0, 0
-    frozen = sum(o * i for _, o, i in facts.linear_shapes) if device == "cpu" else 0
+    quantized = bool(config.quantization_bits)  # dequantized per matmul, never kept for the backward
+    frozen = sum(o * i for _, o, i in facts.linear_shapes) if device == "cpu" and not quantized else 0
     return _lora_params(facts, config) * 2, frozen * 2
 
 
@@ -405,6 +414,11 @@ def estimate_memory(config: TrainConfig, model_dir: str | Path | ModelFacts | No
 
     weight_bytes = 2 if half and not autocast_fp32_weights else 4
     weights = facts.n_params * weight_bytes
+    if config.quantization_bits:
+        linear = sum(o * i for _, o, i in facts.linear_shapes)
+        per_param = QUANTIZED_BYTES_PER_PARAM[(config.quantization_bits, config.double_quantization)]
+        dequantized = max((o * i for _, o, i in facts.linear_shapes), default=0) * weight_bytes
+        weights = (facts.n_params - linear) * weight_bytes + linear * per_param + dequantized
     lora_params = trainable * 4
     lora_grads = trainable * 4
     optimizer = trainable * _OPTIMIZER_STATE_BYTES.get(config.optim, 8)
@@ -449,6 +463,21 @@ def estimate_memory(config: TrainConfig, model_dir: str | Path | ModelFacts | No
                           gradient_checkpointing=config.gradient_checkpointing, params_total=facts.n_params,
                           params_trainable=trainable,
                           processes_sharing_memory=config.num_processes if device == "cpu" else 1, notes=notes)
+
+
+def quantization_available() -> bool:
+    """Whether bitsandbytes is installed (``quantization_bit`` needs it); looked up, not imported."""
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def quantization_problem(config: TrainConfig) -> str | None:
+    """Why ``config``'s quantization cannot run here (None when it can): said when the task is queued."""
+    if config.quantization_bits and not quantization_available():
+        return (f"quantization_bit: {config.quantization_bit} needs bitsandbytes, which is not installed; install "
+                "it (pip install 'bitsandbytes>=0.50', or scripts/install.sh) or set quantization_bit: none")
+    return None
 
 
 # ---------------------------------------------------------------------------------------- device budget
@@ -515,12 +544,14 @@ def _budget(available: int) -> int:
 
 def recommend(config: TrainConfig, model_dir: str | Path | ModelFacts | None = None,
               device: dict[str, Any] | None = None, *, seq_len: int | None = None) -> Recommendation:
-    """Batch size, grad accumulation, cutoff_len, precision and gradient checkpointing that fit.
+    """Batch size, grad accumulation, cutoff_len, precision, quantization and gradient checkpointing
+    that fit.
 
     The effective batch (batch x accumulation) is kept. Among the settings that fit within
     ``HEADROOM`` of the free memory, the least intrusive wins: keep cutoff_len, then keep the
-    chosen precision, then no gradient checkpointing (it costs ~30% speed), then the largest batch.
-    ``device`` is a ``device_info()`` dict (default: detected now).
+    chosen precision, then keep the base unquantized (4-bit QLoRA, where bitsandbytes is installed,
+    rounds the frozen weights but truncates no sample), then no gradient checkpointing (it costs
+    ~30% speed), then the largest batch. ``device`` is a ``device_info()`` dict (default: detected now).
     """
     from sage_ft.gpu import device_info
 
@@ -533,6 +564,9 @@ def recommend(config: TrainConfig, model_dir: str | Path | ModelFacts | None = N
     precisions = [base_precision]
     if base_precision == "fp32" and (kind == "cuda" or bf16_ok):
         precisions.append("bf16" if bf16_ok else "fp16")
+    quantizations = [config.quantization_bit]
+    if config.quantization_bit != "4" and quantization_available():
+        quantizations.append("4")
     effective = config.per_device_train_batch_size * config.gradient_accumulation_steps
     batches = sorted((b for b in range(1, effective + 1) if effective % b == 0), reverse=True)
     cutoffs = [config.cutoff_len]
@@ -542,18 +576,22 @@ def recommend(config: TrainConfig, model_dir: str | Path | ModelFacts | None = N
     best: tuple[tuple, TrainConfig, MemoryEstimate] | None = None
     for ci, cutoff in enumerate(cutoffs):
         for pi, precision in enumerate(precisions):
-            for gc in (False, True):
-                for batch in batches:
-                    trial = dataclasses.replace(config, per_device_train_batch_size=batch,
-                                                gradient_accumulation_steps=effective // batch,
-                                                cutoff_len=cutoff, gradient_checkpointing=gc,
-                                                precision=config.precision if pi == 0 else precision)
-                    est = estimate_memory(trial, facts, device=kind, bf16_ok=bf16_ok, seq_len=seq_len)
-                    if _needed(est) <= budget:
-                        cost = (ci, pi, gc, -batch)
-                        if best is None or cost < best[0]:
-                            best = (cost, trial, est)
-                        break  # larger batches were tried first; smaller ones only cost more
+            for qi, bits in enumerate(quantizations):
+                for gc in (False, True):
+                    for batch in batches:
+                        trial = dataclasses.replace(config, per_device_train_batch_size=batch,
+                                                    gradient_accumulation_steps=effective // batch,
+                                                    cutoff_len=cutoff, gradient_checkpointing=gc,
+                                                    precision=config.precision if pi == 0 else precision,
+                                                    quantization_bit=bits)
+                        est = estimate_memory(trial, facts, device=kind, bf16_ok=bf16_ok, seq_len=seq_len)
+                        if _needed(est) <= budget:
+                            cost = (ci, pi, qi, gc, -batch)
+                            if best is None or cost < best[0]:
+                                best = (cost, trial, est)
+                            break  # larger batches were tried first; smaller ones only cost more
+                if best is not None and best[0][:3] == (ci, pi, qi):
+                    break
             if best is not None and best[0][:2] == (ci, pi):
                 break
         if best is not None:
@@ -561,12 +599,15 @@ def recommend(config: TrainConfig, model_dir: str | Path | ModelFacts | None = N
 
     if best is None:  # nothing fits: report the smallest setting so the user sees how far off it is
         trial = dataclasses.replace(config, per_device_train_batch_size=1, gradient_accumulation_steps=effective,
-                                    cutoff_len=cutoffs[-1], precision=precisions[-1], gradient_checkpointing=True)
+                                    cutoff_len=cutoffs[-1], precision=precisions[-1], gradient_checkpointing=True,
+                                    quantization_bit=quantizations[-1])
         est = estimate_memory(trial, facts, device=kind, bf16_ok=bf16_ok, seq_len=seq_len)
+        quantized = f", a {trial.quantization_bit}-bit base" if trial.quantization_bits else ""
         return Recommendation(config=trial, changes=_diff(config, trial), estimate=est, available=available,
-                              fits=False, reasons=[f"even batch 1, cutoff_len {cutoffs[-1]}, {precisions[-1]} and "
-                                                   f"gradient checkpointing need {fmt_bytes(_needed(est))}, more than "
-                                                   f"{fmt_bytes(budget)} usable; use a smaller model or a bigger device"])
+                              fits=False, reasons=[f"even batch 1, cutoff_len {cutoffs[-1]}, {precisions[-1]}{quantized} "
+                                                   f"and gradient checkpointing need {fmt_bytes(_needed(est))}, more "
+                                                   f"than {fmt_bytes(budget)} usable; use a smaller model or a bigger "
+                                                   "device"])
     _, trial, est = best
     changes = _diff(config, trial)
     reasons = [_why(key, value, config) for key, value in changes.items()]
@@ -576,7 +617,7 @@ def recommend(config: TrainConfig, model_dir: str | Path | ModelFacts | None = N
 
 def _diff(old: TrainConfig, new: TrainConfig) -> dict[str, Any]:
     keys = ("per_device_train_batch_size", "gradient_accumulation_steps", "cutoff_len", "precision",
-            "gradient_checkpointing")
+            "quantization_bit", "gradient_checkpointing")
     return {k: getattr(new, k) for k in keys if getattr(new, k) != getattr(old, k)}
 
 
@@ -587,6 +628,8 @@ def _why(key: str, value: Any, old: TrainConfig) -> str:
         "gradient_accumulation_steps": f"gradient accumulation {before} -> {value}",
         "cutoff_len": f"cutoff_len {before} -> {value} (longer samples are truncated)",
         "precision": f"precision {before} -> {value} (halves weights and activations)",
+        "quantization_bit": f"quantization_bit {before} -> {value} (QLoRA: the base's linear layers in {value} bits, "
+                            "about a quarter of their memory; slightly less exact)",
         "gradient_checkpointing": "gradient checkpointing " + ("on (saves activations, ~30% slower)" if value
                                                               else "off (it fits without; faster)"),
     }[key]

@@ -49,8 +49,8 @@ if [ "$GPU" = 0 ]; then
 fi
 
 # 4. sage-ft itself (editable) with its libraries; torch stays pinned.
-EXTRAS="export"
-[ "$DEV" = 1 ] && EXTRAS="export,dev"
+EXTRAS="export,quant"
+[ "$DEV" = 1 ] && EXTRAS="export,quant,dev"
 if missing --project "$EXTRAS" || ! "$PY" -c "import sage_ft, sys; sys.exit(0 if sage_ft.__file__.startswith('$(pwd)') else 1)" 2>/dev/null; then
   echo "[install] sage-ft[$EXTRAS]"
   CONSTRAINT=$(mktemp); trap 'rm -f "$CONSTRAINT"' EXIT

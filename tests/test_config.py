@@ -154,3 +154,17 @@ def test_every_field_has_help_and_a_group() -> None:
     for f in TrainConfig.fields():
         ui = TrainConfig.ui(f.name)
         assert ui.help and ui.group in ("basic", "data", "lora", "advanced", "output")
+
+
+def test_llama_factory_quantization_keys() -> None:
+    """LLaMA-Factory's QLoRA keys load as they are written there: ``quantization_bit: 4`` (a number),
+    null for none, ``quantization_method: bitsandbytes``; another method is refused by name."""
+    four, _ = TrainConfig.from_dict({"quantization_bit": 4, "quantization_method": "bitsandbytes",
+                                     "quantization_type": "nf4", "double_quantization": False})
+    assert (four.quantization_bit, four.quantization_bits, four.double_quantization) == ("4", 4, False)
+    assert TrainConfig.from_dict({"quantization_bit": None})[0].quantization_bits is None
+    assert TrainConfig.from_dict({"quantization_bit": "8"})[0].quantization_bits == 8
+    with pytest.raises(ConfigError, match="quantization_bit: '3' is not allowed; choose one of none, 8, 4"):
+        TrainConfig.from_dict({"quantization_bit": 3})
+    with pytest.raises(ConfigError, match="quantization_method: 'hqq' is not supported"):
+        TrainConfig.from_dict({"quantization_bit": 4, "quantization_method": "hqq"})

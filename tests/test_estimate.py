@@ -139,6 +139,54 @@ def test_recommend_uses_checkpointing_then_shorter_cutoff(llama_dir):
     assert check_fit(config, llama_dir, _gpu_device(256 * MiB)).suggestion == {}
 
 
+LLAMA_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000}
+
+
+def test_recommend_quantizes_a_base_that_does_not_fit_rather_than_truncating_samples():
+    """A 7B model in bf16 (12.6 GiB of weights) does not fit a 16 GB card at any batch: the
+    recommendation is QLoRA (4-bit base, 3.8 GiB) at the same cutoff_len. On a 40 GB card it fits
+    unquantized, and the recommendation leaves the base alone."""
+    from sage_ft.estimate import facts_from_config
+
+    facts = facts_from_config(LLAMA_7B)
+    config = TrainConfig(per_device_train_batch_size=4, cutoff_len=1024, precision="bf16")
+    rec = recommend(config, facts, _gpu_device(15 * GiB))
+    assert rec.fits and rec.changes["quantization_bit"] == "4" and "cutoff_len" not in rec.changes
+    assert any("QLoRA" in reason for reason in rec.reasons)
+    assert rec.estimate.breakdown["weights"] < 4.5 * GiB
+    assert "quantization_bit" not in recommend(config, facts, _gpu_device(40 * GiB)).changes
+
+
+def test_quantized_weights_term_is_what_bitsandbytes_stores(llama_dir):
+    """The weights term of a 4-bit (with and without double quantization) and an 8-bit base against
+    the bytes of the model bitsandbytes really loads: its parameters and buffers, plus the
+    quantization constants it keeps beside the 4-bit weights (and the 8-bit rows' scales)."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    facts = model_facts(llama_dir)
+    dequantized_one = max(o * i for _, o, i in facts.linear_shapes) * 4  # fp32 on CPU, while it computes
+    for bits, double in ((4, True), (4, False), (8, False)):
+        load = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=double,
+                                   bnb_4bit_compute_dtype=torch.float32) if bits == 4
+                else BitsAndBytesConfig(load_in_8bit=True))
+        model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32, quantization_config=load,
+                                                     device_map={"": "cpu"})
+        stored = 0
+        for tensor in [*model.parameters(), *model.buffers()]:
+            stored += tensor.numel() * tensor.element_size()
+            state = getattr(tensor, "quant_state", None)
+            extra = list(state.as_dict(packed=True).values()) if state is not None else []
+            extra += [getattr(tensor, "SCB", None)]
+            stored += sum(t.numel() * t.element_size() for t in extra if isinstance(t, torch.Tensor))
+        config = TrainConfig(quantization_bit=str(bits), double_quantization=double, precision="fp32")
+        weights = estimate_memory(config, llama_dir, device="cpu", bf16_ok=False).breakdown["weights"]
+        assert weights - dequantized_one == pytest.approx(stored, rel=0.002), (bits, double)
+    full = estimate_memory(TrainConfig(precision="fp32"), llama_dir, device="cpu", bf16_ok=False).breakdown["weights"]
+    assert full > weights
+
+
 def test_recommend_grows_batch_when_there_is_room(llama_dir):
     config = TrainConfig(per_device_train_batch_size=1, gradient_accumulation_steps=8, cutoff_len=256)
     rec = recommend(config, llama_dir, _gpu_device(80 * GiB))

@@ -25,6 +25,7 @@ from sqlalchemy import case, delete, func, select, update
 
 from sage_ft import paths
 from sage_ft.config import ConfigError, TrainConfig, unknown_key_warning
+from sage_ft.estimate import quantization_problem
 from sage_ft.events import read_events
 from sage_ft.tasks import rundir
 from sage_ft.tasks.procinfo import ProcessIdentity, current_identity, end_process_tree
@@ -106,6 +107,7 @@ class TaskManager:
         if resume is not None:  # continuing a run folder from the CLI: the folder is the checkpoint's
             config = dataclasses.replace(config, output_dir=str(resume.parent))
         problems = resume_problems + _model_problems(config) + _output_dir_problems(config)
+        problems += [p for p in (quantization_problem(config),) if p]
         files: list[Path] = []
         fingerprint = ""
         if not config.datasets:

@@ -38,6 +38,7 @@ from sage_ft.data.tokenize import (
     token_length_stats,
     tokenize_conversations,
 )
+from sage_ft.estimate import quantization_problem
 from sage_ft.events import Preparation
 from sage_ft.training.callbacks import build_callback
 from sage_ft.training.collate import (
@@ -86,7 +87,10 @@ def train(run: FineTuneRun) -> tuple[str, dict[str, Any]]:
     model = trainer = None
     try:
         prep.phase("model")
-        model = load_model(model_dir, precision, device)
+        model = load_model(model_dir, precision, device, config)
+        if config.quantization_bits:
+            meta["quantization"] = {"bits": config.quantization_bits, "type": config.quantization_type,
+                                    "double_quantization": config.double_quantization}
         packing = config.packing and supports_packing(model, train_set)
         if config.packing and not packing:
             log.warning("packing is off: this model does not give the same loss with position-id packing; "
@@ -132,7 +136,12 @@ def train(run: FineTuneRun) -> tuple[str, dict[str, Any]]:
         meta["padding_fraction"] = metrics.get("padding_fraction")
         if run.is_main_process:  # the other ranks hold the same weights (DDP) and write nothing
             save_adapter(model, tokenizer, out / "lora")
-            if status == "completed" and config.merge_lora:
+            if status == "completed" and config.merge_lora and config.quantization_bits:
+                del trainer, model  # the adapter is merged into the full-precision base, loaded anew
+                trainer = model = None
+                gc.collect()
+                merge_saved_adapter(out / "lora", model_dir, out / "merged_model")
+            elif status == "completed" and config.merge_lora:
                 merge_into(model, tokenizer, out / "merged_model")
                 model = None  # merged in place: the peft wrapper is gone
         return status, metrics
@@ -258,15 +267,40 @@ def load_dtype(precision: str, device: str):
     return half if half is not None and device == "cuda" else torch.float32
 
 
-def load_model(model_dir: Path, precision: str, device: str):
+def load_model(model_dir: Path, precision: str, device: str, config: TrainConfig | None = None):
+    """The base model to train on, quantized on load where ``config.quantization_bit`` asks (QLoRA)."""
     from transformers import AutoModelForCausalLM
 
+    dtype = load_dtype(precision, device)
+    quantized = quantization_config(config, dtype, device) if config is not None else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=load_dtype(precision, device))
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **quantized)
     except OSError as exc:
         raise RunFailure(f"could not load the model from {model_dir}: {exc}") from None
     model.config.use_cache = False  # no KV cache in training (and it would disable packed masks)
     return model
+
+
+def quantization_config(config: TrainConfig, dtype: Any, device: str) -> dict[str, Any]:
+    """``from_pretrained``'s arguments that load the base quantized by bitsandbytes (none without
+    ``quantization_bit``). The decoder's linear layers are stored in 4 or 8 bits and dequantized per
+    matmul to ``dtype``, the compute dtype of the unquantized rest; embeddings, norms and the output
+    head stay in ``dtype``. Placed on its device at load (bitsandbytes quantizes as weights arrive),
+    the Trainer does not move it: on a GPU, this process's (``LOCAL_RANK`` in a data-parallel run)."""
+    if not config.quantization_bits:
+        return {}
+    problem = quantization_problem(config)
+    if problem:
+        raise RunFailure(problem)
+    from transformers import BitsAndBytesConfig
+
+    if config.quantization_bits == 4:
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=config.quantization_type,
+                                 bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=config.double_quantization)
+    else:
+        bnb = BitsAndBytesConfig(load_in_8bit=True)
+    place = {"": int(os.environ.get("LOCAL_RANK", "0") or 0)} if device == "cuda" else {"": "cpu"}
+    return {"quantization_config": bnb, "device_map": place}
 
 
 def supports_packing(model: Any, samples: list[dict]) -> bool:
@@ -654,6 +688,17 @@ def merge_into(model: Any, tokenizer: Any, target: Path) -> None:
     merged.save_pretrained(str(target), safe_serialization=True)
     tokenizer.save_pretrained(str(target))
     log.info("merged model saved: %s", target)
+
+
+def merge_saved_adapter(adapter_dir: Path, model_dir: Path, target: Path) -> None:
+    """``merge_lora`` for a run on a quantized base: merging into 4/8-bit weights would round the
+    merged model to them, so the saved adapter goes into the base loaded at full precision (as the
+    served model answers: vLLM applies the adapter to the unquantized base)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+    merge_into(PeftModel.from_pretrained(base, str(adapter_dir)), AutoTokenizer.from_pretrained(adapter_dir), target)
 
 
 def final_metrics(trainer: Any, result: Any, collator: PackingCollator) -> dict[str, Any]:

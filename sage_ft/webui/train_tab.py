@@ -77,8 +77,10 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
             reg.add("train.preview", gr.HTML(render.chat_preview_html([], lang)), kind="none")
 
     with reg.add("train.lora_box", gr.Accordion(i18n.t("train.lora_box", lang), open=False)):
-        with gr.Row():
-            form.build_fields(form.names_in("lora"), lang, reg)
+        quantization = [n for n in form.names_in("lora") if "quantization" in n]  # a row of their own (QLoRA)
+        for names in ([n for n in form.names_in("lora") if n not in quantization], quantization):
+            with gr.Row():
+                form.build_fields(names, lang, reg)
     with reg.add("train.advanced_box", gr.Accordion(i18n.t("train.advanced_box", lang), open=False)):
         with gr.Row():
             form.build_fields(form.names_in("advanced") + form.names_in("output"), lang, reg)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import shlex
 import types
 import typing
@@ -369,7 +370,10 @@ def coerce(name: str, value: Any) -> Any:
         if kind is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(str(value).strip()) if isinstance(value, str) else float(value)
+            number = float(str(value).strip()) if isinstance(value, str) else float(value)
+            if math.isnan(number):  # every range check passes for NaN: it would fail the run minutes later
+                raise ValueError
+            return number
         if kind is str:
             if isinstance(value, (list, tuple)):
                 return ",".join(str(v) for v in value)

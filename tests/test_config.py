@@ -168,3 +168,12 @@ def test_llama_factory_quantization_keys() -> None:
         TrainConfig.from_dict({"quantization_bit": 3})
     with pytest.raises(ConfigError, match="quantization_method: 'hqq' is not supported"):
         TrainConfig.from_dict({"quantization_bit": 4, "quantization_method": "hqq"})
+
+
+@pytest.mark.parametrize("key", ["learning_rate", "num_train_epochs", "val_size", "warmup_ratio", "lora_dropout"])
+def test_nan_is_refused_by_name(key: str) -> None:
+    """NaN passes every range check (each comparison is false): it was queued and failed the run with
+    a traceback, or, as lora_dropout, trained. YAML's .nan and the CLI's 'nan' are both refused."""
+    for value in ("nan", float("nan")):
+        with pytest.raises(ConfigError, match=f"{key}: .*nan'? is not a number"):
+            TrainConfig.from_dict({key: value})

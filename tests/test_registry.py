@@ -71,9 +71,9 @@ def test_add_local_model_and_find_it(home, demo_model, tmp_path):
 
 @pytest.mark.parametrize("damage, expected", [
     (lambda d: (d / "tokenizer.json").unlink() or (d / "tokenizer_config.json").unlink(), "tokenizer"),
-    (lambda d: (d / "model.safetensors").unlink(), "weights"),
+    (lambda d: (d / "model.safetensors").unlink(), "missing weights"),
     (lambda d: (d / "config.json").unlink(), "config.json"),
-    (lambda d: (d / "config.json").write_text("[1, 2]"), "valid config.json"),
+    (lambda d: (d / "config.json").write_text("[1, 2]"), "config.json is not a valid JSON object"),
     (lambda d: (d / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}})),
      "model-00001-of-00002.safetensors"),
@@ -89,8 +89,15 @@ def test_add_refuses_broken_directory_with_path_and_reason(home, demo_model, tmp
 
 
 def test_missing_directory_is_refused(home, tmp_path):
-    with pytest.raises(ModelError, match="does not exist"):
+    """Each reason reads as a sentence (they read "missing the directory does not exist" before)."""
+    with pytest.raises(ModelError, match="cannot be used: the directory does not exist$"):
         registry.add_local_model(tmp_path / "nowhere")
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ModelError, match="cannot be used: it is a file, not a directory$"):
+        registry.add_local_model(tmp_path / "a-file")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="cannot be used: missing config.json"):
+        registry.add_local_model(tmp_path / "empty")
 
 
 def test_configured_dir_that_vanished_is_shown_unavailable(home, demo_model, tmp_path):

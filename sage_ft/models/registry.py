@@ -144,24 +144,24 @@ def model_problems(path: str | Path) -> list[str]:
         return ["the directory does not exist"]
     if not path.is_dir():
         return ["it is a file, not a directory"]
-    problems = missing_parts(path)
+    problems = [f"missing {part}" for part in missing_parts(path)]
     index = path / "model.safetensors.index.json"
     if index.exists():
         try:
             shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
             absent = sorted(s for s in shards if not (path / s).exists())
             if absent:
-                problems.append(f"weight shards listed in {index.name}: {', '.join(absent[:3])}"
+                problems.append(f"missing weight shards listed in {index.name}: {', '.join(absent[:3])}"
                                 + (f" and {len(absent) - 3} more" if len(absent) > 3 else ""))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            problems.append(f"a readable {index.name} (it is corrupted)")
+            problems.append(f"{index.name} is unreadable (corrupted)")
     cfg = path / "config.json"
     if cfg.exists():
         try:
             if not isinstance(json.loads(cfg.read_text(encoding="utf-8")), dict):
                 raise ValueError
         except (OSError, UnicodeDecodeError, ValueError):
-            problems.append("a valid config.json (it is not a JSON object)")
+            problems.append("config.json is not a valid JSON object")
     return problems
 
 
@@ -216,7 +216,7 @@ def add_local_model(path: str | Path, name: str | None = None) -> ModelEntry:
     if problems:
         hint = (" (this is a LoRA adapter folder; add its base model, fine-tunes are listed automatically)"
                 if (path / "adapter_config.json").exists() else "")
-        raise ModelError(f"model directory {path} cannot be used: missing {'; '.join(problems)}{hint}")
+        raise ModelError(f"model directory {path} cannot be used: {'; '.join(problems)}{hint}")
     file = user_models_path()
     items = [i for i in _read_models_yaml(file) if str(i.get("path")) != str(path)]
     items.append({"name": name or path.name, "path": str(path)})
@@ -243,7 +243,7 @@ def _local_entry(name: str, path: Path, source: str, description: str = "") -> M
     return ModelEntry(name=name, path=str(path), kind="base", tags=["base"], source=source,
                       size_bytes=dir_size(path) if not problems else None, created=_mtime_iso(path),
                       available=not problems, description=description,
-                      note=f"missing {'; '.join(problems)}" if problems else "")
+                      note="; ".join(problems))
 
 
 def _hf_cache_snapshots() -> dict[str, tuple[Path, int, float]]:

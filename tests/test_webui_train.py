@@ -100,6 +100,28 @@ def test_save_then_load_round_trips_every_field(webui, webui_client):
     assert "Config loaded" in message
 
 
+def test_a_saved_config_goes_to_the_data_home_and_never_over_a_shipped_example(webui):
+    """Saving "demo_cpu" wrote over the project's commented configs/demo_cpu.yaml (in the source
+    tree, or site-packages). Saved configs now live in the data home; the shipped ones are listed as
+    examples to load, and models.yaml (the model list, not a run config) is not offered."""
+    from sage_ft.webui import train_tab
+    from sage_ft.webui.services import AppServices
+
+    services = AppServices(tasks=webui.services.tasks)  # the app's defaults, as `python webui.py` has them
+    shipped = services.examples_dir / "demo_cpu.yaml"
+    before = shipped.read_bytes()
+    message, listed = train_tab.save_config(services, "demo_cpu", "en", *form_args(**TINY, dataset="a.jsonl"))
+    saved = paths.home() / "configs" / "demo_cpu.yaml"
+    try:
+        assert shipped.read_bytes() == before and saved.is_file() and listed["value"] == str(saved)
+        assert TrainConfig.from_yaml(saved)[0].max_steps == TINY["max_steps"]
+        choices = services.config_choices()
+        assert ("demo_cpu.yaml", str(saved)) in choices and ("demo_cpu.yaml (example)", str(shipped)) in choices
+        assert not any(path.endswith("models.yaml") for _, path in choices)
+    finally:
+        saved.unlink(missing_ok=True)
+
+
 def test_save_refuses_a_name_with_folders(webui, webui_client):
     message, _ = webui_client.predict("../../evil", "en", *form_args(), api_name="/save_config")
     assert "no folders" in message

@@ -43,7 +43,10 @@ class AppServices:
     guard: PathGuard = field(default_factory=PathGuard)
     server: Any | None = None  # sage_ft.serving ServerManager, None with --no-llm
     default_lang: str = "en"
-    configs_dir: Path = field(default_factory=lambda: paths.project_root() / "configs")
+    # Saved configs live in the data home; the shipped examples (configs/ of the project) are only read:
+    # saving "demo_cpu" wrote over the commented example in the source tree (or in site-packages).
+    configs_dir: Path = field(default_factory=lambda: paths.home() / "configs")
+    examples_dir: Path = field(default_factory=lambda: paths.project_root() / "configs")
     downloads_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sage_ft_dl_")))
     llm_disabled: bool = False
     max_upload_bytes: int = MAX_UPLOAD_BYTES
@@ -85,14 +88,16 @@ class AppServices:
 
     # ------------------------------------------------------------------ configs
     def config_choices(self) -> list[tuple[str, str]]:
+        """Saved configs, uploaded ones, then the shipped examples (not ``models.yaml``, the model list)."""
         out = []
-        for root in (self.configs_dir, paths.home() / "configs" / "uploads"):
+        for root, tag in ((self.configs_dir, ""), (paths.home() / "configs" / "uploads", ""),
+                          (self.examples_dir, " (example)")):
             if root.is_dir():
-                out += [(p.name, str(p)) for p in sorted(root.glob("*.y*ml"))]
+                out += [(p.name + tag, str(p)) for p in sorted(root.glob("*.y*ml")) if p.name != "models.yaml"]
         return out
 
     def config_path_for(self, name: str) -> Path:
-        """``configs/<name>.yaml`` for a user-typed name (letters, digits, ``-_.`` only)."""
+        """``<data home>/configs/<name>.yaml`` for a user-typed name (letters, digits, ``-_.`` only)."""
         stem = name.strip().removesuffix(".yaml").removesuffix(".yml")
         if not stem or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,80}", stem) or ".." in stem:
             raise ValueError(f"config name {name[:80]!r}: use letters, digits, '-', '_' or '.' (no folders), "

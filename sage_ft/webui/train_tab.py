@@ -383,6 +383,7 @@ def save_config(services: AppServices, name: str, lang: str, *values: Any) -> tu
     except ValueError as exc:
         gr.Warning(str(exc))
         return f"⚠️ {html.escape(str(exc))}", gr.skip()
+    path.parent.mkdir(parents=True, exist_ok=True)
     config.save_yaml(path)
     gr.Success(i18n.t("alert.saved", lang, path=path.name))
     return i18n.t("alert.saved", lang, path=str(path)), gr.update(choices=services.config_choices(), value=str(path))

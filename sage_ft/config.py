@@ -204,6 +204,8 @@ class TrainConfig:
             problems.append("model_name_or_path: empty; give a model directory, a Hugging Face id or 'demo'")
         if self.max_steps == 0:
             problems.append("max_steps: 0 would train nothing; use -1 (epochs) or a positive number")
+        if gpu_ids(self.devices) is None:
+            problems.append(f"devices: {self.devices!r}; use 'auto', 'cpu' or GPU ids like '0,1'")
         if not self.lora_target.strip():
             problems.append("lora_target: empty; use 'all' or module names such as 'q_proj,v_proj'")
         if problems:
@@ -404,6 +406,15 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise ConfigError([f"--set {item!r}: expected key=value, e.g. --set learning_rate=1e-4"])
         out[key.strip()] = value
     return out
+
+
+def gpu_ids(devices: str) -> list[int] | None:
+    """The GPU ids ``devices`` names ('0,1' -> [0, 1]; [] for 'auto' and 'cpu'), None when it is none of those."""
+    value = devices.strip().lower().replace(" ", "")
+    if value in ("auto", "cpu", ""):
+        return []
+    parts = value.split(",")
+    return [int(part) for part in parts] if all(part.isdigit() for part in parts) else None
 
 
 def describe_fields() -> str:

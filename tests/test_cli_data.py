@@ -79,10 +79,17 @@ def test_check_data_with_model_reports_token_lengths(memorize_dataset):
     assert text.returncode == 1, text.stdout
     assert "Token lengths: min" in text.stdout and "4 of 4 exceed cutoff_len 8" in text.stdout
     assert "no sample keeps an assistant token within cutoff_len 8" in text.stderr
+    # the report's verdict says so too (it printed "OK: the data can be used for training." above the error)
+    assert "NOT OK: no sample keeps an assistant token" in text.stdout and "OK: the data" not in text.stdout
+    as_json = sage_ft("check-data", memorize_dataset, "--model", "demo", "--cutoff-len", "8", "--json")
+    assert as_json.returncode == 1 and json.loads(as_json.stdout)["ok"] is False
     bad_model = sage_ft("check-data", memorize_dataset, "--model", "/nonexistent/model")
     assert bad_model.returncode == 1 and "--model /nonexistent/model" in bad_model.stderr
-    assert "does not exist" in bad_model.stderr
-    _no_traceback(bad_model)
+    assert "does not exist" in bad_model.stderr and "NOT OK: --model /nonexistent/model" in bad_model.stdout
+    too_short = sage_ft("check-data", memorize_dataset, "--cutoff-len", "0")
+    assert too_short.returncode == 1 and "--cutoff-len 0: training needs at least 8 tokens" in too_short.stderr
+    for result in (bad_model, too_short):
+        _no_traceback(result)
 
 
 def test_check_data_with_model_says_how_far_tokenizing_is_on_stderr(make_dataset):

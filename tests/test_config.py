@@ -177,3 +177,11 @@ def test_nan_is_refused_by_name(key: str) -> None:
     for value in ("nan", float("nan")):
         with pytest.raises(ConfigError, match=f"{key}: .*nan'? is not a number"):
             TrainConfig.from_dict({key: value})
+
+
+def test_devices_must_name_auto_cpu_or_gpu_ids() -> None:
+    """'gpu' used to be queued and then failed the task with a traceback from the launcher."""
+    assert TrainConfig.from_dict({"devices": " 0, 1"})[0].devices == " 0, 1"
+    for bad in ("gpu", "cuda:0", "0;1"):
+        with pytest.raises(ConfigError, match=f"devices: '{bad}'; use 'auto', 'cpu' or GPU ids like '0,1'"):
+            TrainConfig.from_dict({"devices": bad})

@@ -64,6 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def check_data(args: argparse.Namespace) -> int:
     from sage_ft.data.load import DEFAULT_MAX_BYTES, DataError, load_dataset
 
+    shortest = int(TrainConfig.ui("cutoff_len").min or 1)
+    if args.cutoff_len < shortest:
+        return _fail(f"--cutoff-len {args.cutoff_len}: training needs at least {shortest} tokens per sample")
     try:
         report = load_dataset(args.files, fmt=args.format, column_mapping=args.column_mapping,
                               max_samples=args.max_samples,
@@ -77,25 +80,25 @@ def check_data(args: argparse.Namespace) -> int:
             _token_stats(report, args.model, args.cutoff_len, args.template)
         except Exception as exc:  # a model/tokenizer problem is reported, never a stack trace
             model_error = f"--model {args.model}: {exc}"
+    # Decided before the report is printed, so that its verdict says it (it said "OK" above the error).
+    problem = model_error
+    stats = report.token_stats
+    if not problem and stats and stats.no_labels_after_cutoff == stats.count:
+        problem = (f"no sample keeps an assistant token within cutoff_len {stats.cutoff_len}; "
+                   "raise --cutoff-len (training would have nothing to learn)")
     if args.json:
         data = report.to_dict()
-        data["model_error"] = model_error
+        data.update(ok=report.ok and not problem, model_error=model_error, problem=problem)
         print(json.dumps(data, indent=2, ensure_ascii=False))
     else:
-        print(report.summary())
+        print(report.summary(problem))
         for i, conversation in enumerate(report.preview(args.show)):
             print(f"\n--- conversation {i + 1} ---")
             for message in conversation:
                 print(f"[{message['role']}] {message['content']}")
     if not report.ok:
         return _fail("\n".join(report.errors) or "no usable rows")
-    if model_error:
-        return _fail(model_error)
-    stats = report.token_stats
-    if stats and stats.no_labels_after_cutoff == stats.count:
-        return _fail(f"no sample keeps an assistant token within cutoff_len {stats.cutoff_len}; "
-                     "raise --cutoff-len (training would have nothing to learn)")
-    return 0
+    return _fail(problem) if problem else 0
 
 
 def _token_stats(report, model: str, cutoff_len: int, template: str) -> None:

@@ -140,8 +140,9 @@ class DatasetReport:
             groups.setdefault(issue.reason, []).append(issue)
         return dict(sorted(groups.items(), key=lambda kv: -len(kv[1])))
 
-    def summary(self) -> str:
-        """A human-readable report: files and formats, rows ok/dropped by reason, token stats, errors."""
+    def summary(self, problem: str | None = None) -> str:
+        """A human-readable report: files and formats, rows ok/dropped by reason, token stats, errors, and
+        the verdict (NOT OK with ``problem``, something found beyond the rows: a model, the cutoff)."""
         lines = [f"Format: {self.format or 'unknown'}"]
         lines += [f"  {note}" for note in self.notes]
         lines.append(f"Rows: {self.rows_total} read, {self.rows_ok} usable, {len(self.dropped)} dropped")
@@ -155,7 +156,10 @@ class DatasetReport:
         if self.errors:
             lines.append("Unusable files:")
             lines += [f"  - {error}" for error in self.errors]
-        lines.append("OK: the data can be used for training." if self.ok else "NOT OK: fix the problems above.")
+        if problem:
+            lines.append(f"NOT OK: {problem}")
+        else:
+            lines.append("OK: the data can be used for training." if self.ok else "NOT OK: fix the problems above.")
         return "\n".join(lines)
 
     def to_dict(self, include_conversations: bool = False) -> dict[str, Any]:

@@ -146,9 +146,14 @@ class TaskRun:
             self._call_arbiter("after_run", config)
 
     def _failed(self, exc: Exception) -> TaskOutcome:
-        log.exception("task %s failed", self.task.id)
-        self._append_log(traceback.format_exc())
-        return TaskOutcome(TaskStatus.FAILED, self.task.output_dir, error=f"{type(exc).__name__}: {exc}")
+        from sage_ft.training.run import describe_failure, is_explained
+
+        if is_explained(exc):  # its message says what to do; a traceback would only bury it
+            log.error("task %s failed: %s", self.task.id, exc)
+        else:
+            log.exception("task %s failed", self.task.id)
+            self._append_log(traceback.format_exc())
+        return TaskOutcome(TaskStatus.FAILED, self.task.output_dir, error=describe_failure(exc))
 
     def _call_arbiter(self, hook: str, config: TrainConfig) -> str | None:
         """``arbiter.before_run``/``after_run``; whatever it does, the run and the worker go on."""

@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 
 from sage_ft.config import ConfigError, TrainConfig
+from sage_ft.config import gpu_ids as parse_gpu_ids
 from sage_ft.filetail import tail_lines
 
 CANCEL_FILE = "CANCEL"
@@ -46,15 +47,11 @@ WORKER_MODULE = "sage_ft.training.worker_entry"
 
 
 def gpu_ids(config: TrainConfig) -> list[int]:
-    """GPU ids named in ``config.devices`` ('0,1' -> [0, 1]); [] for 'auto' and 'cpu'."""
-    value = config.devices.strip().lower()
-    if value in ("auto", "cpu", ""):
-        return []
-    ids = []
-    for part in value.replace(" ", "").split(","):
-        if not part.isdigit():
-            raise ConfigError([f"devices: {config.devices!r}; use 'auto', 'cpu' or GPU ids like '0,1'"])
-        ids.append(int(part))
+    """GPU ids named in ``config.devices`` ('0,1' -> [0, 1]); [] for 'auto' and 'cpu' (validated by
+    ``TrainConfig.validate``, so a config that got here names ids or neither)."""
+    ids = parse_gpu_ids(config.devices)
+    if ids is None:
+        raise ConfigError([f"devices: {config.devices!r}; use 'auto', 'cpu' or GPU ids like '0,1'"])
     return ids
 
 

@@ -120,7 +120,7 @@ class FineTuneRun:
         except Exception as exc:  # every failure ends the run as failed, with the reason recorded
             status, error = "failed", describe_failure(exc)
             log.error("run failed: %s", error)
-            if not isinstance(exc, (RunFailure, ConfigError)):
+            if not is_explained(exc):
                 log.error("%s", traceback.format_exc())
             self.emitter.emit("error_occurred", error=error,
                               traceback="".join(traceback.format_exception(exc)[-8:]))
@@ -212,6 +212,15 @@ def _now() -> str:
     return datetime.now().astimezone().isoformat(timespec="seconds")
 
 
+# Failures whose message says what is wrong and what to do: shown without a traceback.
+_EXPLAINED = ("ModelError", "DataError", "NonFiniteLossError", "CheckpointSaveError")
+
+
+def is_explained(exc: BaseException) -> bool:
+    """Whether ``exc``'s message is meant for the user (a traceback would only bury it)."""
+    return isinstance(exc, (RunFailure, ConfigError)) or type(exc).__name__ in _EXPLAINED
+
+
 def describe_failure(exc: BaseException) -> str:
     """A one-line reason with what to do, for the meta, the events and the UI."""
     text = str(exc) or type(exc).__name__
@@ -224,9 +233,7 @@ def describe_failure(exc: BaseException) -> str:
     if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):  # only with torch_compile on
         return (f"torch_compile failed ({type(exc).__name__}: {_first_line(text)[:300]}); turn torch_compile off "
                 "(Advanced) and start again")
-    if isinstance(exc, (RunFailure, ConfigError, ValueError)) or type(exc).__name__ in ("ModelError", "DataError",
-                                                                                       "NonFiniteLossError",
-                                                                                       "CheckpointSaveError"):
+    if is_explained(exc) or isinstance(exc, ValueError):
         return text
     return f"{type(exc).__name__}: {text}"
 

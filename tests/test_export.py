@@ -130,6 +130,13 @@ def test_existing_target_refused_and_overwrite_replaces(lora_run, tmp_path):
     with pytest.raises(ExportError, match="not a sage-ft export"):
         merge_lora(lora_run, out_dir=foreign, overwrite=True)
     assert (foreign / "notes.txt").read_text() == "precious"
+    # a file where the export (or a folder above it) would go: said plainly, with or without overwrite
+    # (below a file it was a bare FileExistsError traceback; on the file, "pass overwrite", which refused)
+    for overwrite in (False, True):
+        with pytest.raises(ExportError, match="notes.txt is a file, not an export directory"):
+            merge_lora(lora_run, out_dir=foreign / "notes.txt", overwrite=overwrite)
+    with pytest.raises(ExportError, match="notes.txt is a file, not a folder; choose another output"):
+        merge_lora(lora_run, out_dir=foreign / "notes.txt" / "sub", overwrite=True)
 
 
 @pytest.mark.parametrize("cancel_at", ["checking", "merging", "finishing"])

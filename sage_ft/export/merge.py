@@ -132,13 +132,16 @@ def _check_target(out_dir: Path, source: ExportSource, overwrite: bool) -> None:
     for protected in (source.base_model, source.adapter_dir, source.run_dir):
         if protected is not None and out_dir.resolve() == protected.resolve():
             raise ExportError(f"refusing to export into {out_dir}: it is the source model/run itself")
+    blocker = next((p for p in out_dir.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:  # mkdir would fail with a bare FileExistsError, after the checks
+        raise ExportError(f"cannot export into {out_dir}: {blocker} is a file, not a folder; choose another output")
     if not out_dir.exists():
         return
-    if not overwrite:
-        raise ExportError(f"{out_dir} already exists; choose another output directory or pass overwrite "
-                          "(--overwrite) to replace it")
-    if out_dir.is_file():
+    if out_dir.is_file():  # overwrite would not help: it replaces exports only
         raise ExportError(f"{out_dir} is a file, not an export directory; remove it or choose another output")
+    if not overwrite:
+        raise ExportError(f"{out_dir} already exists; choose another output directory or turn on overwrite "
+                          "(--overwrite, or the Export tab's overwrite box) to replace it")
     if any(out_dir.iterdir()) and not (out_dir / EXPORT_RECORD).exists():
         raise ExportError(f"refusing to overwrite {out_dir}: it is not a sage-ft export (no {EXPORT_RECORD}); "
                           "remove it yourself or choose another output directory")

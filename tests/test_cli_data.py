@@ -114,9 +114,19 @@ def test_prepare_docs_prints_count_and_path(tmp_path):
     assert len(out.read_text().splitlines()) == 2
     check = sage_ft("check-data", out)
     assert check.returncode == 0 and "openai" in check.stdout
-    empty = sage_ft("prepare-docs", tmp_path / "nothing-here", "-o", out)
+    empty = sage_ft("prepare-docs", tmp_path / "nothing-here", "-o", tmp_path / "other.jsonl")
     assert empty.returncode == 1 and "nothing-here: folder not found" in empty.stderr
-    _no_traceback(empty)
+    # an existing file is somebody's data: replaced only on request (it was overwritten silently)
+    out.write_text("precious\n")
+    kept = sage_ft("prepare-docs", src, "-o", out)
+    assert kept.returncode == 1 and "exists already; pass --overwrite" in kept.stderr
+    assert out.read_text() == "precious\n"
+    assert sage_ft("prepare-docs", src, "-o", out, "--overwrite").returncode == 0
+    assert len(out.read_text().splitlines()) == 2
+    below_a_file = sage_ft("prepare-docs", src, "-o", out / "x.jsonl")
+    assert below_a_file.returncode == 1 and "out.jsonl is a file, not a folder" in below_a_file.stderr
+    for result in (empty, kept, below_a_file):
+        _no_traceback(result)
 
 
 def test_prepare_docs_builtin_and_help():

@@ -56,6 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="where to write (default: <data home>/datasets/<DIR name>-docs.jsonl)")
     docs.add_argument("--builtin", action="store_true",
                       help="(re)build the built-in sample from sage-ft's own docs and print its path")
+    docs.add_argument("--overwrite", action="store_true", help="replace OUT.jsonl when it exists already")
     docs.add_argument("--max-answer-chars", type=int, default=1500, metavar="N",
                       help="split longer section bodies into parts (default: %(default)s)")
     docs.set_defaults(handler=prepare_docs_command)
@@ -132,6 +133,11 @@ def prepare_docs_command(args: argparse.Namespace) -> int:
             return _fail("prepare-docs: give a folder of documents (DIR) or --builtin")
         src = Path(args.src)
         out = Path(args.output) if args.output else paths.datasets_dir() / f"{src.resolve().name}-docs.jsonl"
+        blocker = next((p for p in out.absolute().parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            return _fail(f"cannot write {out}: {blocker} is a file, not a folder; choose another -o")
+        if out.exists() and not args.overwrite:  # it may be a dataset of the user's own
+            return _fail(f"{out} exists already; pass --overwrite to replace it, or choose another -o")
         result = prepare_docs(src, out, max_answer_chars=args.max_answer_chars)
     except DataError as exc:
         return _fail(str(exc))

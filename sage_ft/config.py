@@ -216,6 +216,12 @@ class TrainConfig:
     def effective_lora_alpha(self) -> int:
         return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
 
+    def held_out(self, n_samples: int) -> int:
+        """How many of ``n_samples`` ``val_size`` holds out for the eval loss (a fraction < 1 or a count)."""
+        if self.val_size <= 0:
+            return 0
+        return int(self.val_size) if self.val_size >= 1 else max(1, round(n_samples * self.val_size))
+
     @property
     def quantization_bits(self) -> int | None:
         """4 or 8 when the base model is loaded quantized, else None."""

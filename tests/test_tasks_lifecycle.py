@@ -38,6 +38,9 @@ def _run_dirs() -> set[str]:
     ({"dataset": "/nonexistent/data.jsonl"}, ["/nonexistent/data.jsonl"]),
     ({"model_name_or_path": "/nonexistent/model"}, ["model directory /nonexistent/model does not exist"]),
     ({"lr_scheduler_type": "sawtooth"}, ["lr_scheduler_type: 'sawtooth' is not allowed"]),
+    # 8 rows: it was queued, then failed once the model had loaded
+    ({"val_size": 25}, ["val_size: 25 holds out 25 of the 8 usable rows", "leaving none to train on"]),
+    ({"val_size": 8}, ["val_size: 8 holds out 8 of the 8 usable rows"]),
 ])
 def test_create_refuses_bad_input_and_writes_nothing(idle_manager, task_dataset, change, expected):
     before = _run_dirs()

@@ -727,6 +727,10 @@ def _dataset_problems(config: TrainConfig) -> tuple[list[str], list[Path]]:
         return [f"dataset: {p}" for p in exc.problems], files
     if not report.ok:
         return [f"dataset: {config.dataset} has no usable rows\n{report.summary()}"], files
+    rows = len(report.conversations)
+    if config.held_out(rows) >= rows:  # the run would fail on it after loading the model
+        return [f"val_size: {config.val_size:g} holds out {config.held_out(rows)} of the {rows} usable rows of "
+                f"{config.dataset}, leaving none to train on; lower val_size"], files
     return [], files
 
 

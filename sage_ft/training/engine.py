@@ -75,7 +75,7 @@ def train(run: FineTuneRun) -> tuple[str, dict[str, Any]]:
     if not samples:
         raise RunFailure(f"no sample keeps an assistant token within cutoff_len {config.cutoff_len}; "
                          "raise cutoff_len or shorten the prompts")
-    train_set, eval_set = split_eval(list(samples), config.val_size, config.seed)
+    train_set, eval_set = split_eval(list(samples), config)
     meta["dataset_info"].update(samples_train=len(train_set), samples_eval=len(eval_set),
                                 samples_truncated=samples.truncated, samples_no_labels=samples.dropped,
                                 token_stats=token_length_stats(train_set, config.cutoff_len))
@@ -207,15 +207,16 @@ def load_tokenizer(model_dir: Path, template: str):
     return tokenizer
 
 
-def split_eval(samples: list[dict], val_size: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out ``val_size`` (a fraction < 1, or a count >= 1) samples, chosen with ``seed``."""
-    if val_size <= 0:
+def split_eval(samples: list[dict], config: TrainConfig) -> tuple[list[dict], list[dict]]:
+    """Hold out ``config.held_out`` samples for the eval loss, chosen with ``config.seed``."""
+    n_eval = config.held_out(len(samples))
+    if not n_eval:
         return samples, []
-    n_eval = int(val_size) if val_size >= 1 else max(1, round(len(samples) * val_size))
     if n_eval >= len(samples):
-        raise RunFailure(f"val_size {val_size:g} leaves no training sample out of {len(samples)}; lower val_size")
+        raise RunFailure(f"val_size {config.val_size:g} leaves no training sample out of {len(samples)}; "
+                         "lower val_size")
     order = list(range(len(samples)))
-    random.Random(seed).shuffle(order)
+    random.Random(config.seed).shuffle(order)
     held = set(order[:n_eval])
     return [s for i, s in enumerate(samples) if i not in held], [samples[i] for i in sorted(held)]
 

@@ -31,16 +31,24 @@ def resolve_dataset_paths(config: TrainConfig) -> list[Path]:
             out.append(Path(builtin_sample_dataset()))
             continue
         path = Path(entry).expanduser()
-        if not path.exists() and not path.is_absolute() and "/" not in entry:
+        if not _exists(path) and not path.is_absolute() and "/" not in entry:
             for candidate in (paths.datasets_dir() / entry, paths.datasets_dir() / f"{entry}.jsonl",
                               paths.datasets_dir() / f"{entry}.json"):
-                if candidate.exists():
+                if _exists(candidate):
                     path = candidate
                     break
         out.append(path)
     if not out:
         raise DataError("dataset: empty; give one or more .json/.jsonl files (comma separated) or 'docs-sample'")
     return out
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()``, False for a name the file system refuses (too long): ``load_dataset`` says why."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 def load_run_dataset(config: TrainConfig) -> Any:

@@ -85,7 +85,7 @@ def test_python_files_are_refused_as_uploads(client, tmp_path):
     disguised = tmp_path / "payload.py.jsonl"  # a double extension is just a (bad) dataset, never code
     disguised.write_text(payload.read_text())
     stored, _, _ = client.predict(handle_file(str(disguised)), "en", api_name="/upload_dataset")
-    assert Path(stored).suffix == ".jsonl" and Path(stored).parent == paths.datasets_dir() / "uploads"
+    assert Path(stored).suffix == ".jsonl" and Path(stored).parent.parent == paths.datasets_dir() / "uploads"
     report, _, _ = client.predict("en", stored, "auto", "", None, "demo", "auto", 64, api_name="/check_dataset")
     assert "invalid JSON" in report
     assert not Path("/tmp/sage_ft_pwned").exists()

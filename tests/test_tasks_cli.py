@@ -46,6 +46,11 @@ def test_list_and_show(capsys, idle_manager, task_dataset):
     assert code == 0 and "status:    ⏳ queued" in out and "queue:     position 1" in out
     assert "max_steps: 4" in out and str(task_dataset.resolve()) in out
 
+    assert _cli(capsys, db, "show", f"#{a.id}")[1] == out  # as the UI writes ids (and `sage-ft switch` takes)
+    with pytest.raises(SystemExit):
+        _cli(capsys, db, "show", "first")
+    assert "'first' is not a task id; give a number such as 7 (or #7)" in capsys.readouterr().err
+
     code, out, _ = _cli(capsys, db, "show", str(a.id), "--json")
     data = json.loads(out)
     assert (data["queue_position"], data["config"]["max_steps"], data["checkpoints"]) == (1, 4, [])
@@ -64,7 +69,7 @@ def test_cancel_delete_resume_and_unknown_ids(capsys, idle_manager, task_dataset
     assert code == 1 and "no checkpoint" in err and f"sage-ft tasks retry {task.id}" in err
     code, out, _ = _cli(capsys, db, "retry", str(task.id))
     assert code == 0 and "queued" in out and "sage-ft tasks work" in out  # no app runs to start it
-    assert _cli(capsys, db, "delete", str(task.id))[0] == 0
+    assert _cli(capsys, db, "delete", str(task.id))[:2] == (0, f"task {task.id} deleted (it had not started: no files)\n")
     assert [t.status for t in idle_manager.list()] == [TaskStatus.QUEUED]
 
 
@@ -81,6 +86,18 @@ def test_work_runs_the_queue_then_show_and_delete_files(capsys, task_db, task_da
     code, out, _ = _cli(capsys, task_db, "show", str(task.id), "--json")
     data = json.loads(out)
     assert [m["step"] for m in data["metrics_history"] if "loss" in m] == [1, 2, 3, 4]
+
+    # a finished run is run again with clone (retry named it; there was no such command)
+    code, _, err = _cli(capsys, task_db, "retry", str(task.id))
+    assert code == 1 and f"`sage-ft tasks clone {task.id}` runs a finished config again" in err
+    code, out, _ = _cli(capsys, task_db, "clone", str(task.id), "--set", "max_steps=2")
+    assert code == 0 and "a new run of task 1's config, with max_steps=2" in out
+    with TaskManager(task_db, start_worker=False) as manager:
+        clone = max(manager.list(), key=lambda t: t.id)
+    assert clone.status is TaskStatus.QUEUED and clone.config.max_steps == 2 and clone.output_dir != task.output_dir
+    assert _cli(capsys, task_db, "clone", str(task.id), "--set", "max_steps")[0] == 2
+    code, _, err = _cli(capsys, task_db, "clone", str(task.id), "--set", "lora_rank=zero")
+    assert code == 1 and "lora_rank: 'zero' is not a whole number" in err
 
     assert Path(task.output_dir).is_dir()
     code, out, _ = _cli(capsys, task_db, "delete", str(task.id), "--files")

@@ -327,7 +327,10 @@ def test_use_as_chat_backend_from_the_monitor(client, chat_app, vllm_manager, se
     task = chat_app.services.tasks.create({"dataset": str(memorize_jsonl), "output_dir": str(run)},
                                           name="adapter-c")  # stays queued: this app has no worker
     refused = client.predict(task.id, "en", api_name="/task_use_chat")
-    assert refused.startswith("⚠️") and f"#{task.id}" in refused
+    assert refused.startswith("⚠️") and f"#{task.id}" in refused and "wait until it has finished" in refused
+    chat_app.services.tasks.cancel(task.id)  # ended with no adapter: waiting would not help
+    refused = client.predict(task.id, "en", api_name="/task_use_chat")
+    assert f"#{task.id} ended ⏹ cancelled before it saved an adapter" in refused
     shutil.copytree(serving_adapters["c"], run / "lora")  # the run's adapter (as a finished run leaves it)
     job = client.submit(task.id, "en", api_name="/task_use_chat")
     steps = list(job)

@@ -70,6 +70,16 @@ def test_overlay_log_scale_and_table(webui_client, finished):
     assert "Progress" in table["headers"] and any("completed" in str(row[1]) for row in table["data"])
 
 
+def test_retry_of_a_completed_run_queues_its_config_again(webui, webui_client, finished):
+    """🔁 Retry on a finished run runs the same config again (a new task); it said "retry is for failed,
+    cancelled or interrupted tasks (use clone ...)", naming a command the page does not have."""
+    message, new_id = webui_client.predict(finished[1], "en", api_name="/task_retry")
+    assert new_id not in finished and "a fresh run with the same config" in message
+    again = webui.services.tasks.task(new_id)
+    assert again.parent_id == finished[1] and again.config.learning_rate == 5e-4
+    assert webui.services.tasks.wait(new_id, timeout=300).status is TaskStatus.COMPLETED
+
+
 def test_downloads_of_adapter_and_log(webui_client, finished):
     message, file_update = webui_client.predict(finished[0], "en", api_name="/task_download")
     assert message.startswith("Ready") and Path(file_update["value"]).suffix == ".zip"

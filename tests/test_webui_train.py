@@ -55,8 +55,8 @@ def test_upload_check_and_start_a_run_from_form_values(webui, webui_client, tmp_
     data = write_jsonl(memorize_rows() * 2, tmp_path / "my data.jsonl")
     dataset, registered, message = webui_client.predict(handle_file(str(data)), "en", api_name="/upload_dataset")
     stored = Path(dataset)
-    assert stored.parent == paths.datasets_dir() / "uploads" and stored.suffix == ".jsonl"
-    assert "my-data" in stored.name and stored.read_bytes() == data.read_bytes()
+    assert stored.parent.parent == paths.datasets_dir() / "uploads" and stored.name == "my-data.jsonl"
+    assert stored.read_bytes() == data.read_bytes()
     report, histogram, preview = webui_client.predict("en", dataset, "auto", "", None, "demo", "auto", 64,
                                                       api_name="/check_dataset")
     assert "8 usable rows of 8 read, 0 dropped" in report
@@ -65,9 +65,25 @@ def test_upload_check_and_start_a_run_from_form_values(webui, webui_client, tmp_
 
     task_id, message, progress = webui_client.predict("en", *form_args(dataset=dataset, **TINY), api_name="/start")
     assert isinstance(task_id, int) and f"Task #{task_id}" in message
+    assert webui.services.tasks.task(task_id).name == "demo · my-data"  # the file's own name, no storage prefix
     done = webui.services.tasks.wait(task_id, timeout=240)
     assert done.status is TaskStatus.COMPLETED, done.error
     assert webui_client.predict(task_id, "en", api_name="/train_progress").count("completed") >= 1
+
+
+def test_a_double_click_on_start_queues_one_run(webui, webui_client, tmp_path):
+    """Two Starts a second apart with the same settings queued two identical runs; the second is now
+    answered with the first (a Start with other settings, or later, still queues)."""
+    data = write_jsonl(memorize_rows(), tmp_path / "twice.jsonl")
+    args = form_args(dataset=str(data), **TINY)
+    first, _, _ = webui_client.predict("en", *args, api_name="/start")
+    again, message, _ = webui_client.predict("en", *args, api_name="/start")
+    assert again == first and f"queued as task #{first} a moment ago" in message
+    assert [t.id for t in webui.services.tasks.list() if t.config.dataset == str(data.resolve())] == [first]
+    other, _, _ = webui_client.predict("en", *form_args(dataset=str(data), **{**TINY, "seed": 7}), api_name="/start")
+    assert isinstance(other, int) and other != first
+    for task_id in (first, other):
+        assert webui.services.tasks.wait(task_id, timeout=240).status is TaskStatus.COMPLETED
 
 
 def test_check_dataset_reports_bad_rows_with_line_numbers(webui_client, tmp_path):
@@ -136,7 +152,8 @@ def test_llamafactory_yaml_fills_the_form_and_lists_unknown_keys(webui_client, t
         "learning_rate": 1.0e-4, "num_train_epochs": 3.0, "bf16": True, "flash_attn": "auto",
         "deepspeed": "ds_z3.json", "lerning_rate": 2.0e-4}), encoding="utf-8")
     *values, message, listed = webui_client.predict(handle_file(str(lf)), "en", api_name="/upload_config")
-    assert Path(listed["value"]).parent == paths.home() / "configs" / "uploads"
+    assert Path(listed["value"]).parent.parent == paths.home() / "configs" / "uploads"
+    assert Path(listed["value"]).name == "llama3_lora_sft.yaml"
     assert _value(values, "lora_rank") == 16 and _value(values, "template") == "llama3"
     assert _value(values, "precision") == "bf16" and _value(values, "cutoff_len") == 2048
     assert "deepspeed" in message and "flash_attn" in message

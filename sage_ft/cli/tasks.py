@@ -1,4 +1,4 @@
-"""CLI command group ``sage-ft tasks``: list, show, cancel, pause, unpause, delete, resume, retry, work.
+"""CLI command group ``sage-ft tasks``: list, show, cancel, pause, unpause, delete, resume, retry, clone, work.
 
 A thin client of ``sage_ft.tasks.TaskManager`` on the same database as the web UI, so what it shows
 and changes is what the UI shows. Exit codes: 0 = done, 1 = refused or unknown id (reason on
@@ -12,6 +12,7 @@ import json
 import sys
 import time
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from sage_ft.tasks.status import TaskStatus
@@ -33,13 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls.set_defaults(handler=_list)
 
     show = cmds.add_parser("show", help="one task: config, progress, metrics, checkpoints, log tail")
-    show.add_argument("id", type=int)
+    show.add_argument("id", type=task_id)
     show.add_argument("--json", action="store_true", help="print JSON (for scripts)")
     show.add_argument("--log-lines", type=int, default=20, metavar="N", help="log lines to show (default 20)")
     show.set_defaults(handler=_show)
 
     cancel = cmds.add_parser("cancel", help="remove a queued task from the queue, or stop a running one")
-    cancel.add_argument("id", type=int)
+    cancel.add_argument("id", type=task_id)
     cancel.add_argument("--wait", action="store_true", help="wait until a running task has stopped")
     cancel.set_defaults(handler=_cancel)
 
@@ -49,17 +50,31 @@ def register(sub: argparse._SubParsersAction) -> None:
             ("resume", "re-queue an interrupted/cancelled/failed task from its last checkpoint", _resume),
             ("retry", "queue a failed/cancelled/interrupted task again from scratch (new task)", _retry)):
         command = cmds.add_parser(name, help=help_text)  # commands that take just a task id
-        command.add_argument("id", type=int)
+        command.add_argument("id", type=task_id)
         command.set_defaults(handler=handler)
 
+    clone = cmds.add_parser("clone", help="queue a new task with a task's config (any state), changed by --set")
+    clone.add_argument("id", type=task_id)
+    clone.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                       help="change a config value (repeatable), e.g. --set learning_rate=1e-4")
+    clone.set_defaults(handler=_clone)
+
     delete = cmds.add_parser("delete", help="delete a task that is not running")
-    delete.add_argument("id", type=int)
+    delete.add_argument("id", type=task_id)
     delete.add_argument("--files", action="store_true", help="also delete its run folder (adapter, checkpoints)")
     delete.set_defaults(handler=_delete)
 
     work = cmds.add_parser("work", help="run queued tasks in this terminal (when the web UI is not running)")
     work.add_argument("--until-empty", action="store_true", help="exit when the queue is empty")
     work.set_defaults(handler=_work)
+
+
+def task_id(text: str) -> int:
+    """A task id as the task list shows it (7) or as the UI writes it (#7)."""
+    digits = text.strip().removeprefix("#")
+    if not digits.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a task id; give a number such as 7 (or #7)")
+    return int(digits)
 
 
 # ---------------------------------------------------------------------------------------- handlers
@@ -184,9 +199,13 @@ def _unpause(args: argparse.Namespace) -> int:
 def _delete(args: argparse.Namespace) -> int:
     with _manager(args) as manager:
         task = manager.task(args.id)
+        had_files = Path(task.output_dir).exists()
         manager.delete(args.id, remove_files=args.files)
-    print(f"task {task.id} deleted" + (f" with its folder {task.output_dir}" if args.files else
-                                      f"; its files stay in {task.output_dir}"))
+    if not had_files:  # queued and never started: there was no run folder to keep or remove
+        print(f"task {task.id} deleted (it had not started: no files)")
+    else:
+        print(f"task {task.id} deleted" + (f" with its folder {task.output_dir}" if args.files else
+                                          f"; its files stay in {task.output_dir}"))
     return 0
 
 
@@ -204,6 +223,23 @@ def _retry(args: argparse.Namespace) -> int:
     with _manager(args) as manager:
         task = manager.retry(args.id)
         print(f"task {task.id} queued (a new run of task {args.id}'s config)")
+        _say_who_runs_it(manager)
+    return 0
+
+
+@_guarded
+def _clone(args: argparse.Namespace) -> int:
+    from sage_ft.config import ConfigError, parse_overrides
+
+    try:
+        overrides = parse_overrides(args.overrides)
+    except ConfigError as exc:
+        print(f"error: {'; '.join(exc.problems)}", file=sys.stderr)
+        return 2
+    with _manager(args) as manager:
+        task = manager.clone(args.id, overrides=overrides)
+        print(f"task {task.id} queued (a new run of task {args.id}'s config"
+              + (f", with {', '.join(args.overrides)})" if args.overrides else ")"))
         _say_who_runs_it(manager)
     return 0
 

@@ -419,7 +419,7 @@ class TaskManager:
         task = self.task(task_id)
         if task.status not in RESUMABLE_STATES:
             raise TaskError(f"task {task.id} is {task.status.value}; retry is for failed, cancelled or "
-                            "interrupted tasks (use clone to run a finished config again)")
+                            f"interrupted tasks (`sage-ft tasks clone {task.id}` runs a finished config again)")
         return self.clone(task.id, name=task.name)
 
     def clone(self, task_id: int, overrides: dict[str, Any] | None = None, name: str | None = None) -> Task:

@@ -241,11 +241,16 @@ def _action_handler(services: AppServices, action: str):
         try:
             if action == "delete":
                 task = services.tasks.task(int(task_id))
+                had_files = Path(task.output_dir).exists()
                 services.tasks.delete(int(task_id))
-                text = i18n.t("alert.deleted", lang, id=task.id, path=task.output_dir)
+                text = i18n.t("alert.deleted" if had_files else "alert.deleted_no_files", lang, id=task.id,
+                              path=task.output_dir)
                 gr.Info(text)
                 return text, None
-            task = getattr(services.tasks, action)(int(task_id))
+            if action == "retry" and services.tasks.task(int(task_id)).status is TaskStatus.COMPLETED:
+                task = services.tasks.clone(int(task_id))  # a finished run: the same config, run again
+            else:
+                task = getattr(services.tasks, action)(int(task_id))
         except TaskError as exc:
             gr.Warning(str(exc))
             return f"⚠️ {html.escape(str(exc))}", gr.skip()
@@ -294,7 +299,8 @@ def use_as_chat(services: AppServices, task_id: Any, lang: str) -> Iterator[str]
         yield f"⚠️ {html.escape(str(exc))}"
         return
     if task.status is not TaskStatus.COMPLETED and not (Path(task.output_dir) / "lora").is_dir():
-        text = i18n.t("alert.no_adapter", lang, id=task.id)
+        key = "alert.no_adapter_ended" if task.status.is_final else "alert.no_adapter"
+        text = i18n.t(key, lang, id=task.id, status=task.status.label)
         gr.Warning(text)
         yield f"⚠️ {html.escape(text)}"
         return

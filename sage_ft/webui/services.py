@@ -50,6 +50,7 @@ class AppServices:
     downloads_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sage_ft_dl_")))
     llm_disabled: bool = False
     max_upload_bytes: int = MAX_UPLOAD_BYTES
+    form_starts: dict[str, tuple[int, float]] = field(default_factory=dict)  # config YAML -> (task id, when)
 
     # ------------------------------------------------------------------ tasks
     def queue_stamp(self, task: Task) -> str:
@@ -93,7 +94,8 @@ class AppServices:
         for root, tag in ((self.configs_dir, ""), (paths.home() / "configs" / "uploads", ""),
                           (self.examples_dir, " (example)")):
             if root.is_dir():
-                out += [(p.name + tag, str(p)) for p in sorted(root.glob("*.y*ml")) if p.name != "models.yaml"]
+                found = root.rglob("*.y*ml") if root.name == "uploads" else root.glob("*.y*ml")  # one folder each
+                out += [(p.name + tag, str(p)) for p in sorted(found) if p.name != "models.yaml"]
         return out
 
     def config_path_for(self, name: str) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import html
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -438,6 +439,11 @@ def start(services: AppServices, lang: str, *values: Any) -> tuple[Any, str, str
     if problems:
         gr.Warning(problems[0])
         return gr.skip(), _problems_md(i18n.t("alert.not_started", lang), problems), gr.skip()
+    twin = _just_queued(services, config)
+    if twin is not None:
+        text = i18n.t("alert.just_queued", lang, id=twin.id, seconds=DOUBLE_START_S)
+        gr.Warning(text)
+        return twin.id, f"⚠️ {html.escape(text)}", render.progress_html(twin, lang)
     try:
         services.tasks.validate(config)  # what cannot run at all is said before what does not fit
         blocked = fit_warning(config, lang)
@@ -445,6 +451,7 @@ def start(services: AppServices, lang: str, *values: Any) -> tuple[Any, str, str
             gr.Warning(i18n.t("alert.will_not_fit", lang), duration=None)
             return gr.skip(), blocked, gr.skip()
         task = services.tasks.create(config, source="ui")
+        services.form_starts[config.to_yaml()] = (task.id, time.monotonic())
     except TaskError as exc:
         found = getattr(exc, "problems", [str(exc)])
         gr.Warning(i18n.t("alert.not_started", lang))
@@ -452,6 +459,23 @@ def start(services: AppServices, lang: str, *values: Any) -> tuple[Any, str, str
     gr.Success(i18n.t("alert.queued", lang, id=task.id, name=task.name))
     return task.id, "✅ " + html.escape(i18n.t("alert.queued", lang, id=task.id, name=task.name)), \
         render.progress_html(task, lang)
+
+
+# A second ▶ Start within this many seconds with the same settings is a double click, not a wish for two
+# identical runs (two were queued a second apart): it is answered with the first one.
+DOUBLE_START_S = 5
+
+
+def _just_queued(services: AppServices, config: TrainConfig) -> Any:
+    """The task the same settings queued less than ``DOUBLE_START_S`` ago, while it is still queued or running."""
+    task_id, when = services.form_starts.get(config.to_yaml(), (None, 0.0))
+    if task_id is None or time.monotonic() - when > DOUBLE_START_S:
+        return None
+    try:
+        task = services.tasks.task(task_id)
+    except TaskError:  # deleted meanwhile
+        return None
+    return task if task.status in (TaskStatus.QUEUED, TaskStatus.RUNNING) else None
 
 
 def fit_warning(config: TrainConfig, lang: str) -> str:

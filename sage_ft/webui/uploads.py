@@ -55,7 +55,11 @@ def store_upload(src: str | Path, kind: str, max_bytes: int = MAX_UPLOAD_BYTES) 
         raise UploadError(f"{name}: {size / 1024**2:.1f} MiB is over the {max_bytes / 1024**2:.0f} MiB upload limit; "
                           "put the file in the data home and pick it from the list instead")
     stem = re.sub(r"[^A-Za-z0-9_-]+", "-", src.stem).strip("-")[:40] or kind
-    stored = upload_dir(kind) / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}-{stem}{suffix}"
+    # A folder per upload keeps the file's own name, so task names, lists and reports show "alpaca",
+    # not "20261125-101224-4c0940b9-alpaca"; uploads of the same name never meet.
+    folder = upload_dir(kind) / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
+    folder.mkdir(parents=True)
+    stored = folder / f"{stem}{suffix}"
     shutil.copyfile(src, stored)
     return stored
 

@@ -374,7 +374,13 @@ def coerce(name: str, value: Any) -> Any:
                 if not value.is_integer():
                     raise ValueError
                 return int(value)
-            return int(str(value).strip())
+            text = str(value).strip()
+            if text.lstrip("+-").isdigit():
+                return int(text)
+            number = float(text)  # "8.0" on the command line, as YAML's 8.0 is accepted
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
         if kind is float:
             if isinstance(value, bool):
                 raise ValueError

@@ -85,6 +85,10 @@ def test_train_monitor_reload_and_language_in_a_real_browser(browser_app, tmp_pa
             expect(page.locator("#command-preview")).to_contain_text(f"max_steps={MAX_STEPS}")
             page.screenshot(path=str(ARTIFACTS / "train-tab.png"), full_page=True)
             assert page.evaluate(LABELS_OVERFLOWING) == []
+            # checkboxes among the number boxes keep a readable width (they were squeezed to ~20 px,
+            # their labels gone and their help a word a line)
+            for checkbox in ("gradient_checkpointing", "torch_compile", "merge_lora"):
+                assert page.locator(f"#cfg-{checkbox}").bounding_box()["width"] >= 150, checkbox
 
             page.get_by_role("button", name="▶ Start training").click()
             expect(page.locator("#train-message")).to_contain_text("is queued")

@@ -185,3 +185,12 @@ def test_devices_must_name_auto_cpu_or_gpu_ids() -> None:
     for bad in ("gpu", "cuda:0", "0;1"):
         with pytest.raises(ConfigError, match=f"devices: '{bad}'; use 'auto', 'cpu' or GPU ids like '0,1'"):
             TrainConfig.from_dict({"devices": bad})
+
+
+def test_a_whole_number_written_with_a_decimal_point_is_accepted_everywhere() -> None:
+    """YAML's ``lora_rank: 8.0`` loaded while ``--set lora_rank=8.0`` was refused; both are 8 now."""
+    assert TrainConfig.from_dict(parse_overrides(["lora_rank=8.0", "max_steps=1e3"]))[0].lora_rank == 8
+    assert TrainConfig.from_dict({"lora_rank": 8.0})[0].lora_rank == 8
+    for bad in ("8.5", "eight"):
+        with pytest.raises(ConfigError, match=f"lora_rank: '{bad}' is not a whole number"):
+            TrainConfig.from_dict(parse_overrides([f"lora_rank={bad}"]))

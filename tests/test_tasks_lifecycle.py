@@ -51,6 +51,19 @@ def test_create_refuses_bad_input_and_writes_nothing(idle_manager, task_dataset,
     assert idle_manager.list() == [] and _run_dirs() == before
 
 
+def test_a_quantized_run_without_bitsandbytes_is_refused_with_what_to_install(idle_manager, task_dataset,
+                                                                             monkeypatch):
+    """Where bitsandbytes is not installed (it is hidden here, as an absent package is: ``None`` in
+    ``sys.modules``), a 4-bit run is refused when queued, saying what to install, not after loading."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(TaskRefused, match=r"quantization_bit: 4 needs bitsandbytes, which is not installed; "
+                                          r"install it \(pip install 'bitsandbytes>=0.50'"):
+        idle_manager.create({**tiny_task_config(task_dataset), "quantization_bit": 4})
+    assert idle_manager.list() == []
+
+
 def test_create_refuses_broken_dataset_with_its_line(idle_manager, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'

@@ -10,6 +10,7 @@ the message the CLI would.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -77,7 +78,11 @@ def build_fields(names: Iterable[str], lang: str, registry: Any, prefix: str = "
     overrides = overrides or {}
     built = {}
     for name in names:
-        component = field_component(name, lang, **dict(overrides.get(name, {})))
+        # A checkbox among number boxes in a row is squeezed to its box's width (its label and help
+        # then break a word a line, or vanish): a column of its own keeps the usual minimum width.
+        holder = gr.Column(min_width=160) if field_type(name)[0] is bool else contextlib.nullcontext()
+        with holder:
+            component = field_component(name, lang, **dict(overrides.get(name, {})))
         built[name] = registry.add(f"{prefix}.{name}", component, key=f"cfg.{name}", kind="field")
     return built
 

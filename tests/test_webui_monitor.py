@@ -3,6 +3,7 @@ runs, overlay, downloads, cancel/resume from both tabs, delete, re-attach after 
 
 from __future__ import annotations
 
+import html
 import json
 import time
 from pathlib import Path
@@ -114,6 +115,20 @@ def test_cancel_resume_delete_and_reattach(webui, webui_client, dataset):
     assert task_id not in [t.id for t in webui.services.tasks.list()]
     message, _ = webui_client.predict(task_id, "en", api_name="/task_cancel")
     assert f"no task with id {task_id}" in message
+
+
+def test_text_typed_into_the_task_picker_is_named_not_a_crash(webui_client, finished):
+    """The picker takes typing: "abc" raised ValueError in every handler and in the page tick (the task
+    table froze until another task was picked); "#7 name", as the list writes it, is that task."""
+    out = webui_client.predict("abc", ["xyz"], False, 0.6, "en", api_name="/task_details")
+    assert "no task 'abc'; pick one from the task list" in html.unescape(out[0])
+    assert "no task 'abc'" in html.unescape(webui_client.predict("abc", "en", api_name="/task_use_chat"))
+    message, _ = webui_client.predict("abc", "en", api_name="/task_retry")
+    assert "no task 'abc'" in html.unescape(message)
+    table = webui_client.predict("abc", [], False, 0.6, "en", api_name="/monitor_tick")[0]
+    assert finished[0] in [row[0] for row in table["data"]]
+    out = webui_client.predict(f"#{finished[0]} some name", [], False, 0.6, "en", api_name="/task_details")
+    assert "completed" in out[0]
 
 
 def test_actions_without_a_selection_and_chat_disabled(webui_client, finished):

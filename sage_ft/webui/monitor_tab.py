@@ -9,6 +9,7 @@ query) and redraws details only when the selected task changed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import html
@@ -25,7 +26,7 @@ from gradio.components.plot import PlotData
 from sage_ft.tasks import TaskError, TaskStatus
 from sage_ft.webui import charts, chat_tab, i18n, render
 from sage_ft.webui.components import Registry
-from sage_ft.webui.services import AppServices
+from sage_ft.webui.services import AppServices, task_id_of
 from sage_ft.webui.topbar import TickPart
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,10 @@ def tick(services: AppServices, version: str | None, stamp: str | None, task_id:
     table = list(refresh(services, version, lang))
     if task_id in (None, ""):
         return [*table, gr.skip(), *([gr.skip()] * 9)]
-    new_stamp = _stamp(services, task_id, compare, log_y, smoothing, lang)
+    try:
+        new_stamp = _stamp(services, task_id, compare, log_y, smoothing, lang)
+    except TaskError:  # typed text that names no task: the details already say so
+        return [*table, gr.skip(), *([gr.skip()] * 9)]
     if new_stamp == stamp:
         return [*table, gr.skip(), *([gr.skip()] * 9)]
     return [*table, *task_details(services, task_id, compare, log_y, smoothing, lang)]
@@ -141,7 +145,10 @@ def tick(services: AppServices, version: str | None, stamp: str | None, task_id:
 
 def _stamp(services: AppServices, task_id: Any, compare: list[Any], log_y: bool, smoothing: float, lang: str) -> str:
     """Changes whenever anything the details show could have changed."""
-    ids = [int(task_id), *[int(c) for c in compare or [] if str(c) != str(task_id)]]
+    ids = [task_id_of(task_id)]
+    for other in compare or []:
+        with contextlib.suppress(TaskError):  # typed text among the overlays: not a task, not shown
+            ids += [task_id_of(other)] if str(other) != str(task_id) else []
     parts = []
     for i in ids:
         try:
@@ -150,7 +157,7 @@ def _stamp(services: AppServices, task_id: Any, compare: list[Any], log_y: bool,
         except TaskError:
             parts.append(f"{i}@gone")
             continue
-        if i == int(task_id):
+        if i == task_id_of(task_id):
             parts.append(services.queue_stamp(task))
     return json.dumps([parts, bool(log_y), float(smoothing or 0), lang])
 
@@ -173,7 +180,10 @@ def task_details(services: AppServices, task_id: Any, compare: list[Any], log_y:
     of the shown tasks' rows, the view options and the language), charts already serialised."""
     if task_id in (None, ""):
         return _task_details(services, task_id, compare, log_y, smoothing, lang)
-    stamp = _stamp(services, task_id, compare, log_y, smoothing, lang)
+    try:
+        stamp = _stamp(services, task_id, compare, log_y, smoothing, lang)
+    except TaskError:  # typed text that names no task: said in the progress box
+        return _task_details(services, task_id, compare, log_y, smoothing, lang)
     with _DETAILS_LOCK:
         cached = _DETAILS_CACHE.get((id(services), stamp))
     if cached is not None:
@@ -202,7 +212,7 @@ def _task_details(services: AppServices, task_id: Any, compare: list[Any], log_y
     if task_id in (None, ""):
         return empty
     try:
-        detail = services.tasks.get(int(task_id), log_lines=LOG_LINES)
+        detail = services.tasks.get(task_id_of(task_id), log_lines=LOG_LINES)
     except TaskError as exc:
         return [None, html.escape(str(exc)), None, None, None, "", "", "", None, ""]
     runs = [(f"#{detail.id} {detail.name}", detail.metrics_history)]
@@ -210,7 +220,7 @@ def _task_details(services: AppServices, task_id: Any, compare: list[Any], log_y
         if str(other) == str(detail.id):
             continue
         try:
-            o = services.tasks.get(int(other), log_lines=1)
+            o = services.tasks.get(task_id_of(other), log_lines=1)
             runs.append((f"#{o.id} {o.name}", o.metrics_history))
         except TaskError:
             continue
@@ -240,17 +250,17 @@ def _action_handler(services: AppServices, action: str):
             return f"⚠️ {i18n.t('alert.no_task', lang)}", gr.skip()
         try:
             if action == "delete":
-                task = services.tasks.task(int(task_id))
+                task = services.tasks.task(task_id_of(task_id))
                 had_files = Path(task.output_dir).exists()
-                services.tasks.delete(int(task_id))
+                services.tasks.delete(task_id_of(task_id))
                 text = i18n.t("alert.deleted" if had_files else "alert.deleted_no_files", lang, id=task.id,
                               path=task.output_dir)
                 gr.Info(text)
                 return text, None
-            if action == "retry" and services.tasks.task(int(task_id)).status is TaskStatus.COMPLETED:
-                task = services.tasks.clone(int(task_id))  # a finished run: the same config, run again
+            if action == "retry" and services.tasks.task(task_id_of(task_id)).status is TaskStatus.COMPLETED:
+                task = services.tasks.clone(task_id_of(task_id))  # a finished run: the same config, run again
             else:
-                task = getattr(services.tasks, action)(int(task_id))
+                task = getattr(services.tasks, action)(task_id_of(task_id))
         except TaskError as exc:
             gr.Warning(str(exc))
             return f"⚠️ {html.escape(str(exc))}", gr.skip()
@@ -265,7 +275,7 @@ def download(services: AppServices, task_id: Any, lang: str) -> tuple[str, Any]:
     if task_id in (None, ""):
         return f"⚠️ {i18n.t('alert.no_task', lang)}", gr.skip()
     try:
-        archive = services.tasks.download(int(task_id))
+        archive = services.tasks.download(task_id_of(task_id))
     except (TaskError, OSError) as exc:
         gr.Warning(str(exc))
         return f"⚠️ {html.escape(str(exc))}", gr.update(visible=False)
@@ -277,7 +287,7 @@ def download_log(services: AppServices, task_id: Any, lang: str) -> tuple[str, A
     if task_id in (None, ""):
         return f"⚠️ {i18n.t('alert.no_task', lang)}", gr.skip()
     try:
-        task = services.tasks.task(int(task_id))
+        task = services.tasks.task(task_id_of(task_id))
     except TaskError as exc:
         return f"⚠️ {html.escape(str(exc))}", gr.skip()
     logs = Path(task.output_dir) / "logs.txt"
@@ -293,7 +303,7 @@ def use_as_chat(services: AppServices, task_id: Any, lang: str) -> Iterator[str]
         yield f"⚠️ {i18n.t('alert.no_task', lang)}"
         return
     try:
-        task = services.tasks.task(int(task_id))
+        task = services.tasks.task(task_id_of(task_id))
     except TaskError as exc:
         gr.Warning(str(exc))
         yield f"⚠️ {html.escape(str(exc))}"

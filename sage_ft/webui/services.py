@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sage_ft import paths
-from sage_ft.tasks import Task, TaskManager, TaskStatus
+from sage_ft.tasks import Task, TaskError, TaskManager, TaskStatus
 from sage_ft.webui.uploads import MAX_UPLOAD_BYTES, PathGuard
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,18 @@ class ModelChoice:
     label: str
     value: str
     kind: str = "base"
+
+
+def task_id_of(value: Any) -> int:
+    """The task a picker value names: 7, "7", "#7" or "#7 name" (what the task list shows). Text that
+    names none raises ``TaskError`` saying so; the picker accepts typing, and int("abc") broke the page's
+    tick until another task was picked."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = str(value).strip().removeprefix("#").split(" ", 1)[0]
+    if not text.isdigit():
+        raise TaskError(f"no task {str(value)[:60]!r}; pick one from the task list")
+    return int(text)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from sage_ft.tasks import TaskError, TaskStatus
 from sage_ft.webui import charts, form, form_memory, i18n, render
 from sage_ft.webui.components import Registry
 from sage_ft.webui.presets import PRESETS
-from sage_ft.webui.services import AppServices, tokenizer_for
+from sage_ft.webui.services import AppServices, task_id_of, tokenizer_for
 from sage_ft.webui.topbar import TickPart
 from sage_ft.webui.uploads import PathRefused, UploadError, store_upload
 
@@ -500,7 +500,7 @@ def _task_action(services: AppServices, task_id: Any, lang: str, action: str) ->
         gr.Warning(i18n.t("alert.no_task", lang))
         return gr.skip(), f"⚠️ {i18n.t('alert.no_task', lang)}", gr.skip()
     try:
-        task = getattr(services.tasks, action)(int(task_id))
+        task = getattr(services.tasks, action)(task_id_of(task_id))
     except TaskError as exc:
         gr.Warning(str(exc))
         return gr.skip(), f"⚠️ {html.escape(str(exc))}", gr.skip()
@@ -522,7 +522,7 @@ def progress_tick(services: AppServices, task_id: Any, stamp: str | None, lang: 
     if task_id in (None, ""):
         return gr.skip(), gr.skip()
     try:
-        task = services.tasks.task(int(task_id))
+        task = services.tasks.task(task_id_of(task_id))
     except TaskError:
         task = None
     queue = services.queue_stamp(task) if task else ""
@@ -531,7 +531,7 @@ def progress_tick(services: AppServices, task_id: Any, stamp: str | None, lang: 
         return gr.skip(), gr.skip()
     if queue:  # its place in the queue and expected start
         with contextlib.suppress(TaskError):
-            task = services.tasks.get(int(task_id))
+            task = services.tasks.get(task_id_of(task_id))
     return render.progress_html(task, lang), new_stamp
 
 
@@ -539,7 +539,7 @@ def train_progress(services: AppServices, task_id: Any, lang: str) -> Any:
     if task_id in (None, ""):
         return gr.skip()
     try:
-        task = services.tasks.task(int(task_id))
+        task = services.tasks.task(task_id_of(task_id))
     except TaskError:
         return render.progress_html(None, lang)
     return render.progress_html(task, lang)

@@ -220,6 +220,7 @@ def test_cancelled_in_process_load_keeps_the_model_that_answered(serving_demo_mo
         assert first.outcome == "cancelled" and first.icon == "⏹", first.message
         assert "no model is served now; pick a model" in first.message and "stop-then-start" not in first.message
         assert manager.status()["state"] == "stopped" and manager.current is None
+        assert manager.status()["model_label"] is None  # the model given up on is not "the chosen one"
         loads_at_once: list[int] = []
 
         def count_loads(item) -> None:
@@ -237,6 +238,10 @@ def test_cancelled_in_process_load_keeps_the_model_that_answered(serving_demo_mo
         assert manager.current == before and manager.status()["state"] == "ready" and not manager.cancel_switch()
         assert states == ["starting", "switching"] and answers_while_loading == [answer]
         assert "".join(manager.stream_chat(HELLO, temperature=0.0, max_tokens=6)) == answer
+        # stopped, then restarted (♻️ Restart, or the next chat): the model that answered comes back, not the
+        # cancelled one (it did, as the target of the last switch)
+        manager.stop()
+        assert manager.restart().outcome == "live" and manager.current.label == before.label
     finally:
         manager.close()
 

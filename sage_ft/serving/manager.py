@@ -470,7 +470,7 @@ class ServerManager:
         with self._switch_lock:
             self._switch_cancel.clear()  # a cancel meant for an earlier switch does not end this one
             served_before = self._current is not None
-            self._target = target
+            chosen_before, self._target = self._target, target
             self._check_alive()
             try:
                 if self.backend == "none":
@@ -501,6 +501,8 @@ class ServerManager:
                 self._status_message = result.message
             elif result.outcome == "cancelled":
                 self._status_message = result.message
+            if result.outcome in ("failed", "cancelled"):  # the choice stays what it was: a restart, or the
+                self._target = chosen_before  # next chat after a stop, must not start the model given up on
             return result
 
     def cancel_switch(self) -> bool:

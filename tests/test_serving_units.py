@@ -241,6 +241,7 @@ def test_cancelled_in_process_load_keeps_the_model_that_answered(serving_demo_mo
         # stopped, then restarted (♻️ Restart, or the next chat): the model that answered comes back, not the
         # cancelled one (it did, as the target of the last switch)
         manager.stop()
+        assert manager.status()["message"].startswith("stopped; the next chat message")  # not "now chatting …"
         assert manager.restart().outcome == "live" and manager.current.label == before.label
     finally:
         manager.close()
@@ -293,3 +294,26 @@ def test_in_process_backend_answers_a_chat_longer_than_the_model_reads(serving_d
         assert backend.count_chat_tokens("demo", kept)[0] + 4 <= 2048
     finally:
         manager.close()
+
+
+def test_a_server_error_mid_reply_reads_as_a_sentence_with_one_hint():
+    """Stopping the server mid-reply gave "❌ chat failed: EngineCore encountered an issue. See stack trace
+    (above) for the root cause. Send the message again …" (no stack trace above), and a connection error
+    carried two retry hints ("… try again in a few seconds Send the message again in a few seconds.")."""
+    import httpx
+    import openai
+
+    from sage_ft.serving.chat import _chat_error
+    from sage_ft.webui.chat_messages import error_note
+
+    request = httpx.Request("POST", "http://127.0.0.1:1/v1/chat/completions")
+    engine = _chat_error(openai.APIError("EngineCore encountered an issue. See stack trace (above) for the root "
+                                         "cause.", request, body=None), "demo")
+    assert str(engine) == ("the chat server ended this reply with an error (EngineCore encountered an issue); if it "
+                           "was stopped or restarted, send the message again")
+    unreachable = _chat_error(openai.APIConnectionError(request=request), "demo")
+    for error in (engine, unreachable):
+        note = error_note(error, "en")
+        assert note.lower().count("again") == 1 and "Send the message again in a few seconds" not in note, note
+    assert error_note(ChatError("the server is busy", retryable=True), "en").endswith(
+        "Send the message again in a few seconds.")

@@ -170,7 +170,11 @@ def _chat_error(exc: Exception, model: str) -> ChatError:
         if exc.status_code >= 500:
             return ChatError(f"the chat server failed ({exc.status_code}: {detail}); try again", retryable=True)
         return ChatError(f"the chat request was refused ({exc.status_code}): {detail}")
-    return ChatError(f"chat failed: {exc}", retryable=True)
+    # e.g. vLLM's "EngineCore encountered an issue. See stack trace (above) for the root cause." when the
+    # server is stopped mid-reply: the first sentence is what it knows; there is no stack trace "above" here.
+    first = str(exc).split(". See stack trace")[0].splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return ChatError(f"the chat server ended this reply with an error ({first}); if it was stopped or restarted, "
+                     "send the message again", retryable=True)
 
 
 def _status_detail(exc: Any) -> str:

@@ -295,6 +295,8 @@ class ServerManager:
             self._adapters.clear()
             self._current = None
             self._state = "stopped"
+            # not the last switch's "now chatting with X", which the banner showed under "● stopped"
+            self._status_message = "stopped; the next chat message, or Restart, starts the chosen model again"
         if server is not None:
             server.stop()
 

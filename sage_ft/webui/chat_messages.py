@@ -172,8 +172,12 @@ class Pump:
 
 
 def error_note(exc: Exception, lang: str) -> str:
-    retry = f" {i18n.t('chat.retry_hint', lang)}" if getattr(exc, "retryable", False) else ""
-    return f"{ERROR_MARK} {exc}{retry}"
+    """The chat's error line; the retry hint only where the message does not say to try again already
+    (it read "… try again in a few seconds Send the message again in a few seconds.")."""
+    text = str(exc)
+    said = "again" in text.lower()
+    retry = f" {i18n.t('chat.retry_hint', lang)}" if getattr(exc, "retryable", False) and not said else ""
+    return f"{ERROR_MARK} {text}{retry}"
 
 
 def md_escape(text: str) -> str:

@@ -69,6 +69,9 @@ def test_failed_start_bad_model_is_clear_and_leaves_no_process(serving_demo_mode
     status = manager.status()
     assert status["state"] == "stopped" and "BogusForCausalLM" in status["last_error"]
     assert not [e for e in serving_registry.read_entries() if e["pid"] in seen]
+    # the same failure through a switch (as the Chat tab makes it) carries that start's log, to offer it
+    result = manager.switch(str(bad), timeout_s=600)
+    assert result.outcome == "failed" and "BogusForCausalLM" in Path(result.log_path).read_text(errors="replace")
 
 
 def test_start_timeout_ends_the_whole_process_group(serving_demo_model):

@@ -98,6 +98,7 @@ class SwitchResult:
     timings: dict[str, float] = field(default_factory=dict)
     served: ServedModel | None = None
     mode: str = ""  # runtime-adapter | same-server | zero-downtime | stop-then-start | first-start | local
+    log_path: str | None = None  # a failed server start's log (not that of a server that kept running)
 
 
     @property
@@ -489,7 +490,8 @@ class ServerManager:
                 self._last_error = str(exc)
                 if isinstance(exc, ServerStartError):
                     self._crash_log_tail, self._failed_log_path = exc.log_tail, exc.log_path
-                result = SwitchResult("failed", str(exc), timings, self._current)
+                result = SwitchResult("failed", str(exc), timings, self._current,
+                                      log_path=str(exc.log_path) if getattr(exc, "log_path", None) else None)
             except Exception as exc:  # merge/peft/transformers errors: reported, never a stack trace
                 log.exception("switch to %s failed", target.label)
                 self._last_error = f"{type(exc).__name__}: {exc}"

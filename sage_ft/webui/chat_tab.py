@@ -389,7 +389,7 @@ def switch_steps(services: AppServices, model: str | None, lang: str,
     result = box.get("result")
     if result is None or result.outcome == "failed":
         reason = box.get("error") or (result.message if result else "unknown error")
-        log_path = _status(services).get("log_path")
+        log_path = result.log_path if result is not None else None  # the start that failed, if one did
         text = i18n.t("chat.switch_failed", lang, model=shown, reason=reason)
         if log_path:
             text += f" — {i18n.t('chat.server_log', lang)}: `{log_path}`"
@@ -603,7 +603,9 @@ def compare(services: AppServices, message: str, hist_a: list[Any] | None, hist_
         pumps: list[Pump | None] = [None, None]
         for i in (0,) if one_after_the_other else (0, 1):
             pumps[i] = Pump(starts[i]) if starts[i] is not None else None
-        shown = [services.server.label_of(name) for name in names]  # "?" for a side that was refused
+        # a side that was refused ("?") is named by what was picked
+        shown = [services.server.label_of(name) if name != "?" else _label_for(services, str(model))
+                 for name, model in zip(names, (model_a, model_b), strict=True)]
         status = i18n.t("chat.comparing", lang, a=shown[0], b=shown[1])
         yield sides[0], sides[1], f"⏳ {_esc(status)}", gr.skip()
         running = [start is not None for start in starts]
@@ -629,6 +631,10 @@ def compare(services: AppServices, message: str, hist_a: list[Any] | None, hist_
                 return
             if changed:
                 yield sides[0], sides[1], f"⏳ {_esc(status)}", gr.skip()
+        if "?" in names:  # a side (or both) could not answer: its reason is in its chat
+            key = "chat.compared_none" if names == ["?", "?"] else "chat.compared_one"
+            yield sides[0], sides[1], f"❌ {_esc(i18n.t(key, lang, a=shown[0], b=shown[1]))}", gr.skip()
+            return
         yield sides[0], sides[1], f"✅ {_esc(i18n.t('chat.compared', lang, a=shown[0], b=shown[1]))}", gr.skip()
 
 

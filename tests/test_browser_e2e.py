@@ -290,3 +290,36 @@ def test_a_setting_set_in_another_tab_keeps_the_conversation_this_tab_had(e2e_ap
                 expect(chatting.locator("#chat-system textarea")).to_have_value("Be brief.")  # settings are shared
         finally:
             browser.close()
+
+
+def test_clear_while_a_reply_streams_ends_it_and_the_chat_stays_empty(e2e_app):
+    """🧹 Clear during a reply used to be lost: the reply streamed on and the conversation came back (and was
+    kept across a reload). Clear now ends the reply too."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        bot = page.locator("#chatbot [data-testid=bot]")
+        try:
+            with _screenshot_on_failure(page, "clear-failure.png"):
+                page.goto(e2e_app.url)
+                page.locator("#tab-chat-button").click()
+                page.get_by_text("Generation settings").click()
+                for name, value in (("temperature", "0"), ("max-tokens", "900")):  # a long reply
+                    page.locator(f"#chat-{name} input[type=number]").fill(value)
+                    page.locator(f"#chat-{name} input[type=number]").press("Enter")
+                page.locator("#chat-input textarea").fill("Tell me a long story.")
+                page.locator("#chat-send").click()
+                expect(bot.last).to_contain_text(re.compile(r"🤖 demo\S*\s+\S+"), timeout=120_000)
+                page.locator("#chat-clear").click()
+                expect(bot).to_have_count(0)
+                page.wait_for_timeout(4000)  # the reply would have gone on streaming for seconds
+                expect(bot).to_have_count(0)
+                page.reload()
+                page.locator("#tab-chat-button").click()
+                expect(page.locator("#chatbot [data-testid=user]")).to_have_count(0)
+                expect(bot).to_have_count(0)
+        finally:
+            browser.close()

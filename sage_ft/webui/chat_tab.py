@@ -155,13 +155,19 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
                                  show_progress="hidden")
     reg["chat.autosave"].tick(chat_memory.remember_partial(streaming_in), conversations, autosave, api_name=False,
                               show_progress="hidden")
-    changes = [
+    replies = [
         gr.on(sent["chat"], send, [reg["chat.message"], reg["chat.chatbot"], *settings], chat_out,
               api_name="chat_send", concurrency_limit=None, show_progress="hidden"),
         reg["chat.regenerate"].click(again, [reg["chat.chatbot"], *settings], chat_out, api_name="chat_regenerate",
                                      concurrency_limit=None, show_progress="hidden"),
-        reg["chat.clear"].click(lambda: ([], ""), None, chat_out, api_name="chat_clear", show_progress="hidden"),
     ]
+
+    def clear_chat(request: gr.Request) -> tuple[list[Any], str]:
+        stop(request, clearing=True)  # a reply still streaming ends with the chat (it streamed on into it)
+        return [], ""
+
+    changes = [*replies, reg["chat.clear"].click(clear_chat, None, chat_out, api_name="chat_clear",
+                                                 show_progress="hidden", cancels=replies)]
     reg["chat.stop"].click(stop_chat, None, None, api_name="chat_stop", concurrency_limit=None,
                            show_progress="hidden")
 
@@ -169,12 +175,15 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
                   reg["chat.model_b"], *settings]
     compare_out = [reg["chat.compare_a"], reg["chat.compare_b"], reg["chat.compare_status"],
                    reg["chat.compare_message"]]
-    changes += [
-        gr.on(sent["compare"], side_by_side, compare_in, compare_out, api_name="chat_compare",
-              concurrency_limit=None, show_progress="hidden"),
-        reg["chat.compare_clear"].click(lambda: ([], [], ""), None, compare_out[:3], api_name=False,
-                                        show_progress="hidden"),
-    ]
+    comparing = gr.on(sent["compare"], side_by_side, compare_in, compare_out, api_name="chat_compare",
+                      concurrency_limit=None, show_progress="hidden")
+
+    def clear_compare(request: gr.Request) -> tuple[list[Any], list[Any], str]:
+        stop(request, "/compare", clearing=True)
+        return [], [], ""
+
+    changes += [comparing, reg["chat.compare_clear"].click(clear_compare, None, compare_out[:3], api_name=False,
+                                                           show_progress="hidden", cancels=[comparing])]
     reg["chat.compare_stop"].click(stop_compare, None, None, api_name="chat_compare_stop", concurrency_limit=None,
                                    show_progress="hidden")
     for change in changes:
@@ -460,11 +469,18 @@ def streaming_in(session_hash: str | None) -> tuple[str, ...]:
                  if f"{session_hash or 'api'}{suffix}" in _STREAMING)
 
 
-def stop(request: Any, suffix: str = "") -> None:
-    """Stop the session's running reply (the server aborts the request when the stream closes)."""
+def stop(request: Any, suffix: str = "", clearing: bool = False) -> None:
+    """Stop the session's running reply (the server aborts the request when the stream closes). When
+    ``clearing`` (🧹 Clear), the reply ends without a last "stopped" update, which would bring the
+    cleared chat back."""
     event = _CANCELS.get(f"{getattr(request, 'session_hash', None) or 'api'}{suffix}")
     if event is not None:
+        event.clearing = clearing  # type: ignore[attr-defined]
         event.set()
+
+
+def _cleared(cancel: threading.Event) -> bool:
+    return bool(getattr(cancel, "clearing", False))
 
 
 def _stream_args(system: str, temperature: float, top_p: float, max_tokens: float) -> dict[str, Any]:
@@ -516,6 +532,8 @@ def _answer(services: AppServices, turns: list[dict[str, str]], args: dict[str, 
                                                **args))
         while True:
             got = pump.drain(timeout=0.2)
+            if cancel.is_set() and _cleared(cancel):
+                return
             if cancel.is_set():  # the stream also ends on cancel: stopped, even when "end" was already read
                 reply.add(got._replace(done=False), lang)
                 reply.stopped(lang)
@@ -623,6 +641,8 @@ def compare(services: AppServices, message: str, hist_a: list[Any] | None, hist_
                         replies[i].stopped(lang)
             if pumps[1] is None and running[1] and not running[0] and not cancel.is_set():
                 pumps[1] = Pump(starts[1])  # one after the other: side A is done
+            if cancel.is_set() and _cleared(cancel):
+                return
             if cancel.is_set():
                 for i, is_running in enumerate(running):
                     if is_running:

@@ -35,3 +35,9 @@ def atomic_writer(path: str | Path, *, mode: int | None = None) -> Iterator[IO[s
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def file_in_the_way(path: str | Path) -> Path | None:
+    """A file where a folder above ``path`` must be (None when there is none): writing there would
+    fail with a bare FileExistsError or NotADirectoryError, so callers refuse it with a sentence first."""
+    return next((p for p in Path(path).absolute().parents if p.exists() and not p.is_dir()), None)

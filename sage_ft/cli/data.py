@@ -121,6 +121,7 @@ def _token_stats(report, model: str, cutoff_len: int, template: str) -> None:
 
 def prepare_docs_command(args: argparse.Namespace) -> int:
     from sage_ft import paths
+    from sage_ft.atomic import file_in_the_way
     from sage_ft.data.docs import prepare_docs
     from sage_ft.data.load import DataError
     from sage_ft.data.sample import builtin_sample_dataset
@@ -133,7 +134,7 @@ def prepare_docs_command(args: argparse.Namespace) -> int:
             return _fail("prepare-docs: give a folder of documents (DIR) or --builtin")
         src = Path(args.src)
         out = Path(args.output) if args.output else paths.datasets_dir() / f"{src.resolve().name}-docs.jsonl"
-        blocker = next((p for p in out.absolute().parents if p.exists() and not p.is_dir()), None)
+        blocker = file_in_the_way(out)
         if blocker is not None:
             return _fail(f"cannot write {out}: {blocker} is a file, not a folder; choose another -o")
         if out.exists() and not args.overwrite:  # it may be a dataset of the user's own

@@ -71,10 +71,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def task_id(text: str) -> int:
     """A task id as the task list shows it (7) or as the UI writes it (#7)."""
-    digits = text.strip().removeprefix("#")
-    if not digits.isdigit():
+    from sage_ft.tasks.lookup import parse_task_id
+
+    parsed = parse_task_id(text)
+    if parsed is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a task id; give a number such as 7 (or #7)")
-    return int(digits)
+    return parsed
 
 
 # ---------------------------------------------------------------------------------------- handlers

@@ -3,11 +3,11 @@
 ``TaskManager`` is the whole public API; ``Task``/``TaskDetail`` are the snapshots it returns.
 """
 
-from sage_ft.tasks.lookup import task_run_dir
+from sage_ft.tasks.lookup import parse_task_id, task_run_dir
 from sage_ft.tasks.manager import ForegroundResult, TaskManager
 from sage_ft.tasks.status import TaskStatus
 from sage_ft.tasks.store import StoreUnavailable
 from sage_ft.tasks.task import Task, TaskDetail, TaskError, TaskNotFound, TaskRefused
 
 __all__ = ["ForegroundResult", "StoreUnavailable", "Task", "TaskDetail", "TaskError", "TaskManager", "TaskNotFound", "TaskRefused",
-           "TaskStatus", "task_run_dir"]
+           "TaskStatus", "parse_task_id", "task_run_dir"]

@@ -145,10 +145,13 @@ def tick(services: AppServices, version: str | None, stamp: str | None, task_id:
 
 def _stamp(services: AppServices, task_id: Any, compare: list[Any], log_y: bool, smoothing: float, lang: str) -> str:
     """Changes whenever anything the details show could have changed."""
-    ids = [task_id_of(task_id)]
+    selected = task_id_of(task_id)
+    ids = [selected]
     for other in compare or []:
+        if str(other) == str(task_id):
+            continue
         with contextlib.suppress(TaskError):  # typed text among the overlays: not a task, not shown
-            ids += [task_id_of(other)] if str(other) != str(task_id) else []
+            ids.append(task_id_of(other))
     parts = []
     for i in ids:
         try:
@@ -157,7 +160,7 @@ def _stamp(services: AppServices, task_id: Any, compare: list[Any], log_y: bool,
         except TaskError:
             parts.append(f"{i}@gone")
             continue
-        if i == task_id_of(task_id):
+        if i == selected:
             parts.append(services.queue_stamp(task))
     return json.dumps([parts, bool(log_y), float(smoothing or 0), lang])
 
@@ -249,18 +252,19 @@ def _action_handler(services: AppServices, action: str):
             gr.Warning(i18n.t("alert.no_task", lang))
             return f"⚠️ {i18n.t('alert.no_task', lang)}", gr.skip()
         try:
+            selected = task_id_of(task_id)
             if action == "delete":
-                task = services.tasks.task(task_id_of(task_id))
+                task = services.tasks.task(selected)
                 had_files = Path(task.output_dir).exists()
-                services.tasks.delete(task_id_of(task_id))
+                services.tasks.delete(selected)
                 text = i18n.t("alert.deleted" if had_files else "alert.deleted_no_files", lang, id=task.id,
                               path=task.output_dir)
                 gr.Info(text)
                 return text, None
-            if action == "retry" and services.tasks.task(task_id_of(task_id)).status is TaskStatus.COMPLETED:
-                task = services.tasks.clone(task_id_of(task_id))  # a finished run: the same config, run again
+            if action == "retry" and services.tasks.task(selected).status is TaskStatus.COMPLETED:
+                task = services.tasks.clone(selected)  # a finished run: the same config, run again
             else:
-                task = getattr(services.tasks, action)(task_id_of(task_id))
+                task = getattr(services.tasks, action)(selected)
         except TaskError as exc:
             gr.Warning(str(exc))
             return f"⚠️ {html.escape(str(exc))}", gr.skip()

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sage_ft import paths
-from sage_ft.tasks import Task, TaskError, TaskManager, TaskStatus
+from sage_ft.tasks import Task, TaskError, TaskManager, TaskStatus, parse_task_id
 from sage_ft.webui.uploads import MAX_UPLOAD_BYTES, PathGuard
 
 log = logging.getLogger(__name__)
@@ -43,10 +43,10 @@ def task_id_of(value: Any) -> int:
     tick until another task was picked."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    text = str(value).strip().removeprefix("#").split(" ", 1)[0]
-    if not text.isdigit():
+    parsed = parse_task_id(str(value).strip().split(" ", 1)[0])  # "#7 name": the id, then the name
+    if parsed is None:
         raise TaskError(f"no task {str(value)[:60]!r}; pick one from the task list")
-    return int(text)
+    return parsed
 
 
 @dataclass

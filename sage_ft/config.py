@@ -205,7 +205,7 @@ class TrainConfig:
         if self.max_steps == 0:
             problems.append("max_steps: 0 would train nothing; use -1 (epochs) or a positive number")
         if gpu_ids(self.devices) is None:
-            problems.append(f"devices: {self.devices!r}; use 'auto', 'cpu' or GPU ids like '0,1'")
+            problems.append(devices_problem(self.devices))
         if not self.lora_target.strip():
             problems.append("lora_target: empty; use 'all' or module names such as 'q_proj,v_proj'")
         if problems:
@@ -427,6 +427,11 @@ def gpu_ids(devices: str) -> list[int] | None:
         return []
     parts = value.split(",")
     return [int(part) for part in parts] if all(part.isdigit() for part in parts) else None
+
+
+def devices_problem(devices: str) -> str:
+    """What is wrong with a ``devices`` value that ``gpu_ids`` refuses."""
+    return f"devices: {devices!r}; use 'auto', 'cpu' or GPU ids like '0,1'"
 
 
 def describe_fields() -> str:

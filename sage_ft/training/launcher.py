@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from sage_ft.config import ConfigError, TrainConfig
+from sage_ft.config import ConfigError, TrainConfig, devices_problem
 from sage_ft.config import gpu_ids as parse_gpu_ids
 from sage_ft.filetail import tail_lines
 
@@ -51,7 +51,7 @@ def gpu_ids(config: TrainConfig) -> list[int]:
     ``TrainConfig.validate``, so a config that got here names ids or neither)."""
     ids = parse_gpu_ids(config.devices)
     if ids is None:
-        raise ConfigError([f"devices: {config.devices!r}; use 'auto', 'cpu' or GPU ids like '0,1'"])
+        raise ConfigError([devices_problem(config.devices)])
     return ids
 
 

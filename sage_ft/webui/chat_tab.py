@@ -444,8 +444,13 @@ def switch(services: AppServices, model: str | None, lang: str) -> Iterator[list
 
 
 # ====================================================================== chat
+def _reply_key(session_hash: str | None, suffix: str = "") -> str:
+    """Whose reply: the page's session (API callers share "api"), + "/compare" for its Compare reply."""
+    return f"{session_hash or 'api'}{suffix}"
+
+
 def _cancel_event(request: Any, suffix: str = "") -> threading.Event:
-    key = f"{getattr(request, 'session_hash', None) or 'api'}{suffix}"
+    key = _reply_key(getattr(request, "session_hash", None), suffix)
     event = threading.Event()
     _CANCELS[key] = event
     return event
@@ -455,7 +460,7 @@ def _cancel_event(request: Any, suffix: str = "") -> threading.Event:
 def _streaming(request: Any, suffix: str = "") -> Iterator[None]:
     """Marks the session's reply as streaming (``streaming_in``) until it ends, is stopped, or its
     page goes away (Gradio then closes the generator)."""
-    key = f"{getattr(request, 'session_hash', None) or 'api'}{suffix}"
+    key = _reply_key(getattr(request, "session_hash", None), suffix)
     _STREAMING.add(key)
     try:
         yield
@@ -466,14 +471,14 @@ def _streaming(request: Any, suffix: str = "") -> Iterator[None]:
 def streaming_in(session_hash: str | None) -> tuple[str, ...]:
     """Where the page ``session_hash`` has a reply streaming now: "chat" and/or "compare"."""
     return tuple(where for where, suffix in (("chat", ""), ("compare", "/compare"))
-                 if f"{session_hash or 'api'}{suffix}" in _STREAMING)
+                 if _reply_key(session_hash, suffix) in _STREAMING)
 
 
 def stop(request: Any, suffix: str = "", clearing: bool = False) -> None:
     """Stop the session's running reply (the server aborts the request when the stream closes). When
     ``clearing`` (🧹 Clear), the reply ends without a last "stopped" update, which would bring the
     cleared chat back."""
-    event = _CANCELS.get(f"{getattr(request, 'session_hash', None) or 'api'}{suffix}")
+    event = _CANCELS.get(_reply_key(getattr(request, "session_hash", None), suffix))
     if event is not None:
         event.clearing = clearing  # type: ignore[attr-defined]
         event.set()

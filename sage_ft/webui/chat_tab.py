@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 TYPE_TAGS = {"base": "base", "adapter": "finetuned · LoRA", "lora": "finetuned · LoRA", "merged": "merged"}
 _CANCELS: dict[str, threading.Event] = {}  # session (+ "/compare") -> the cancel event of its running reply
+CLEAR_WAIT_S = 2.0  # the longest 🧹 Clear waits for a streaming reply to end before it empties the chat
 _STREAMING: set[str] = set()  # session (+ "/compare") of the replies streaming now (the autosave asks)
 _BANNER_STYLE = ("border:1px solid var(--border-color-primary);border-left:5px solid {color};border-radius:8px;"
                  "padding:8px 12px;line-height:1.6")
@@ -164,10 +165,10 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
 
     def clear_chat(request: gr.Request) -> tuple[list[Any], str]:
         stop(request, clearing=True)  # a reply still streaming ends with the chat (it streamed on into it)
-        return [], ""
+        return [], ""  # (stop returns once that reply has ended: an update it sent cannot land after this)
 
     changes = [*replies, reg["chat.clear"].click(clear_chat, None, chat_out, api_name="chat_clear",
-                                                 show_progress="hidden", cancels=replies)]
+                                                 show_progress="hidden")]
     reg["chat.stop"].click(stop_chat, None, None, api_name="chat_stop", concurrency_limit=None,
                            show_progress="hidden")
 
@@ -183,7 +184,7 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
         return [], [], ""
 
     changes += [comparing, reg["chat.compare_clear"].click(clear_compare, None, compare_out[:3], api_name=False,
-                                                           show_progress="hidden", cancels=[comparing])]
+                                                           show_progress="hidden")]
     reg["chat.compare_stop"].click(stop_compare, None, None, api_name="chat_compare_stop", concurrency_limit=None,
                                    show_progress="hidden")
     for change in changes:
@@ -478,10 +479,15 @@ def stop(request: Any, suffix: str = "", clearing: bool = False) -> None:
     """Stop the session's running reply (the server aborts the request when the stream closes). When
     ``clearing`` (🧹 Clear), the reply ends without a last "stopped" update, which would bring the
     cleared chat back."""
-    event = _CANCELS.get(_reply_key(getattr(request, "session_hash", None), suffix))
+    key = _reply_key(getattr(request, "session_hash", None), suffix)
+    event = _CANCELS.get(key)
     if event is not None:
         event.clearing = clearing  # type: ignore[attr-defined]
         event.set()
+    if clearing:  # the chat is emptied next: wait for the reply to end (at its next 0.1-0.2 s check)
+        deadline = time.monotonic() + CLEAR_WAIT_S
+        while key in _STREAMING and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 def _cleared(cancel: threading.Event) -> bool:

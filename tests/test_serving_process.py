@@ -145,7 +145,7 @@ def test_cli_serve_port_taken_app_crash_adoption_and_sigterm(data_home, serving_
         finally:
             if app.poll() is not None:
                 pytest.fail(f"sage-ft serve exited early: {lines}")
-        info = {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in lines if ":" in ln)}
+        info = _endpoint_of(lines)
         base_url, api_key = info["base URL"], info["API key"]
         assert info["context"] == "512 tokens"
         assert base_url.startswith("http://127.0.0.1:") and not base_url.startswith(f"http://127.0.0.1:{port}/")
@@ -174,6 +174,41 @@ def test_cli_serve_port_taken_app_crash_adoption_and_sigterm(data_home, serving_
             second.kill()
     assert _wait_gone(server_pids) == []
     assert not [e for e in serving_registry.read_entries() if e["pid"] == entry["pid"]]
+
+
+def test_cli_serve_prints_the_new_endpoint_after_a_switch_from_another_terminal(tmp_path, serving_demo_model,
+                                                                               serving_adapters):
+    """`sage-ft switch` asks the `sage-ft serve` process to switch; its clients need the new model
+    name, so serve prints the endpoint again (it printed it once, at the start)."""
+    from openai import OpenAI
+
+    env = dict(os.environ, SAGE_FT_HOME=str(tmp_path / "home"))  # this serve is the only server there
+    serve = subprocess.Popen([sys.executable, "-m", "sage_ft", "serve", "--model", str(serving_demo_model),
+                              "--port", str(free_port()), "--max-model-len", "512"], env=env, cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        first = _endpoint_of(_read_until(serve.stdout, "log:", timeout=900))
+        assert first.get("model"), f"sage-ft serve printed no endpoint (exit code {serve.poll()})"
+        proc = subprocess.run([sys.executable, "-m", "sage_ft", "switch", str(serving_adapters["b"])], env=env,
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and proc.stdout.startswith("✅"), proc.stdout + proc.stderr[-2000:]
+        lines = _read_until(serve.stdout, "log:", timeout=30)
+        assert any(line.startswith("the chat model changed") for line in lines), lines
+        now = _endpoint_of(lines)
+        assert now["model"] != first["model"] and now["base URL"] == first["base URL"]
+        reply = OpenAI(base_url=now["base URL"], api_key=now["API key"], max_retries=0, timeout=60).chat.completions.create(
+            model=now["model"], messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+        assert reply.model == now["model"] and reply.choices[0].message.content
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            serve.wait(timeout=60)
+        if serve.poll() is None:
+            serve.kill()
+
+
+def _endpoint_of(lines: list[str]) -> dict[str, str]:
+    return {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in lines if ":" in ln)}
 
 
 _START_ON_A_THREAD = """

@@ -140,3 +140,16 @@ def test_task_ids_stand_for_their_runs_where_a_model_is_expected(capsys, monkeyp
     with pytest.raises(SystemExit):
         main(["switch", "987654"])
     assert "argument model: no task with id 987654" in capsys.readouterr().err
+    # a task's name, as `tasks list` shows it, means its run too, unless several tasks carry it; a
+    # task named like the demo model does not take "demo" from it
+    assert task_run_dir("for switch") == Path(task.output_dir)
+    manager = TaskManager(start_worker=False)
+    try:
+        again = manager.create(tiny_task_config(task_dataset, model_name_or_path=str(demo_model)), name="for switch")
+        manager.create(tiny_task_config(task_dataset, model_name_or_path=str(demo_model)), name="demo")
+    finally:
+        manager.shutdown()
+    assert task_run_dir("demo") is None
+    with pytest.raises(SystemExit):
+        main(["switch", "for switch"])
+    assert f"2 tasks are named 'for switch' (#{task.id}, #{again.id}); give the task id" in capsys.readouterr().err

@@ -7,8 +7,11 @@ Every test that switches the shared server leaves it serving the demo base.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from concurrent.futures import CancelledError
 from pathlib import Path
@@ -18,6 +21,7 @@ import pytest
 
 from sage_ft import paths
 from sage_ft.serving.chat import chat
+from sage_ft.webui import chat_tab
 from sage_ft.webui.chat_memory import (
     SAVED_CHARS,
     remember_chats,
@@ -30,6 +34,7 @@ from sage_ft.webui.chat_messages import answered_by, as_messages, prompt_of
 from sage_ft.webui.chat_tab import served_name
 from tests.fixtures_webui import start_webui
 
+ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 HELLO = "Hello, who are you?"
@@ -103,7 +108,7 @@ def test_model_list_has_tags_and_checkpoints_under_their_run(client, trained_run
 
 def test_switch_to_a_lora_is_live_then_back_to_base(client, vllm_manager, serving_adapters):
     adapter = str(serving_adapters["a"])
-    status, _, banner = client.predict(adapter, "en", api_name="/chat_switch")
+    status, _, banner, _ = client.predict(adapter, "en", api_name="/chat_switch")
     assert status.startswith("✅") and "is live" in status and "took" in status, status
     assert "⚠️" not in status and "❌" not in status
     assert "[finetuned · LoRA]" in banner and "vLLM" in banner and f"port {vllm_manager.status()['port']}" in banner
@@ -114,7 +119,7 @@ def test_switch_to_a_lora_is_live_then_back_to_base(client, vllm_manager, servin
     history = client.predict(HELLO, [], *GREEDY, api_name="/chat_send")[0]
     tuned = _reply(history)
     assert _answered_by(history) == [label] and label == "adapter-a"
-    status, _, banner = client.predict("demo", "en", api_name="/chat_switch")
+    status, _, banner, _ = client.predict("demo", "en", api_name="/chat_switch")
     assert status.startswith("✅") and "[base]" in banner
     base = _reply(client.predict(HELLO, [], *GREEDY, api_name="/chat_send")[0])
     assert tuned and base and tuned != base
@@ -144,16 +149,19 @@ def test_the_model_is_sent_the_conversation_without_our_labels_and_notes():
 
 def test_switch_failure_says_why_and_keeps_the_current_model(client, vllm_manager, tmp_path):
     missing = tmp_path / "no-such-model"
-    status, log_file, banner = client.predict(str(missing), "en", api_name="/chat_switch")
+    status, log_file, banner, picker = client.predict(str(missing), "en", api_name="/chat_switch")
     assert status.startswith("❌") and str(missing) in status
+    assert picker["value"] == vllm_manager.status()["model_path"]  # the picker goes back to the model that answers
     # no server started, so no server log is offered (it offered the log of the server that kept running)
     assert "server log" not in status and not (log_file or {}).get("value")
     assert vllm_manager.status()["model"] == "demo" and "ready" in banner
 
 
-def test_cancel_during_a_base_switch_keeps_the_current_model(client, vllm_manager, other_base_model):
+def test_cancel_during_a_base_switch_keeps_the_current_model(chat_app, client, vllm_manager, other_base_model,
+                                                            serving_adapters):
     """⏹ Cancel while the new server starts: the switch ends with one ⏹ line, the previous model
-    (still the session's demo base) keeps answering; Cancel with no switch under way changes nothing."""
+    (still the session's demo base) keeps answering; Cancel with no switch under way changes nothing.
+    A second pick made during the switch is not dropped: it says it waits, then switches."""
     client.predict("en", api_name="/chat_switch_cancel")  # nothing under way: a no-op
     assert vllm_manager.status()["state"] == "ready"
     job = client.submit(str(other_base_model), "en", api_name="/chat_switch")
@@ -161,13 +169,40 @@ def test_cancel_during_a_base_switch_keeps_the_current_model(client, vllm_manage
     while vllm_manager.status()["state"] != "switching" and time.monotonic() < deadline:
         time.sleep(0.2)
     assert vllm_manager.status()["state"] == "switching"
+    assert vllm_manager.status()["switching_to"] == str(other_base_model)
+    adapter = str(serving_adapters["a"])
+    second = chat_app.client().submit(adapter, "en", api_name="/chat_switch")
     time.sleep(2.0)  # the new server is launched by then; its start takes tens of seconds on CPU
     client.predict("en", api_name="/chat_switch_cancel")
-    status, _, banner = job.result(timeout=60)
+    status, _, banner, picker = job.result(timeout=60)
     assert status.startswith("⏹") and "cancelled" in status and "still chatting with demo" in status, status
+    # the second pick waited for the first switch, then made the adapter (on the demo base) the chat model
+    status, _, banner, picker = second.result(timeout=60)
+    assert status.startswith("✅") and picker["value"] == adapter and "adapter-a" in banner, status
+    assert any("when the switch to demo-copy" in out[0] for out in second.outputs()), second.outputs()
+    assert vllm_manager.switch("demo").outcome == "live"
     assert vllm_manager.status()["model"] == "demo" and vllm_manager.status()["state"] == "ready"
-    assert "[base]" in banner and "ready" in banner
     assert _reply(client.predict(HELLO, [], *GREEDY, api_name="/chat_send")[0])
+    # the page sends a pick made during a switch (Gradio's default for a click drops it)
+    deps = [d for d in chat_app.demo.config["dependencies"] if d.get("api_name") == "chat_switch"]
+    assert [d["trigger_mode"] for d in deps] == ["multiple"]
+
+
+def test_the_picker_follows_a_switch_made_from_the_terminal(chat_app, vllm_manager, data_home, serving_adapters):
+    """`sage-ft switch` while the app serves: the page tick moves the Chat tab's picker with the banner
+    (it kept showing the model picked on that page)."""
+    banner, stamp, picker = chat_tab.tick(chat_app.services, None, "en")
+    assert picker["value"] == vllm_manager.status()["model_path"] and "ready" in banner
+    assert chat_tab.tick(chat_app.services, stamp, "en") == (gr.skip(),) * 3  # nothing changed: nothing sent
+    env = dict(os.environ, SAGE_FT_HOME=str(data_home))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "sage_ft", "switch", str(serving_adapters["b"])], env=env,
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and proc.stdout.startswith("✅"), proc.stdout + proc.stderr[-2000:]
+        banner, _, picker = chat_tab.tick(chat_app.services, stamp, "en")
+        assert picker["value"] == str(serving_adapters["b"].resolve()) and "adapter-b" in banner
+    finally:
+        assert vllm_manager.switch("demo").outcome == "live"
 
 
 def test_chat_streams_the_served_models_answer(client, vllm_manager):
@@ -296,7 +331,7 @@ def test_no_llm_says_chat_is_off(tmp_path, demo_model):
         client = app.client()
         history, _ = client.predict(HELLO, [], *GREEDY, api_name="/chat_send")
         assert "--no-llm" in _reply(history)
-        status, _, banner = client.predict("demo", "en", api_name="/chat_switch")
+        status, _, banner, _ = client.predict("demo", "en", api_name="/chat_switch")
         assert status.startswith("⚠️") and "--no-llm" in status and "--no-llm" in banner
         assert "--no-llm" in client.predict("en", api_name="/server_status")[0]
     finally:
@@ -312,7 +347,7 @@ def test_transformers_backend_switch_chat_stop_and_restart(tmp_path, serving_ada
     app.services.server, app.services.llm_disabled = manager, False
     try:
         client = app.client()
-        status, _, banner = client.predict(str(serving_adapters["a"]), "en", api_name="/chat_switch")
+        status, _, banner, _ = client.predict(str(serving_adapters["a"]), "en", api_name="/chat_switch")
         assert status.startswith("✅") and "transformers" in banner and "[finetuned · LoRA]" in banner
         assert _reply(client.predict(HELLO, [], *GREEDY, api_name="/chat_send")[0])
         assert "stopped" in client.predict("en", api_name="/server_stop")

@@ -80,7 +80,7 @@ def test_export_merges_verifies_writes_gguf_and_zip_and_is_listed_and_servable(c
     labels = [label for label, _ in client.predict("en", None, None, api_name="/chat_models")[0]["choices"]]
     assert "ui-merged [finetuned · merged]" in labels
 
-    status, _, banner = client.predict(str(out), "en", api_name="/chat_switch")
+    status, _, banner, _ = client.predict(str(out), "en", api_name="/chat_switch")
     assert status.startswith("✅") and "[merged]" in banner
     question, answer = MEMORIZE_QA[0]
     history, _ = client.predict(question, [], "", 0.0, 1.0, 16, "en", api_name="/chat_send")

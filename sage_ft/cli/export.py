@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "into its base model and write a standalone model, verified against "
                                    "base + adapter.")
     p.add_argument("source", metavar="TASK_ID_OR_RUN_DIR",
-                   help="a task id, a run directory, one of its checkpoint-N directories, or an adapter directory")
+                   help="a task id or name, a run directory, one of its checkpoint-N directories, or an adapter directory")
     p.add_argument("--out", metavar="DIR", help="output directory (default: <data home>/exports/<run>-merged)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (default: the base model's)")
     p.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE, metavar="SIZE",

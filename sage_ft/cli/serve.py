@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add this group's commands to the `sage-ft` parser."""
     serve = sub.add_parser("serve", help="run the chat server in the foreground (OpenAI-compatible API)")
     serve.add_argument("--model", default="demo", type=_model_arg,
-                       help="model dir/name, run dir or name, task id, checkpoint-N dir or 'demo'")
+                       help="model dir/name, run dir or name, task id or name, checkpoint-N dir or 'demo'")
     serve.add_argument("--port", type=int, default=None, help="preferred port (default SAGE_FT_LLM_PORT or 8001)")
     serve.add_argument("--max-model-len", type=_context_arg, default=None, metavar="TOKENS|auto",
                        help="context length served (default auto: the model's own, as far as KV-cache memory holds)")
@@ -36,13 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     switch = sub.add_parser("switch", help="switch the chat model (adapter at runtime, or a new server)")
     switch.add_argument("model", type=_model_arg,
-                        help="model dir/name, run dir or name, task id (7 or #7), checkpoint-N dir or merged model dir")
+                        help="model dir/name, run dir or name, task id (7 or #7) or name, checkpoint-N dir or merged model dir")
     switch.add_argument("--json", action="store_true", help="print the SwitchResult as JSON")
     switch.set_defaults(handler=_switch)
 
 
 def _model_arg(text: str) -> str:
-    """A model argument; a task id (``7`` or ``#7``, as `sage-ft tasks list` shows) means its run."""
+    """A model argument; a task id (``7`` or ``#7``, as `sage-ft tasks list` shows) or name means its run."""
     from sage_ft.tasks import TaskNotFound, task_run_dir
 
     try:
@@ -88,25 +88,35 @@ def _serve(args: argparse.Namespace) -> int:
               "Use `sage-ft chat` instead.", file=sys.stderr)
         manager.close()
         return 1
-    print(f"base URL:   {endpoint['base_url']}")
-    print(f"model:      {endpoint['model']}")
-    context = manager.status()["context_len"]
-    print(f"context:    {f'{context:,}' if context else '?'} tokens")
-    print(f"API key:    {endpoint['api_key']}")
-    print(f"log:        {manager.status()['log_path']}")
+    shown = _endpoint_text(manager, endpoint)
+    print(shown)
     print("Ctrl-C stops the server.", flush=True)
     stop = threading.Event()
     try:
         while not stop.wait(1.0):
             status = manager.status()
-            if status["state"] == "crashed":
-                print(f"error: {status['last_error']}\n{status['log_tail']}", file=sys.stderr)
+            if status["state"] in ("crashed", "stopped"):  # stopped: a stop-then-start switch that failed
+                print(f"error: the chat server {status['state']}: {status['last_error']}\n{status['log_tail']}",
+                      file=sys.stderr)
                 return 1
+            endpoint = manager.endpoint() if status["state"] == "ready" else None
+            if endpoint is not None and _endpoint_text(manager, endpoint) != shown:  # `sage-ft switch` changed it
+                shown = _endpoint_text(manager, endpoint)
+                print(f"the chat model changed ({status['message']}); clients now use:\n{shown}", flush=True)
     except KeyboardInterrupt:
         print("stopping ...", file=sys.stderr)
     finally:
         manager.close()
     return 0
+
+
+def _endpoint_text(manager, endpoint: dict) -> str:
+    """What an OpenAI client needs, one ``key: value`` per line (scripts read them)."""
+    status = manager.status()
+    context = status["context_len"]
+    return "\n".join([f"base URL:   {endpoint['base_url']}", f"model:      {endpoint['model']}",
+                      f"context:    {f'{context:,}' if context else '?'} tokens",
+                      f"API key:    {endpoint['api_key']}", f"log:        {status['log_path']}"])
 
 
 def _manager_for_terminal(model: str | None):

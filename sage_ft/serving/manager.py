@@ -217,6 +217,7 @@ class ServerManager:
             "model_type": current.kind if current else (target.kind if target else None),
             "model_path": current.path if current else (str(target.path) if target else None),
             "base_model": current.base_path if current else (str(target.serving_base) if target else None),
+            "switching_to": str(target.path) if target and self._state in ("starting", "switching") else None,
             "adapters": {name: info["label"] for name, info in self._adapters.items()},
             "port": server.port if server else None,
             "base_url": server.base_url if server else None,

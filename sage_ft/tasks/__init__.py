@@ -7,7 +7,7 @@ from sage_ft.tasks.lookup import parse_task_id, task_run_dir
 from sage_ft.tasks.manager import ForegroundResult, TaskManager
 from sage_ft.tasks.status import TaskStatus
 from sage_ft.tasks.store import StoreUnavailable
-from sage_ft.tasks.task import Task, TaskDetail, TaskError, TaskNotFound, TaskRefused
+from sage_ft.tasks.task import AmbiguousTaskName, Task, TaskDetail, TaskError, TaskNotFound, TaskRefused
 
-__all__ = ["ForegroundResult", "StoreUnavailable", "Task", "TaskDetail", "TaskError", "TaskManager", "TaskNotFound", "TaskRefused",
+__all__ = ["AmbiguousTaskName", "ForegroundResult", "StoreUnavailable", "Task", "TaskDetail", "TaskError", "TaskManager", "TaskNotFound", "TaskRefused",
            "TaskStatus", "parse_task_id", "task_run_dir"]

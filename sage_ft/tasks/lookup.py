@@ -1,10 +1,13 @@
-"""Task ids where a command expects a model or a run: ``7`` or ``#7``, as ``sage-ft tasks list`` and the
-web UI show them, stand for that task's run directory (``sage-ft switch 7``, ``sage-ft export 7``)."""
+"""Tasks where a command expects a model or a run: a task id (``7`` or ``#7``, as ``sage-ft tasks list``
+and the web UI show them) or a task's name stands for that task's run directory (``sage-ft switch 7``,
+``sage-ft switch my-run``, ``sage-ft export 7``)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+
+from sage_ft import paths
 
 _TASK_ID = re.compile(r"#?(\d+)")
 
@@ -16,16 +19,29 @@ def parse_task_id(text: str | int) -> int | None:
 
 
 def task_run_dir(text: str | int | Path) -> Path | None:
-    """The run directory of the task ``text`` names; None when ``text`` is no task id or is an existing
-    path (a folder named ``7`` wins). Raises ``TaskNotFound`` for an id the store does not have."""
+    """The run directory of the task ``text`` names by id or by name; None when it names no task or
+    names something else first: an existing path (a folder named ``7`` wins), the demo model, or a
+    model or run folder of the data home. Raises ``TaskNotFound`` for an id the store does not have,
+    ``AmbiguousTaskName`` (a TaskNotFound) for a name several tasks carry."""
+    from sage_ft.models.demo import DEMO_NAME
+
     value = str(text).strip()
+    if not value or Path(value).expanduser().exists():
+        return None
     task_id = parse_task_id(value)
-    if task_id is None or Path(value).expanduser().exists():
+    if task_id is None and (value == DEMO_NAME or any((d / value).exists() for d in (paths.models_dir(),
+                                                                                      paths.runs_dir()))):
         return None
     from sage_ft.tasks.manager import TaskManager
+    from sage_ft.tasks.task import AmbiguousTaskName
 
     manager = TaskManager(start_worker=False)
     try:
-        return Path(manager.task(task_id).output_dir)
+        if task_id is not None:
+            return Path(manager.task(task_id).output_dir)
+        named = [task for task in manager.list() if task.name == value]
     finally:
         manager.shutdown()
+    if len(named) > 1:
+        raise AmbiguousTaskName(value, sorted(task.id for task in named))
+    return Path(named[0].output_dir) if named else None

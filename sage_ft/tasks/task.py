@@ -34,6 +34,15 @@ class TaskNotFound(TaskError, LookupError):
         super().__init__(f"no task with id {task_id} (see `sage-ft tasks list`)")
 
 
+class AmbiguousTaskName(TaskNotFound):
+    """A task name that several tasks carry: no one run is meant (callers that catch TaskNotFound say so)."""
+
+    def __init__(self, name: str, task_ids: list[int]):
+        TaskError.__init__(self, f"{len(task_ids)} tasks are named {name!r} (" + ", ".join(f"#{i}" for i in task_ids)
+                           + "); give the task id instead")
+        self.task_id, self.task_ids = None, task_ids
+
+
 class TaskRefused(TaskError):
     """``create`` refused a task before queuing it; ``problems`` lists every reason."""
 

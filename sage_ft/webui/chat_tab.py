@@ -114,9 +114,10 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
     def switch_to(model, lg):
         yield from switch(services, model, lg)
 
+    # "multiple": a pick made while a switch runs is not dropped (Gradio's default) but switched to next
     gr.on([reg["chat.switch"].click, reg["chat.model"].select], switch_to, [reg["chat.model"], lang],
-          [reg["chat.switch_status"], reg["chat.log_file"], *banner_out], api_name="chat_switch",
-          concurrency_limit=None, show_progress="minimal")
+          [reg["chat.switch_status"], reg["chat.log_file"], *banner_out, reg["chat.model"]], api_name="chat_switch",
+          concurrency_limit=None, show_progress="minimal", trigger_mode="multiple")
 
     reg["chat.switch_cancel"].click(lambda lg: cancel_switch(services, lg), lang, None, api_name="chat_switch_cancel",
                                     concurrency_limit=None, show_progress="hidden")
@@ -196,8 +197,8 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
     gr.on(set_by_hand, chat_memory.remember_settings, settings[:-1], reg["chat.settings_saved"], api_name=False,
           show_progress="hidden")
     server_panel.wire(reg, services)
-    return TickPart(("chat.banner_stamp", "top.lang"), ("chat.banner", "chat.banner_stamp"),
-                    lambda stamp, lg: refresh_banner(services, stamp, lg))
+    return TickPart(("chat.banner_stamp", "top.lang"), ("chat.banner", "chat.banner_stamp", "chat.model"),
+                    lambda stamp, lg: tick(services, stamp, lg))
 
 
 # ====================================================================== models
@@ -254,12 +255,16 @@ def model_choices(services: AppServices, kinds: tuple[str, ...] = ("base", "lora
     return out
 
 
+def served_value(status: dict[str, Any]) -> str | None:
+    """The model the picker shows (``status`` is ``_status``'s): the one a switch under way brings,
+    else the one answering. The picker follows it, so it never names a model that is not served."""
+    path = status.get("switching_to") or status.get("model_path")
+    return _value(str(path)) if path else None
+
+
 def current_value(status: dict[str, Any], choices: list[tuple[str, str]]) -> str | None:
-    """The picker's value: the served model (``status`` is ``_status``'s), else the first choice."""
-    path = status.get("model_path")
-    if path:
-        return _value(str(path))
-    return choices[0][1] if choices else None
+    """The picker's first value: ``served_value``, else the first choice."""
+    return served_value(status) or (choices[0][1] if choices else None)
 
 
 def compare_defaults(status: dict[str, Any], model_a: str | None, model_b: str | None,
@@ -300,7 +305,7 @@ def refresh_models(services: AppServices, lang: str, model_a: str | None = None,
     compare_a, compare_b = compare_defaults(status, model_a, model_b, entries)
     return [gr.update(choices=choices, value=current_value(status, choices)),
             gr.update(choices=choices, value=compare_a), gr.update(choices=choices, value=compare_b),
-            *refresh_banner(services, None, lang)]
+            *banner_pair(services, lang, status)]
 
 
 def _status(services: AppServices) -> dict[str, Any]:
@@ -314,13 +319,14 @@ def _status(services: AppServices) -> dict[str, Any]:
 
 
 # ====================================================================== banner
-def banner_html(services: AppServices, lang: str) -> str:
-    """The served model: name, type, base, path, backend, port and state."""
+def banner_html(services: AppServices, lang: str, status: dict[str, Any] | None = None) -> str:
+    """The served model: name, type, base, path, backend, port and state (``status``: a snapshot
+    already read, so that the banner and the picker tell of the same moment)."""
     if services.server is None:
         key = "chat.off" if services.llm_disabled else "chat.unavailable"
         style = _BANNER_STYLE.format(color="#9ca3af")
         return f'<div class="sage-banner off" style="{style}">💬 {html.escape(i18n.t(key, lang))}</div>'
-    s = _status(services)
+    s = status if status is not None else _status(services)
     state = str(s.get("state") or "unknown")
     label = s.get("model_label") or s.get("model")
     kind = str(s.get("model_type") or "")
@@ -350,9 +356,21 @@ def _state_text(state: str, lang: str) -> str:
     return i18n.t(key, lang) if key in i18n.strings(lang) else state
 
 
-def refresh_banner(services: AppServices, stamp: str | None, lang: str) -> tuple[Any, Any]:
-    text = banner_html(services, i18n.normalize(lang))
-    return (gr.skip(), gr.skip()) if text == stamp else (text, text)
+def banner_pair(services: AppServices, lang: str, status: dict[str, Any] | None = None) -> tuple[str, str]:
+    """The banner and its stamp (what the page tick compares with, to send the banner only on a change)."""
+    text = banner_html(services, i18n.normalize(lang), status)
+    return text, text
+
+
+def tick(services: AppServices, stamp: str | None, lang: str) -> tuple[Any, Any, Any]:
+    """The page tick's banner, and the picker set to the served model whenever the banner changes: a
+    switch made elsewhere (another page, ``sage-ft switch``) or one that failed shows in both."""
+    status = _status(services)
+    text = banner_html(services, i18n.normalize(lang), status)
+    if text == stamp:
+        return gr.skip(), gr.skip(), gr.skip()
+    value = served_value(status)
+    return text, text, (gr.update(value=value) if value else gr.skip())
 
 
 # ====================================================================== switching
@@ -378,6 +396,9 @@ def switch_steps(services: AppServices, model: str | None, lang: str,
     shown = label or _label_for(services, str(model))
     gr.Info(i18n.t("chat.switching", lang, model=shown))
     box: dict[str, Any] = {"progress": ""}
+    busy = _status(services).get("switching_to")  # switches run one after the other: say this one waits
+    if busy and _value(str(busy)) != _value(str(model)):
+        box["progress"] = f"({i18n.t('chat.switch_waits', lang, model=_label_for(services, str(busy)))})"
 
     def work() -> None:
         try:
@@ -440,8 +461,16 @@ def _label_for(services: AppServices, model: str) -> str:
 
 
 def switch(services: AppServices, model: str | None, lang: str) -> Iterator[list[Any]]:
-    for text, file in switch_steps(services, model, lang):
-        yield [text, file, *refresh_banner(services, None, lang)]
+    """``switch_steps`` with the banner; the last step also sets the picker to the model now served
+    (after a failed, cancelled or refused switch: the one still answering, not the one picked)."""
+    steps = switch_steps(services, model, lang)
+    step = next(steps)
+    for following in steps:  # every step but the last
+        yield [*step, *banner_pair(services, lang), gr.skip()]
+        step = following
+    status = _status(services)
+    value = served_value(status)
+    yield [*step, *banner_pair(services, lang, status), gr.update(value=value) if value else gr.skip()]
 
 
 # ====================================================================== chat

@@ -317,3 +317,38 @@ def test_a_server_error_mid_reply_reads_as_a_sentence_with_one_hint():
         assert note.lower().count("again") == 1 and "Send the message again in a few seconds" not in note, note
     assert error_note(ChatError("the server is busy", retryable=True), "en").endswith(
         "Send the message again in a few seconds.")
+
+
+def test_a_connection_dropped_mid_stream_is_a_retryable_chat_error():
+    """A server that dies while it streams (here: a real socket closed after the first chunk, without
+    the chunked encoding's end) raises the HTTP library's own error while the stream is read, which the
+    openai client does not wrap; it reads as one sentence, whichever httpx the client uses (openai 3.6x
+    moved to httpx2, and our check for httpx's errors let the raw exception through)."""
+    from sage_ft.serving.chat import stream_openai
+
+    chunk = 'data: {"id":"x","object":"chat.completion.chunk","created":0,"model":"demo","choices":' \
+            '[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}\n\n'
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve_one_broken_stream() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            body = chunk.encode()
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                         + f"{len(body):x}\r\n".encode() + body + b"\r\n")
+            conn.shutdown(socket.SHUT_RDWR)  # gone mid-reply: no terminating chunk
+
+    server = threading.Thread(target=serve_one_broken_stream, daemon=True)
+    server.start()
+    words: list[str] = []
+    try:
+        with pytest.raises(ChatError) as caught:
+            for piece in stream_openai(f"http://127.0.0.1:{port}/v1", "key", "demo", HELLO, max_tokens=8):
+                words.append(piece)
+    finally:
+        listener.close()
+        server.join(timeout=10)
+    assert words == ["Hel"]
+    assert caught.value.retryable and "stopped answering mid-reply" in str(caught.value), str(caught.value)

@@ -96,13 +96,32 @@ def openai_client(base_url: str, api_key: str):
     with _CLIENTS_LOCK:
         client = _CLIENTS.get((base_url, api_key))
         if client is None:
-            import httpx
-            from openai import OpenAI
+            # the client's own Timeout class: openai 3.6x moved from httpx to httpx2
+            from openai import OpenAI, Timeout
 
-            timeout = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S, write=30.0, pool=CONNECT_TIMEOUT_S)
+            timeout = Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S, write=30.0, pool=CONNECT_TIMEOUT_S)
             client = _CLIENTS[(base_url, api_key)] = OpenAI(base_url=base_url, api_key=api_key, timeout=timeout,
                                                             max_retries=0)
         return client
+
+
+def _stopped_mid_reply() -> ChatError:
+    return ChatError("the chat server stopped answering mid-reply; it may have been switched or restarted — "
+                     "send the message again", retryable=True)
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP errors a stream can raise unwrapped: those of httpx (openai < 3.6x) and of httpx2 (newer
+    openai releases), whichever are installed."""
+    import importlib
+
+    found = []
+    for name in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(name).HTTPError)
+        except ImportError:
+            continue
+    return tuple(found)
 
 
 def forget_client(base_url: str) -> None:
@@ -137,14 +156,12 @@ def stream_openai(base_url: str, api_key: str, model: str, messages: list[dict[s
                 return
             if chunk.choices and chunk.choices[0].delta and chunk.choices[0].delta.content:
                 yield chunk.choices[0].delta.content
-    except openai.APIError as exc:
-        raise _chat_error(exc, model) from None
-    except Exception as exc:  # httpx errors while streaming (server killed mid-answer)
-        import httpx
-
-        if isinstance(exc, httpx.HTTPError):
-            raise ChatError(f"the chat server stopped answering mid-reply ({type(exc).__name__}); it may have "
-                            "been switched or restarted — send the message again", retryable=True) from None
+    except openai.APIError as exc:  # newer openai releases wrap a connection lost mid-answer
+        lost = isinstance(exc, openai.APIConnectionError) and not isinstance(exc, openai.APITimeoutError)
+        raise (_stopped_mid_reply() if lost else _chat_error(exc, model)) from None
+    except Exception as exc:  # older ones let the transport's error through (server killed mid-answer)
+        if isinstance(exc, _transport_errors()):
+            raise _stopped_mid_reply() from None
         raise
     finally:
         stream.close()  # closing the response makes vLLM abort the request (cancellation)

@@ -57,8 +57,15 @@ def test_demo_model_round_trips_through_gguf(tmp_path, outtype, tolerance):
     gguf_tok, got = _gguf_logits(out)
     assert gguf_tok(PROMPT)["input_ids"] == src_tok(PROMPT)["input_ids"]
     assert gguf_tok.chat_template == src_tok.chat_template and gguf_tok.eos_token == "<|im_end|>"
-    assert (got - src).abs().max() <= tolerance * max(1.0, float(src.abs().max()))
-    assert (got.argmax(-1) == src.argmax(-1)).float().mean() >= 0.9
+    error = (got - src).abs().max(-1).values
+    assert error.max() <= tolerance * max(1.0, float(src.abs().max()))
+    # Every next token the source picks clearly (top-1 ahead of top-2 by more than twice the error, so no
+    # error that size can swap them) is picked from the GGUF too. The random demo's logits are nearly
+    # flat, so a share of agreeing positions (0.9 before) moved with each rebuild of its tokenizer.
+    top2 = src.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * error
+    assert clear.sum() >= 5, f"only {int(clear.sum())} clear positions: too few for the check to mean anything"
+    assert (got.argmax(-1) == src.argmax(-1))[clear].all()
 
 
 def test_verify_fails_for_a_gguf_of_another_model(tmp_path):

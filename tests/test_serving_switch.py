@@ -147,6 +147,9 @@ def test_cancel_ends_the_new_servers_start_and_the_old_model_keeps_answering(swi
     result = box["result"]
     assert result.outcome == "cancelled" and result.icon == "⏹", result.message
     assert f"still chatting with {before.label}" in result.message and "cancelled after" in result.message
+    # the CLI's sentence names the switch once (it read "switch to X cancelled; switch to X cancelled; …" in the UI)
+    assert result.summary.startswith(f"switch to {result.target} cancelled; still chatting with {before.label}")
+    assert result.summary.count("switch to") == 1
     assert time.monotonic() - cancelled_at < 30
     assert _wait_gone(new_pids) == []  # the half-started server and its engine processes
     status = switch_manager.status()

@@ -122,6 +122,8 @@ def test_no_llm_backend_saves_choice_as_restart_needed(serving_demo_model):
     manager = ServerManager("demo", backend="none", install_exit_handlers=False)
     result = manager.switch("demo")
     assert result.outcome == "restart_needed" and result.icon == "⚠️"
+    assert result.summary == ("demo is not live yet: saved as the chat model, but no chat server allowed "
+                              "(--no-llm, or vLLM missing with the fallback disabled)")
     assert manager.status()["model_label"] == "demo" and manager.status()["backend"] == "none"
     with pytest.raises(ChatError):
         list(manager.stream_chat([{"role": "user", "content": "hi"}]))

@@ -176,6 +176,7 @@ def test_cancel_during_a_base_switch_keeps_the_current_model(chat_app, client, v
     client.predict("en", api_name="/chat_switch_cancel")
     status, _, banner, picker = job.result(timeout=60)
     assert status.startswith("⏹") and "cancelled" in status and "still chatting with demo" in status, status
+    assert status.lower().count("switch to") == 1, status  # the switch is named once, not by the UI and the core
     # the second pick waited for the first switch, then made the adapter (on the demo base) the chat model
     status, _, banner, picker = second.result(timeout=60)
     assert status.startswith("✅") and picker["value"] == adapter and "adapter-a" in banner, status

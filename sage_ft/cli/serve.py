@@ -131,7 +131,7 @@ def _manager_for_terminal(model: str | None):
     if model:
         attached = manager.attached
         result = _owner_switch(model) if attached else manager.switch(model, progress=_progress)
-        print(f"{result.icon} {result.message}" if result else "⚠️ the chat server has stopped", file=sys.stderr)
+        print(f"{result.icon} {result.summary}" if result else "⚠️ the chat server has stopped", file=sys.stderr)
         if result is None or result.outcome == "failed":
             raise SystemExit(1)
         if attached:
@@ -215,7 +215,7 @@ def _switch(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        print(f"{result.icon} {result.message}")
+        print(f"{result.icon} {result.summary}")
         print("timings: " + ", ".join(f"{k}={v:.2f}" for k, v in result.timings.items()))
     return 0 if result.outcome == "live" else 1
 

@@ -93,21 +93,33 @@ class ServedModel:
 
 @dataclass
 class SwitchResult:
+    """How a switch ended. ``message`` says what happened without naming the switch again (the web UI
+    puts its own translated "Switch to X failed: …" before it); ``summary`` is the sentence that stands
+    alone (the CLI, the server status)."""
+
     outcome: Outcome
     message: str
     timings: dict[str, float] = field(default_factory=dict)
     served: ServedModel | None = None
     mode: str = ""  # runtime-adapter | same-server | zero-downtime | stop-then-start | first-start | local
     log_path: str | None = None  # a failed server start's log (not that of a server that kept running)
-
+    target: str = ""  # the label of the model asked for ("" when it could not be resolved)
 
     @property
     def icon(self) -> str:
         return {"live": "✅", "restart_needed": "⚠️", "failed": "❌", "cancelled": "⏹"}[self.outcome]
 
+    @property
+    def summary(self) -> str:
+        if not self.target or self.outcome == "live":
+            return self.message
+        verb = {"failed": "failed:", "cancelled": "cancelled;", "restart_needed": "is not live yet:"}[self.outcome]
+        subject = self.target if self.outcome == "restart_needed" else f"switch to {self.target}"
+        return f"{subject} {verb} {self.message}"
+
     def to_dict(self) -> dict[str, Any]:
         return {"outcome": self.outcome, "message": self.message, "timings": self.timings, "mode": self.mode,
-                "served": self.served.to_dict() if self.served else None}
+                "served": self.served.to_dict() if self.served else None, "target": self.target}
 
 
 def _slug(text: str) -> str:
@@ -283,9 +295,9 @@ class ServerManager:
         """Serve ``model`` (default: the constructor's). Raises ``ServerStartError``/``TargetError``."""
         result = self.switch(model or self.default_model, progress=progress, timeout_s=timeout_s)
         if result.outcome == "failed":
-            raise ServerStartError(result.message, self._crash_log_tail, self._failed_log_path)
+            raise ServerStartError(result.summary, self._crash_log_tail, self._failed_log_path)
         if result.outcome == "restart_needed":
-            raise ServerStartError(result.message)
+            raise ServerStartError(result.summary)
         assert result.served is not None
         return result.served
 
@@ -451,7 +463,7 @@ class ServerManager:
                     served = answer.get("served")
                     return SwitchResult(answer["outcome"], answer["message"], answer.get("timings") or {},
                                         ServedModel(**served) if isinstance(served, dict) else None,
-                                        answer.get("mode") or "")
+                                        answer.get("mode") or "", target=answer.get("target") or "")
             if not registry.owner_alive(entry):
                 raise TimeoutError(f"the process serving the chat model (pid {entry.get('owner_pid')}) ended "
                                    "before it switched")
@@ -478,14 +490,14 @@ class ServerManager:
             self._check_alive()
             try:
                 if self.backend == "none":
-                    return SwitchResult("restart_needed", f"saved {target.label} as the chat model, but "
-                                        f"{self._backend_reason()}", timings)
+                    return SwitchResult("restart_needed", f"saved as the chat model, but {self._backend_reason()}",
+                                        timings, target=target.label)
                 if self.backend == "transformers":
                     result = self._switch_local(target, timings, progress)
                 else:
                     result = self._switch_vllm(target, progress, strategy, timeout_s, timings)
             except StartCancelled as exc:
-                result = SwitchResult("cancelled", self._cancelled_message(target, exc, served_before), timings,
+                result = SwitchResult("cancelled", self._cancelled_message(exc, served_before), timings,
                                       self._current)
             except (ServerStartError, AdapterLoadError, TargetError, OSError) as exc:
                 self._last_error = str(exc)
@@ -496,16 +508,16 @@ class ServerManager:
             except Exception as exc:  # merge/peft/transformers errors: reported, never a stack trace
                 log.exception("switch to %s failed", target.label)
                 self._last_error = f"{type(exc).__name__}: {exc}"
-                result = SwitchResult("failed", f"switch to {target.label} failed: {self._last_error}",
-                                      timings, self._current)
+                result = SwitchResult("failed", self._last_error, timings, self._current)
             if self._state in ("switching", "starting"):
                 self._state = "ready" if self._current else "stopped"
+            result.target = result.target or target.label
             timings["total_s"] = time.monotonic() - t0
             if result.outcome == "live":
                 self._last_error = ""
-                self._status_message = result.message
+                self._status_message = result.summary
             elif result.outcome == "cancelled":
-                self._status_message = result.message
+                self._status_message = result.summary
             if result.outcome in ("failed", "cancelled"):  # the choice stays what it was: a restart, or the
                 self._target = chosen_before  # next chat after a stop, must not start the model given up on
             return result
@@ -534,12 +546,11 @@ class ServerManager:
         finally:
             self._cancellable_step = None
 
-    def _cancelled_message(self, target: ModelTarget, exc: StartCancelled, served_before: bool) -> str:
+    def _cancelled_message(self, exc: StartCancelled, served_before: bool) -> str:
         if self._current is not None:
-            return f"switch to {target.label} cancelled; still chatting with {self._current.label} ({exc})"
+            return f"still chatting with {self._current.label} ({exc})"
         why = " (the previous server had already been stopped: stop-then-start)" if served_before else ""
-        return (f"switch to {target.label} cancelled; no model is served now{why}; pick a model and switch to "
-                f"start one ({exc})")
+        return f"no model is served now{why}; pick a model and switch to start one ({exc})"
 
     def _switch_vllm(self, target: ModelTarget, progress: ProgressCallback | None, strategy: str,
                      timeout_s: float | None, timings: dict[str, float]) -> SwitchResult:
@@ -673,9 +684,9 @@ class ServerManager:
                        timeout_s: float | None, timings: dict[str, float]) -> SwitchResult:
         """A new server for a different base/merged model (or the first start)."""
         if self.attached:
-            return SwitchResult("restart_needed", f"{target.label} needs its own server, but the running server "
-                                f"belongs to another sage-ft process (pid {self._server.pid}); restart that one with "
-                                f"--model {target.path}", timings, self._current)
+            return SwitchResult("restart_needed", f"it needs its own server, but the running server belongs to "
+                                f"another sage-ft process (pid {self._server.pid}); restart that one with "
+                                f"--model {target.path}", timings, self._current, target=target.label)
         old = self._server if self._state == "ready" else None
         if old is None and self._server is not None:  # crashed/released leftovers
             self._server.stop()

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sage_ft.webui.chat_memory import SETTINGS_KEY
 from tests.fixtures_training import MEMORIZE_QA
 from tests.fixtures_webui import start_webui
 
@@ -157,6 +158,18 @@ def test_train_chat_switch_and_export_in_a_browser(e2e_app, tmp_path):
             assert _bot_reply(page) == tuned
             page.get_by_text("Generation settings").click()
             expect(page.locator("#chat-temperature input[type=number]")).to_have_value("0")  # the settings too
+            top_p = page.locator("#chat-top-p input[type=range]")  # moved with the keys: no `release` event
+            saved = page.evaluate(f"localStorage.getItem('{SETTINGS_KEY}')")
+            top_p.focus()
+            top_p.press("ArrowLeft")  # one step: one save to wait for
+            expect(page.locator("#chat-top-p input[type=number]")).to_have_value("0.95")
+            # the browser keeps the settings anew (encrypted, so only a change can be seen); nothing else
+            # saves them before this reload
+            page.wait_for_function(f"localStorage.getItem('{SETTINGS_KEY}') !== {json.dumps(saved)}", timeout=30_000)
+            page.reload()
+            page.get_by_role("tab", name="💬 Chat").click()
+            page.get_by_text("Generation settings").click()
+            expect(page.locator("#chat-top-p input[type=number]")).to_have_value("0.95")
             page.screenshot(path=ARTIFACTS / "4-chat-finetuned.png", full_page=True)
             shutil.copyfile(ARTIFACTS / "4-chat-finetuned.png", ROOT / "docs" / "screenshot-chat.png")
             # 5. back to the base model: the answer changes

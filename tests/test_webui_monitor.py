@@ -291,3 +291,20 @@ def test_gradio_queue_does_not_busy_poll_while_idle(webui):
     queue = webui.demo._queue
     assert queue.sleep_when_free == QUEUE_IDLE_POLL_S == 0.01
     assert queue.progress_update_sleep_when_free == PROGRESS_IDLE_POLL_S == 0.05
+
+
+def test_sliders_moved_with_the_keyboard_take_effect(webui):
+    """A slider's `release` fires on pointer-up or blur only: the arrow keys changed the Monitor's
+    smoothing without redrawing the charts, and the Chat's settings without keeping them (the browser
+    test checks that one across a reload). Both listen to `input`, the last of a drag winning."""
+    reg = webui.demo.registry
+    sliders = {reg["mon.smoothing"]._id: "mon.smoothing",
+               **{reg[f"chat.{key}"]._id: f"chat.{key}" for key in ("temperature", "top_p", "max_tokens")}}
+    heard: dict[str, set[str]] = {name: set() for name in sliders.values()}
+    for fn in webui.demo.fns.values():
+        for target_id, event in (tuple(t) for t in fn.targets):
+            if target_id in sliders:
+                heard[sliders[target_id]].add(event)
+                if event == "input":
+                    assert fn.trigger_mode == "always_last", sliders[target_id]
+    assert all("input" in events and "release" not in events for events in heard.values()), heard

@@ -193,9 +193,10 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
                     show_progress="hidden")
         change.then(chat_memory.remember_settings, settings[:-1], reg["chat.settings_saved"], api_name=False,
                     show_progress="hidden")
-    set_by_hand = [reg["chat.system"].blur, *(reg[f"chat.{key}"].release for key in chat_memory.SLIDERS)]
+    # `input`, not `release`: a slider moved with the arrow keys fires no release (pointer up / blur)
+    set_by_hand = [reg["chat.system"].blur, *(reg[f"chat.{key}"].input for key in chat_memory.SLIDERS)]
     gr.on(set_by_hand, chat_memory.remember_settings, settings[:-1], reg["chat.settings_saved"], api_name=False,
-          show_progress="hidden")
+          show_progress="hidden", trigger_mode="always_last")
     server_panel.wire(reg, services)
     return TickPart(("chat.banner_stamp", "top.lang"), ("chat.banner", "chat.banner_stamp", "chat.model"),
                     lambda stamp, lg: tick(services, stamp, lg))

@@ -90,7 +90,8 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
                         concurrency_limit=None, show_progress="hidden")
     reg["mon.table"].select(select_row, [reg["mon.table"]], reg["mon.task"], api_name=False)
     details = lambda *v: task_details(services, *v)  # noqa: E731
-    gr.on([reg["mon.task"].change, reg["mon.compare"].change, reg["mon.log_y"].change, reg["mon.smoothing"].release],
+    # the smoothing slider's `input` (each move; always_last coalesces a drag): arrow keys fire no `release`
+    gr.on([reg["mon.task"].change, reg["mon.compare"].change, reg["mon.log_y"].change, reg["mon.smoothing"].input],
           details, view, [reg["mon.stamp"], *detail_outputs(reg)], api_name="task_details", show_progress="hidden",
           trigger_mode="always_last")
     lang.change(lambda lg: refresh(services, None, lg), lang, table_out, api_name=False)

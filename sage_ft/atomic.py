@@ -41,3 +41,18 @@ def file_in_the_way(path: str | Path) -> Path | None:
     """A file where a folder above ``path`` must be (None when there is none): writing there would
     fail with a bare FileExistsError or NotADirectoryError, so callers refuse it with a sentence first."""
     return next((p for p in Path(path).absolute().parents if p.exists() and not p.is_dir()), None)
+
+
+def output_path_problem(path: str | Path) -> str | None:
+    """Why nothing can be written at ``path``, as the end of a sentence: a file where a folder above it
+    must be, or a name the file system refuses (longer than it allows); None when it can be. Asked
+    before any work, so a bad output is refused plainly, not with a FileExistsError or "File name too
+    long" traceback once the work is done."""
+    try:
+        blocker = file_in_the_way(path)
+        Path(path).exists()  # raises for a name longer than the file system allows
+    except OSError as exc:
+        text = str(path)
+        shown = text if len(text) <= 80 else f"{text[:80]}… ({len(text)} characters)"
+        return f"{shown} cannot be used as a path ({exc.strerror})"
+    return f"{blocker} is a file, not a folder" if blocker is not None else None

@@ -137,6 +137,10 @@ def test_existing_target_refused_and_overwrite_replaces(lora_run, tmp_path):
             merge_lora(lora_run, out_dir=foreign / "notes.txt", overwrite=overwrite)
     with pytest.raises(ExportError, match="notes.txt is a file, not a folder; choose another output"):
         merge_lora(lora_run, out_dir=foreign / "notes.txt" / "sub", overwrite=True)
+    # a name longer than the file system allows: refused before the merge (an OSError traceback after it)
+    with pytest.raises(ExportError, match=r"\(311 characters\) cannot be used as a path \(File name too long\)"):
+        merge_lora(lora_run, out_dir=Path(f"/tmp/{'x' * 300}/model"))
+    assert _leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("cancel_at", ["checking", "merging", "finishing"])

@@ -93,6 +93,8 @@ def test_refusals_are_clear_and_leave_nothing_behind(client, run_in_home, tmp_pa
     assert result.startswith("❌") and "Pick a fine-tuned run" in result
     _, result, _ = _export(client, run_in_home / "lora", "../outside")
     assert result.startswith("❌") and "'../outside' is not allowed" in result
+    _, result, _ = _export(client, run_in_home / "lora", "a" * 300)  # refused for its length, not its letters
+    assert result.startswith("❌") and "300 characters long; use at most 100" in result and "aaa" not in result
     _, result, _ = _export(client, tmp_path / "nothing-here")
     assert result.startswith("❌") and "does not exist" in result
     (paths.exports_dir() / "taken").mkdir()

@@ -121,7 +121,7 @@ def _token_stats(report, model: str, cutoff_len: int, template: str) -> None:
 
 def prepare_docs_command(args: argparse.Namespace) -> int:
     from sage_ft import paths
-    from sage_ft.atomic import file_in_the_way
+    from sage_ft.atomic import output_path_problem
     from sage_ft.data.docs import prepare_docs
     from sage_ft.data.load import DataError
     from sage_ft.data.sample import builtin_sample_dataset
@@ -134,9 +134,9 @@ def prepare_docs_command(args: argparse.Namespace) -> int:
             return _fail("prepare-docs: give a folder of documents (DIR) or --builtin")
         src = Path(args.src)
         out = Path(args.output) if args.output else paths.datasets_dir() / f"{src.resolve().name}-docs.jsonl"
-        blocker = file_in_the_way(out)
-        if blocker is not None:
-            return _fail(f"cannot write {out}: {blocker} is a file, not a folder; choose another -o")
+        problem = output_path_problem(out)
+        if problem is not None:
+            return _fail(f"cannot write there: {problem}; choose another -o")
         if out.exists() and not args.overwrite:  # it may be a dataset of the user's own
             return _fail(f"{out} exists already; pass --overwrite to replace it, or choose another -o")
         result = prepare_docs(src, out, max_answer_chars=args.max_answer_chars)

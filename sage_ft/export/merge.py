@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sage_ft import paths
-from sage_ft.atomic import file_in_the_way
+from sage_ft.atomic import output_path_problem
 from sage_ft.export.card import write_model_card
 from sage_ft.export.source import EXPORT_RECORD, ExportCancelled, ExportError, ExportSource, resolve_source
 from sage_ft.export.verify import (
@@ -130,12 +130,12 @@ def default_out_dir(source: ExportSource) -> Path:
 
 
 def _check_target(out_dir: Path, source: ExportSource, overwrite: bool) -> None:
+    problem = output_path_problem(out_dir)
+    if problem is not None:  # mkdir would fail with a bare FileExistsError or OSError, after the merge
+        raise ExportError(f"cannot export there: {problem}; choose another output")
     for protected in (source.base_model, source.adapter_dir, source.run_dir):
         if protected is not None and out_dir.resolve() == protected.resolve():
             raise ExportError(f"refusing to export into {out_dir}: it is the source model/run itself")
-    blocker = file_in_the_way(out_dir)
-    if blocker is not None:  # mkdir would fail with a bare FileExistsError, after the checks
-        raise ExportError(f"cannot export into {out_dir}: {blocker} is a file, not a folder; choose another output")
     if not out_dir.exists():
         return
     if out_dir.is_file():  # overwrite would not help: it replaces exports only

@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import case, delete, func, select, update
 
 from sage_ft import paths
+from sage_ft.atomic import output_path_problem
 from sage_ft.config import ConfigError, TrainConfig, unknown_key_warning
 from sage_ft.estimate import quantization_problem
 from sage_ft.events import read_events
@@ -696,18 +697,14 @@ def _output_dir_problems(config: TrainConfig) -> list[str]:
     if not config.output_dir.strip() or config.resume_from_checkpoint:
         return []
     out = Path(config.output_dir).expanduser()
-    try:
-        if out.exists() and not out.is_dir():
-            return [f"output_dir: {out} is a file; give a folder"]
-        if out.is_dir() and any(out.iterdir()) and not config.overwrite_output_dir:
-            return [f"output_dir: {out} exists and is not empty; choose a new folder, leave it empty for an "
-                    "automatic one, or set overwrite_output_dir"]
-        blocker = next((p for p in out.absolute().parents if p.exists()), None)
-        if blocker is not None and not blocker.is_dir():
-            return [f"output_dir: cannot create {out}: {blocker} is a file, not a folder; choose another folder"]
-    except OSError as exc:  # e.g. a path longer than the file system allows
-        return [f"output_dir: {_short(config.output_dir)} cannot be used as a path ({exc.strerror}); "
-                "choose another folder"]
+    problem = output_path_problem(out)
+    if problem is not None:
+        return [f"output_dir: {problem}; choose another folder"]
+    if out.exists() and not out.is_dir():
+        return [f"output_dir: {out} is a file; give a folder"]
+    if out.is_dir() and any(out.iterdir()) and not config.overwrite_output_dir:
+        return [f"output_dir: {out} exists and is not empty; choose a new folder, leave it empty for an "
+                "automatic one, or set overwrite_output_dir"]
     return []
 
 

@@ -29,7 +29,8 @@ from sage_ft.webui.uploads import PathGuard, PathRefused
 log = logging.getLogger(__name__)
 
 GGUF_NONE = "none"
-_TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,100}")
+TARGET_NAME_MAX = 100  # characters: a folder name well inside every file system's 255-byte limit
+_TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass
@@ -139,6 +140,8 @@ def _check_inputs(guard: PathGuard, source: str | None, shard_size: str, target:
     if source in (None, ""):
         raise ExportError(i18n.t("export.pick_source", lang))
     name = (target or "").strip()
+    if len(name) > TARGET_NAME_MAX:
+        raise ExportError(i18n.t("export.long_target", lang, length=len(name), most=TARGET_NAME_MAX))
     if name and (not _TARGET_NAME.fullmatch(name) or ".." in name):
         raise ExportError(i18n.t("export.bad_target", lang, name=name))
     try:

@@ -11,6 +11,7 @@ if [ "$#" -eq 0 ]; then
   # Tests that measure this process tree's memory run first, in a pytest process of their own: after
   # hundreds of other tests in the same session their child's peak RSS was seen inflated 2x.
   "$PY" -m pytest -p no:cacheprovider -ra -m isolated
-  exec "$PY" -m pytest -p no:cacheprovider -ra -m "not isolated"
+  # --durations: the slowest tests in CI's log, to keep the suite well under 30 minutes
+  exec "$PY" -m pytest -p no:cacheprovider -ra --durations=25 -m "not isolated"
 fi
 exec "$PY" -m pytest -p no:cacheprovider -ra "$@"

@@ -180,3 +180,7 @@ def test_the_shipped_demo_config_trains_as_its_header_says(demo_model: Path, dat
     run = Path(out.stdout.strip().splitlines()[-1])
     files = read_meta(run)["dataset_info"]["files"]
     assert [Path(f).name for f in files] == ["sage-ft-docs.jsonl", "my-upload.jsonl"]
+    # each progress line once: the run's INFO log (its logs.txt) reached the terminal beside them
+    terminal = out.stdout + out.stderr
+    assert terminal.count("preparing: loading the base model") == 1 and "INFO sage_ft" not in terminal, terminal
+    assert "preparing: loading the base model" in (run / "logs.txt").read_text(encoding="utf-8")

@@ -37,8 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    # The terminal's handler has its own level: a training run raises sage_ft's loggers to INFO for its
+    # logs.txt, and its INFO lines would otherwise reach the terminal beside the CLI's own progress lines.
+    terminal = logging.StreamHandler()
+    terminal.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    terminal.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, handlers=[terminal])
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2

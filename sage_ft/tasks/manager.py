@@ -32,7 +32,7 @@ from sage_ft.tasks import rundir
 from sage_ft.tasks.procinfo import ProcessIdentity, current_identity, end_process_tree
 from sage_ft.tasks.status import RESUMABLE_STATES, TaskStatus
 from sage_ft.tasks.store import TaskRecord, TaskStore, WorkerRecord
-from sage_ft.tasks.task import Task, TaskDetail, TaskError, TaskNotFound, TaskRefused
+from sage_ft.tasks.task import Task, TaskDetail, TaskError, TaskNotFound, TaskRefused, TaskStateError
 from sage_ft.tasks.worker import LOCAL_RUNS, LOCAL_RUNS_LOCK, QueueWorker, TaskRun, claim_next
 
 log = logging.getLogger(__name__)
@@ -356,8 +356,10 @@ class TaskManager:
         if task.status is not TaskStatus.RUNNING:
             raise TaskError(f"task {task_id} is {task.status.value}; only a running task can be {verb}")
         if paused and needs_multi_process(task.config):
-            raise TaskError(f"task {task_id} is a multi-process run, which cannot be paused; cancel it and "
-                            f"resume it later (`sage-ft tasks resume {task_id}` continues from its last checkpoint)")
+            raise TaskStateError(f"task {task_id} is a multi-process run, which cannot be paused; cancel it and "
+                                 f"resume it later (`sage-ft tasks resume {task_id}` continues from its last "
+                                 "checkpoint)", task_id=task_id, action="pause", status=task.status.value,
+                                 reason="multi_process")
         with self.store.write() as s:
             done = s.execute(update(TaskRecord).where(TaskRecord.id == task_id,
                                                       TaskRecord.status == TaskStatus.RUNNING.value)
@@ -377,7 +379,8 @@ class TaskManager:
             gone = s.execute(delete(TaskRecord).where(TaskRecord.id == task.id,
                                                       TaskRecord.status != TaskStatus.RUNNING.value)).rowcount
         if not gone:
-            raise TaskError(f"task {task.id} is running; cancel it first (`sage-ft tasks cancel {task.id}`)")
+            raise TaskStateError(f"task {task.id} is running; cancel it first (`sage-ft tasks cancel {task.id}`)",
+                                 task_id=task.id, action="delete", status=TaskStatus.RUNNING.value, reason="running")
         if remove_files and task.output_dir and Path(task.output_dir).exists():
             out = Path(task.output_dir)
             if rundir.looks_like_run_dir(out):
@@ -395,8 +398,9 @@ class TaskManager:
                             "tasks can be resumed")
         checkpoint = rundir.last_checkpoint(task.output_dir)
         if checkpoint is None:
-            raise TaskError(f"task {task.id} has no checkpoint in {task.output_dir} to resume from; "
-                            f"use retry to start it again (`sage-ft tasks retry {task.id}`)")
+            raise TaskStateError(f"task {task.id} has no checkpoint in {task.output_dir} to resume from; "
+                                 f"use retry to start it again (`sage-ft tasks retry {task.id}`)", task_id=task.id,
+                                 action="resume", status=task.status.value, reason="no_checkpoint")
         now = time.time()
         with self.store.write() as s:
             position = (s.scalar(select(func.max(TaskRecord.position))) or 0) + 1
@@ -419,8 +423,9 @@ class TaskManager:
         (new output folder); the old task stays as a record."""
         task = self.task(task_id)
         if task.status not in RESUMABLE_STATES:
-            raise TaskError(f"task {task.id} is {task.status.value}; retry is for failed, cancelled or "
-                            f"interrupted tasks (`sage-ft tasks clone {task.id}` runs a finished config again)")
+            raise TaskStateError(f"task {task.id} is {task.status.value}; retry is for failed, cancelled or "
+                                 f"interrupted tasks (`sage-ft tasks clone {task.id}` runs a finished config again)",
+                                 task_id=task.id, action="retry", status=task.status.value, reason="state")
         return self.clone(task.id, name=task.name)
 
     def clone(self, task_id: int, overrides: dict[str, Any] | None = None, name: str | None = None) -> Task:

@@ -28,6 +28,16 @@ class TaskError(ValueError):
     """An operation that cannot be done on a task; the message says why and what to do instead."""
 
 
+class TaskStateError(TaskError):
+    """``action`` refused for task ``task_id`` by its state; ``reason`` names the rule ("running",
+    "no_checkpoint", "state", "multi_process"). The message is the CLI's sentence, whose hint is a
+    command; a client with other means (the web UI's buttons) words its own hint from these fields."""
+
+    def __init__(self, message: str, *, task_id: int, action: str, status: str, reason: str):
+        super().__init__(message)
+        self.task_id, self.action, self.status, self.reason = task_id, action, status, reason
+
+
 class TaskNotFound(TaskError, LookupError):
     def __init__(self, task_id: int):
         self.task_id = task_id

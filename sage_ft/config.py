@@ -139,11 +139,13 @@ class TrainConfig:
         """Build a validated config from plain values (YAML, form, CLI).
 
         Returns the config and the unknown keys (a warning to show the user). With ``strict``
-        unknown keys are an error. Type and value problems raise ``ConfigError`` naming every bad key.
+        unknown keys are an error. Every problem is reported at once in one ``ConfigError``: values
+        that are not of their type, and the range, choice and cross-field problems of the others (a
+        file with four mistakes used to show the first type error only, and the next three one
+        attempt at a time).
         """
         data = dict(data or {})
-        problems: list[str] = []
-        _apply_aliases(data)
+        problems = _apply_aliases(data)
         unknown = sorted(k for k in data if k not in _FIELDS and k not in _IGNORED_KEYS)
         if strict and unknown:
             problems += [f"{k}: unknown key{_did_you_mean(k)} (known keys: see `sage-ft train --help-config`)"
@@ -156,10 +158,13 @@ class TrainConfig:
                 values[name] = coerce(name, value)
             except ValueError as exc:
                 problems.append(str(exc))
+        config = cls(**values)  # the keys whose value could not be read keep their default here
+        try:
+            config.validate()
+        except ConfigError as exc:
+            problems += exc.problems
         if problems:
             raise ConfigError(problems)
-        config = cls(**values)
-        config.validate()
         return config, unknown
 
     @classmethod
@@ -180,8 +185,20 @@ class TrainConfig:
             raise ConfigError([f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}"]) from None
         if not isinstance(data, dict):
             raise ConfigError([f"{path}: expected a mapping of key: value, got {type(data).__name__}"])
-        data.update(parse_overrides(overrides or []))
-        return cls.from_dict(data)
+        return cls.from_overrides(overrides or [], base=data)
+
+    @classmethod
+    def from_overrides(cls, overrides: list[str], base: dict[str, Any] | None = None) -> tuple[TrainConfig, list[str]]:
+        """``base`` (a YAML file's values, or nothing) changed by ``--set key=value`` items. The command
+        line's problems (a mistyped key) and the values' problems are reported together."""
+        typed, problems = _read_overrides(overrides)
+        try:
+            config, unknown = cls.from_dict({**(base or {}), **typed})
+        except ConfigError as exc:
+            raise ConfigError(problems + exc.problems) from None
+        if problems:
+            raise ConfigError(problems)
+        return config, unknown
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -311,9 +328,10 @@ def unknown_key_warning(key: str) -> str:
     return f"unknown config key {key!r} ignored{_did_you_mean(key)} (see `sage-ft train --help-config`)"
 
 
-def _apply_aliases(data: dict[str, Any]) -> None:
+def _apply_aliases(data: dict[str, Any]) -> list[str]:
     """Map LLaMA-Factory's precision booleans onto ``precision`` and its quantization keys onto ours;
-    drop ``stage: sft``."""
+    drop ``stage: sft``. Returns the problems found (another stage or quantization method)."""
+    problems: list[str] = []
     for key in _PRECISION_ALIASES:
         if key in data:
             flag = data.pop(key)
@@ -323,11 +341,12 @@ def _apply_aliases(data: dict[str, Any]) -> None:
         data["quantization_bit"] = "none"  # LLaMA-Factory writes null (or leaves it out) for no quantization
     method = data.pop("quantization_method", "bitsandbytes")
     if str(method).lower() not in ("bitsandbytes", "bnb", "none"):
-        raise ConfigError([f"quantization_method: {method!r} is not supported; sage-ft quantizes with bitsandbytes "
-                           "(quantization_bit: 4 or 8)"])
+        problems.append(f"quantization_method: {method!r} is not supported; sage-ft quantizes with bitsandbytes "
+                        "(quantization_bit: 4 or 8)")
     stage = data.pop("stage", "sft")
     if stage != "sft":
-        raise ConfigError([f"stage: {stage!r} is not supported; sage-ft runs supervised fine-tuning (stage: sft)"])
+        problems.append(f"stage: {stage!r} is not supported; sage-ft runs supervised fine-tuning (stage: sft)")
+    return problems
 
 
 def field_type(name: str) -> tuple[type, bool]:
@@ -410,14 +429,38 @@ def format_value(value: Any) -> str:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["key=value", ...]`` from ``--set`` into a dict (values are coerced later by type)."""
+    """``["key=value", ...]`` from ``--set`` into a dict (values are coerced later by type).
+
+    A key the user typed on the command line must be one sage-ft knows: a mistyped ``--set
+    learning_rat=1e-3`` is an error naming the key it likely meant (a warning let the run train with
+    the default). Unknown keys inside a YAML file stay warnings: LLaMA-Factory files carry keys of
+    their own. Every malformed item and unknown key is reported at once.
+    """
+    out, problems = _read_overrides(items)
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+# Keys a --set may name besides the fields: the LLaMA-Factory spellings ``_apply_aliases`` maps.
+_OVERRIDE_ALIASES = frozenset({*_PRECISION_ALIASES, "stage", "quantization_method"})
+
+
+def _read_overrides(items: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """``parse_overrides``' dict of the well-formed, known items, and the problems of the others."""
     out: dict[str, Any] = {}
+    problems: list[str] = []
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError([f"--set {item!r}: expected key=value, e.g. --set learning_rate=1e-4"])
-        out[key.strip()] = value
-    return out
+        key = key.strip()
+        if not sep or not key:
+            problems.append(f"--set {item!r}: expected key=value, e.g. --set learning_rate=1e-4")
+        elif key not in _FIELDS and key not in _IGNORED_KEYS and key not in _OVERRIDE_ALIASES:
+            problems.append(f"--set {key}: unknown config key{_did_you_mean(key)}; "
+                            "see `sage-ft train --help-config` for every key")
+        else:
+            out[key] = value
+    return out, problems
 
 
 def gpu_ids(devices: str) -> list[int] | None:

@@ -58,6 +58,34 @@ def test_bad_config_and_bad_dataset_exit_non_zero_without_a_run(tmp_path: Path, 
     assert (set((data_home / "runs").iterdir()) if (data_home / "runs").exists() else set()) == runs_before
 
 
+def test_a_mistyped_set_key_is_refused_by_train_and_tasks_clone(tmp_path: Path, data_home: Path) -> None:
+    """``--set learning_rat=1e-3`` warned and trained at the default 2e-4: a key typed on the command
+    line is an error (exit 2, with the key it likely meant) before any task is queued."""
+    from sage_ft.tasks import TaskManager
+
+    with TaskManager(start_worker=False) as manager:
+        tasks_before = len(manager.list())
+    out = sage_ft("train", "--set", "learning_rat=1e-3", "--set", "dataset=x.jsonl")
+    assert out.returncode == 2, out.stderr
+    assert "learning_rat: unknown config key (did you mean 'learning_rate'?)" in out.stderr
+    clone = sage_ft("tasks", "clone", "999999", "--set", "learning_rat=1e-3")
+    assert clone.returncode == 2 and "did you mean 'learning_rate'?" in clone.stderr
+    # the key check is what refused it: a known key goes on to look the task up (exit 1, no such task)
+    assert sage_ft("tasks", "clone", "999999", "--set", "learning_rate=1e-3").returncode == 1
+    with TaskManager(start_worker=False) as manager:
+        assert len(manager.list()) == tasks_before
+
+
+def test_every_config_problem_is_printed_at_once(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("learning_rate: abc\nnum_train_epochs: -1\nlora_rank: 0\ntemplate: vicuna\n")
+    out = sage_ft("train", str(config), "--set", "dataset=x.jsonl")
+    assert out.returncode == 2
+    for problem in ("learning_rate: 'abc' is not a number", "num_train_epochs: -1 is too small",
+                    "lora_rank: 0 is too small", "template: 'vicuna' is not allowed"):
+        assert problem in out.stderr, out.stderr
+
+
 def test_yaml_config_with_unknown_key_trains_and_prints_the_run_dir(memorize_jsonl: Path, tmp_path: Path) -> None:
     config = tmp_path / "run.yaml"
     config.write_text(f"model_name_or_path: demo\ndataset: {memorize_jsonl}\nmax_steps: 2\nlogging_steps: 1\n"

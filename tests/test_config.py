@@ -194,3 +194,33 @@ def test_a_whole_number_written_with_a_decimal_point_is_accepted_everywhere() ->
     for bad in ("8.5", "eight"):
         with pytest.raises(ConfigError, match=f"lora_rank: '{bad}' is not a whole number"):
             TrainConfig.from_dict(parse_overrides([f"lora_rank={bad}"]))
+
+
+def test_a_mistyped_set_key_is_an_error_and_a_yaml_unknown_key_a_warning(tmp_path: Path) -> None:
+    """``--set learning_rat=1e-3`` only warned, and the run trained at the default learning rate: a key
+    typed on the command line is an error naming the key it likely meant. Unknown keys inside a YAML
+    file (LLaMA-Factory's own) stay warnings; LLaMA-Factory's spellings are accepted after --set too."""
+    path = tmp_path / "run.yaml"
+    path.write_text("dataset: a.jsonl\nsave_only_model: false\n")
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_yaml(path, ["learning_rat=1e-3", "lora_rank=0"])
+    assert err.value.problems[0].startswith("--set learning_rat: unknown config key (did you mean 'learning_rate'?)")
+    assert any(p.startswith("lora_rank: 0 is too small") for p in err.value.problems)  # reported together
+    with pytest.raises(ConfigError, match="--set mystery: unknown config key; see"):
+        parse_overrides(["mystery=1"])
+    config, unknown = TrainConfig.from_yaml(path, ["learning_rate=1e-3", "bf16=true", "do_train=true"])
+    assert (config.learning_rate, config.precision, unknown) == (1e-3, "bf16", ["save_only_model"])
+    with pytest.raises(ConfigError, match="did you mean 'lora_rank'"):
+        TrainConfig.from_overrides(["lora_rnak=4"])
+
+
+def test_type_range_and_choice_problems_are_reported_together(tmp_path: Path) -> None:
+    """Only ``learning_rate: 'abc' is not a number`` was shown for a file with four mistakes: the
+    range and choice checks ran only once every value had its type."""
+    path = tmp_path / "bad.yaml"
+    path.write_text("learning_rate: abc\nnum_train_epochs: -1\nlora_rank: 0\ntemplate: vicuna\nstage: dpo\n")
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_yaml(path)
+    keys = sorted(p.split(":")[0] for p in err.value.problems)
+    assert keys == ["learning_rate", "lora_rank", "num_train_epochs", "stage", "template"]
+    assert "learning_rate: 'abc' is not a number" in err.value.problems

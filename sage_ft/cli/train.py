@@ -44,7 +44,7 @@ def demo_model_command(args: argparse.Namespace) -> int:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from sage_ft.config import ConfigError, TrainConfig, describe_fields, parse_overrides, unknown_key_warning
+    from sage_ft.config import ConfigError, TrainConfig, describe_fields, unknown_key_warning
 
     if args.help_config:
         print(describe_fields())
@@ -53,7 +53,7 @@ def train_command(args: argparse.Namespace) -> int:
         if args.config:
             config, unknown = TrainConfig.from_yaml(args.config, args.overrides)
         else:
-            config, unknown = TrainConfig.from_dict(parse_overrides(args.overrides))
+            config, unknown = TrainConfig.from_overrides(args.overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -147,6 +147,8 @@ def test_train_monitor_reload_and_language_in_a_real_browser(browser_app, tmp_pa
             page.reload()
             expect(page.locator("#cfg-dataset textarea")).to_have_value("")
             expect(page.locator("#cfg-max_steps input")).to_have_value("-1")
+            expect(page.get_by_role("tab", name="🚀 训练")).to_be_visible()  # the language picked, kept too
+            expect(page.get_by_role("button", name="▶ 开始训练")).to_be_visible()
         finally:
             browser.close()
     for file in ("train-tab.png", "monitor-tab.png", "chat-tab-zh.png", "export-tab-zh.png"):

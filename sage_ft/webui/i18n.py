@@ -20,6 +20,7 @@ from sage_ft.config import TrainConfig
 LANGS = ("en", "zh")
 DEFAULT_LANG = "en"
 LANG_NAMES = {"en": "English", "zh": "中文"}
+LANG_STORAGE_KEY = "sage-ft-lang"  # the browser's storage entry for the language picked on the page
 
 
 def locales_dir() -> Path:
@@ -64,3 +65,25 @@ def field_info(name: str, lang: str) -> str:
 
 def normalize(lang: str | None) -> str:
     return lang if lang in LANGS else DEFAULT_LANG
+
+
+def page_lang(chosen: Any, accept_language: str | None) -> str | None:
+    """The language a page opens in when the app was not started with ``--lang``: the one this browser
+    chose last (``chosen``, kept in its storage), else the first of the browser's own preferred
+    languages (its Accept-Language header, by quality) that we have; None: the app's default."""
+    if chosen in LANGS:
+        return chosen
+    preferred = []
+    for position, item in enumerate((accept_language or "").split(",")):
+        tag, _, params = item.strip().partition(";")
+        quality = 1.0
+        for param in params.split(";"):
+            name, _, value = param.strip().partition("=")
+            if name == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        if tag:
+            preferred.append((-quality, position, tag.split("-")[0].lower()))
+    return next((code for _, _, code in sorted(preferred) if code in LANGS and code), None)

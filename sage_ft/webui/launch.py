@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (login required)")
     p.add_argument("--auth", metavar="USER:PASS", help="require this login")
     p.add_argument("--auth-file", metavar="FILE", help="require a login from FILE (one user:password per line)")
-    p.add_argument("--lang", choices=("en", "zh"), default="en", help="initial language of the page")
+    p.add_argument("--lang", choices=("en", "zh"), default=None,
+                   help="language of a page opened for the first time (default: the browser's own, else English); "
+                        "a language picked on the page is kept in that browser")
     p.add_argument("--no-llm", action="store_true", help="do not start the chat server")
     p.add_argument("--llm-model", metavar="MODEL", help="chat model to serve (a base model name/path or a run folder)")
     p.add_argument("--use-finetuned", nargs="?", const="latest", metavar="TASK_ID|latest",

@@ -54,7 +54,7 @@ class AppServices:
     tasks: TaskManager
     guard: PathGuard = field(default_factory=PathGuard)
     server: Any | None = None  # sage_ft.serving ServerManager, None with --no-llm
-    default_lang: str = "en"
+    default_lang: str | None = None  # --lang; None: each page opens in its browser's language (i18n.page_lang)
     # Saved configs live in the data home; the shipped examples (configs/ of the project) are only read:
     # saving "demo_cpu" wrote over the commented example in the source tree (or in site-packages).
     configs_dir: Path = field(default_factory=lambda: paths.home() / "configs")

@@ -127,13 +127,13 @@ def resolve_source(path: str | Path) -> ExportSource:
 
 
 def run_dir_for(task_id_or_path: str | int | Path) -> Path:
-    """A task id (``7`` or ``#7``, looked up in the task store) or a path -> the directory to export from."""
+    """A task id (``7`` or ``#7``, looked up in the task store), a name of the data home or a path -> the
+    directory to export from."""
+    # the one rule for names where a model is expected, as for switch and serve (exports/, runs/, tasks ...)
+    from sage_ft.serving.targets import TargetError, named_model
+
     try:
-        from sage_ft.tasks import TaskNotFound, task_run_dir
-    except ImportError as exc:
-        raise ExportError(f"{task_id_or_path!r} is not a directory, and the task store is not available to look it "
-                          f"up as a task id ({exc}); pass the run directory instead") from exc
-    try:
-        return task_run_dir(task_id_or_path) or Path(str(task_id_or_path)).expanduser()
-    except TaskNotFound as exc:
+        named = named_model(str(task_id_or_path))
+    except TargetError as exc:
         raise ExportError(f"{exc}; or pass a run directory") from exc
+    return Path(named) if named else Path(str(task_id_or_path)).expanduser()

@@ -25,11 +25,12 @@ from sage_ft.serving.manager import (
     SwitchResult,
     vllm_available,
 )
+from sage_ft.serving.registry import ServerChoiceError
 from sage_ft.serving.targets import ModelTarget, TargetError, resolve_target
 from sage_ft.serving.vllm_server import ServerStartError, StartProgress
 
 __all__ = [
     "DISABLE_VLLM_ENV", "ChatError", "ModelTarget", "ServedModel", "ServerManager", "ServerStartError",
-    "StartProgress", "SwitchResult", "TargetError", "chat", "resolve_target", "stop_all_servers", "stream_chat",
+    "ServerChoiceError", "StartProgress", "SwitchResult", "TargetError", "chat", "resolve_target", "stop_all_servers", "stream_chat",
     "vllm_available",
 ]

@@ -2,15 +2,15 @@
 
 A vLLM child outlives its parent unless someone stops it, holding its port and (on a GPU) its
 memory; the next app would then find a stranger on its port. So every ``ServerManager`` registers
-here: an ``atexit`` hook covers normal exits, and SIGTERM/SIGINT handlers stop the servers and then
-chain to whatever handler was there before (Gradio's and uvicorn's shutdown still run).
+here: an ``atexit`` hook covers normal exits, and a SIGTERM handler stops the servers and then chains
+to whatever handler was there before — or, instead of the default handler's instant death, exits by
+``SystemExit`` so the program's own clean-up (``finally`` blocks, atexit) runs as on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import os
 import signal
 import threading
 import weakref
@@ -41,13 +41,20 @@ def stop_all_servers() -> None:
 
 
 def _on_signal(signum: int, frame: Any) -> None:
-    stop_all_servers()
+    """SIGTERM: stop our servers now, then run the previous handler — or, where that was the default
+    (which kills the process on the spot, skipping every ``finally``), leave by ``SystemExit`` so that
+    the process's own clean-up runs as it does on Ctrl-C. SIGINT: only the previous handler (Python's
+    KeyboardInterrupt): a program may take Ctrl-C to mean "stop this reply" and go on; the servers are
+    stopped by its ``finally`` blocks or by the atexit hook when it does end."""
     previous = _PREVIOUS_HANDLERS.get(signum)
+    if signum != signal.SIGINT:
+        stop_all_servers()
     if callable(previous):
         previous(signum, frame)
     elif previous == signal.SIG_DFL:
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
 
 
 def _install_exit_handlers() -> None:

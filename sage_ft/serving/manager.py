@@ -20,6 +20,7 @@ import importlib.util
 import logging
 import os
 import re
+import signal
 import threading
 import time
 import uuid
@@ -40,6 +41,7 @@ from sage_ft.serving.targets import (
     ModelTarget,
     TargetError,
     adapter_fingerprint,
+    base_label,
     resolve_target,
     runtime_lora_problems,
 )
@@ -86,6 +88,7 @@ class ServedModel:
     backend: str  # vllm | transformers
     port: int | None = None
     note: str = ""
+    merged_from: str = ""  # merged models: the base they were made from ("" when unknown)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,6 +123,42 @@ class SwitchResult:
     def to_dict(self) -> dict[str, Any]:
         return {"outcome": self.outcome, "message": self.message, "timings": self.timings, "mode": self.mode,
                 "served": self.served.to_dict() if self.served else None, "target": self.target}
+
+
+def how_it_ended(code: int | None) -> str:
+    """A process's end in words: "killed by signal 9 (SIGKILL)", "exit code 1"."""
+    if code is None:
+        return "it no longer runs"
+    if code < 0:
+        try:
+            return f"killed by signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def _unanswerable(request: dict[str, Any]) -> str:
+    """Why a switch request left in the registry must not be carried out ("" when it may): its asker has
+    ended (pid + start time, so a reused pid does not count), or it waited longer than it said it would."""
+    pid = request.get("requester_pid")
+    if not registry.process_matches(pid, request.get("requester_create_time")):
+        return f"the process that asked (pid {pid}) has ended" if pid else "it does not say which process asked"
+    try:
+        age, wait = time.time() - float(request.get("at")), float(request.get("wait_s"))
+    except (TypeError, ValueError):
+        return "it does not say when it was made or how long its asker waits"
+    if age > wait:
+        return f"it was made {age:.0f} s ago and its asker waits {wait:.0f} s"
+    return ""
+
+
+def _base_of(kind: str, base_path: str) -> str | None:
+    return None if kind == "merged" else base_path
+
+
+def _base_target(target: ModelTarget) -> ModelTarget:
+    """The base model an adapter target is served on (as a target of its own, named as the registry names it)."""
+    return ModelTarget("base", target.serving_base, None, base_label(target.serving_base))
 
 
 def _slug(text: str) -> str:
@@ -181,6 +220,7 @@ class ServerManager:
         self._inflight_cv = threading.Condition()
         self._watcher: threading.Thread | None = None
         self._answered_request: str | None = None  # the last switch request of another process (registry)
+        self.owner_pid: int | None = None  # attached (connect_existing): the sage-ft process that owns the server
         self._closed = threading.Event()
         exit_handlers.register(self, install_handlers=install_exit_handlers)
 
@@ -228,7 +268,10 @@ class ServerManager:
             "model_label": current.label if current else (target.label if target else None),
             "model_type": current.kind if current else (target.kind if target else None),
             "model_path": current.path if current else (str(target.path) if target else None),
-            "base_model": current.base_path if current else (str(target.serving_base) if target else None),
+            # a merged model is its own base: "Base" would repeat its path; it is merged from ``merged_from``
+            "base_model": _base_of(current.kind, current.base_path) if current else (
+                _base_of(target.kind, str(target.serving_base)) if target else None),
+            "merged_from": current.merged_from if current else (target.merged_from if target else ""),
             "switching_to": str(target.path) if target and self._state in ("starting", "switching") else None,
             "adapters": {name: info["label"] for name, info in self._adapters.items()},
             "port": server.port if server else None,
@@ -238,6 +281,8 @@ class ServerManager:
             self._state == "ready" else None,
             "context_len": self._context_len(),
             "log_path": str(server.log_path) if server else None,
+            # the log of a server being started (not yet ``log_path``): the panel shows it growing
+            "start_log_path": str(starting.log_path) if (starting := self._starting) is not None else None,
             "last_error": self._last_error,
             "log_tail": self._crash_log_tail if self._state == "crashed" else "",
             "message": self._status_message,
@@ -336,7 +381,7 @@ class ServerManager:
                 self._state = "stopped"
             if old is not None:
                 old.stop()
-            return self.switch(str(target.path), progress=progress)
+            return self.switch(target, progress=progress)  # the same target: the same name and label
 
     def ensure_ready(self, progress: ProgressCallback | None = None) -> None:
         """Restart a crashed server (the next chat request brings it back); raise ChatError if impossible."""
@@ -373,8 +418,9 @@ class ServerManager:
                 return True
             code = server.exit_code()
             self._crash_log_tail = server.log_tail(40)
-            self._last_error = (f"the vLLM server (pid {server.pid}) exited with code {code}: "
-                                f"{server.failure_reason()}; it restarts on the next chat request or with restart()")
+            reason = server.last_error_line()
+            self._last_error = f"the chat server stopped ({how_it_ended(code)})" + (f": {reason}" if reason else "")
+            self._status_message = "the next chat message starts it again"
             self._state = "crashed"
             self._current = None
             self._adapters.clear()
@@ -407,7 +453,11 @@ class ServerManager:
     def _take_switch_request(self) -> None:
         """Start a switch another sage-ft process left in the registry for this owned server
         (``ask_owner_to_switch``). Only the owner can switch for everyone: its Chat tab, the registry
-        and the servers it started follow it; a client that switched by itself changed none of them."""
+        and the servers it started follow it; a client that switched by itself changed none of them.
+
+        A request nobody waits for any more is dropped, not carried out: its asker has ended (it was
+        told the switch failed when the previous owner died, and a restarted app adopting the server
+        found the request still in its entry) or it is older than the asker waits."""
         server = self._server
         if server is None or not server.owned or not server.pid:
             return
@@ -415,6 +465,12 @@ class ServerManager:
         if not isinstance(request, dict) or not request.get("id") or request["id"] == self._answered_request:
             return
         self._answered_request = request["id"]
+        why_not = _unanswerable(request)
+        if why_not:
+            log.warning("not switching to %s as another sage-ft process once asked: %s", request.get("model"),
+                        why_not)
+            registry.drop_request(server.pid, request["id"])
+            return
         threading.Thread(target=self._answer_switch_request, args=(request, server.pid), daemon=True,
                          name="sage-ft-switch-request").start()
 
@@ -440,34 +496,45 @@ class ServerManager:
 
     @staticmethod
     def ask_owner_to_switch(model: str | Path, timeout_s: float = 900.0, poll_s: float = 0.25,
-                            progress: Callable[[str], None] | None = None) -> SwitchResult | None:
+                            progress: Callable[[str], None] | None = None, port: int | None = None,
+                            owner_pid: int | None = None) -> SwitchResult | None:
         """Have the live sage-ft process that serves the chat model (the web app, ``sage-ft serve``) switch
         it to ``model``, and wait for its result (``progress`` gets its progress lines); None when no
-        other process serves one. Raises ``TimeoutError`` when it has not answered within ``timeout_s``
-        or has died meanwhile."""
-        entry = next(iter(registry.served_by_others()), None)
+        other process serves one. With several serving, ``port`` or ``owner_pid`` names the one
+        (``registry.ServerChoiceError`` otherwise, as from ``registry.pick_served``). Raises
+        ``TimeoutError`` when it has not answered within ``timeout_s`` or has died meanwhile."""
+        entry = registry.pick_served(port=port, owner_pid=owner_pid)
         if entry is None:
             return None
+        text = str(model)
+        if Path(text).expanduser().exists():  # the owner may run in another folder: a path it reads the same
+            text = str(Path(text).expanduser().resolve())
         request_id = uuid.uuid4().hex
-        registry.update(entry["pid"], switch_request={"id": request_id, "model": str(model), "at": time.time()})
+        registry.update(entry["pid"], switch_request={
+            "id": request_id, "model": text, "at": time.time(), "wait_s": timeout_s,
+            "requester_pid": os.getpid(), "requester_create_time": registry.create_time_of(os.getpid())})
         deadline = time.monotonic() + timeout_s
         last = None
-        while time.monotonic() < deadline:
-            for candidate in registry.read_entries():
-                step = candidate.get("switch_progress")
-                if progress and isinstance(step, dict) and step.get("id") == request_id and step.get("text") != last:
-                    last = step.get("text")
-                    progress(str(last))
-                answer = candidate.get("switch_result")
-                if isinstance(answer, dict) and answer.get("id") == request_id:
-                    served = answer.get("served")
-                    return SwitchResult(answer["outcome"], answer["message"], answer.get("timings") or {},
-                                        ServedModel(**served) if isinstance(served, dict) else None,
-                                        answer.get("mode") or "", target=answer.get("target") or "")
-            if not registry.owner_alive(entry):
-                raise TimeoutError(f"the process serving the chat model (pid {entry.get('owner_pid')}) ended "
-                                   "before it switched")
-            time.sleep(poll_s)
+        try:
+            while time.monotonic() < deadline:
+                for candidate in registry.read_entries():
+                    step = candidate.get("switch_progress")
+                    if progress and isinstance(step, dict) and step.get("id") == request_id and \
+                            step.get("text") != last:
+                        last = step.get("text")
+                        progress(str(last))
+                    answer = candidate.get("switch_result")
+                    if isinstance(answer, dict) and answer.get("id") == request_id:
+                        served = answer.get("served")
+                        return SwitchResult(answer["outcome"], answer["message"], answer.get("timings") or {},
+                                            ServedModel(**served) if isinstance(served, dict) else None,
+                                            answer.get("mode") or "", target=answer.get("target") or "")
+                if not registry.owner_alive(entry):
+                    raise TimeoutError(f"the process serving the chat model (pid {entry.get('owner_pid')}) ended "
+                                       "before it switched")
+                time.sleep(poll_s)
+        finally:  # answered, given up or interrupted: nobody may carry the request out (again) later
+            registry.drop_request(entry["pid"], request_id)
         raise TimeoutError(f"the process serving the chat model (pid {entry.get('owner_pid')}) did not switch "
                            f"within {timeout_s:.0f} s")
 
@@ -595,9 +662,11 @@ class ServerManager:
                 raise StartCancelled(f"the merge of {target.path.name} for serving was cancelled after "
                                      f"{time.monotonic() - t0:.0f} s; nothing was written ({exc})") from exc
         timings["merge_s"] = time.monotonic() - t0
-        return ModelTarget("merged", out_dir, None, f"{target.label} (merged)", target.run_dir)
+        return ModelTarget("merged", out_dir, None, f"{target.label} (merged)", target.run_dir,
+                           merged_from=base_label(target.base_path))
 
-    def _select_adapter(self, target: ModelTarget, note: str, timings: dict[str, float]) -> SwitchResult:
+    def _select_adapter(self, target: ModelTarget, note: str, timings: dict[str, float],
+                        new_server: bool = False) -> SwitchResult:
         server = self._server
         assert server is not None
         t0 = time.monotonic()
@@ -607,8 +676,9 @@ class ServerManager:
         self._current = ServedModel(name, "adapter", target.label, str(target.path), server.spec.model_path,
                                     "vllm", server.port, note)
         self._update_registry()
-        return SwitchResult("live", f"now chatting with {target.label} (adapter {name} loaded "
-                            f"{'now' if info['loaded_now'] else 'earlier'} on the running server, no restart)"
+        where = (f"on a new server for its base {base_label(target.serving_base)}" if new_server else
+                 f"{'now' if info['loaded_now'] else 'earlier'} on the running server, no restart")
+        return SwitchResult("live", f"now chatting with {target.label} (adapter {name} loaded {where})"
                             + (f"; {note}" if note else ""), timings, self._current, "runtime-adapter")
 
     def _ensure_adapter(self, server: VLLMServer, target: ModelTarget) -> str:
@@ -666,19 +736,19 @@ class ServerManager:
 
     def _base_served(self, server: VLLMServer, target: ModelTarget, note: str) -> ServedModel:
         return ServedModel(server.spec.served_name, target.kind, target.label, str(target.path),
-                           server.spec.model_path, "vllm", server.port, note)
+                           server.spec.model_path, "vllm", server.port, note, target.merged_from)
 
     def _new_server(self, target: ModelTarget, port: int) -> VLLMServer:
         base = target.serving_base
         spec = ServerSpec(model_path=str(base), served_name=_slug(target.label if target.kind != "adapter"
-                                                                  else base.name),
+                                                                  else base_label(base)),
                           port=port, max_model_len=self.max_model_len, dtype=self.dtype,
                           gpu_memory_utilization=self.gpu_memory_utilization, max_lora_rank=self.max_lora_rank,
                           max_loras=self.max_loras, max_cpu_loras=self.max_cpu_loras,
                           enable_sleep_mode=self.enable_sleep_mode, extra_args=self.extra_args)
         kind = "base" if target.kind == "adapter" else target.kind
-        return VLLMServer(spec, meta={"kind": kind, "display_name": target.label if kind != "base" else base.name,
-                                      "current": False})
+        return VLLMServer(spec, meta={"kind": kind, "display_name": target.label if kind != "base" else base_label(base),
+                                      "merged_from": target.merged_from, "current": False})
 
     def _switch_server(self, target: ModelTarget, note: str, progress: ProgressCallback | None, strategy: str,
                        timeout_s: float | None, timings: dict[str, float]) -> SwitchResult:
@@ -731,13 +801,13 @@ class ServerManager:
             self._server = server
             self._adapters = {}
             self._current = self._base_served(server, target if target.kind != "adapter" else
-                                              ModelTarget("base", target.serving_base, None, target.serving_base.name),
+                                              _base_target(target),
                                               note if target.kind != "adapter" else "")
             self._state = "ready"
             self._crash_log_tail = ""
         self._start_watcher()
         if target.kind == "adapter":
-            result = self._select_adapter(target, note, timings)
+            result = self._select_adapter(target, note, timings, new_server=True)
         else:
             self._update_registry()
             result = SwitchResult("live", f"now serving {target.label} on port {port}" + (f"; {note}" if note else ""),
@@ -812,8 +882,7 @@ class ServerManager:
                                           "loaded_at": time.time(), "last_used": time.time(), "loaded_now": False}
                                       for n, i in (entry.get("adapters") or {}).items() if n in served}
                     self._current = self._base_served(server, target if target.kind != "adapter" else
-                                                      ModelTarget("base", target.serving_base, None,
-                                                                  target.serving_base.name), "")
+                                                      _base_target(target), "")
                     registry.update(server.pid, **registry.owner_identity())
                     self._start_watcher()
                     log.warning("adopted the vLLM server (pid %s, port %s) left by a previous run", server.pid,
@@ -837,12 +906,18 @@ class ServerManager:
         return ended
 
     @classmethod
-    def connect_existing(cls, **kwargs: Any) -> ServerManager | None:
-        """A client-only manager for the current server another live sage-ft process runs (``sage-ft chat``)."""
-        for entry in registry.served_by_others():
+    def connect_existing(cls, port: int | None = None, owner_pid: int | None = None,
+                         **kwargs: Any) -> ServerManager | None:
+        """A client-only manager for the server another live sage-ft process serves (``sage-ft chat``): the one
+        on ``port`` or owned by ``owner_pid`` when given, else the only one; None when none serves (or it does
+        not answer). Raises ``registry.ServerChoiceError`` when several serve and none was named, or none
+        serves on ``port``: a client never picks one of several silently."""
+        entry = registry.pick_served(port=port, owner_pid=owner_pid)
+        manager = None
+        if entry is not None:
             server = VLLMServer.from_registry(entry)
             if not server.health():
-                continue
+                return None
             server.owned = False
             with contextlib.suppress(httpx.HTTPError, ValueError):
                 server.served_models()  # notes its context length (replies are capped to it)
@@ -856,9 +931,10 @@ class ServerManager:
             kind = "adapter" if name in manager._adapters else entry.get("kind", "base")
             manager._current = ServedModel(name, kind, entry.get("display_name") or name,
                                            manager._adapters.get(name, {}).get("path", server.spec.model_path),
-                                           server.spec.model_path, "vllm", server.port)
-            return manager
-        return None
+                                           server.spec.model_path, "vllm", server.port, "",
+                                           (entry.get("merged_from") or "") if kind == "merged" else "")
+            manager.owner_pid = entry.get("owner_pid")
+        return manager
 
     # ------------------------------------------------------------------ transformers backend
     def _switch_local(self, target: ModelTarget, timings: dict[str, float],
@@ -867,7 +943,7 @@ class ServerManager:
         t0 = time.monotonic()
         if self._local is None or self._local.model_path != base:
             self._state = "switching" if self._current is not None else "starting"  # the current one still answers
-            local = LocalBackend(base, _slug(base.name if target.kind == "adapter" else target.label))
+            local = LocalBackend(base, _slug(base_label(base) if target.kind == "adapter" else target.label))
             self._load_cancellably(local, progress)
             self._local, self._adapters = local, {}
             timings["load_s"] = time.monotonic() - t0
@@ -881,7 +957,7 @@ class ServerManager:
         else:
             name = local.served_name
         self._current = ServedModel(name, target.kind, target.label, str(target.path), str(base), "transformers",
-                                    None, target.note)
+                                    None, target.note, target.merged_from)
         self._state = "ready"
         return SwitchResult("live", f"now chatting with {target.label} (in-process transformers backend: "
                             f"{self._backend_reason()})", timings, self._current, "local")
@@ -970,7 +1046,7 @@ class ServerManager:
             return str(info["label"])
         if name == self.base_served_name():
             base = self._server.spec.model_path if self._server is not None else (current.base_path if current else "")
-            return Path(base).name if base else name
+            return base_label(Path(base)) if base else name
         return name
 
     @contextlib.contextmanager
@@ -1044,8 +1120,7 @@ class ServerManager:
             yield from stream_openai(server.base_url, server.api_key, name, msgs, **options)
         except ChatError as exc:
             if exc.retryable and not self._check_alive():
-                raise ChatError(f"the chat server crashed ({self._last_error}); send the message again to "
-                                "restart it", retryable=True) from None
+                raise ChatError(f"{self._last_error}; send the message again to restart it", retryable=True) from None
             raise
 
     # ------------------------------------------------------------------ memory arbitration

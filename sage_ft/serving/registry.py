@@ -129,6 +129,51 @@ def remove(pid: int) -> None:
             _write(path, kept)
 
 
+def drop_request(pid: int, request_id: str) -> None:
+    """Remove the switch request ``request_id`` from server ``pid``'s entry (another one is left alone)."""
+    with _locked() as path:
+        entries = _read(path)
+        changed = False
+        for entry in entries:
+            request = entry.get("switch_request")
+            if entry.get("pid") == pid and isinstance(request, dict) and request.get("id") == request_id:
+                del entry["switch_request"]
+                changed = True
+        if changed:
+            _write(path, entries)
+
+
+class ServerChoiceError(LookupError):
+    """Several sage-ft processes serve a chat model and none was named, or none serves on the port named."""
+
+
+def describe(entry: dict[str, Any]) -> str:
+    """A served entry for people: which sage-ft process, which model, which port."""
+    model = entry.get("display_name") or entry.get("model") or entry.get("spec", {}).get("served_name") or "?"
+    return f"pid {entry.get('owner_pid')} serving {model} on port {entry.get('port')} " \
+           f"(http://127.0.0.1:{entry.get('port')}/v1)"
+
+
+def pick_served(port: int | None = None, owner_pid: int | None = None) -> dict[str, Any] | None:
+    """The server of another live sage-ft process that a client (``sage-ft switch``/``chat``) acts on: the
+    one on ``port`` / owned by ``owner_pid`` when given, else the only one; None when none serves.
+    ``ServerChoiceError`` when several serve and none was named, or the one named does not serve."""
+    entries = sorted(served_by_others(), key=lambda e: e.get("port") or 0)
+    listing = "; ".join(describe(e) for e in entries)
+    if port is not None or owner_pid is not None:
+        chosen = [e for e in entries if (port is None or e.get("port") == port)
+                  and (owner_pid is None or e.get("owner_pid") == owner_pid)]
+        if not chosen:
+            named = f"port {port}" if port is not None else f"the sage-ft process pid {owner_pid}"
+            raise ServerChoiceError(f"no sage-ft process serves a chat model on {named}; "
+                                    + (f"serving now: {listing}" if entries else "none serves one now"))
+        return chosen[0]
+    if len(entries) > 1:
+        raise ServerChoiceError(f"{len(entries)} sage-ft processes serve a chat model: {listing}; "
+                                "name one with --port")
+    return entries[0] if entries else None
+
+
 def served_by_others() -> list[dict[str, Any]]:
     """Live entries of the server that answers chats (``current``) for another live sage-ft process."""
     return [e for e in live_entries() if e.get("current") and owner_alive(e) and not owned_by_me(e)]

@@ -41,9 +41,10 @@ class ModelTarget:
     kind: Kind
     path: Path  # model dir (base/merged) or adapter dir
     base_path: Path | None  # adapters: the base model directory they belong to
-    label: str  # for people: "demo-tiny-llama", "run-3", "run-3/checkpoint-200"
+    label: str  # for people: "demo", "run-3", "run-3/checkpoint-200"
     run_dir: Path | None = None
     note: str = ""  # anything the user should know (e.g. "run has no final adapter; using checkpoint-40")
+    merged_from: str = ""  # merged models: the base they were merged from, as recorded ("" when unknown)
 
     @property
     def serving_base(self) -> Path:
@@ -60,21 +61,69 @@ def adapter_fingerprint(adapter_dir: Path) -> str:
     return digest.hexdigest()[:8]
 
 
-def resolve_target(model: str | Path) -> ModelTarget:
-    """Understand ``model``: ``demo``, a model name under the data home, a hub id, or a directory."""
+def resolve_target(model: str | Path | ModelTarget) -> ModelTarget:
+    """Understand ``model`` the same way for every client (Chat tab, CLI, tests): a directory; a name of
+    the data home (a run, a model folder, an export, a task id ``7``/``#7`` or a task's name, a name
+    the model registry lists); ``demo``; or a hub id. A ``ModelTarget`` is returned as it is."""
+    if isinstance(model, ModelTarget):
+        return model
     text = str(model or "").strip()
     if not text:
         raise TargetError("no model given; pass a model directory, a run directory, a checkpoint-N directory "
                           "or 'demo'")
     path = Path(text).expanduser()
-    if not path.exists():
-        for candidate in (paths.runs_dir() / text, paths.models_dir() / text):
-            if candidate.exists():
-                path = candidate
-                break
     if path.exists():
         return _from_directory(path.resolve())
-    return ModelTarget("base", _resolve_base(text), None, Path(text).name)
+    named = named_model(text)
+    if named is not None and Path(named).exists():
+        return _from_directory(Path(named).resolve())
+    return ModelTarget("base", _resolve_base(named or text), None, Path(text).name)
+
+
+def named_model(name: str) -> str | None:
+    """What a name stands for where a model is expected (a folder, or the hub id a registry name
+    configures); None when it names nothing of the data home (then it is ``demo``, a hub id, or wrong).
+
+    In this order: a folder of the data home's ``runs/``, ``models/`` or ``exports/`` of that name; a task
+    id (``7``, ``#7``) or a task's name (its run); a name or label the model registry lists.
+    """
+    from sage_ft.models.demo import DEMO_NAME
+
+    value = str(name).strip()
+    if not value or value == DEMO_NAME or Path(value).expanduser().exists():
+        return None
+    if "/" not in value and value not in (".", ".."):
+        for root in (paths.runs_dir(), paths.models_dir(), paths.exports_dir()):
+            if (root / value).exists():
+                return str(root / value)
+    from sage_ft.tasks import TaskNotFound, task_run_dir
+
+    try:
+        run_dir = task_run_dir(value)
+    except TaskNotFound as exc:
+        raise TargetError(str(exc)) from None
+    if run_dir is not None:
+        return str(run_dir)
+    from sage_ft.models.registry import find_model
+
+    try:
+        entry = find_model(value)
+    except (OSError, ValueError):  # an unreadable models.yaml: the name is looked up no further
+        entry = None
+    return entry.path if entry is not None and entry.name != DEMO_NAME else None
+
+
+def base_label(path: Path) -> str:
+    """The people's name of a base model directory: the registry's ``demo`` for the built-in model (its
+    folder is ``demo-tiny-llama``; one model, one name whichever way it was started), else the folder."""
+    from sage_ft.models.demo import DEMO_NAME
+
+    try:
+        if path.resolve() == paths.demo_model_dir().resolve():
+            return DEMO_NAME
+    except OSError:
+        pass
+    return path.name
 
 
 def _from_directory(path: Path) -> ModelTarget:
@@ -88,10 +137,11 @@ def _from_directory(path: Path) -> ModelTarget:
     if (path / META_NAME).is_file() or (path / "lora").is_dir():
         return _from_run(path)
     if (path / EXPORT_RECORD).is_file():  # written by sage_ft.export.merge_lora
-        return ModelTarget("merged", _check_model_dir(path), None, path.name)
+        return ModelTarget("merged", _check_model_dir(path), None, path.name, merged_from=merged_from(path))
     if path.name == MERGED_DIR and (path.parent / META_NAME).is_file():
-        return ModelTarget("merged", _check_model_dir(path), None, f"{path.parent.name}/merged", path.parent)
-    return ModelTarget("base", _check_model_dir(path), None, path.name)
+        return ModelTarget("merged", _check_model_dir(path), None, f"{path.parent.name}/merged", path.parent,
+                           merged_from=merged_from(path))
+    return ModelTarget("base", _check_model_dir(path), None, base_label(path))
 
 
 def _from_run(run_dir: Path) -> ModelTarget:
@@ -106,7 +156,8 @@ def _from_run(run_dir: Path) -> ModelTarget:
                            run_dir, note=f"run {run_dir.name} has no final adapter yet; using its latest "
                                          f"checkpoint ({ckpt.name})")
     if (run_dir / MERGED_DIR / "config.json").is_file():
-        return ModelTarget("merged", _check_model_dir(run_dir / MERGED_DIR), None, f"{run_dir.name}/merged", run_dir)
+        return ModelTarget("merged", _check_model_dir(run_dir / MERGED_DIR), None, f"{run_dir.name}/merged", run_dir,
+                           merged_from=merged_from(run_dir / MERGED_DIR))
     status = _read_meta(run_dir).get("status", "unknown")
     raise TargetError(f"run {run_dir} has no adapter to serve (no lora/{ADAPTER_CONFIG}, no checkpoint-N/, "
                       f"no {MERGED_DIR}/; run status: {status}). Wait for its first checkpoint or pick another run")
@@ -154,6 +205,26 @@ def _base_of_adapter(adapter_dir: Path, run_dir: Path | None) -> Path:
                       "Make sure the base model directory still exists")
 
 
+def merged_from(model_dir: Path) -> str:
+    """The base a merged model was made from, from its record (an export's ``sage_ft_export.json``, a
+    serving merge's record); "" when none is recorded."""
+    from sage_ft.serving.merging import MERGE_RECORD
+
+    for record, key in ((EXPORT_RECORD, "base_model"), (MERGE_RECORD, "base")):
+        try:
+            value = json.loads((model_dir / record).read_text(encoding="utf-8")).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, str) and value:
+            return base_label(Path(value)) if Path(value).is_absolute() else value
+    return ""
+
+
+# The models area words its offline advice for a training config; where a model is picked to chat
+# with, the config key means nothing.
+_CONFIG_KEY_ADVICE = re.compile(r"then set model_name_or_path to that folder")
+
+
 def _resolve_base(name: str) -> Path:
     """A base model directory from a name/path (the models area's resolver when present)."""
     try:
@@ -167,7 +238,7 @@ def _resolve_base(name: str) -> Path:
     try:
         return resolve_model(name)
     except ModelError as exc:
-        raise TargetError(str(exc)) from None
+        raise TargetError(_CONFIG_KEY_ADVICE.sub("then pick or type that local model folder", str(exc))) from None
 
 
 def _check_model_dir(path: Path) -> Path:

@@ -63,14 +63,16 @@ class AdapterLoadError(RuntimeError):
 
 @dataclass
 class StartProgress:
-    """One start-up progress report for the caller (UI status line, CLI spinner)."""
+    """One start-up progress report for the caller (UI status line, CLI spinner). Shown as our stage
+    name only: vLLM's own log lines (warnings about Triton, model runners ...) mean nothing to a user
+    waiting for a switch; ``last_log_line`` stays available for a log view."""
 
     stage: str
     elapsed_s: float
     last_log_line: str = ""
 
     def __str__(self) -> str:
-        return f"[{self.elapsed_s:5.1f}s] {self.stage}" + (f" — {self.last_log_line}" if self.last_log_line else "")
+        return f"[{self.elapsed_s:5.1f}s] {self.stage}"
 
 
 ProgressCallback = Callable[[StartProgress], None]
@@ -85,6 +87,11 @@ _STAGES = (
     (re.compile(r"Starting vLLM (API )?server on|Application startup complete"), "opening HTTP port"),
 )
 _ERROR_LINE = re.compile(r"(Error\b|Exception\b|[Ee]rror[:,]|No such file|not found|does not exist|not supported)")
+# "(APIServer pid=14354) ERROR 12-06 13:20:31 [file.py:335] " before vLLM's own message
+_VLLM_PREFIX = re.compile(r"^(\(\w+ pid=\d+\)\s*)?(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s+\d\d-\d\d \d\d:\d\d:\d\d(\.\d+)?"
+                          r"\s+(\[[^\]]*\]\s*)?")
+_ERROR_RECORD = re.compile(r"^(\(\w+ pid=\d+\)\s*)?(ERROR|CRITICAL)\b")
+_EXCEPTION_LINE = re.compile(r"^(\(\w+ pid=\d+\)\s*)?[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b(:|$)")
 _NOISE_LINE = re.compile(r"^\s*(File \"|raise |Traceback|For further information|\^)|warnings\.warn|UserWarning")
 
 
@@ -326,6 +333,16 @@ class VLLMServer:
                 return line[:300]
         return lines[-1][:300] if lines else ""
 
+    def last_error_line(self) -> str:
+        """The last ERROR record or exception line (a traceback's last line) of the log, without vLLM's
+        "(APIServer pid=…) ERROR <date> [file.py:N]" prefix; "" when the log names no error (a server
+        killed by a signal usually leaves none: its last INFO line says nothing about why it stopped)."""
+        for line in reversed(self.log_tail(80).splitlines()):
+            line = line.strip()
+            if _ERROR_RECORD.match(line) or _EXCEPTION_LINE.match(line):
+                return _VLLM_PREFIX.sub("", line)[:300]
+        return ""
+
     def failure_reason(self) -> str:
         """The most telling error line of the log (the last one that names an error)."""
         for line in reversed(self.log_tail(80).splitlines()):
@@ -396,7 +413,8 @@ class VLLMServer:
         """A handle on a server some sage-ft process started earlier (no Popen: watched by pid)."""
         spec_fields = {k: v for k, v in entry.get("spec", {}).items() if k in ServerSpec.__dataclass_fields__}
         server = cls(ServerSpec(**spec_fields), api_key=entry["api_key"], log_path=Path(entry["log_path"]),
-                     meta={k: entry[k] for k in ("kind", "base_path", "display_name", "adapters") if k in entry})
+                     meta={k: entry[k] for k in ("kind", "base_path", "display_name", "merged_from", "adapters")
+                           if k in entry})
         server.pid, server.create_time = entry["pid"], entry["create_time"]
         server.started_at = entry.get("started_at")
         server.ready_at = time.time()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.data_home:
         os.environ["SAGE_FT_HOME"] = str(Path(args.data_home).expanduser().resolve())
+    stop_on_sigterm_as_on_ctrl_c()
     from sage_ft.serving.ports import bypass_proxies_for_loopback
 
     bypass_proxies_for_loopback()
@@ -87,6 +89,9 @@ def _run(args: argparse.Namespace) -> int:
         demo = build_app(services, args.lang)
         _, local_url, share_url = launch_app(demo, host=args.host, port=args.port, share=args.share, guard=guard,
                                              prevent_thread_lock=True)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM while the page was being built
+        _close(services, tasks)
+        return 130
     except Exception as exc:
         _close(services, tasks)
         if isinstance(exc, (AuthError, StoreUnavailable, SchemaError)):
@@ -104,11 +109,28 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def stop_on_sigterm_as_on_ctrl_c() -> None:
+    """SIGTERM (``kill``, systemd, docker stop) ends the app the way Ctrl-C does: Gradio's wait loop ends,
+    and ``_close`` stops the chat server, the task queue and removes the download folder. Python's default
+    SIGTERM ends the process on the spot, leaving the temp folder behind. The serving exit handlers,
+    installed later, stop the chat server first and then chain to this one."""
+    def _interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
 def _close(services: Any, tasks: Any) -> None:
-    if services.server is not None:
-        services.server.close()
-    tasks.shutdown()
-    services.shutdown()
+    """Stop the chat server and the task queue, remove the download folder: each even when one before fails."""
+    try:
+        if services.server is not None:
+            services.server.close()
+    finally:
+        try:
+            tasks.shutdown()
+        finally:
+            services.shutdown()
 
 
 def describe_launch_failure(exc: Exception, args: argparse.Namespace) -> str:

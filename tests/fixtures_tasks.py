@@ -4,10 +4,13 @@
 - ``task_dataset``: a small OpenAI-messages jsonl file in the test's tmp dir.
 - ``task_db``: a fresh database path; ``idle_manager`` (no worker) / ``worker_manager`` (runs tasks).
 - ``spawn_manager_process(db, script)``: a real Python process holding a TaskManager (for kill -9 tests).
+- ``write_checkpoint_files(folder, step)``: a small ``checkpoint-N`` folder with every file a resume
+  loads, each well formed (for tests of the task store's bookkeeping that never train from it).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -63,3 +66,17 @@ def spawn_manager_process(db: Path, body: str, log_path: Path) -> subprocess.Pop
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     return subprocess.Popen([sys.executable, "-c", script, str(db)], env=env,
                             stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+
+
+def write_checkpoint_files(folder: Path, step: int) -> Path:
+    """Every file ``checkpoints.checkpoint_problem`` looks at, well formed and tiny (not trainable)."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (folder / "adapter_config.json").write_text("{}")
+    save_file({"lora_A": torch.zeros(2, 2)}, str(folder / "adapter_model.safetensors"))
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        torch.save({"step": step}, folder / name)
+    return folder

@@ -73,6 +73,25 @@ def test_cancel_delete_resume_and_unknown_ids(capsys, idle_manager, task_dataset
     assert [t.status for t in idle_manager.list()] == [TaskStatus.QUEUED]
 
 
+def test_clone_names_the_copy_from_run_name_or_numbers_it(capsys, idle_manager, task_dataset):
+    """`tasks clone ID --set run_name=q-b` was accepted but the task stayed '<name> (copy)' in folder
+    task-000N-<name>-copy, and clones of clones became 'x (copy) (copy)'."""
+    db = idle_manager.store.path
+    original = idle_manager.create(tiny_task_config(task_dataset, run_name="x"))
+    code, out, err = _cli(capsys, db, "clone", str(original.id), "--set", "run_name=q-b", "--set", "lora_rank=4")
+    assert code == 0, err
+    named = idle_manager.list()[0]
+    assert (named.name, named.config_dict["run_name"], named.config_dict["lora_rank"]) == ("q-b", "q-b", 4)
+    assert Path(named.output_dir).name == f"task-{named.id:04d}-q-b"
+
+    first = idle_manager.clone(original.id)
+    second = idle_manager.clone(first.id)  # a copy of the copy: another copy of x
+    third = idle_manager.clone(original.id)
+    assert [t.name for t in (first, second, third)] == ["x (copy)", "x (copy 2)", "x (copy 3)"]
+    assert Path(second.output_dir).name == f"task-{second.id:04d}-x-copy-2"
+    assert second.config_dict["run_name"] == "x (copy 2)"
+
+
 def test_work_runs_the_queue_then_show_and_delete_files(capsys, task_db, task_dataset):
     manager = TaskManager(task_db, start_worker=False)
     task = manager.create(tiny_task_config(task_dataset))

@@ -20,7 +20,7 @@ from sage_ft import paths
 from sage_ft.tasks import TaskError, TaskManager, TaskNotFound, TaskRefused, TaskStatus
 from sage_ft.tasks.procinfo import ProcessIdentity, current_identity, identity_of
 from sage_ft.tasks.worker import LOCAL_RUNS, LOCAL_RUNS_LOCK, claim_next
-from tests.fixtures_tasks import tiny_task_config
+from tests.fixtures_tasks import tiny_task_config, write_checkpoint_files
 
 
 def _sleeper(seconds: int = 120) -> subprocess.Popen:
@@ -201,9 +201,7 @@ def test_an_interrupted_task_shows_the_step_its_last_checkpoint_saved(idle_manag
         with sqlite3.connect(idle_manager.store.path) as db:  # the last progress write before the kill
             db.execute("UPDATE tasks SET step = 3, total_steps = 12 WHERE id = ?", (task.id,))
         for step in (4, 8):
-            checkpoint = Path(task.output_dir) / f"checkpoint-{step}"
-            checkpoint.mkdir(parents=True)
-            (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+            write_checkpoint_files(Path(task.output_dir) / f"checkpoint-{step}", step)
 
     _run_by_a_killed_process(idle_manager, task.id, train_to_step_8)
     assert idle_manager.recover() == [task.id]

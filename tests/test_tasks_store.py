@@ -58,6 +58,23 @@ def test_older_database_is_upgraded_and_keeps_its_tasks(task_db):
             list(range(1, SCHEMA_VERSION + 1))
 
 
+def test_tasks_of_an_older_database_keep_their_duration(task_db):
+    """Schema 4 counts the time trained (pauses and gaps between attempts left out); a finished
+    task of an older database keeps the duration it showed (finished - started)."""
+    engine = make_engine(task_db)
+    migrate(engine, target=3)
+    engine.dispose()
+    with sqlite3.connect(task_db) as conn:
+        conn.execute("""INSERT INTO tasks (name, status, source, created_at, started_at, finished_at, updated_at,
+                        config_yaml, output_dir, position) VALUES ('old', 'completed', 'ui', 1.0, 10.0, 70.5, 70.5,
+                        'max_steps: 4\n', '/runs/old', 1)""")
+    manager = TaskManager(task_db, start_worker=False)
+    try:
+        assert manager.list()[0].duration_s == 60.5
+    finally:
+        manager.shutdown()
+
+
 def test_newer_database_is_refused_with_a_clear_message(task_db):
     TaskStore(task_db).close()
     with sqlite3.connect(task_db) as conn:

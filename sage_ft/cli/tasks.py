@@ -47,11 +47,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name, help_text, handler in (
             ("pause", "hold a running task between two steps (it keeps its memory)", _pause),
             ("unpause", "let a paused task continue", _unpause),
-            ("resume", "re-queue an interrupted/cancelled/failed task from its last checkpoint", _resume),
             ("retry", "queue a failed/cancelled/interrupted task again from scratch (new task)", _retry)):
         command = cmds.add_parser(name, help=help_text)  # commands that take just a task id
         command.add_argument("id", type=task_id)
         command.set_defaults(handler=handler)
+
+    resume = cmds.add_parser("resume", help="re-queue an interrupted/cancelled/failed task from its newest intact "
+                                            "checkpoint")
+    resume.add_argument("id", type=task_id)
+    resume.add_argument("--checkpoint", metavar="N", default=None,
+                        help="continue from checkpoint-N instead (see `sage-ft tasks show ID`)")
+    resume.set_defaults(handler=_resume)
 
     clone = cmds.add_parser("clone", help="queue a new task with a task's config (any state), changed by --set")
     clone.add_argument("id", type=task_id)
@@ -130,6 +136,7 @@ def _show(args: argparse.Namespace) -> int:
     if args.json:
         data = detail.to_dict()
         data.update(metrics_history=detail.metrics_history, log_tail=detail.log_tail, checkpoints=detail.checkpoints,
+                    damaged_checkpoints=detail.damaged_checkpoints,
                     queue_position=detail.queue_position, estimated_start=detail.estimated_start,
                     eta_seconds=detail.eta_seconds)
         data.pop("config_yaml", None)
@@ -159,6 +166,8 @@ def _show(args: argparse.Namespace) -> int:
               f"  output:    {detail.output_dir}"]
     if detail.checkpoints:
         lines.append(f"  checkpoints: {', '.join(c.rsplit('/', 1)[-1] for c in detail.checkpoints)}")
+    for folder, problem in detail.damaged_checkpoints.items():
+        lines.append(f"  damaged:   {Path(folder).name} ({problem}); a resume passes over it")
     lines += ["", "Config:", *("  " + line for line in detail.config_yaml.splitlines())]
     if detail.log_tail:
         lines += ["", f"Log (last {args.log_lines} lines):", *("  " + line for line in detail.log_tail.splitlines())]
@@ -214,7 +223,9 @@ def _delete(args: argparse.Namespace) -> int:
 @_guarded
 def _resume(args: argparse.Namespace) -> int:
     with _manager(args) as manager:
-        task = manager.resume(args.id)
+        task = manager.resume(args.id, checkpoint=args.checkpoint)
+        if task.error:  # the damaged checkpoints passed over, the newer ones set aside
+            print(f"note: {task.error}")
         print(f"task {task.id}: {task.status.label}, will continue from {task.resume_checkpoint}")
         _say_who_runs_it(manager)
     return 0

@@ -29,6 +29,7 @@ from sage_ft.config import ConfigError, TrainConfig, unknown_key_warning
 from sage_ft.estimate import quantization_problem
 from sage_ft.events import read_events
 from sage_ft.tasks import rundir
+from sage_ft.tasks.checkpoints import checkpoint_problem
 from sage_ft.tasks.procinfo import ProcessIdentity, current_identity, end_process_tree
 from sage_ft.tasks.status import RESUMABLE_STATES, TaskStatus
 from sage_ft.tasks.store import TaskRecord, TaskStore, WorkerRecord
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("ui", "cli", "api")
 DOWNLOADABLE = {"lora": "lora", "merged": "merged_model"}
+_COPY_SUFFIX = re.compile(r"(?: \(copy(?: \d+)?\))+$")  # what clone adds to a name
 Subscriber = Callable[[dict[str, Any]], None]
 
 
@@ -145,7 +147,7 @@ class TaskManager:
                              resume_checkpoint=str(checked.resume) if checked.resume else None, parent_id=parent_id, last_metrics="{}", step=0, total_steps=0, attempts=1,
                              cancel_requested=False)
             if owner is not None:
-                rec.pid, rec.pid_start_time, rec.started_at = owner.pid, owner.start_time, now
+                rec.pid, rec.pid_start_time, rec.started_at, rec.active_since = owner.pid, owner.start_time, now, now
             s.add(rec)
             s.flush()  # assigns the id, which names the run folder
             out = Path(explicit_dir).expanduser().resolve() if explicit_dir else _new_run_dir(rec.id, name)
@@ -238,6 +240,8 @@ class TaskManager:
         return TaskDetail(**base, metrics_history=rundir.metrics_history(task.output_dir),
                           log_tail=rundir.log_tail(task.output_dir, log_lines),
                           checkpoints=[str(p) for p in rundir.checkpoints(task.output_dir)],
+                          damaged_checkpoints={str(p): problem for p in rundir.checkpoint_folders(task.output_dir)
+                                               if (problem := checkpoint_problem(p))},
                           queue_position=position, estimated_start=start, eta_seconds=eta)
 
     def events(self, task_id: int, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
@@ -360,10 +364,11 @@ class TaskManager:
                                  f"resume it later (`sage-ft tasks resume {task_id}` continues from its last "
                                  "checkpoint)", task_id=task_id, action="pause", status=task.status.value,
                                  reason="multi_process")
+        now = time.time()
         with self.store.write() as s:
             done = s.execute(update(TaskRecord).where(TaskRecord.id == task_id,
                                                       TaskRecord.status == TaskStatus.RUNNING.value)
-                             .values(paused=paused, updated_at=time.time())).rowcount
+                             .values(paused=paused, updated_at=now, **_pause_clock(paused, now))).rowcount
         if not done:
             raise TaskError(f"task {task_id} ended meanwhile; nothing to {verb[:-1]}")
         self._local_run(task_id, lambda run: run.pause() if paused else run.unpause())
@@ -389,30 +394,40 @@ class TaskManager:
                 log.warning("not removing %s: it does not look like a sage-ft run folder", out)
         self._notify({"type": "status", "task_id": task.id, "status": "deleted"})
 
-    def resume(self, task_id: int) -> Task:
-        """Re-queue an interrupted, cancelled or failed task to continue from its last checkpoint,
-        in the same output folder, with the same frozen config (so the same total steps)."""
+    def resume(self, task_id: int, checkpoint: int | str | None = None) -> Task:
+        """Re-queue an interrupted, cancelled or failed task to continue from its newest intact
+        checkpoint, in the same output folder, with the same frozen config (so the same total steps).
+
+        A damaged checkpoint (``checkpoints.checkpoint_problem``) is never resumed from: the newest
+        intact one is used, and the ones passed over are named in the task's message (its ``error``
+        until it starts) and its log. ``checkpoint`` (``30`` or ``"checkpoint-30"``) picks one
+        instead; an unknown or damaged one is refused. Checkpoints newer than the one picked belong
+        to the attempt being abandoned: they move to ``<run>/superseded/`` so a later resume never
+        jumps back onto that attempt."""
         task = self.task(task_id)
         if task.status not in RESUMABLE_STATES:
             raise TaskError(f"task {task.id} is {task.status.value}; only interrupted, cancelled or failed "
                             "tasks can be resumed")
-        checkpoint = rundir.last_checkpoint(task.output_dir)
-        if checkpoint is None:
-            raise TaskStateError(f"task {task.id} has no checkpoint in {task.output_dir} to resume from; "
-                                 f"use retry to start it again (`sage-ft tasks retry {task.id}`)", task_id=task.id,
-                                 action="resume", status=task.status.value, reason="no_checkpoint")
+        chosen, note = _resume_checkpoint(task, checkpoint)
+        moved = _set_aside_newer_checkpoints(task.output_dir, chosen)
+        if moved:
+            note = (f"{note}; " if note else "") + (f"{', '.join(moved)} (newer than {chosen.name}) moved to "
+                                                    f"{Path(task.output_dir) / 'superseded'}")
         now = time.time()
         with self.store.write() as s:
             position = (s.scalar(select(func.max(TaskRecord.position))) or 0) + 1
             done = s.execute(update(TaskRecord).where(TaskRecord.id == task.id,
                                                       TaskRecord.status.in_([st.value for st in RESUMABLE_STATES]))
-                             .values(status=TaskStatus.QUEUED.value, resume_checkpoint=str(checkpoint),
-                                     position=position, error=None, finished_at=None, cancel_requested=False,
+                             .values(status=TaskStatus.QUEUED.value, resume_checkpoint=str(chosen),
+                                     position=position, error=note, finished_at=None, cancel_requested=False,
                                      paused=False,
                                      attempts=TaskRecord.attempts + 1, updated_at=now)).rowcount
             requeued = Task.from_record(s.get(TaskRecord, task.id)) if done else None
         if requeued is None:
             raise TaskError(f"task {task.id} changed state meanwhile; try again")
+        if note:
+            log.warning("task %s: %s", task.id, note)
+            rundir.append_run_log(task.output_dir, f"resume: {note}")
         if self._worker is not None:
             self._worker.wake()
         self._notify({"type": "status", "task_id": task.id, "status": TaskStatus.QUEUED.value})
@@ -430,10 +445,26 @@ class TaskManager:
 
     def clone(self, task_id: int, overrides: dict[str, Any] | None = None, name: str | None = None) -> Task:
         """A new queued task from a task's frozen config, with ``overrides`` applied (a new output
-        folder unless ``overrides`` names one)."""
+        folder unless ``overrides`` names one). Its name (and folder): ``name``, else a ``run_name``
+        override, else the original's name as a numbered copy ('x (copy)', 'x (copy 2)', … - a copy
+        of 'x (copy)' is another copy of x, never 'x (copy) (copy)')."""
         task = self.task(task_id)
-        data = {**task.config_dict, "output_dir": "", "resume_from_checkpoint": None, **(overrides or {})}
-        return self.create(data, name=name or f"{task.name} (copy)", source=task.source, parent_id=task.id)
+        overrides = dict(overrides or {})
+        name = (name or str(overrides.get("run_name") or "").strip() or self._copy_name(task.name)).strip()
+        data = {**task.config_dict, "output_dir": "", "resume_from_checkpoint": None, **overrides}
+        if data.get("run_name"):  # the config's name (meta, reports) follows the task's
+            data["run_name"] = name
+        return self.create(data, name=name, source=task.source, parent_id=task.id)
+
+    def _copy_name(self, name: str) -> str:
+        """The first free 'base (copy)', 'base (copy 2)', … where base is ``name`` without its copy suffix."""
+        base = _COPY_SUFFIX.sub("", name) or name
+        with self.store.read() as s:
+            taken = set(s.scalars(select(TaskRecord.name).where(TaskRecord.name.like(f"{base} (copy%"))))
+        n = 1
+        while (candidate := f"{base} (copy)" if n == 1 else f"{base} (copy {n})") in taken:
+            n += 1
+        return candidate
 
     def download(self, task_id: int, what: str = "lora") -> Path:
         """A zip of the task's ``lora/`` (or ``merged_model/`` for ``what="merged"``) plus
@@ -559,7 +590,10 @@ class TaskManager:
             done = s.execute(update(TaskRecord).where(*condition).values(
                 status=TaskStatus.INTERRUPTED.value, finished_at=now, updated_at=now,
                 error=f"interrupted: {why}; {hint}", resume_checkpoint=str(checkpoint) if checkpoint else None,
-                cancel_requested=False, paused=False, child_pid=None, child_start_time=None,
+                cancel_requested=False, paused=False, child_pid=None, child_start_time=None, active_since=None,
+                # the stretch ended when the dead process last wrote progress, not when this noticed
+                active_seconds=TaskRecord.active_seconds + func.coalesce(
+                    func.max(0.0, func.min(now, TaskRecord.updated_at) - TaskRecord.active_since), 0.0),
                 step=case((TaskRecord.step < saved, saved), else_=TaskRecord.step))).rowcount
         if done:
             log.warning("task %s interrupted: %s", task_id, why)
@@ -597,8 +631,8 @@ class TaskManager:
         eta = task.last_metrics.get("eta_seconds")
         if isinstance(eta, (int, float)):
             return float(eta)
-        if task.started_at and task.step and task.total_steps:
-            return (time.time() - task.started_at) / task.step * (task.total_steps - task.step)
+        if task.duration_s and task.step and task.total_steps:
+            return task.duration_s / task.step * (task.total_steps - task.step)
         return None
 
     def _queue_estimates(self) -> list[tuple[Task, float | None]]:
@@ -622,12 +656,11 @@ class TaskManager:
     def _history_rates(self) -> tuple[float | None, float | None]:
         """Mean seconds per step and per task of the last completed tasks."""
         with self.store.read() as s:
-            rows = s.execute(select(TaskRecord.started_at, TaskRecord.finished_at, TaskRecord.total_steps)
-                             .where(TaskRecord.status == TaskStatus.COMPLETED.value,
-                                    TaskRecord.started_at.is_not(None), TaskRecord.finished_at.is_not(None))
+            rows = s.execute(select(TaskRecord.active_seconds, TaskRecord.total_steps)
+                             .where(TaskRecord.status == TaskStatus.COMPLETED.value, TaskRecord.active_seconds > 0)
                              .order_by(TaskRecord.finished_at.desc()).limit(20)).all()
-        durations = [f - st for st, f, _ in rows if f >= st]
-        steps = [(f - st) / n for st, f, n in rows if n and f >= st]
+        durations = [seconds for seconds, _ in rows]
+        steps = [seconds / n for seconds, n in rows if n]
         return (sum(steps) / len(steps) if steps else None, sum(durations) / len(durations) if durations else None)
 
 
@@ -661,17 +694,84 @@ def _resume_point(config: TrainConfig) -> tuple[Path | None, list[str]]:
     if resume == "last":
         if not config.output_dir.strip():
             return None, ["resume_from_checkpoint: 'last' needs output_dir set to the run folder to continue"]
-        found = rundir.last_checkpoint(Path(config.output_dir).expanduser())
-        if found is None:
-            return None, [f"resume_from_checkpoint: no complete checkpoint-N folder in {config.output_dir}"]
-        return found.resolve(), []
+        choice = rundir.resume_choice(Path(config.output_dir).expanduser())
+        if choice.checkpoint is None:
+            damaged = f" ({choice.note})" if choice.note else ""
+            return None, [f"resume_from_checkpoint: no intact checkpoint-N folder in {config.output_dir}{damaged}"]
+        if choice.note:
+            log.warning("resume_from_checkpoint: last: %s", choice.note)
+        return choice.checkpoint.resolve(), []
     path = Path(resume).expanduser().resolve()
-    if not (path / "trainer_state.json").is_file():
-        return None, [f"resume_from_checkpoint: {path} is not a complete checkpoint folder (no trainer_state.json)"]
+    if not path.is_dir():
+        return None, [f"resume_from_checkpoint: {path} is not a checkpoint folder"]
+    problem = checkpoint_problem(path)
+    if problem:
+        return None, [f"resume_from_checkpoint: {path} is damaged ({problem}); give another checkpoint-N folder, "
+                      "or 'last' for the newest intact one"]
     if config.output_dir.strip() and Path(config.output_dir).expanduser().resolve() != path.parent:
         return None, [f"resume_from_checkpoint: {path} is not inside output_dir {config.output_dir}; "
                       "a run continues in its own folder"]
     return path, []
+
+
+def _pause_clock(paused: bool, now: float) -> dict[str, Any]:
+    """The row's training clock on pause (the stretch so far is banked) and unpause (a new one starts)."""
+    if paused:
+        return {"active_seconds": TaskRecord.active_seconds + func.coalesce(now - TaskRecord.active_since, 0.0),
+                "active_since": None}
+    return {"active_since": func.coalesce(TaskRecord.active_since, now)}
+
+
+def _resume_checkpoint(task: Task, wanted: int | str | None) -> tuple[Path, str | None]:
+    """The checkpoint ``resume`` continues from and the note naming the damaged ones passed over,
+    or ``TaskError`` saying why there is none."""
+    out = task.output_dir
+    if wanted is None:
+        choice = rundir.resume_choice(out)
+        if choice.checkpoint is not None:
+            return choice.checkpoint, choice.note
+        if choice.damaged:
+            raise TaskError(f"task {task.id} cannot be resumed: no checkpoint in {out} is intact ({choice.note}); "
+                            f"start it again with `sage-ft tasks retry {task.id}`")
+        raise TaskError(f"task {task.id} has no checkpoint in {out} to resume from; "
+                        f"use retry to start it again (`sage-ft tasks retry {task.id}`)")
+    match = re.fullmatch(r"(?:checkpoint-)?(\d+)", str(wanted).strip())
+    if match is None:
+        raise TaskError(f"{wanted!r} is not a checkpoint; give its step, e.g. 30 for checkpoint-30")
+    step = int(match.group(1))
+    folders = rundir.checkpoint_folders(out)
+    intact = [p.name for p in rundir.checkpoints(out)]
+    others = f"its intact checkpoints: {', '.join(intact)}" if intact else "it has no intact checkpoint"
+    picked = next((p for p in folders if rundir.checkpoint_step(p) == step), None)
+    if picked is None:
+        raise TaskError(f"task {task.id} has no checkpoint-{step} in {out} ({others})")
+    problem = checkpoint_problem(picked)
+    if problem:
+        raise TaskError(f"checkpoint-{step} of task {task.id} is damaged ({problem}); pick another ({others}), "
+                        f"or leave the checkpoint out to continue from the newest intact one")
+    return picked, None
+
+
+def _set_aside_newer_checkpoints(output_dir: str, chosen: Path) -> list[str]:
+    """Move the intact checkpoints newer than ``chosen`` to ``<run>/superseded/`` (names moved).
+
+    They hold the attempt a resume from an older checkpoint abandons; left in place, a resume
+    after the next interruption would pick them again (the run only replaces each when it
+    reaches its step). Damaged ones stay: they are never picked and the run replaces them too."""
+    step = rundir.checkpoint_step(chosen)
+    newer = [p for p in rundir.checkpoints(output_dir) if rundir.checkpoint_step(p) > step]
+    moved = []
+    for folder in newer:
+        target = folder.parent / "superseded" / folder.name
+        try:
+            target.parent.mkdir(exist_ok=True)
+            if target.exists():
+                shutil.rmtree(target)
+            folder.rename(target)
+            moved.append(folder.name)
+        except OSError as exc:
+            log.warning("could not move %s aside: %s", folder, exc)
+    return moved
 
 
 def _model_problems(config: TrainConfig) -> list[str]:

@@ -11,36 +11,68 @@ import logging
 import re
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sage_ft.events import read_events
 from sage_ft.filetail import tail_lines
+from sage_ft.tasks.checkpoints import checkpoint_problem
 
 log = logging.getLogger(__name__)
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-# A checkpoint is complete once the Trainer wrote its state file (it is saved after the weights).
-_CHECKPOINT_DONE_MARKER = "trainer_state.json"
 # Files that mark a directory as a sage-ft run, so delete(remove_files=True) never wipes anything else.
 RUN_MARKERS = ("events.jsonl", "finetune_meta.json", "logs.txt", "config.yaml")
 
 
-def checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete ``checkpoint-N`` directories, oldest first."""
+def checkpoint_folders(output_dir: str | Path) -> list[Path]:
+    """Every ``checkpoint-N`` directory, intact or not, oldest first (``checkpoint-N.tmp`` staging
+    folders of a save that never finished are not among them)."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
     found = []
     for child in root.iterdir():
         match = _CHECKPOINT_RE.match(child.name)
-        if match and child.is_dir() and (child / _CHECKPOINT_DONE_MARKER).exists():
+        if match and child.is_dir():
             found.append((int(match.group(1)), child))
     return [path for _, path in sorted(found)]
 
 
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """The checkpoints a resume can use (``checkpoints.checkpoint_problem`` finds nothing), oldest first."""
+    return [path for path in checkpoint_folders(output_dir) if checkpoint_problem(path) is None]
+
+
 def last_checkpoint(output_dir: str | Path) -> Path | None:
-    found = checkpoints(output_dir)
-    return found[-1] if found else None
+    """The newest intact checkpoint (a damaged newer one is passed over; ``resume_choice`` names it)."""
+    return resume_choice(output_dir).checkpoint
+
+
+@dataclass(frozen=True)
+class ResumeChoice:
+    """Where a resume continues: the newest intact checkpoint, and the newer ones passed over as damaged."""
+
+    checkpoint: Path | None
+    damaged: list[tuple[Path, str]] = field(default_factory=list)  # (folder, what is wrong), newest first
+
+    @property
+    def note(self) -> str | None:
+        """'checkpoint-40 is damaged (…); continuing from checkpoint-30' (None when nothing was skipped)."""
+        if not self.damaged:
+            return None
+        text = "; ".join(f"{path.name} is damaged ({problem})" for path, problem in self.damaged)
+        return text + (f"; continuing from {self.checkpoint.name}" if self.checkpoint else "")
+
+
+def resume_choice(output_dir: str | Path) -> ResumeChoice:
+    damaged: list[tuple[Path, str]] = []
+    for folder in reversed(checkpoint_folders(output_dir)):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return ResumeChoice(folder, damaged)
+        damaged.append((folder, problem))
+    return ResumeChoice(None, damaged)
 
 
 def checkpoint_step(path: str | Path) -> int:
@@ -49,16 +81,42 @@ def checkpoint_step(path: str | Path) -> int:
 
 
 def metrics_history(output_dir: str | Path) -> list[dict[str, Any]]:
-    """Every ``metric_update`` event of the run (loss curve, learning rate, eval loss), in order.
+    """The run's ``metric_update`` events (loss curve, learning rate, eval loss), one per step and
+    kind, in step order: the curve the Monitor, ``sage-ft tasks show`` and ``compare`` draw.
 
-    Read incrementally: a page watching a long run asks for this every 2 s, and re-parsing an
-    events file of hours of steps each time would make monitoring cost grow with the run's length.
+    ``events.jsonl`` is the append-only record of every attempt. After a resume from checkpoint-N,
+    the steps the abandoned attempt logged after N are trained again; once the resumed attempt logs,
+    its values replace them (a run killed at 33 and resumed from 30 logged 31-33 twice, and the loss
+    line turned back on itself). Read incrementally: a page watching a long run asks for this every
+    2 s, and re-parsing an events file of hours of steps each time would make monitoring cost grow
+    with the run's length.
     """
     return _HISTORY.get(Path(output_dir) / "events.jsonl")
 
 
+class _History:
+    """The metric events of one events file read so far, and where a resumed attempt cuts them."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.cut_after: int | None = None  # set by a training_start: steps after it are being redone
+
+    def add(self, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            kind = event.get("event")
+            if kind == "training_start":
+                start = event.get("start_step")
+                self.cut_after = start if isinstance(start, int) else 0
+            elif kind == "metric_update":
+                if self.cut_after is not None:  # the new attempt logs: the old one's later steps go
+                    cut = self.cut_after
+                    self.events = [e for e in self.events if not (isinstance(e.get("step"), int) and e["step"] > cut)]
+                    self.cut_after = None
+                self.events.append(event)
+
+
 class _MetricsHistoryCache:
-    """Per events file: the metric events read so far and the byte offset reached.
+    """Per events file: the metric history read so far and the byte offset reached.
 
     The file is only ever appended to; a file that was replaced (its first bytes, which hold the
     first event's timestamp, differ — inode numbers get reused) or is shorter than the offset is
@@ -69,7 +127,7 @@ class _MetricsHistoryCache:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._entries: OrderedDict[Path, tuple[bytes, int, list[dict[str, Any]]]] = OrderedDict()
+        self._entries: OrderedDict[Path, tuple[bytes, int, _History]] = OrderedDict()
 
     def get(self, path: Path) -> list[dict[str, Any]]:
         try:
@@ -81,16 +139,16 @@ class _MetricsHistoryCache:
         with self._lock:
             cached = self._entries.get(path)
             if cached is None or cached[0] != identity or stat.st_size < cached[1]:
-                cached = (identity, 0, [])
+                cached = (identity, 0, _History())
             _, offset, history = cached
             if stat.st_size > offset:
                 events, offset = read_events(path, offset)
-                history.extend(e for e in events if e.get("event") == "metric_update")  # callers get copies
+                history.add(events)
             self._entries[path] = (identity, offset, history)
             self._entries.move_to_end(path)
             while len(self._entries) > self.MAX_FILES:
                 self._entries.popitem(last=False)
-            return list(history)
+            return list(history.events)  # callers get their own list
 
 
 _HISTORY = _MetricsHistoryCache()
@@ -102,6 +160,17 @@ def log_tail(output_dir: str | Path, lines: int = 50, max_bytes: int = 64 * 1024
     if not path.exists():
         return ""
     return tail_lines(path, lines, max_bytes)
+
+
+def append_run_log(output_dir: str | Path, line: str) -> None:
+    """Add a line from the task manager to the run's ``logs.txt`` (never raises: best effort)."""
+    try:
+        path = Path(output_dir) / "logs.txt"
+        if path.parent.is_dir():
+            with path.open("a", encoding="utf-8") as fh:
+                fh.write(line.rstrip("\n") + "\n")
+    except OSError as exc:
+        log.warning("could not write to %s/logs.txt: %s", output_dir, exc)
 
 
 def mark_meta_interrupted(output_dir: str | Path, reason: str) -> None:

@@ -78,6 +78,9 @@ class TaskRecord(Base):
     attempts: Mapped[int] = mapped_column(default=1)
     # schema 3
     paused: Mapped[bool] = mapped_column(default=False)
+    # schema 4
+    active_seconds: Mapped[float] = mapped_column(default=0.0)  # time trained so far, pauses left out
+    active_since: Mapped[float | None]  # start of the stretch now counting (running, not paused)
 
 
 class WorkerRecord(Base):
@@ -141,8 +144,19 @@ def _v3_pause(conn: Connection) -> None:
     conn.exec_driver_sql("ALTER TABLE tasks ADD COLUMN paused BOOLEAN NOT NULL DEFAULT 0")
 
 
+def _v4_active_time(conn: Connection) -> None:
+    """Time actually trained (attempts summed, pauses and the wait between attempts left out), so a
+    resumed task keeps its first start and its duration and throughput stay true."""
+    conn.exec_driver_sql("ALTER TABLE tasks ADD COLUMN active_seconds REAL NOT NULL DEFAULT 0")
+    conn.exec_driver_sql("ALTER TABLE tasks ADD COLUMN active_since REAL")
+    conn.exec_driver_sql("UPDATE tasks SET active_seconds = max(0, finished_at - started_at) "
+                         "WHERE started_at IS NOT NULL AND finished_at IS NOT NULL")
+    conn.exec_driver_sql("UPDATE tasks SET active_since = started_at WHERE status = 'running' AND paused = 0")
+
+
 # Append only; never edit a released step.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1_initial, _v2_children_cancel_workers, _v3_pause]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1_initial, _v2_children_cancel_workers, _v3_pause,
+                                                  _v4_active_time]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

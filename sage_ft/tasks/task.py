@@ -86,6 +86,8 @@ class Task:
     attempts: int
     cancel_requested: bool
     paused: bool  # a running task held between two steps (status stays running); see TaskManager.pause
+    active_seconds: float  # time trained in earlier stretches (attempts, between pauses)
+    active_since: float | None  # start of the stretch now counting; None unless running and not paused
 
     @classmethod
     def from_record(cls, rec: TaskRecord) -> Task:
@@ -97,7 +99,7 @@ class Task:
             total_steps=rec.total_steps, last_metrics=json.loads(rec.last_metrics or "{}"), error=rec.error,
             pid=rec.pid, resume_checkpoint=rec.resume_checkpoint, position=rec.position,
             parent_id=rec.parent_id, attempts=rec.attempts, cancel_requested=bool(rec.cancel_requested),
-            paused=bool(rec.paused))
+            paused=bool(rec.paused), active_seconds=float(rec.active_seconds or 0.0), active_since=rec.active_since)
 
     @property
     def icon(self) -> str:
@@ -129,9 +131,12 @@ class Task:
 
     @property
     def duration_s(self) -> float | None:
+        """Time spent training: every attempt of a resumed task, without pauses or the time between
+        attempts (``started_at`` stays the first start); None before the first start."""
         if self.started_at is None:
             return None
-        return (self.finished_at or time.time()) - self.started_at
+        current = max(0.0, time.time() - self.active_since) if self.active_since is not None else 0.0
+        return self.active_seconds + current
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (``sage-ft tasks list --json``)."""
@@ -148,7 +153,8 @@ class TaskDetail(Task):
 
     metrics_history: list[dict[str, Any]] = field(default_factory=list)
     log_tail: str = ""
-    checkpoints: list[str] = field(default_factory=list)
+    checkpoints: list[str] = field(default_factory=list)  # the intact ones, which a resume can use
+    damaged_checkpoints: dict[str, str] = field(default_factory=dict)  # folder -> what is wrong with it
     queue_position: int | None = None  # 1 = next to start
     estimated_start: float | None = None  # unix time; None when unknown
     eta_seconds: float | None = None  # remaining time of a running task

@@ -27,6 +27,7 @@ from sqlalchemy import delete, select, text, update
 from sage_ft.config import ConfigError, TrainConfig
 from sage_ft.events import EventEmitter, Preparation
 from sage_ft.tasks import rundir
+from sage_ft.tasks.checkpoints import checkpoint_problem
 from sage_ft.tasks.procinfo import ProcessIdentity, current_identity
 from sage_ft.tasks.status import TaskStatus
 from sage_ft.tasks.store import TaskRecord, TaskStore, WorkerRecord
@@ -276,6 +277,12 @@ class TaskRun:
         """Problems that appeared after queuing (a dataset file deleted or changed), found cheaply."""
         from sage_ft.data.load import split_paths
 
+        if config.resume_from_checkpoint:  # checked when it was queued again; a disk can fail since
+            checkpoint = Path(config.resume_from_checkpoint)
+            damage = checkpoint_problem(checkpoint) if checkpoint.is_dir() else "the folder is gone"
+            if damage:
+                return (f"{checkpoint.name} in {checkpoint.parent} is damaged ({damage}); "
+                        f"`sage-ft tasks resume {self.task.id}` continues from the newest intact checkpoint")
         files = split_paths(config.dataset)
         missing = [str(p) for p in files if not p.is_file()]
         if missing:
@@ -395,6 +402,9 @@ class TaskRun:
             rec.resume_checkpoint = str(checkpoint) if checkpoint else None
             rec.cancel_requested = False
             rec.paused = False
+            if rec.active_since is not None:
+                rec.active_seconds = (rec.active_seconds or 0.0) + max(0.0, now - rec.active_since)
+                rec.active_since = None
             rec.child_pid = rec.child_start_time = None
             if outcome.status is TaskStatus.COMPLETED and rec.total_steps:
                 rec.step = rec.total_steps
@@ -467,8 +477,8 @@ def claim_next(store: TaskStore, owner: ProcessIdentity, max_running: int = 1) -
     now = time.time()
     with LOCAL_RUNS_LOCK, store.write() as s:
         row = s.execute(text("""
-            UPDATE tasks SET status = 'running', pid = :pid, pid_start_time = :start, started_at = :now,
-                   updated_at = :now, finished_at = NULL, error = NULL, cancel_requested = 0, paused = 0
+            UPDATE tasks SET status = 'running', pid = :pid, pid_start_time = :start,
+                   started_at = COALESCE(started_at, :now), active_since = :now, updated_at = :now, finished_at = NULL, error = NULL, cancel_requested = 0, paused = 0
              WHERE id = (SELECT id FROM tasks WHERE status = 'queued' ORDER BY position, id LIMIT 1)
                AND status = 'queued'
                AND (SELECT count(*) FROM tasks WHERE status = 'running') < :max_running

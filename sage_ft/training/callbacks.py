@@ -33,8 +33,10 @@ def build_callback(emitter: EventEmitter, state: RunState, control: RunControl, 
         def __init__(self) -> None:
             self.session_start_time = 0.0
             self.session_start_step = 0
+            self.session_start_paused = 0.0
             self.last_log_time = 0.0
             self.last_log_tokens = 0
+            self.last_log_paused = 0.0  # control.paused_seconds then: a pause is not time spent training
 
         def _tokens_seen(self) -> int:
             trainer = trainer_ref.get("trainer")
@@ -45,6 +47,7 @@ def build_callback(emitter: EventEmitter, state: RunState, control: RunControl, 
             self.session_start_time = self.last_log_time = now
             self.session_start_step = hf_state.global_step
             self.last_log_tokens = self._tokens_seen()
+            self.session_start_paused = self.last_log_paused = control.paused_seconds
             state.update(status="running", is_training=True, total_steps=hf_state.max_steps,
                          total_epochs=float(args.num_train_epochs if args.max_steps <= 0 else
                                             hf_state.num_train_epochs or args.num_train_epochs),
@@ -74,7 +77,7 @@ def build_callback(emitter: EventEmitter, state: RunState, control: RunControl, 
 
         def on_step_end(self, args, hf_state, hf_control, **kwargs):
             step = hf_state.global_step
-            elapsed = time.time() - self.session_start_time
+            elapsed = time.time() - self.session_start_time - (control.paused_seconds - self.session_start_paused)
             done = step - self.session_start_step
             eta = elapsed / done * (hf_state.max_steps - step) if done > 0 else None
             state.update(current_step=step, current_epoch=float(hf_state.epoch or 0), eta_seconds=eta,
@@ -112,8 +115,9 @@ def build_callback(emitter: EventEmitter, state: RunState, control: RunControl, 
                         "instead of fp16")
             now = time.time()
             tokens = self._tokens_seen()
-            tps = (tokens - self.last_log_tokens) / (now - self.last_log_time) if now > self.last_log_time else None
-            self.last_log_time, self.last_log_tokens = now, tokens
+            trained_s = now - self.last_log_time - (control.paused_seconds - self.last_log_paused)
+            tps = (tokens - self.last_log_tokens) / trained_s if trained_s > 0 else None
+            self.last_log_time, self.last_log_tokens, self.last_log_paused = now, tokens, control.paused_seconds
             snapshot = state.snapshot()
             state.update(current_loss=loss, learning_rate=logs.get("learning_rate"), grad_norm=grad_norm,
                          tokens_per_second=tps)

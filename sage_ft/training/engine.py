@@ -132,7 +132,7 @@ def train(run: FineTuneRun) -> tuple[str, dict[str, Any]]:
         prep.stop_if_cancelled()
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         status = "cancelled" if run._control.cancelled else "completed"
-        metrics = final_metrics(trainer, result, collator)
+        metrics = final_metrics(trainer, result, collator, paused_s=run._control.paused_seconds)
         meta["padding_fraction"] = metrics.get("padding_fraction")
         if run.is_main_process:  # the other ranks hold the same weights (DDP) and write nothing
             save_adapter(model, tokenizer, out / "lora")
@@ -702,11 +702,12 @@ def merge_saved_adapter(adapter_dir: Path, model_dir: Path, target: Path) -> Non
     merge_into(PeftModel.from_pretrained(base, str(adapter_dir)), AutoTokenizer.from_pretrained(adapter_dir), target)
 
 
-def final_metrics(trainer: Any, result: Any, collator: PackingCollator) -> dict[str, Any]:
+def final_metrics(trainer: Any, result: Any, collator: PackingCollator, paused_s: float = 0.0) -> dict[str, Any]:
+    """The run's summary; ``paused_s`` (time held by a pause) is left out of its tokens/s."""
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
-    runtime = float(result.metrics.get("train_runtime") or 0.0)
+    runtime = max(0.0, float(result.metrics.get("train_runtime") or 0.0) - paused_s)
     tokens = int(trainer.state.num_input_tokens_seen or 0) - int(getattr(trainer, "_initial_num_input_tokens_seen", 0))
     steps = trainer.state.global_step - int(getattr(trainer, "_initial_global_step", 0))
     metrics = {
@@ -717,7 +718,8 @@ def final_metrics(trainer: Any, result: Any, collator: PackingCollator) -> dict[
         "final_loss": losses[-1] if losses else None,
         "first_loss": losses[0] if losses else None,
         "eval_loss": evals[-1] if evals else None,
-        "train_runtime": runtime,
+        "train_runtime": runtime,  # without pauses
+        "paused_seconds": round(paused_s, 3),
         "tokens_seen": int(trainer.state.num_input_tokens_seen or 0),
         "tokens_per_second": tokens / runtime if runtime > 0 else None,
         "padding_fraction": round(collator.padding_fraction, 4),

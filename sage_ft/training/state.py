@@ -53,6 +53,7 @@ class RunControl:
         self._cancel = threading.Event()
         self._running = threading.Event()
         self._running.set()
+        self.paused_seconds = 0.0  # time held by wait_while_paused: left out of tokens/s and the ETA
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -73,5 +74,7 @@ class RunControl:
         return not self._running.is_set()
 
     def wait_while_paused(self, poll_s: float = 0.5) -> None:
+        start = time.monotonic()
         while not self._running.wait(poll_s):
             pass
+        self.paused_seconds += time.monotonic() - start

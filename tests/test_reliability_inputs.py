@@ -362,7 +362,7 @@ def test_unicode_and_emoji_names_and_paths(app, client, tmp_path):
     finally:
         app.services.tasks.cancel(task_id)
     message, _ = client.predict("配置🚀", "en", *form_args(), api_name="/save_config")
-    assert "use letters, digits" in message
+    assert "Config saved" in message  # a name in any script is kept; only folders and control characters are refused
 
 
 def yaml_dataset(task) -> str:

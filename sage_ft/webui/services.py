@@ -8,12 +8,13 @@ missing) even before they exist.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import re
 import shutil
 import tempfile
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -21,9 +22,12 @@ from typing import Any
 
 from sage_ft import paths
 from sage_ft.tasks import Task, TaskError, TaskManager, TaskStatus, parse_task_id
-from sage_ft.webui.uploads import MAX_UPLOAD_BYTES, PathGuard
+from sage_ft.webui.uploads import MAX_UPLOAD_BYTES, PathGuard, upload_dir
 
 log = logging.getLogger(__name__)
+EXAMPLE_TAG = " (example)"
+UPLOAD_TAG = " (uploaded)"
+CONFIG_NAME_MAX = 80  # characters; 80 CJK characters are 240 bytes, under the file systems' 255
 QUEUE_REFRESH_S = 10  # how often a queued task's "starts in ~" is redrawn
 DEVICE_CACHE_S = 1.5  # below the page tick (2 s), so each tick of one page still sees a fresh sample
 _DEVICE_CACHE: dict[str, tuple[float, dict[str, Any]]] = {}
@@ -101,21 +105,69 @@ class AppServices:
 
     # ------------------------------------------------------------------ configs
     def config_choices(self) -> list[tuple[str, str]]:
-        """Saved configs, uploaded ones, then the shipped examples (not ``models.yaml``, the model list)."""
+        """Saved configs, uploaded ones (tagged, as the examples are), then the shipped examples (not
+        ``models.yaml``, the model list). An upload is listed once however often the same file was
+        uploaded, and only while it loads: the list filled with every failed or repeated upload."""
         out = []
-        for root, tag in ((self.configs_dir, ""), (paths.home() / "configs" / "uploads", ""),
-                          (self.examples_dir, " (example)")):
-            if root.is_dir():
-                found = root.rglob("*.y*ml") if root.name == "uploads" else root.glob("*.y*ml")  # one folder each
-                out += [(p.name + tag, str(p)) for p in sorted(found) if p.name != "models.yaml"]
+        if self.configs_dir.is_dir():
+            out += [(p.name, str(p)) for p in sorted(self.configs_dir.glob("*.y*ml")) if p.name != "models.yaml"]
+        out += self.uploaded_configs()
+        if self.examples_dir.is_dir():
+            out += [(p.name + EXAMPLE_TAG, str(p)) for p in sorted(self.examples_dir.glob("*.y*ml"))
+                    if p.name != "models.yaml"]
         return out
 
+    def uploaded_configs(self) -> list[tuple[str, str]]:
+        """``(label, path)`` of each distinct upload that loads as a config, oldest first; two uploads
+        of one name that differ are told apart by their upload time."""
+        from sage_ft.config import ConfigError, TrainConfig
+
+        root = upload_dir("config")
+        seen: set[tuple[str, bytes]] = set()
+        labels: set[str] = set()
+        out = []
+        for path in sorted(root.glob("*/*.y*ml")):  # one folder per upload, named by its time
+            key = (path.name, _digest(path))
+            if key in seen:
+                continue
+            try:
+                TrainConfig.from_yaml(path)
+            except (ConfigError, OSError):
+                continue
+            seen.add(key)
+            label = path.name + UPLOAD_TAG
+            if label in labels:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(path.stat().st_mtime))
+                label = f"{path.name} (uploaded {when})"
+            labels.add(label)
+            out.append((label, str(path)))
+        return out
+
+    def earlier_upload(self, stored: Path) -> Path | None:
+        """An earlier upload with the same name and the same bytes as ``stored`` (a repeated upload)."""
+        digest = _digest(stored)
+        for path in sorted(stored.parent.parent.glob(f"*/{stored.name}")):
+            if path != stored and _digest(path) == digest:
+                return path
+        return None
+
+    @staticmethod
+    def discard_upload(stored: Path) -> None:
+        """Remove an uploaded config (its own folder) that failed to load or repeats an earlier one."""
+        if stored.parent.parent == upload_dir("config"):
+            shutil.rmtree(stored.parent, ignore_errors=True)
+
     def config_path_for(self, name: str) -> Path:
-        """``<data home>/configs/<name>.yaml`` for a user-typed name (letters, digits, ``-_.`` only)."""
-        stem = name.strip().removesuffix(".yaml").removesuffix(".yml")
-        if not stem or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,80}", stem) or ".." in stem:
-            raise ValueError(f"config name {name[:80]!r}: use letters, digits, '-', '_' or '.' (no folders), "
-                             "e.g. my-chat-run")
+        """``<data home>/configs/<name>.yaml`` for a user-typed name: letters of any script (配置 too),
+        digits, spaces and punctuation; refused are only what would leave the folder or hide the file
+        (path separators, a leading '.'), control characters, and names over ``CONFIG_NAME_MAX``."""
+        stem = name.strip().removesuffix(".yaml").removesuffix(".yml").strip()
+        bad = (not stem or len(stem) > CONFIG_NAME_MAX or stem.startswith(".") or any(c in "/\\" for c in stem)
+               or any(unicodedata.category(c).startswith("C") for c in stem))
+        if bad:
+            shown = name[:80] + ("…" if len(name) > 80 else "")
+            raise ValueError(f"config name {shown!r}: use letters, digits, spaces, '-', '_' or '.' (any language; "
+                             f"no folders, no leading '.', at most {CONFIG_NAME_MAX} characters), e.g. my-chat-run")
         return self.configs_dir / f"{stem}.yaml"
 
     # ------------------------------------------------------------------ files for the browser
@@ -171,3 +223,10 @@ def tokenizer_for(model: str, template: str):
     from sage_ft.training.engine import load_tokenizer
 
     return load_tokenizer(resolve_model(model), template)
+
+
+def _digest(path: Path) -> bytes:
+    try:
+        return hashlib.sha256(path.read_bytes()).digest()
+    except OSError:
+        return b""

@@ -95,6 +95,8 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
         reg.add("train.config_name", gr.Textbox(label=i18n.t("train.config_name", lang), scale=2,
                                                 placeholder="my-run"))
         reg.add("train.save", gr.Button(i18n.t("train.save", lang), scale=1))
+        reg.add("train.overwrite_config", gr.Checkbox(False, label=i18n.t("train.overwrite_config", lang),
+                                                      scale=1, min_width=100))
         reg.add("train.config_list", gr.Dropdown(choices=services.config_choices(), value=None, scale=2,
                                                  label=i18n.t("train.config_list", lang)))
         reg.add("train.load", gr.Button(i18n.t("train.load", lang), scale=1))
@@ -154,8 +156,9 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
                                 trigger_mode="always_last")
     reg["train.check_data"].click(check, [lang, *data_inputs], data_outputs, api_name=False)
 
-    reg["train.save"].click(lambda name, lg, *v: save_config(services, name, lg, *v),
-                            [reg["train.config_name"], lang, *fields],
+    # The overwrite tick comes last: API callers that leave it out save without overwriting.
+    reg["train.save"].click(lambda name, lg, *v: save_config(services, name, lg, *v[:-1], overwrite=bool(v[-1])),
+                            [reg["train.config_name"], lang, *fields, reg["train.overwrite_config"]],
                             [reg["train.config_message"], reg["train.config_list"]], api_name="save_config")
     reg["train.load"].click(lambda p, lg: load_config(services, p, lg), [reg["train.config_list"], lang],
                             [*fields, reg["train.config_message"]], api_name="load_config")
@@ -374,7 +377,9 @@ def check_dataset(services: AppServices, lang: str, dataset: str, fmt: str, colu
     return text, figure, render.chat_preview_html(report.preview(PREVIEW_ROWS), lang)
 
 
-def save_config(services: AppServices, name: str, lang: str, *values: Any) -> tuple[str, Any]:
+def save_config(services: AppServices, name: str, lang: str, *values: Any, overwrite: bool = False) -> tuple[str, Any]:
+    """Save the form under ``name``; an existing config of that name is replaced only with the
+    Overwrite tick (it was replaced without a word)."""
     try:
         config = _config(values)
         path = services.config_path_for(name or "")
@@ -384,25 +389,36 @@ def save_config(services: AppServices, name: str, lang: str, *values: Any) -> tu
     except ValueError as exc:
         gr.Warning(str(exc))
         return f"⚠️ {html.escape(str(exc))}", gr.skip()
+    replacing = path.exists()
+    if replacing and not overwrite:
+        text = i18n.t("alert.config_exists", lang, name=path.name)
+        gr.Warning(text)
+        return f"⚠️ {html.escape(text)}", gr.skip()
     path.parent.mkdir(parents=True, exist_ok=True)
     config.save_yaml(path)
-    gr.Success(i18n.t("alert.saved", lang, path=path.name))
-    return i18n.t("alert.saved", lang, path=str(path)), gr.update(choices=services.config_choices(), value=str(path))
+    key = "alert.config_replaced" if replacing else "alert.saved"
+    gr.Success(i18n.t(key, lang, path=path.name))
+    return html.escape(i18n.t(key, lang, path=str(path))), gr.update(choices=services.config_choices(), value=str(path))
 
 
 def load_config(services: AppServices, path: str, lang: str) -> list[Any]:
+    return _load_config(services, path, lang)[0]
+
+
+def _load_config(services: AppServices, path: str, lang: str) -> tuple[list[Any], bool]:
+    """The form values and message for a config file, and whether it loaded."""
     skip = [gr.skip()] * len(FIELDS)
     if not path:
-        return [*skip, i18n.t("alert.pick_config", lang)]
+        return [*skip, i18n.t("alert.pick_config", lang)], False
     try:
         services.guard.check(path, "config file")
         config, unknown = TrainConfig.from_yaml(path)
     except PathRefused as exc:
         gr.Warning(str(exc))
-        return [*skip, f"⚠️ {html.escape(str(exc))}"]
+        return [*skip, f"⚠️ {html.escape(str(exc))}"], False
     except ConfigError as exc:
         gr.Warning(i18n.t("alert.invalid_config", lang))
-        return [*skip, _problems_md(i18n.t("alert.invalid_config", lang), exc.problems)]
+        return [*skip, _problems_md(i18n.t("alert.invalid_config", lang), exc.problems)], False
     message = i18n.t("alert.loaded", lang, path=Path(path).name)
     if unknown:
         named = [i18n.t("alert.did_you_mean", lang, name=k, guess=g) if (g := closest_key(k)) else k for k in unknown]
@@ -411,10 +427,13 @@ def load_config(services: AppServices, path: str, lang: str) -> list[Any]:
         message += f"\n\n⚠️ {html.escape(note)}"
     else:
         gr.Success(i18n.t("alert.loaded", lang, path=Path(path).name))
-    return [*form.config_to_values(config, FIELDS), message]
+    return [*form.config_to_values(config, FIELDS), message], True
 
 
 def upload_config(services: AppServices, file: Any, lang: str) -> list[Any]:
+    """Load an uploaded YAML into the form. It is kept (and listed, tagged 'uploaded') only when it
+    loads, and once: a file that fails to load is removed, and the same file uploaded again is the
+    earlier upload."""
     if not file:
         return [gr.skip()] * (len(FIELDS) + 2)
     try:
@@ -422,7 +441,14 @@ def upload_config(services: AppServices, file: Any, lang: str) -> list[Any]:
     except UploadError as exc:
         gr.Warning(str(exc))
         return [gr.skip()] * len(FIELDS) + [f"⚠️ {html.escape(str(exc))}", gr.skip()]
-    out = load_config(services, str(stored), lang)
+    earlier = services.earlier_upload(stored)
+    if earlier is not None:
+        services.discard_upload(stored)
+        stored = earlier
+    out, loaded = _load_config(services, str(stored), lang)
+    if not loaded:
+        services.discard_upload(stored)
+        return [*out, gr.update(choices=services.config_choices())]
     return [*out, gr.update(choices=services.config_choices(), value=str(stored))]
 
 

@@ -110,7 +110,7 @@ def test_prepare_docs_prints_count_and_path(tmp_path):
     out = tmp_path / "out.jsonl"
     result = sage_ft("prepare-docs", src, "-o", out)
     assert result.returncode == 0, result.stderr
-    assert f"Wrote 2 samples (1 section QA pairs, 1 continuations) from 1 documents to {out}" in result.stdout
+    assert f"Wrote 2 samples (1 section QA pairs, 1 continuations) from 1 document to {out}" in result.stdout
     assert len(out.read_text().splitlines()) == 2
     check = sage_ft("check-data", out)
     assert check.returncode == 0 and "openai" in check.stdout
@@ -127,6 +127,21 @@ def test_prepare_docs_prints_count_and_path(tmp_path):
     assert below_a_file.returncode == 1 and "out.jsonl is a file, not a folder" in below_a_file.stderr
     for result in (empty, kept, below_a_file):
         _no_traceback(result)
+
+
+def test_prepare_docs_counts_the_documents_used_and_names_the_skipped_ones(tmp_path):
+    """With two of five files not UTF-8 it said 'from 5 documents' (3 were used)."""
+    src = tmp_path / "docs"
+    src.mkdir()
+    for name in ("a.md", "b.md", "c.txt"):
+        (src / name).write_text(f"# {name}\n\nSome text about {name} for the section answer.\n", encoding="utf-8")
+    for name in ("latin1.md", "cp1252.txt"):
+        (src / name).write_bytes(f"# {name}\n\nCaf\xe9 cr\xe8me\n".encode("latin-1"))
+    out = tmp_path / "out.jsonl"
+    result = sage_ft("prepare-docs", src, "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert "from 3 documents to" in result.stdout and "Skipped 2 documents:" in result.stdout
+    assert f"{src / 'latin1.md'}: not UTF-8" in result.stdout and f"{src / 'cp1252.txt'}: not UTF-8" in result.stdout
 
 
 def test_prepare_docs_builtin_and_help():

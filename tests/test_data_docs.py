@@ -117,6 +117,10 @@ def test_unreadable_documents_are_skipped_and_named(docs_dir, tmp_path):
     (docs_dir / "latin1.md").write_bytes("# Caf\xe9\n\ntext\n".encode("latin-1"))
     result = prepare_docs(docs_dir, tmp_path / "out.jsonl")
     assert len(result.skipped) == 1 and "latin1.md: not UTF-8 (byte offset 5)" in result.skipped[0]
+    assert all(p.name != "latin1.md" for p in result.sources)  # sources are the documents used
+    (docs_dir / "empty.md").write_text("# Only a heading\n", encoding="utf-8")
+    again = prepare_docs(docs_dir, tmp_path / "again.jsonl")
+    assert len(again.sources) == len(result.sources) and any("empty.md: no text" in s for s in again.skipped)
 
 
 def test_bad_source_folders_are_explained(tmp_path):

@@ -144,11 +144,17 @@ def prepare_docs_command(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     except OSError as exc:
         return _fail(f"cannot write {exc.filename}: {exc.strerror}")
-    for line in result.skipped:
-        print(f"skipped {line}", file=sys.stderr)
     print(f"Wrote {result.count} samples ({result.qa_pairs} section QA pairs, {result.continuations} "
-          f"continuations) from {len(result.sources)} documents to {result.path}")
+          f"continuations) from {_count(len(result.sources), 'document')} to {result.path}")
+    if result.skipped:  # found but not used: named with the reason, after the count they are not part of
+        print(f"Skipped {_count(len(result.skipped), 'document')}:")
+        for line in result.skipped:
+            print(f"  - {line}")
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _fail(message: str) -> int:

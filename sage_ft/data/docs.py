@@ -47,8 +47,8 @@ class DocsDatasetResult:
     path: Path
     qa_pairs: int = 0
     continuations: int = 0
-    sources: list[Path] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # "file: why" for files that could not be read
+    sources: list[Path] = field(default_factory=list)  # the documents the samples came from
+    skipped: list[str] = field(default_factory=list)  # "file: why" for each document found but not used
 
 
 def find_documents(src: str | Path | list[str | Path]) -> list[Path]:
@@ -192,6 +192,7 @@ def prepare_docs(src_dir: str | Path | list[str | Path], out_path: str | Path, *
         raise DataError(f"{src_dir}: no .md, .markdown or .txt documents found; put your documents there")
     sections: list[Section] = []
     skipped: list[str] = []
+    used: list[Path] = []  # only these count as the documents the samples came from (skipped ones did too)
     for source in sources:
         try:
             text = source.read_text(encoding="utf-8").removeprefix("\ufeff")
@@ -201,13 +202,18 @@ def prepare_docs(src_dir: str | Path | list[str | Path], out_path: str | Path, *
         except OSError as exc:
             skipped.append(f"{source}: cannot be read ({exc.strerror})")
             continue
-        sections += split_sections(text, source)
+        found = split_sections(text, source)
+        if not found:
+            skipped.append(f"{source}: no text (the file is empty or has only headings)")
+            continue
+        used.append(source)
+        sections += found
     rows, qa, cont = build_samples(sections, max_answer_chars, min_continuation_words)
     if not rows:
-        why = ("; ".join(skipped) if skipped else "every document is empty")
+        why = "; ".join(skipped) if skipped else "every document is empty"
         raise DataError(f"{src_dir}: no text to learn from in {len(sources)} document(s): {why}")
     _write_jsonl_atomic(rows, out_path)
-    return DocsDatasetResult(len(rows), out_path, qa, cont, sources, skipped)
+    return DocsDatasetResult(len(rows), out_path, qa, cont, used, skipped)
 
 
 def _write_jsonl_atomic(rows: list[dict], path: Path) -> None:

@@ -267,3 +267,63 @@ def test_really_trained_run_exports_and_answers_like_the_adapter(trained_run, de
     assert answer not in generate(demo_model, question, max_new_tokens=24)
     card = (result.out_dir / "README.md").read_text()
     assert "completed" in card and "learning_rate" in card
+
+
+@pytest.fixture(scope="module")
+def merged_export(lora_run, tmp_path_factory) -> Path:
+    """A merged export (sage_ft_export.json and all) to convert and zip."""
+    return merge_lora(lora_run, out_dir=tmp_path_factory.mktemp("exports") / "for-gguf", verify=False).out_dir
+
+
+@pytest.mark.parametrize("cancel_at", ["converting", "verifying (GGUF logits)", "finishing"])
+def test_gguf_cancel_leaves_no_file(merged_export, cancel_at):
+    """Cancel between tensors (after the first one is written), between verification steps, and at the last
+    step before the file takes its name: no GGUF, no partial file, no empty gguf/ folder, nothing recorded."""
+    from sage_ft.export import convert_to_gguf
+
+    record = (merged_export / "sage_ft_export.json").read_text()
+    cancel, seen = threading.Event(), []
+
+    def progress(stage, fraction):
+        seen.append(stage)
+        if stage == cancel_at and (stage != "converting" or fraction > 0):
+            cancel.set()
+
+    with pytest.raises(ExportCancelled, match=r"GGUF export cancelled while .*; no GGUF file was written"):
+        convert_to_gguf(merged_export, outtype="q8_0", progress=progress, cancel_event=cancel)
+    assert cancel_at in seen and "done" not in seen
+    assert not (merged_export / "gguf").exists()
+    assert (merged_export / "sage_ft_export.json").read_text() == record
+    assert _leftovers(merged_export) == []
+
+
+def test_gguf_overwrite_cancelled_while_verifying_keeps_the_old_file(merged_export, tmp_path):
+    from sage_ft.export import convert_to_gguf
+
+    old = convert_to_gguf(merged_export, out_file=tmp_path / "m.gguf", outtype="f16", verify=False).path
+    before = old.read_bytes()
+    cancel = threading.Event()
+    with pytest.raises(ExportCancelled, match="while verifying"):
+        convert_to_gguf(merged_export, out_file=old, outtype="q8_0", overwrite=True, cancel_event=cancel,
+                        progress=lambda stage, f: stage.startswith("verifying") and cancel.set())
+    assert old.read_bytes() == before and list(tmp_path.iterdir()) == [old]
+
+
+def test_zip_cancel_leaves_no_zip_and_keeps_an_existing_one(merged_export, tmp_path):
+    archive = tmp_path / "for-gguf.zip"
+    archive.write_bytes(b"an earlier download")
+    cancel, fractions = threading.Event(), []
+
+    def progress(stage, fraction):
+        fractions.append(fraction)
+        if fraction > 0:  # the first file is in: cancel before the next one
+            cancel.set()
+
+    with pytest.raises(ExportCancelled, match="zip cancelled; no zip file was written"):
+        zip_export(merged_export, archive, cancel_event=cancel, progress=progress)
+    assert 0 < fractions[-1] < 1
+    assert archive.read_bytes() == b"an earlier download" and list(tmp_path.iterdir()) == [archive]
+    # uncancelled, it reports up to 1.0 and replaces the old file
+    fractions.clear()
+    assert zip_export(merged_export, archive, progress=lambda s, f: fractions.append(f)) == archive
+    assert fractions[-1] == 1.0 and zipfile.is_zipfile(archive)

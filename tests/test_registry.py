@@ -183,3 +183,19 @@ def test_cli_models_list_and_add(home, demo_model, tmp_path, capsys):
     assert main(["models", "add", str(good), "--name", "good-one"]) == 0
     assert main(["models", "list", "--kind", "base"]) == 0
     assert "good-one [base]" in capsys.readouterr().out
+
+
+def test_cli_models_list_prints_datasets_readably(home, demo_model, capsys):
+    """An export's dataset is what its run recorded (a list of files; an object in older runs): it was
+    printed as a Python repr, ``data ['/data/qa.jsonl']``."""
+    from sage_ft.cli import main
+
+    for name, dataset in (("exp-list", ["/data/qa.jsonl", "/data/more.csv"]),
+                          ("exp-object", {"path": "memorise.jsonl", "rows": 12})):
+        export = shutil.copytree(demo_model, paths.exports_dir() / name)
+        (export / "sage_ft_export.json").write_text(json.dumps({"kind": "merged", "base_model": "demo",
+                                                                "dataset": dataset}))
+    assert main(["models", "list", "--kind", "merged"]) == 0
+    out = capsys.readouterr().out
+    assert "data /data/qa.jsonl, /data/more.csv" in out and "data memorise.jsonl (rows 12)" in out
+    assert "['" not in out and "{'" not in out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,10 +62,13 @@ def run_export(args: argparse.Namespace) -> int:
     from sage_ft.export import ExportError, convert_to_gguf, merge_lora, zip_export
     from sage_ft.export.source import run_dir_for
 
+    started = time.monotonic()
+    parts: dict[str, float] = {}  # merge / GGUF / zip -> seconds, for the closing line
     try:
         source = run_dir_for(args.source)
         result = merge_lora(source, out_dir=args.out, dtype=args.dtype, shard_size=args.shard_size,
                             overwrite=args.overwrite, progress=_Progress(), verify=args.verify)
+        parts["merge"] = time.monotonic() - started
         _print_verify("verify merge", result.verify)
         if result.verify is not None and not result.verify.ok:
             print(f"error: the merged model in {result.out_dir} does not match base + adapter; do not use it",
@@ -74,16 +78,22 @@ def run_export(args: argparse.Namespace) -> int:
               f"{result.size_bytes / 1e6:.1f} MB): {result.out_dir}", file=sys.stderr)
         outputs = [result.out_dir]
         if args.gguf:
+            t0 = time.monotonic()
             gguf = convert_to_gguf(result.out_dir, outtype=args.gguf, verify=args.verify,
                                    overwrite=args.overwrite, progress=_Progress())
+            parts["GGUF"] = time.monotonic() - t0
             _print_verify("verify gguf", gguf.verify)
             print(f"GGUF ({gguf.outtype}, {gguf.size_bytes / 1e6:.1f} MB): {gguf.path}", file=sys.stderr)
             outputs.append(gguf.path)
         if args.zip:
+            t0 = time.monotonic()
             outputs.append(zip_export(result.out_dir))
+            parts["zip"] = time.monotonic() - t0
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    detail = f" ({', '.join(f'{part} {seconds:.1f} s' for part, seconds in parts.items())})" if len(parts) > 1 else ""
+    print(f"exported in {time.monotonic() - started:.1f} s{detail}", file=sys.stderr)
     for path in outputs:
         print(path)
     return 0

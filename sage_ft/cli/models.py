@@ -53,13 +53,30 @@ def _list(args: argparse.Namespace) -> int:
         if e.final_loss is not None:
             facts.append(f"loss {e.final_loss:.4f}")
         if e.dataset:
-            facts.append(f"data {e.dataset}")
+            facts.append(f"data {_dataset_text(e.dataset)}")
         if e.note:
             facts.append(e.note)
         print(f"{e.label:<{width}}  {e.path}\n{'':<{width}}  " + " · ".join(facts))
         for step, path in e.checkpoints:
             print(f"{'':<{width}}    checkpoint {step}: {path}")
     return 0
+
+
+def _dataset_text(dataset: Any) -> str:
+    """A run's dataset as a person reads it: ``a.jsonl, b.csv`` (not ``['a.jsonl', 'b.csv']``).
+
+    Runs record a list of paths; exports copy whatever their run recorded (a list, a path, or a
+    ``{"path": ..., "rows": ...}`` object from older runs).
+    """
+    if isinstance(dataset, (list, tuple)):
+        return ", ".join(_dataset_text(item) for item in dataset)
+    if isinstance(dataset, dict):
+        name = dataset.get("path") or dataset.get("name") or dataset.get("files")
+        rest = ", ".join(f"{k} {v}" for k, v in dataset.items() if k not in ("path", "name", "files"))
+        if name:
+            return _dataset_text(name) + (f" ({rest})" if rest else "")
+        return rest
+    return str(dataset)
 
 
 def _size(n: int | None) -> str:

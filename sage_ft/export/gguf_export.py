@@ -14,17 +14,19 @@ one tensor, not one model. The file is verified by loading it back with transfor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sage_ft import paths
-from sage_ft.export.source import EXPORT_RECORD, ExportError, read_json
+from sage_ft.export.source import EXPORT_RECORD, ExportCancelled, ExportError, read_json
 from sage_ft.export.verify import VerifyResult, compare_logits, prompt_logits, render_prompts
 
 log = logging.getLogger(__name__)
@@ -266,20 +268,30 @@ class GGUFExport:
 
 def export_gguf(model_dir: str | Path, out_file: str | Path | None = None, outtype: str = "f16",
                 verify: bool = True, overwrite: bool = False, atol: float | None = None,
-                progress: Callable[[str, float], None] | None = None) -> Path:
+                progress: Callable[[str, float], None] | None = None,
+                cancel_event: threading.Event | None = None) -> Path:
     """``convert_to_gguf(...).path``: the GGUF file written (and verified unless ``verify=False``)."""
-    return convert_to_gguf(model_dir, out_file, outtype, verify, overwrite, atol, progress).path
+    return convert_to_gguf(model_dir, out_file, outtype, verify, overwrite, atol, progress, cancel_event).path
+
+
+def _check_cancel(cancel_event: threading.Event | None, stage: str) -> None:
+    if cancel_event is not None and cancel_event.is_set():
+        raise ExportCancelled(f"GGUF export cancelled while {stage}; no GGUF file was written")
 
 
 def convert_to_gguf(model_dir: str | Path, out_file: str | Path | None = None, outtype: str = "f16",
                     verify: bool = True, overwrite: bool = False, atol: float | None = None,
-                    progress: Callable[[str, float], None] | None = None) -> GGUFExport:
+                    progress: Callable[[str, float], None] | None = None,
+                    cancel_event: threading.Event | None = None) -> GGUFExport:
     """Convert a Hugging Face Llama/Qwen2 model directory (e.g. a merged export) to one GGUF file.
 
-    With ``verify`` (default) the file is loaded back with transformers' GGUF loader and its logits
-    and tokenization compared with the source; a failing file is deleted and ``GGUFVerifyError``
-    raised. When the model dir is a sage-ft export, the file and its verification are recorded in
-    its ``sage_ft_export.json``.
+    The file is written under a temporary name beside ``out_file`` and, with ``verify`` (default),
+    loaded back with transformers' GGUF loader and its logits and tokenization compared with the
+    source before it takes its name: a failing file is deleted and ``GGUFVerifyError`` raised, and
+    ``cancel_event`` (checked between tensors and between verification steps) raises
+    ``ExportCancelled``; either way nothing is left at ``out_file`` (an existing file there stays as it
+    was). When the model dir is a sage-ft export, the file and its verification are recorded in its
+    ``sage_ft_export.json``.
     """
     import gguf
     import numpy as np
@@ -297,16 +309,22 @@ def convert_to_gguf(model_dir: str | Path, out_file: str | Path | None = None, o
     plans = _plan_tensors(model_dir, config, arch, outtype)
 
     def report(stage: str, fraction: float) -> None:
+        """Progress, then a cancel point (a cancel pressed while it was shown stops the stage it names)."""
         if progress is not None:
             progress(stage, fraction)
+        _check_cancel(cancel_event, stage)
 
     from sage_ft.export.merge import DEFAULT_HEADROOM_BYTES, check_disk_space
 
     check_disk_space(out, sum(_nbytes(p)[1] for p in plans), DEFAULT_HEADROOM_BYTES)
+    report("converting", 0.0)
+    made_parent = not out.parent.exists()
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    writer = None
+    result = None
     try:
         writer = gguf.GGUFWriter(tmp, arch)
         _add_hparams(writer, config, arch, outtype, model_dir.name)
@@ -323,21 +341,27 @@ def convert_to_gguf(model_dir: str | Path, out_file: str | Path | None = None, o
             report("converting", 0.8 * index / len(plans))
             writer.write_tensor_data(_tensor_data(plan, config, arch, handles))
         writer.close()
+        if verify:
+            report("verifying", 0.85)
+            result = verify_gguf(model_dir, tmp, outtype=outtype, atol=atol, cancel_event=cancel_event,
+                                 progress=lambda step, f: report(f"verifying ({step})", 0.85 + 0.1 * f))
+            result.details["candidate"] = str(out)
+            if not result.ok:
+                raise GGUFVerifyError(f"the GGUF file did not reproduce {model_dir} (max |logit diff| "
+                                      f"{result.max_abs_diff:.3g}, {result.details}); it was not kept", result)
+        report("finishing", 0.95)  # the last cancel point: the file takes its name next
         tmp.chmod(0o644)
         tmp.replace(out)
     finally:
+        if writer is not None:
+            writer.close()
         tmp.unlink(missing_ok=True)
-
-    result = None
-    if verify:
-        report("verifying", 0.85)
-        result = verify_gguf(model_dir, out, outtype=outtype, atol=atol)
-        if not result.ok:
-            out.unlink(missing_ok=True)
-            raise GGUFVerifyError(f"the GGUF file did not reproduce {model_dir} (max |logit diff| "
-                                  f"{result.max_abs_diff:.3g}, {result.details}); it was removed", result)
+        if made_parent and not out.exists():
+            with contextlib.suppress(OSError):
+                out.parent.rmdir()  # the gguf/ folder this call made, left empty
     _record_gguf(model_dir, out, outtype, result)
-    report("done", 1.0)
+    if progress is not None:
+        progress("done", 1.0)
     return GGUFExport(path=out, outtype=outtype, size_bytes=out.stat().st_size, verify=result)
 
 
@@ -357,25 +381,41 @@ def _record_gguf(model_dir: Path, out: Path, outtype: str, result: VerifyResult 
 
 
 def verify_gguf(model_dir: str | Path, gguf_file: str | Path, outtype: str | None = None,
-                prompts: list[str] | None = None, atol: float | None = None) -> VerifyResult:
-    """Load ``gguf_file`` with transformers' GGUF loader; compare tokenization and float32 logits."""
+                prompts: list[str] | None = None, atol: float | None = None,
+                cancel_event: threading.Event | None = None,
+                progress: Callable[[str, float], None] | None = None) -> VerifyResult:
+    """Load ``gguf_file`` with transformers' GGUF loader; compare tokenization and float32 logits.
+
+    ``progress(step, fraction)`` is called before each step; ``cancel_event`` is checked there too.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    def step(name: str, fraction: float) -> None:
+        if progress is not None:
+            progress(name, fraction)
+        _check_cancel(cancel_event, f"verifying ({name})")
+
     model_dir, gguf_file = Path(model_dir), Path(gguf_file).resolve()
+    step("loading the source", 0.0)
     source_tok = AutoTokenizer.from_pretrained(model_dir)
     texts = render_prompts(source_tok, prompts)
     source = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    step("source logits", 0.25)
     reference = prompt_logits(source, source_tok, texts)
     del source
     # Load from a folder holding nothing but the file: transformers lets a tokenizer_config.json next
-    # to the GGUF override what the file says, which would hide a defect in the file.
+    # to the GGUF override what the file says, which would hide a defect in the file. The link is
+    # named *.gguf whatever the file is called (a file being written has a temporary name).
+    step("loading the GGUF file", 0.5)
     with tempfile.TemporaryDirectory(prefix="sage-ft-gguf-verify-") as alone:
-        (Path(alone) / gguf_file.name).symlink_to(gguf_file)
-        gguf_tok = AutoTokenizer.from_pretrained(alone, gguf_file=gguf_file.name)
-        loaded = AutoModelForCausalLM.from_pretrained(alone, gguf_file=gguf_file.name, dtype=torch.float32).eval()
+        link = gguf_file.name if gguf_file.suffix == ".gguf" else "model.gguf"
+        (Path(alone) / link).symlink_to(gguf_file)
+        gguf_tok = AutoTokenizer.from_pretrained(alone, gguf_file=link)
+        loaded = AutoModelForCausalLM.from_pretrained(alone, gguf_file=link, dtype=torch.float32).eval()
     mismatched = [t for t in texts if source_tok(t, add_special_tokens=False)["input_ids"]
                   != gguf_tok(t, add_special_tokens=False)["input_ids"]]
+    step("GGUF logits", 0.75)
     candidate = prompt_logits(loaded, gguf_tok, texts)
     if atol is None and outtype is not None:
         max_ref = max(float(r.abs().max()) for r in reference)

@@ -24,6 +24,7 @@ from typing import Any
 from sage_ft import paths
 from sage_ft.atomic import output_path_problem
 from sage_ft.export.card import write_model_card
+from sage_ft.export.served import refuse_if_served
 from sage_ft.export.source import EXPORT_RECORD, ExportCancelled, ExportError, ExportSource, resolve_source
 from sage_ft.export.verify import (
     VerifyResult,
@@ -129,7 +130,7 @@ def default_out_dir(source: ExportSource) -> Path:
     return paths.exports_dir() / f"{source.name}-merged"
 
 
-def _check_target(out_dir: Path, source: ExportSource, overwrite: bool) -> None:
+def _check_target(out_dir: Path, source: ExportSource, overwrite: bool, chat_manager: Any = None) -> None:
     problem = output_path_problem(out_dir)
     if problem is not None:  # mkdir would fail with a bare FileExistsError or OSError, after the merge
         raise ExportError(f"cannot export there: {problem}; choose another output")
@@ -146,6 +147,7 @@ def _check_target(out_dir: Path, source: ExportSource, overwrite: bool) -> None:
     if any(out_dir.iterdir()) and not (out_dir / EXPORT_RECORD).exists():
         raise ExportError(f"refusing to overwrite {out_dir}: it is not a sage-ft export (no {EXPORT_RECORD}); "
                           "remove it yourself or choose another output directory")
+    refuse_if_served(out_dir, chat_manager)
 
 
 class _Stages:
@@ -186,12 +188,15 @@ def merge_lora(run_dir_or_adapter: str | Path, out_dir: str | Path | None = None
                shard_size: str | int = DEFAULT_SHARD_SIZE, overwrite: bool = False,
                progress: ProgressFn | None = None, cancel_event: threading.Event | None = None,
                verify: bool = True, prompts: list[str] | None = None, atol: float | None = None,
-               min_free_bytes: int = DEFAULT_HEADROOM_BYTES) -> ExportResult:
+               min_free_bytes: int = DEFAULT_HEADROOM_BYTES, chat_manager: Any = None) -> ExportResult:
     """Merge the adapter of a run / checkpoint / adapter dir into its base and write it to ``out_dir``.
 
     Stages reported to ``progress(stage, fraction)``: checking, loading, merging, saving, verifying,
     finishing, done. ``cancel_event`` is checked between stages. Raises ``ExportError`` on refusal,
     ``ExportCancelled`` on cancel; in both cases nothing is left at ``out_dir`` or beside it.
+    An existing export is never overwritten while a chat server serves it (checked before the merge and
+    again right before the swap): the vLLM servers of every live sage-ft process, and ``chat_manager``
+    (this process's ``ServerManager``) when it chats in-process.
     """
     import torch
     from peft import PeftModel
@@ -204,7 +209,7 @@ def merge_lora(run_dir_or_adapter: str | Path, out_dir: str | Path | None = None
     dtype = resolve_dtype(dtype, source.base_model)
     max_shard = parse_size(shard_size)
     out_dir = Path(out_dir).expanduser().resolve() if out_dir else default_out_dir(source)
-    _check_target(out_dir, source, overwrite)
+    _check_target(out_dir, source, overwrite, chat_manager)
     needed = count_parameters(source.base_model) * DTYPE_BYTES[dtype]
     check_disk_space(out_dir, needed, min_free_bytes)
 
@@ -246,6 +251,8 @@ def merge_lora(run_dir_or_adapter: str | Path, out_dir: str | Path | None = None
         record = _export_record(source, dtype, max_shard, created_at, weight_files, size, verify_dict)
         (staging / EXPORT_RECORD).write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
         stages.enter("finishing", 0.95)  # last cancel point: after this the export is in place
+        if out_dir.exists():  # the chat may have switched to it while we merged
+            refuse_if_served(out_dir, chat_manager)
         _replace_dir(staging, out_dir)
     finally:
         if staging.exists():

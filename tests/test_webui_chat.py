@@ -314,14 +314,14 @@ def test_compare_answers_side_by_side(client, vllm_manager, serving_adapters, ot
 
 
 def test_server_panel_shows_status_metrics_and_log(client, vllm_manager):
-    status, metrics, log_tail = client.predict("en", api_name="/server_status")
+    status, metrics, log_tail, _ = client.predict("en", api_name="/server_status")
     server = vllm_manager.status()
     assert "ready" in status and str(server["port"]) in status and server["log_path"] in status
     assert "<th>Context</th><td>1,024 tokens (prompt and reply)</td>" in status  # what vLLM settled on
     assert "Requests running" in metrics and "KV-cache use" in metrics
     assert log_tail.strip() and log_tail.splitlines()[-1] in Path(server["log_path"]).read_text()
     client.predict(HELLO, [], *GREEDY, api_name="/chat_send")
-    _, metrics, _ = client.predict("en", api_name="/server_status")  # the session kept the last counters
+    metrics = client.predict("en", api_name="/server_status")[1]  # the session kept the last counters
     rate = metrics.split("Generated tokens/s</th><td>")[1].split("<")[0]
     assert float(rate.replace(",", "")) > 0
 
@@ -403,12 +403,16 @@ def test_the_browser_keeps_the_newest_turns_of_each_conversation_and_the_setting
         [], [], [], skip, skip, skip, skip]
     assert restore_chats(None, None) == [skip] * 7
     # a question is kept as soon as it is sent (in Chat, or on both Compare sides), before its reply
-    asked, timer = remember_question("chat")("q2", turns[-2:], [], [])
+    page = gr.Request(session_hash="page-1")
+    idle = lambda session: ()  # noqa: E731 - no reply of the page streams
+    asked, timer = remember_question("chat", idle)("q2", turns[-2:], [], [], page)
     assert asked["chat"] == [*turns[-2:], {"role": "user", "content": "q2"}] and asked["a"] == []
     assert timer.active  # the reply is saved every few seconds while it streams
-    asked, _ = remember_question("compare")("q", [], [], turns[-2:])
+    asked, _ = remember_question("compare", idle)("q", [], [], turns[-2:], page)
     assert asked["a"] == [{"role": "user", "content": "q"}] and asked["b"][-1] == {"role": "user", "content": "q"}
-    assert remember_question("chat")("  ", [], [], []) == (skip, skip)  # nothing sent: nothing kept
+    assert remember_question("chat", idle)("  ", [], [], [], page) == (skip, skip)  # nothing sent: nothing kept
+    # a Send refused while a reply streams there keeps nothing (its question stays in the message box)
+    assert remember_question("chat", lambda session: ("chat",))("q2", turns[-2:], [], [], page) == (skip, skip)
 
 
 def test_a_reply_saved_while_it_streamed_comes_back_marked_as_cut_off():

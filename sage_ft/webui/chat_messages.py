@@ -4,6 +4,8 @@ A reply starts with the name of the model that wrote it (``answered_by``), so a 
 spans a switch stays readable; ``prompt_of`` sends the model the turns without those names, without
 our error notes and without the "stopped" marks. ``Pump`` runs one streaming reply in a thread so the
 UI never blocks on the server; ``Reply`` assembles what it drains into the Chatbot message.
+``RUNNING`` knows which replies stream now: one per chat of a page at most (Send, Enter and
+Regenerate are separate events, so a second one could otherwise stream into the same chat).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import queue
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -21,6 +24,8 @@ log = logging.getLogger(__name__)
 
 ERROR_MARK = "❌"
 STOPPED_MARK = "⏹"
+WRITING_MARK = "✍️"  # a restored reply that another tab of the browser is still writing
+NOTE_MARKS = (STOPPED_MARK, WRITING_MARK)  # our notes under a reply, never sent to the model
 MODEL_MARK = "🤖"  # starts a reply's first line: the model that wrote it
 
 
@@ -73,7 +78,7 @@ def prompt_of(history: list[dict[str, str]]) -> list[dict[str, str]]:
                 if out and out[-1]["role"] == "user":
                     out.pop()
                 continue
-            content = content.split(f"\n\n{STOPPED_MARK}")[0]
+            content = re.split("|".join(f"\n\n{re.escape(mark)}" for mark in NOTE_MARKS), content)[0]
         out.append({"role": msg["role"], "content": content})
     return out
 
@@ -84,9 +89,16 @@ class Reply:
     def __init__(self, message: dict[str, str]):
         self.message, self.label, self.body = message, "", ""
         self.model, self.note = "", ""
+        self.starting: str | None = None  # the chat server's start under way before the reply (its stage)
+        self.starting_since = 0.0
 
     def add(self, got: Drained, lang: str) -> bool:
-        """Take what a pump drained; whether the message changed."""
+        """Take what a pump drained; whether the message changed (a server start under way, shown until
+        the first words come, changes it each second: its elapsed time)."""
+        if got.starting is not None:
+            if self.starting is None:
+                self.starting_since = time.monotonic()
+            self.starting = got.starting
         if got.left_out:
             turns, context = got.left_out
             self.note = i18n.t("chat.left_out", lang, n=turns, context=f"{context:,}")
@@ -98,7 +110,14 @@ class Reply:
             self.body = (self.body + "\n\n" if self.body else "") + error_note(got.error, lang)
         if got.done and not self.body:
             self.body = f"_{i18n.t('chat.empty_reply', lang)}_"
-        return self._show() or bool(got.done)
+        return self._show(lang) or bool(got.done)
+
+    def _starting_note(self, lang: str) -> str:
+        if self.starting is None:
+            return ""
+        seconds = f"{time.monotonic() - self.starting_since:.0f}"
+        stage = f"{self.starting} · " if self.starting else ""
+        return f"⏳ _{md_escape(i18n.t('chat.server_starting', lang))} ({md_escape(stage)}{seconds} s)_"
 
     def stopped(self, lang: str) -> None:
         self.body += f"\n\n{STOPPED_MARK} {i18n.t('chat.stopped', lang)}"
@@ -108,8 +127,8 @@ class Reply:
         self.body = text
         self._show()
 
-    def _show(self) -> bool:
-        content = self.label + self.body
+    def _show(self, lang: str = "en") -> bool:
+        content = self.label + (self.body or self._starting_note(lang))
         changed = content != self.message["content"]
         self.message["content"] = content
         return changed
@@ -123,9 +142,11 @@ class Drained(NamedTuple):
     error: Exception | None = None
     model: str | None = None  # the label of the model that answers, once the request is routed
     left_out: tuple[int, int] | None = None  # (oldest turns not sent, context length) of a long chat
+    starting: str | None = None  # the chat server is being started first: its stage ("" before the first)
 
 
-Report = Callable[[str, Any], None]  # ("model", label) or ("fit", (turns left out, context length))
+# ("model", label), ("fit", (turns left out, context length)) or ("starting", stage of a server start)
+Report = Callable[[str, Any], None]
 
 
 class Pump:
@@ -149,7 +170,7 @@ class Pump:
 
     def drain(self, timeout: float) -> Drained:
         """New text, whether the reply ended, its error and model (waits up to ``timeout`` for something)."""
-        text, done, error, model, left_out = "", False, None, None, None
+        text, done, error, model, left_out, starting = "", False, None, None, None, None
         try:
             items = [self.chunks.get(timeout=timeout)]
         except queue.Empty:
@@ -166,9 +187,11 @@ class Pump:
                 model = value
             elif kind == "fit":
                 left_out = value
+            elif kind == "starting":
+                starting = value
             else:
                 done, error = True, value if kind == "error" else None
-        return Drained(text, done, error, model, left_out)
+        return Drained(text, done, error, model, left_out, starting)
 
 
 def error_note(exc: Exception, lang: str) -> str:
@@ -183,3 +206,61 @@ def error_note(exc: Exception, lang: str) -> str:
 def md_escape(text: str) -> str:
     """A model's name as literal text inside a chat message (run names may hold ``_``, ``*``, ``<``)."""
     return re.sub(r"([\\`*_\[\]<>#|~])", r"\\\1", text)
+
+
+def reply_key(session_hash: str | None, where: str = "chat") -> str:
+    """Whose reply: the page's session (API callers without one share "api"), + "/compare" for the
+    reply of its Compare sub-tab ("chat" or "compare": each is a chat of its own)."""
+    return f"{session_hash or 'api'}{'/compare' if where == 'compare' else ''}"
+
+
+class RunningReplies:
+    """The replies streaming now, by ``reply_key``, each with the event that stops it. A chat has one
+    at most: ``claim`` refuses a second (it streamed into the same chat, and Stop reached only the
+    newest). Thread-safe: Gradio runs each event's handler on a thread of its own."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._cancels: dict[str, threading.Event] = {}
+
+    def claim(self, key: str) -> threading.Event | None:
+        """The cancel event of a new reply of ``key``, or None while one streams there."""
+        with self._changed:
+            if key in self._cancels:
+                return None
+            event = self._cancels[key] = threading.Event()
+            return event
+
+    def release(self, key: str, event: threading.Event) -> None:
+        """The reply of ``event`` ended (or was refused, stopped, or its page went away)."""
+        with self._changed:
+            if self._cancels.get(key) is event:
+                del self._cancels[key]
+                self._changed.notify_all()
+
+    def streaming(self, key: str) -> bool:
+        return key in self._cancels
+
+    def stop(self, key: str, clearing: bool = False) -> bool:
+        """Ask the reply of ``key`` to stop (``clearing``: end it without a last update, the chat is
+        emptied next); whether one was streaming."""
+        with self._changed:
+            event = self._cancels.get(key)
+            if event is not None:
+                event.clearing = clearing  # type: ignore[attr-defined]
+                event.set()
+            return event is not None
+
+    def wait_ended(self, key: str, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) until no reply of ``key`` streams; whether none does."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while key in self._cancels:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(left)
+            return True
+
+
+RUNNING = RunningReplies()  # the replies of every page of this app process

@@ -5,7 +5,10 @@ never leaves a half-done switch), while the handler streams progress and ends wi
 ✅ live / ⚠️ restart needed / ❌ failed. Chat replies are pumped from ``stream_chat`` in a thread
 into a queue, so Stop answers at once and a server error becomes a message in the chat, never a
 frozen spinner (the messages themselves: ``chat_messages``; kept across reloads: ``chat_memory``).
-Compare streams two served names (the base and its LoRAs) concurrently.
+Compare streams two served names (the base and its LoRAs) concurrently. One reply streams in a chat
+at a time: Send, Enter or Regenerate while one streams is refused with a short note (the message stays
+in its box), so two replies never stream into one chat and Stop always reaches the one streaming.
+A chat sent while the server is stopped (or crashed) starts it, the reply saying so meanwhile.
 """
 
 from __future__ import annotations
@@ -22,7 +25,17 @@ from typing import Any
 import gradio as gr
 
 from sage_ft.webui import chat_memory, i18n, server_panel
-from sage_ft.webui.chat_messages import ERROR_MARK, STOPPED_MARK, Pump, Reply, Report, as_messages, prompt_of
+from sage_ft.webui.chat_messages import (
+    ERROR_MARK,
+    RUNNING,
+    STOPPED_MARK,
+    Pump,
+    Reply,
+    Report,
+    as_messages,
+    prompt_of,
+    reply_key,
+)
 from sage_ft.webui.components import Registry
 from sage_ft.webui.services import AppServices
 from sage_ft.webui.topbar import TickPart
@@ -31,9 +44,8 @@ from sage_ft.webui.uploads import PathRefused
 log = logging.getLogger(__name__)
 
 TYPE_TAGS = {"base": "base", "adapter": "finetuned · LoRA", "lora": "finetuned · LoRA", "merged": "merged"}
-_CANCELS: dict[str, threading.Event] = {}  # session (+ "/compare") -> the cancel event of its running reply
 CLEAR_WAIT_S = 2.0  # the longest 🧹 Clear waits for a streaming reply to end before it empties the chat
-_STREAMING: set[str] = set()  # session (+ "/compare") of the replies streaming now (the autosave asks)
+TOAST_S = 8  # seconds a warning toast stays: one that stays covers the Switch / Cancel switch buttons
 _BANNER_STYLE = ("border:1px solid var(--border-color-primary);border-left:5px solid {color};border-radius:8px;"
                  "padding:8px 12px;line-height:1.6")
 _STATE_COLORS = {"ready": "#16a34a", "starting": "#d97706", "switching": "#d97706", "crashed": "#dc2626"}
@@ -139,7 +151,7 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
         stop(request)
 
     def stop_compare(request: gr.Request) -> None:
-        stop(request, "/compare")
+        stop(request, "compare")
 
     conversations = [reg["chat.chatbot"], reg["chat.compare_a"], reg["chat.compare_b"]]
     # What the browser keeps: a question as soon as it is sent (registered before the reply's event:
@@ -151,8 +163,8 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
             "compare": [reg["chat.compare_send"].click, reg["chat.compare_message"].submit]}
     autosave = [reg["chat.saved"], reg["chat.autosave"]]
     for where, message in (("chat", "chat.message"), ("compare", "chat.compare_message")):
-        gr.on(sent[where], chat_memory.remember_question(where), [reg[message], *conversations], autosave,
-              api_name=False, show_progress="hidden")
+        gr.on(sent[where], chat_memory.remember_question(where, streaming_in), [reg[message], *conversations],
+              autosave, api_name=False, show_progress="hidden")
     reg["chat.regenerate"].click(lambda: gr.Timer(active=True), None, reg["chat.autosave"], api_name=False,
                                  show_progress="hidden")
     reg["chat.autosave"].tick(chat_memory.remember_partial(streaming_in), conversations, autosave, api_name=False,
@@ -181,7 +193,7 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
                       concurrency_limit=None, show_progress="hidden")
 
     def clear_compare(request: gr.Request) -> tuple[list[Any], list[Any], str]:
-        stop(request, "/compare", clearing=True)
+        stop(request, "compare", clearing=True)
         return [], [], ""
 
     changes += [comparing, reg["chat.compare_clear"].click(clear_compare, None, compare_out[:3], api_name=False,
@@ -189,7 +201,7 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
     reg["chat.compare_stop"].click(stop_compare, None, None, api_name="chat_compare_stop", concurrency_limit=None,
                                    show_progress="hidden")
     for change in changes:
-        change.then(chat_memory.remember_chats, conversations, reg["chat.saved"], api_name=False,
+        change.then(chat_memory.remember_after(streaming_in), conversations, reg["chat.saved"], api_name=False,
                     show_progress="hidden")
         change.then(chat_memory.remember_settings, settings[:-1], reg["chat.settings_saved"], api_name=False,
                     show_progress="hidden")
@@ -425,7 +437,7 @@ def switch_steps(services: AppServices, model: str | None, lang: str,
         text = i18n.t("chat.switch_failed", lang, model=shown, reason=reason)
         if log_path:
             text += f" — {i18n.t('chat.server_log', lang)}: `{log_path}`"
-        gr.Warning(f"❌ {i18n.t('chat.switch_failed', lang, model=shown, reason=reason)}", duration=None)
+        gr.Warning(f"❌ {i18n.t('chat.switch_failed', lang, model=shown, reason=reason)}", duration=TOAST_S)
         file = gr.update(visible=False)
         if log_path and Path(log_path).is_file():
             file = gr.update(value=services.stage_download(log_path, "chat-server.log"), visible=True)
@@ -439,7 +451,7 @@ def switch_steps(services: AppServices, model: str | None, lang: str,
         return
     if result.outcome == "restart_needed":
         text = i18n.t("chat.switch_restart", lang, model=shown, reason=result.message)
-        gr.Warning(f"⚠️ {text}", duration=None)
+        gr.Warning(f"⚠️ {text}", duration=TOAST_S)
         yield f"⚠️ {_esc(text)}", gr.update(visible=False)
         return
     text = i18n.t("chat.switch_live", lang, model=shown, seconds=f"{seconds:.1f}")
@@ -475,49 +487,35 @@ def switch(services: AppServices, model: str | None, lang: str) -> Iterator[list
 
 
 # ====================================================================== chat
-def _reply_key(session_hash: str | None, suffix: str = "") -> str:
-    """Whose reply: the page's session (API callers share "api"), + "/compare" for its Compare reply."""
-    return f"{session_hash or 'api'}{suffix}"
-
-
-def _cancel_event(request: Any, suffix: str = "") -> threading.Event:
-    key = _reply_key(getattr(request, "session_hash", None), suffix)
-    event = threading.Event()
-    _CANCELS[key] = event
-    return event
-
-
 @contextlib.contextmanager
-def _streaming(request: Any, suffix: str = "") -> Iterator[None]:
-    """Marks the session's reply as streaming (``streaming_in``) until it ends, is stopped, or its
-    page goes away (Gradio then closes the generator)."""
-    key = _reply_key(getattr(request, "session_hash", None), suffix)
-    _STREAMING.add(key)
+def _one_reply(request: Any, where: str, lang: str) -> Iterator[threading.Event | None]:
+    """The cancel event of the page's new reply in ``where`` ("chat" / "compare"), held until the
+    reply ends, is stopped, or its page goes away (Gradio then closes the generator); None, after a
+    short note, while another reply streams there."""
+    key = reply_key(getattr(request, "session_hash", None), where)
+    cancel = RUNNING.claim(key)
+    if cancel is None:
+        gr.Warning(i18n.t("chat.busy", lang), duration=TOAST_S)
+        yield None
+        return
     try:
-        yield
+        yield cancel
     finally:
-        _STREAMING.discard(key)
+        RUNNING.release(key, cancel)
 
 
 def streaming_in(session_hash: str | None) -> tuple[str, ...]:
     """Where the page ``session_hash`` has a reply streaming now: "chat" and/or "compare"."""
-    return tuple(where for where, suffix in (("chat", ""), ("compare", "/compare"))
-                 if _reply_key(session_hash, suffix) in _STREAMING)
+    return tuple(where for where in ("chat", "compare") if RUNNING.streaming(reply_key(session_hash, where)))
 
 
-def stop(request: Any, suffix: str = "", clearing: bool = False) -> None:
+def stop(request: Any, where: str = "chat", clearing: bool = False) -> None:
     """Stop the session's running reply (the server aborts the request when the stream closes). When
     ``clearing`` (🧹 Clear), the reply ends without a last "stopped" update, which would bring the
-    cleared chat back."""
-    key = _reply_key(getattr(request, "session_hash", None), suffix)
-    event = _CANCELS.get(key)
-    if event is not None:
-        event.clearing = clearing  # type: ignore[attr-defined]
-        event.set()
-    if clearing:  # the chat is emptied next: wait for the reply to end (at its next 0.1-0.2 s check)
-        deadline = time.monotonic() + CLEAR_WAIT_S
-        while key in _STREAMING and time.monotonic() < deadline:
-            time.sleep(0.02)
+    cleared chat back, and this returns once it has ended (at its next 0.1-0.2 s check)."""
+    key = reply_key(getattr(request, "session_hash", None), where)
+    if RUNNING.stop(key, clearing) and clearing:
+        RUNNING.wait_ended(key, CLEAR_WAIT_S)
 
 
 def _cleared(cancel: threading.Event) -> bool:
@@ -533,13 +531,16 @@ def respond(services: AppServices, message: str, history: list[Any] | None, syst
             top_p: float, max_tokens: float, lang: str, request: Any = None) -> Iterator[tuple[list[Any], Any]]:
     """Append the user's message and stream the served model's answer into the chat."""
     lang = i18n.normalize(lang)
-    turns = as_messages(history)
     if not (message or "").strip():
-        yield turns, gr.skip()
+        yield gr.skip(), gr.skip()  # (not the chat as sent: a reply may be streaming into it)
         return
-    turns += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
-    yield turns, ""
-    yield from _answer(services, turns, _stream_args(system, temperature, top_p, max_tokens), lang, request)
+    with _one_reply(request, "chat", lang) as cancel:
+        if cancel is None:  # a reply streams in this chat: the message stays in its box
+            yield gr.skip(), gr.skip()
+            return
+        turns = as_messages(history) + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+        yield turns, ""
+        yield from _answer(services, turns, _stream_args(system, temperature, top_p, max_tokens), lang, cancel)
 
 
 def regenerate(services: AppServices, history: list[Any] | None, system: str, temperature: float, top_p: float,
@@ -550,15 +551,19 @@ def regenerate(services: AppServices, history: list[Any] | None, system: str, te
     while turns and turns[-1]["role"] == "assistant":
         turns.pop()
     if not turns:
-        yield turns, gr.skip()
+        yield gr.skip(), gr.skip()
         return
-    turns.append({"role": "assistant", "content": ""})
-    yield turns, gr.skip()
-    yield from _answer(services, turns, _stream_args(system, temperature, top_p, max_tokens), lang, request)
+    with _one_reply(request, "chat", lang) as cancel:
+        if cancel is None:  # the answer streaming now is kept (it was replaced mid-way)
+            yield gr.skip(), gr.skip()
+            return
+        turns.append({"role": "assistant", "content": ""})
+        yield turns, gr.skip()
+        yield from _answer(services, turns, _stream_args(system, temperature, top_p, max_tokens), lang, cancel)
 
 
 def _answer(services: AppServices, turns: list[dict[str, str]], args: dict[str, Any], lang: str,
-            request: Any) -> Iterator[tuple[list[Any], Any]]:
+            cancel: threading.Event) -> Iterator[tuple[list[Any], Any]]:
     reply = Reply(turns[-1])
     if services.server is None:
         reply.fail(f"⚠️ {i18n.t('chat.off' if services.llm_disabled else 'chat.unavailable', lang)}")
@@ -566,24 +571,67 @@ def _answer(services: AppServices, turns: list[dict[str, str]], args: dict[str, 
         return
     from sage_ft.serving import stream_chat
 
-    cancel = _cancel_event(request)
     prompt = prompt_of(turns[:-1])
-    with _streaming(request):
-        pump = Pump(lambda report: stream_chat(services.server, prompt, cancel_event=cancel, **_reporting(report),
-                                               **args))
-        while True:
-            got = pump.drain(timeout=0.2)
-            if cancel.is_set() and _cleared(cancel):
-                return
-            if cancel.is_set():  # the stream also ends on cancel: stopped, even when "end" was already read
-                reply.add(got._replace(done=False), lang)
-                reply.stopped(lang)
-                yield turns, gr.skip()
-                return
-            if reply.add(got, lang):
-                yield turns, gr.skip()
-            if got.done:
-                return
+    manager = services.server
+
+    def start(report: Report) -> Iterator[str]:
+        _server_up(manager, cancel, report)
+        return stream_chat(manager, prompt, cancel_event=cancel, **_reporting(report), **args)
+
+    pump = Pump(start)
+    while True:
+        got = pump.drain(timeout=0.2)
+        if cancel.is_set() and _cleared(cancel):
+            return
+        if cancel.is_set():  # the stream also ends on cancel: stopped, even when "end" was already read
+            reply.add(got._replace(done=False), lang)
+            reply.stopped(lang)
+            yield turns, gr.skip()
+            return
+        if reply.add(got, lang):
+            yield turns, gr.skip()
+        if got.done:
+            return
+
+
+def _server_up(manager: Any, cancel: threading.Event, report: Report) -> None:
+    """Before a chat (in its pump's thread): a stopped or crashed server is started again, as the
+    manager does on a chat request, and a start under way (a Restart, another page's chat) is waited
+    for; either is reported (``("starting", stage)``), so the reply says so instead of staying empty
+    for the tens of seconds a start takes. A server that answers, or cannot start, is left to
+    ``stream_chat`` (which says why)."""
+    while not cancel.is_set():
+        status = manager.status()
+        state = status.get("state")
+        if state in ("stopped", "crashed") and manager.backend != "none" and status.get("model_path"):
+            report("starting", "")
+            manager.ensure_ready(progress=lambda p: report("starting", str(getattr(p, "stage", p))))
+            return
+        if state not in ("starting", "switching") or status.get("model"):  # (switching: the old one answers)
+            return
+        report("starting", str(status.get("message") or ""))
+        cancel.wait(0.5)
+
+
+def _starting_notes(manager: Any, cancel: threading.Event, lang: str) -> Iterator[str]:
+    """``_server_up`` for Compare, whose sides need the server before they are resolved: a status line
+    each second while it starts (nothing when it is up)."""
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            _server_up(manager, cancel, lambda _, stage: box.__setitem__("stage", stage))
+        except Exception as exc:  # ChatError: each side then says why it cannot answer
+            log.info("the chat server did not start for Compare: %s", exc)
+
+    thread = threading.Thread(target=work, name="sage-ft-compare-start", daemon=True)
+    started = time.monotonic()
+    thread.start()
+    while thread.is_alive() and not cancel.is_set():
+        thread.join(timeout=1.0)
+        if "stage" in box and thread.is_alive():
+            stage = f"{box['stage']} · " if box["stage"] else ""
+            yield f"⏳ {_esc(i18n.t('chat.server_starting', lang))} ({_esc(stage)}{time.monotonic() - started:.0f} s)"
 
 
 def _reporting(report: Report) -> dict[str, Callable[..., None]]:
@@ -618,12 +666,23 @@ def compare(services: AppServices, message: str, hist_a: list[Any] | None, hist_
     """The same prompt answered by two models at once (each side keeps its own conversation)."""
     lang = i18n.normalize(lang)
     sides = [as_messages(hist_a), as_messages(hist_b)]
-    if not (message or "").strip():
-        yield sides[0], sides[1], f"⚠️ {i18n.t('chat.empty_message', lang)}", gr.skip()
+    if not (message or "").strip():  # (the chats as they are: answers may be streaming into them)
+        yield gr.skip(), gr.skip(), f"⚠️ {i18n.t('chat.empty_message', lang)}", gr.skip()
         return
     if model_a in (None, "") or model_b in (None, ""):
-        yield sides[0], sides[1], f"⚠️ {i18n.t('chat.pick_two', lang)}", gr.skip()
+        yield gr.skip(), gr.skip(), f"⚠️ {i18n.t('chat.pick_two', lang)}", gr.skip()
         return
+    with _one_reply(request, "compare", lang) as cancel:
+        if cancel is None:  # both sides are answering still: the message stays in its box
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return
+        yield from _compare(services, sides, message, model_a, model_b,
+                            _stream_args(system, temperature, top_p, max_tokens), lang, cancel)
+
+
+def _compare(services: AppServices, sides: list[list[dict[str, str]]], message: str, model_a: str | None,
+             model_b: str | None, args: dict[str, Any], lang: str,
+             cancel: threading.Event) -> Iterator[tuple[Any, Any, str, Any]]:
     for turns in sides:
         turns += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
     if services.server is None:
@@ -633,10 +692,14 @@ def compare(services: AppServices, message: str, hist_a: list[Any] | None, hist_
         yield sides[0], sides[1], note, ""
         return
     yield sides[0], sides[1], f"⏳ {i18n.t('chat.loading_models', lang)}", ""
+    for note in _starting_notes(services.server, cancel, lang):  # a stopped server is started first
+        yield sides[0], sides[1], note, gr.skip()
+    if cancel.is_set():
+        if not _cleared(cancel):
+            yield sides[0], sides[1], f"{STOPPED_MARK} {i18n.t('chat.stopped', lang)}", gr.skip()
+        return
     from sage_ft.serving import stream_chat
 
-    cancel = _cancel_event(request, "/compare")
-    args = _stream_args(system, temperature, top_p, max_tokens)
     starts: list[Callable[[Report], Iterator[str]] | None] = []
     names = []
     replies = [Reply(turns[-1]) for turns in sides]
@@ -658,45 +721,44 @@ def compare(services: AppServices, message: str, hist_a: list[Any] | None, hist_
     base = services.server.base_served_name()
     one_after_the_other = (not services.server.mixed_lora_batches_safe and None not in starts
                            and (names[0] == base) != (names[1] == base))
-    with _streaming(request, "/compare"):
-        pumps: list[Pump | None] = [None, None]
-        for i in (0,) if one_after_the_other else (0, 1):
-            pumps[i] = Pump(starts[i]) if starts[i] is not None else None
-        # a side that was refused ("?") is named by what was picked
-        shown = [services.server.label_of(name) if name != "?" else _label_for(services, str(model))
-                 for name, model in zip(names, (model_a, model_b), strict=True)]
-        status = i18n.t("chat.comparing", lang, a=shown[0], b=shown[1])
-        yield sides[0], sides[1], f"⏳ {_esc(status)}", gr.skip()
-        running = [start is not None for start in starts]
-        while any(running):
-            changed = False
-            for i, pump in enumerate(pumps):
-                if pump is None or not running[i]:
-                    continue
-                got = pump.drain(timeout=0.1)
-                stopped = got.done and cancel.is_set() and got.error is None
-                changed = replies[i].add(got._replace(done=got.done and not stopped), lang) or got.done or changed
-                if got.done:
-                    running[i] = False
-                    if stopped:
-                        replies[i].stopped(lang)
-            if pumps[1] is None and running[1] and not running[0] and not cancel.is_set():
-                pumps[1] = Pump(starts[1])  # one after the other: side A is done
-            if cancel.is_set() and _cleared(cancel):
-                return
-            if cancel.is_set():
-                for i, is_running in enumerate(running):
-                    if is_running:
-                        replies[i].stopped(lang)
-                yield sides[0], sides[1], f"{STOPPED_MARK} {i18n.t('chat.stopped', lang)}", gr.skip()
-                return
-            if changed:
-                yield sides[0], sides[1], f"⏳ {_esc(status)}", gr.skip()
-        if "?" in names:  # a side (or both) could not answer: its reason is in its chat
-            key = "chat.compared_none" if names == ["?", "?"] else "chat.compared_one"
-            yield sides[0], sides[1], f"❌ {_esc(i18n.t(key, lang, a=shown[0], b=shown[1]))}", gr.skip()
+    pumps: list[Pump | None] = [None, None]
+    for i in (0,) if one_after_the_other else (0, 1):
+        pumps[i] = Pump(starts[i]) if starts[i] is not None else None
+    # a side that was refused ("?") is named by what was picked
+    shown = [services.server.label_of(name) if name != "?" else _label_for(services, str(model))
+             for name, model in zip(names, (model_a, model_b), strict=True)]
+    status = i18n.t("chat.comparing", lang, a=shown[0], b=shown[1])
+    yield sides[0], sides[1], f"⏳ {_esc(status)}", gr.skip()
+    running = [start is not None for start in starts]
+    while any(running):
+        changed = False
+        for i, pump in enumerate(pumps):
+            if pump is None or not running[i]:
+                continue
+            got = pump.drain(timeout=0.1)
+            stopped = got.done and cancel.is_set() and got.error is None
+            changed = replies[i].add(got._replace(done=got.done and not stopped), lang) or got.done or changed
+            if got.done:
+                running[i] = False
+                if stopped:
+                    replies[i].stopped(lang)
+        if pumps[1] is None and running[1] and not running[0] and not cancel.is_set():
+            pumps[1] = Pump(starts[1])  # one after the other: side A is done
+        if cancel.is_set() and _cleared(cancel):
             return
-        yield sides[0], sides[1], f"✅ {_esc(i18n.t('chat.compared', lang, a=shown[0], b=shown[1]))}", gr.skip()
+        if cancel.is_set():
+            for i, is_running in enumerate(running):
+                if is_running:
+                    replies[i].stopped(lang)
+            yield sides[0], sides[1], f"{STOPPED_MARK} {i18n.t('chat.stopped', lang)}", gr.skip()
+            return
+        if changed:
+            yield sides[0], sides[1], f"⏳ {_esc(status)}", gr.skip()
+    if "?" in names:  # a side (or both) could not answer: its reason is in its chat
+        key = "chat.compared_none" if names == ["?", "?"] else "chat.compared_one"
+        yield sides[0], sides[1], f"❌ {_esc(i18n.t(key, lang, a=shown[0], b=shown[1]))}", gr.skip()
+        return
+    yield sides[0], sides[1], f"✅ {_esc(i18n.t('chat.compared', lang, a=shown[0], b=shown[1]))}", gr.skip()
 
 
 def _esc(text: object) -> str:

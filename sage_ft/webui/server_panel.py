@@ -2,8 +2,11 @@
 metrics (running/waiting requests, KV-cache use, tokens/s), the log tail, restart and stop.
 
 Its own ``gr.Timer`` runs only while the panel is open, and each tick is cheap: the manager's
-recorded status, one local ``GET /metrics`` and the last few KiB of the server log. Tokens/s is the
-change of vLLM's generation-token counter between two ticks (kept in a ``gr.State``).
+recorded status, one local ``GET /metrics`` and the last few KiB of the server log (while a server
+starts, of its start log, which grows as it starts). Tokens/s is the change of vLLM's generation-token
+counter between two ticks (kept in a ``gr.State``). The line under the buttons (⏹ stopped, ✅ restarted)
+is kept with the state it was written for, and cleared once the server has left that state: a chat
+message or a switch starts a stopped server again.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import html
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import gradio as gr
@@ -25,6 +29,7 @@ log = logging.getLogger(__name__)
 REFRESH_S = 3.0
 LOG_LINES = 40
 _TAIL_BYTES = 16 * 1024
+TOAST_S = 8  # seconds a warning toast stays (one that stays covers the buttons under it)
 
 
 def build(reg: Registry, services: AppServices, lang: str) -> None:
@@ -38,43 +43,53 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
             reg.add("server.refresh", gr.Button(i18n.t("server.refresh", lang), size="sm"))
             reg.add("server.restart", gr.Button(i18n.t("server.restart", lang), size="sm"))
             reg.add("server.stop", gr.Button(i18n.t("server.stop", lang), size="sm", variant="stop"))
-        reg.add("server.message", gr.Markdown(""), kind="none")
+        reg.add("server.message", gr.Markdown("", elem_id="server-message"), kind="none")
+        # the line above and the server state it tells of ({"state", "text"}; None while a restart writes it)
+        reg.add("server.message_for", gr.State(None), kind="none")
         reg.add("server.log", gr.Textbox(label=i18n.t("server.log", lang), lines=10, max_lines=10, autoscroll=True,
                                          interactive=False, elem_id="server-log"))
 
 
 def wire(reg: Registry, services: AppServices) -> None:
     lang = reg["top.lang"]
-    outputs = [reg["server.status"], reg["server.metrics"], reg["server.log"], reg["server.counters"]]
-    poll = lambda counters, lg: refresh(services, counters, lg)  # noqa: E731
-    reg["server.timer"].tick(poll, [reg["server.counters"], lang], outputs, api_name=False, concurrency_limit=None,
-                             show_progress="hidden")
-    reg["server.refresh"].click(poll, [reg["server.counters"], lang], outputs, api_name="server_status",
-                                concurrency_limit=None, show_progress="hidden")
-    reg["server.panel"].expand(lambda c, lg: [gr.Timer(active=True), *refresh(services, c, lg)],
-                               [reg["server.counters"], lang], [reg["server.timer"], *outputs], api_name=False,
-                               show_progress="hidden")
+    message = [reg["server.message"], reg["server.message_for"]]
+    outputs = [reg["server.status"], reg["server.metrics"], reg["server.log"], reg["server.counters"], *message]
+    poll_in = [reg["server.counters"], reg["server.message_for"], lang]
+    poll = lambda counters, told, lg: refresh(services, counters, lg, told)  # noqa: E731
+    reg["server.timer"].tick(poll, poll_in, outputs, api_name=False, concurrency_limit=None, show_progress="hidden")
+    reg["server.refresh"].click(poll, poll_in, outputs, api_name="server_status", concurrency_limit=None,
+                                show_progress="hidden")
+    reg["server.panel"].expand(lambda c, told, lg: [gr.Timer(active=True), *refresh(services, c, lg, told)],
+                               poll_in, [reg["server.timer"], *outputs], api_name=False, show_progress="hidden")
     reg["server.panel"].collapse(lambda: gr.Timer(active=False), None, reg["server.timer"], api_name=False)
     def restart_server(lg):
         yield from restart(services, lg)
 
-    reg["server.restart"].click(restart_server, lang, reg["server.message"],
-                                api_name="server_restart", show_progress="minimal")
-    reg["server.stop"].click(lambda lg: stop_server(services, lg), lang, reg["server.message"],
-                             api_name="server_stop", show_progress="minimal")
+    reg["server.restart"].click(restart_server, lang, message, api_name="server_restart", show_progress="minimal")
+    reg["server.stop"].click(lambda lg: stop_server(services, lg), lang, message, api_name="server_stop",
+                             show_progress="minimal")
 
 
-def refresh(services: AppServices, counters: dict[str, float] | None, lang: str) -> list[Any]:
-    """Status HTML, metrics HTML, log tail, and the counters for the next tokens/s reading."""
+def refresh(services: AppServices, counters: dict[str, float] | None, lang: str,
+            told: dict[str, Any] | None = None) -> list[Any]:
+    """Status HTML, metrics HTML, log tail, the counters for the next tokens/s reading, and the line
+    under the buttons with the state it tells of (``told``, ``_told``'s): cleared once the server left
+    that state (a chat message or a switch started a stopped server)."""
     lang = i18n.normalize(lang)
     if services.server is None:
         key = "chat.off" if services.llm_disabled else "chat.unavailable"
-        return [f"<p>{_esc(i18n.t(key, lang))}</p>", "", "", None]
+        return [f"<p>{_esc(i18n.t(key, lang))}</p>", "", "", None, gr.skip(), gr.skip()]
     try:
         status = services.server.status()
     except Exception as exc:  # never break the page on a status read
         log.exception("server status failed")
-        return [f"<p>❌ {_esc(str(exc))}</p>", "", "", None]
+        return [f"<p>❌ {_esc(str(exc))}</p>", "", "", None, gr.skip(), gr.skip()]
+    if not isinstance(told, dict):  # nothing said yet, or a restart is saying it
+        message = [gr.skip(), gr.skip()]
+    elif told.get("state") != status.get("state"):
+        message = ["", None]
+    else:
+        message = [told.get("text", ""), gr.skip()]
     metrics = services.server.metrics() if status.get("backend") == "vllm" else {}
     now = time.monotonic()
     tokens = metrics.get("generation_tokens_total")
@@ -84,7 +99,7 @@ def refresh(services: AppServices, counters: dict[str, float] | None, lang: str)
         if elapsed > 0:
             rate = max(0.0, (tokens - counters["tokens"]) / elapsed)
     new_counters = {"t": now, "tokens": tokens, "pid": status.get("pid")} if isinstance(tokens, (int, float)) else None
-    return [status_html(status, lang), metrics_html(metrics, rate, lang), log_tail(status), new_counters]
+    return [status_html(status, lang), metrics_html(metrics, rate, lang), log_tail(status), new_counters, *message]
 
 
 def status_html(status: dict[str, Any], lang: str) -> str:
@@ -123,8 +138,9 @@ def metrics_html(metrics: dict[str, Any], tokens_per_s: float | None, lang: str)
 
 
 def log_tail(status: dict[str, Any], lines: int = LOG_LINES) -> str:
-    """The last lines of the server log (reads only the file's last few KiB)."""
-    path = status.get("log_path")
+    """The last lines of the server log (reads only the file's last few KiB): of the server being
+    started while one starts (its log grows as it starts), else of the one running."""
+    path = status.get("start_log_path") or status.get("log_path")
     if not path:
         return status.get("log_tail") or ""
     try:
@@ -133,11 +149,21 @@ def log_tail(status: dict[str, Any], lines: int = LOG_LINES) -> str:
         return f"{path}: {exc}"
 
 
-def restart(services: AppServices, lang: str):
-    """Bring the chosen model back on a fresh server; progress while it starts."""
+def _told(services: AppServices, text: str) -> tuple[str, dict[str, Any] | None]:
+    """The panel's line and what the panel keeps of it: the server state it tells of, read now."""
+    try:
+        return text, {"state": services.server.status().get("state"), "text": text}
+    except Exception:  # a status read must never break the panel
+        log.exception("server status failed")
+        return text, None
+
+
+def restart(services: AppServices, lang: str) -> Iterator[tuple[str, dict[str, Any] | None]]:
+    """Bring the chosen model back on a fresh server; progress while it starts. Yields the panel's line
+    and ``_told``'s record of it (None while it works: the panel's tick leaves the line alone)."""
     lang = i18n.normalize(lang)
     if services.server is None:
-        yield f"⚠️ {i18n.t('chat.off' if services.llm_disabled else 'chat.unavailable', lang)}"
+        yield f"⚠️ {i18n.t('chat.off' if services.llm_disabled else 'chat.unavailable', lang)}", None
         return
     box: dict[str, Any] = {"progress": ""}
 
@@ -151,28 +177,28 @@ def restart(services: AppServices, lang: str):
     thread = threading.Thread(target=work, name="sage-ft-chat-restart", daemon=True)
     thread.start()
     while thread.is_alive():
-        yield f"⏳ {_esc(i18n.t('server.restarting', lang))} {_esc(box['progress'])}"
+        yield f"⏳ {_esc(i18n.t('server.restarting', lang))} {_esc(box['progress'])}", None
         thread.join(timeout=1.0)
     result = box.get("result")
     if result is not None and result.outcome == "live":
         text = i18n.t("server.restarted", lang, seconds=f"{result.timings.get('total_s', 0):.1f}")
         gr.Success(text)
-        yield f"✅ {_esc(text)}"
+        yield _told(services, f"✅ {_esc(text)}")
         return
     reason = box.get("error") or (result.message if result else "")
     text = i18n.t("server.restart_failed", lang, reason=reason)
-    gr.Warning(text, duration=None)
-    yield f"{result.icon if result else '❌'} {_esc(text)}"
+    gr.Warning(text, duration=TOAST_S)  # the message line keeps saying it
+    yield _told(services, f"{result.icon if result else '❌'} {_esc(text)}")
 
 
-def stop_server(services: AppServices, lang: str) -> str:
+def stop_server(services: AppServices, lang: str) -> tuple[str, dict[str, Any] | None]:
     lang = i18n.normalize(lang)
     if services.server is None:
-        return f"⚠️ {i18n.t('chat.off' if services.llm_disabled else 'chat.unavailable', lang)}"
+        return f"⚠️ {i18n.t('chat.off' if services.llm_disabled else 'chat.unavailable', lang)}", None
     services.server.stop()
     text = i18n.t("server.stopped", lang)
     gr.Info(text)
-    return f"⏹ {_esc(text)}"
+    return _told(services, f"⏹ {_esc(text)}")
 
 
 def _esc(text: object) -> str:

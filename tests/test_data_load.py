@@ -71,12 +71,12 @@ def test_format_override_wins_over_detection(make_dataset):
     path = make_dataset("o.jsonl", OPENAI_ROWS)
     report = load_dataset(path, fmt="sharegpt")  # chat formats read each other's key spellings
     assert report.format == "sharegpt" and report.rows_ok == 2
-    assert "set by --format" in report.summary()
+    assert "sharegpt (as set, not detected)" in report.summary()
     with pytest.raises(DataError) as err:
         load_dataset(path, fmt="alpaca")
     message = str(err.value)
     assert "o.jsonl" in message and "0 usable rows" in message and "missing field 'instruction'" in message
-    assert "line 1" in message and "--column-mapping" in message
+    assert "line 1" in message and "Dataset format = openai" in message and "--format openai" in message
 
 
 def test_unknown_format_name_is_refused(make_dataset):
@@ -165,7 +165,7 @@ BAD_CHAT_ROWS = [
     ({"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"},
                    {"role": "assistant", "content": "a"}]}, "wrong turn order", "system must come first"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "a"}]},
-     "unknown role", "message 1 has role 'tool'"),
+     "tool calls are not supported", "message 1 is a 'tool' message (a tool's result)"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]},
      "empty response", "message 1 is empty"),
     ({"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}]},
@@ -375,3 +375,56 @@ def test_importing_the_package_does_not_load_tokenisation():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+# ---------------------------------------------------------------- what to do when no row can be read
+
+@pytest.mark.parametrize(("row", "mapping"), [
+    ({"prompt": "Say hi.", "completion": "Hi!"}, "instruction=prompt,output=completion"),
+    ({"Instruction": "Say hi.", "Input": "", "Output": "Hi!"}, "instruction=Instruction,output=Output,input=Input"),
+    ({"id": 7, "user_question": "Say hi.", "bot_reply": "Hi!"}, "instruction=user_question,output=bot_reply"),
+    ({"question": "Say hi.", "context": "greeting", "answer": "Hi!"}, "instruction=question,output=answer,input=context"),
+])
+def test_the_suggested_column_mapping_is_built_from_the_keys_seen(make_dataset, row, mapping):
+    """The fix offered was always 'instruction=question,output=answer', whatever the keys, and in CLI
+    flags only. It is built from the file's own keys, names the web UI's fields and the command line's
+    flags, and loading with it works."""
+    path = make_dataset("keys.jsonl", [row, row])
+    for fmt in ("auto", "alpaca"):  # undetectable, and read as alpaca with every row dropped
+        with pytest.raises(DataError) as err:
+            load_dataset(path, fmt=fmt)
+        message = str(err.value)
+        assert f"Column mapping = '{mapping}'" in message and f"--column-mapping '{mapping}'" in message
+        assert "web UI: Data options" in message
+        assert "question" in mapping or "instruction=question,output=answer" not in message  # not the old fixed text
+    report = load_dataset(path, fmt="alpaca", column_mapping=mapping)
+    assert report.rows_ok == 2 and report.conversations[0][-1] == {"role": "assistant", "content": "Hi!"}
+
+
+def test_a_chat_under_other_key_and_role_names_gets_a_chat_mapping(make_dataset):
+    row = {"dialog": [{"speaker": "Q", "text": "Hi"}, {"speaker": "A", "text": "Hello."}]}
+    with pytest.raises(DataError) as err:
+        load_dataset(make_dataset("dialog.jsonl", [row]))
+    mapping = "messages=dialog,role=speaker,content=text,user_tag=Q,assistant_tag=A"
+    assert f"Dataset format = openai and Column mapping = '{mapping}'" in str(err.value)
+    assert load_dataset(make_dataset("dialog.jsonl", [row]), fmt="openai", column_mapping=mapping).rows_ok == 1
+
+
+TOOL_CALL_ROW = {"messages": [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "sunny, 21 C"},
+    {"role": "assistant", "content": "It is sunny in Paris."}]}
+
+
+def test_tool_calling_rows_are_said_to_be_unsupported(make_dataset):
+    """Tool-calling rows were all dropped as 'message 1 is empty', which reads as a data mistake."""
+    with pytest.raises(DataError) as err:
+        load_dataset(make_dataset("tools.jsonl", [TOOL_CALL_ROW] * 3))
+    message = str(err.value)
+    assert "tool calls are not supported: 3 rows" in message and "message 1 is an assistant tool call" in message
+    assert "not supported for training" in message and "is empty" not in message
+    assert "Column mapping" not in message  # no mapping fixes it
+    report = load_dataset(make_dataset("mixed.jsonl", [OPENAI_ROWS[1], TOOL_CALL_ROW]))
+    assert report.rows_ok == 1 and [i.reason for i in report.dropped] == ["tool calls are not supported"]

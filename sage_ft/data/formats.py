@@ -22,6 +22,7 @@ Without a mapping, sharegpt reads ``conversations`` / ``from`` / ``value`` and o
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,16 @@ CHAT_KEYS = ("messages", "role", "content", "system", "user_tag", "assistant_tag
 # Alternative canonical names a user may write on the left of '=' (LLaMA-Factory spells them so).
 _KEY_ALIASES = {"conversations": "messages", "from": "role", "value": "content", "prompt": "instruction",
                 "query": "input", "response": "output"}
+
+# OpenAI tool calling: an assistant message with ``tool_calls`` (often with empty content), then a
+# ``role: tool`` message with the result. Not trained on: the chat templates and the assistant-only
+# labels here render and learn text turns; a call rendered as text would teach a format vLLM's tool
+# parser does not read back. Such rows are dropped under this reason, which says so plainly.
+TOOL_ROLES = ("tool", "function", "ipython")
+TOOL_CALLS_REASON = "tool calls are not supported"
+TOOL_CALLS_HELP = ("tool calling (assistant 'tool_calls' and 'tool' role messages) is not supported for training: "
+                   "sage-ft trains on text replies only; remove these rows, or write the calls and results out as "
+                   "plain user/assistant text")
 
 _DEFAULT_ROLE_NAMES = {
     "user": "user", "human": "user",
@@ -200,9 +211,13 @@ def _turn(turn: Any, i: int, keys: ChatKeys) -> dict[str, str]:
     content_key = next((k for k in keys.content if k in turn), None)
     if role_key is None:
         raise RowError(f"missing field '{keys.role[0]}'", f"message {i} keys: {_keys(turn)}")
+    raw_role = turn[role_key]
+    if raw_role in TOOL_ROLES or turn.get("tool_calls") or turn.get("function_call"):  # content may be null
+        what = f"a {raw_role!r} message (a tool's result)" if raw_role in TOOL_ROLES else "an assistant tool call"
+        raise RowError(TOOL_CALLS_REASON, f"message {i} is {what}")
     if content_key is None:
         raise RowError(f"missing field '{keys.content[0]}'", f"message {i} keys: {_keys(turn)}")
-    raw_role, content = turn[role_key], _text_parts(turn[content_key], i)
+    content = _text_parts(turn[content_key], i)
     role = keys.role_names.get(raw_role) if isinstance(raw_role, str) else None
     if role is None:
         allowed = ", ".join(sorted(keys.role_names))
@@ -264,3 +279,101 @@ CONVERTERS: dict[str, Callable[[dict[str, Any], dict[str, str]], list[dict[str, 
     "sharegpt": _chat_to_conversation("sharegpt"),
     "openai": _chat_to_conversation("openai"),
 }
+
+
+# ----------------------------------------------------------------------------- guessing a mapping
+# Key names (lower case, '_'/'-'/' ' removed) that most likely hold each part of a row, likeliest first.
+_PROMPT_NAMES = ("instruction", "prompt", "question", "query", "request", "user", "human", "ask", "q", "input",
+                 "source", "text")
+_ANSWER_NAMES = ("output", "completion", "response", "answer", "reply", "assistant", "gpt", "bot", "target",
+                 "solution", "a", "label", "result")
+_CONTEXT_NAMES = ("input", "context", "passage", "document")
+_SYSTEM_NAMES = ("system", "systemprompt", "sys")
+_TURNS_NAMES = ("messages", "conversations", "conversation", "dialog", "dialogue", "turns", "chat", "history")
+_ROLE_NAMES = ("role", "from", "speaker", "author", "sender", "who")
+_CONTENT_NAMES = ("content", "value", "text", "message", "utterance", "body")
+
+
+@dataclass(frozen=True)
+class Reading:
+    """A way to read rows that no format fits: ``fmt`` with ``column_mapping`` (``"instruction=prompt,..."``).
+    The mapping may be a template with <placeholders> when the keys' names tell nothing."""
+
+    fmt: str
+    column_mapping: str
+
+    def how(self) -> str:
+        """The fix in words every client understands: the web UI's fields and the command line's flags
+        and config keys (a CLI-only '--format ...' told web UI users to give flags they do not have)."""
+        if not self.column_mapping:
+            return (f"set Dataset format = {self.fmt} (web UI: Data options; command line: --format {self.fmt} for "
+                    "check-data, dataset_format in the train config or its --set)")
+        mapping = f"'{self.column_mapping}'"
+        return (f"set Dataset format = {self.fmt} and Column mapping = {mapping} (web UI: Data options; command "
+                f"line: --format {self.fmt} --column-mapping {mapping} for check-data, dataset_format and "
+                "column_mapping in the train config or its --set)")
+
+
+GENERIC_READING = Reading("alpaca", "instruction=<prompt key>,output=<answer key>")
+
+
+def suggest_reading(rows: Iterable[Any]) -> Reading | None:
+    """The likeliest format and column mapping for rows whose keys no format names, picked by the
+    key names of the first object: ``prompt, completion`` -> alpaca ``instruction=prompt,output=completion``;
+    ``Instruction, Output`` -> ``instruction=Instruction,output=Output``; a list of turn objects under
+    ``dialog`` -> openai ``messages=dialog,role=...,content=...``. None when nothing looks likely."""
+    row = next((r for r in rows if isinstance(r, dict) and r), None)
+    if row is None:
+        return None
+    turns_key = _pick([k for k, v in row.items() if isinstance(v, list) and v and isinstance(v[0], dict)],
+                      _TURNS_NAMES, fallback=True)
+    if turns_key is not None:
+        return _chat_reading(turns_key, row[turns_key])
+    text_keys = [k for k, v in row.items() if isinstance(v, str)]
+    prompt = _pick(text_keys, _PROMPT_NAMES)
+    answer = _pick([k for k in text_keys if k != prompt], _ANSWER_NAMES)
+    if (prompt is None or answer is None) and len(text_keys) == 2:  # no telling names: they come in that order
+        prompt, answer = text_keys
+    if prompt is None or answer is None:
+        return None
+    parts = {"instruction": prompt, "output": answer}
+    context = _pick([k for k in text_keys if k not in (prompt, answer)], _CONTEXT_NAMES)
+    system = _pick([k for k in text_keys if k not in (prompt, answer, context)], _SYSTEM_NAMES)
+    parts.update({name: key for name, key in (("input", context), ("system", system)) if key is not None})
+    return Reading("alpaca", _mapping_text(parts))
+
+
+def _chat_reading(turns_key: str, turns: list[Any]) -> Reading | None:
+    first = turns[0]
+    role = _pick(list(first), _ROLE_NAMES)
+    content = _pick([k for k in first if k != role], _CONTENT_NAMES)
+    if role is None or content is None:
+        return None
+    fmt = "sharegpt" if role == "from" else "openai"
+    parts = {"messages": turns_key, "role": role, "content": content}
+    roles = [t.get(role) for t in turns if isinstance(t, dict) and isinstance(t.get(role), str)]
+    unknown = [r for r in dict.fromkeys(roles) if r not in _DEFAULT_ROLE_NAMES]
+    if unknown and len(roles) >= 2:  # the first speaker asks, the second answers
+        parts.update({"user_tag": roles[0], "assistant_tag": roles[1]})
+    canonical = {"messages": ("messages", "conversations"), "role": ("role", "from"), "content": ("content", "value")}
+    parts = {k: v for k, v in parts.items() if v not in canonical.get(k, ())}
+    return Reading(fmt, _mapping_text(parts))
+
+
+def _pick(keys: list[Any], names: tuple[str, ...], fallback: bool = False) -> str | None:
+    """The key whose name is likeliest to mean one of ``names`` (an exact name first, in the order of
+    ``names``, then a name inside the key, such as ``user_question``); ``fallback``: else the first key."""
+    plain = {key: re.sub(r"[\s_\-]", "", str(key).lower()) for key in keys}
+    for name in names:
+        for key in keys:
+            if plain[key] == name:
+                return key
+    for name in (n for n in names if len(n) > 2):
+        for key in keys:
+            if name in plain[key]:
+                return key
+    return keys[0] if fallback and keys else None
+
+
+def _mapping_text(parts: dict[str, str]) -> str:
+    return ",".join(f"{name}={key}" for name, key in parts.items() if name != key)

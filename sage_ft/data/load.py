@@ -29,11 +29,16 @@ from typing import Any
 
 from sage_ft.data.formats import (
     FORMATS,
+    GENERIC_READING,
+    TOOL_CALLS_HELP,
+    TOOL_CALLS_REASON,
     MappingError,
+    Reading,
     RowError,
     convert_row,
     detect_row_format,
     parse_column_mapping,
+    suggest_reading,
 )
 
 # Files over this size are refused unless the caller (or SAGE_FT_MAX_DATASET_BYTES) raises the limit.
@@ -282,7 +287,7 @@ def _load_file(path: Path, fmt: str, mapping: dict[str, str], max_bytes: int | N
     if fmt == "auto":
         file_fmt, note = detect_format(path, rows, mapping)
     else:
-        file_fmt, note = fmt, f"{path.name}: {fmt} (set by --format)"
+        file_fmt, note = fmt, f"{path.name}: {fmt} (as set, not detected)"
     report.file_formats[str(path)] = file_fmt
     report.notes.append(note)
     report.rows_total += len(rows)
@@ -295,11 +300,24 @@ def _load_file(path: Path, fmt: str, mapping: dict[str, str], max_bytes: int | N
     report.dropped += dropped
     if not conversations:
         reasons = "\n  - ".join(describe_reasons(dropped))
-        raise DataError(
-            f"{path}: 0 usable rows out of {len(rows)} (read as {file_fmt}). Every row was dropped:\n  - {reasons}\n"
-            "Fix the rows, or check --format and --column-mapping "
-            "(e.g. --column-mapping 'instruction=question,output=answer').")
+        raise DataError(f"{path}: 0 usable rows out of {len(rows)} (read as {file_fmt}). Every row was dropped:\n"
+                        f"  - {reasons}\n{_all_dropped_fix(dropped, rows, file_fmt, mapping)}")
     return conversations
+
+
+def _all_dropped_fix(dropped: list[RowIssue], rows: list[tuple[str, Any]], fmt: str, mapping: dict[str, str]) -> str:
+    """What to do when every row of a file was dropped: tool-calling rows are said to be unsupported;
+    rows missing their fields get a column mapping built from their own keys; else fix the rows."""
+    reasons = {issue.reason for issue in dropped}
+    if TOOL_CALLS_REASON in reasons:
+        return f"Note: {TOOL_CALLS_HELP}."
+    if any(reason.startswith(("missing field", "unknown role", "no messages")) for reason in reasons):
+        reading = suggest_reading(row for _, row in rows[:DETECT_ROWS])
+        current = Reading(fmt, ",".join(f"{k}={v}" for k, v in mapping.items()))
+        if reading is not None and reading != current:
+            return f"To read these rows: {reading.how()}."
+        return f"Fix the rows, or name their keys: {GENERIC_READING.how()}."
+    return "Fix the rows listed above."
 
 
 def detect_format(path: Path, rows: list[tuple[str, Any]], mapping: dict[str, str]) -> tuple[str, str]:
@@ -313,10 +331,12 @@ def detect_format(path: Path, rows: list[tuple[str, Any]], mapping: dict[str, st
     if not votes:
         first = next((row for _, row in head if isinstance(row, dict)), None)
         keys = ", ".join(map(str, list(first)[:10])) if first else "no JSON objects"
+        reading = suggest_reading(row for _, row in head)
+        fix = (f"these rows look like {reading.fmt} under other key names: {reading.how()}" if reading
+               else f"name the keys that hold each part: {GENERIC_READING.how()}")
         raise DataError(
             f"{path}: cannot tell the dataset format from the first {len(head)} rows ({head[0][0]} has keys: "
-            f"{keys}). Expected alpaca (instruction, output), sharegpt (conversations) or openai (messages); "
-            "give --format and --column-mapping, e.g. --format alpaca --column-mapping 'instruction=question,output=answer'")
+            f"{keys}). Expected alpaca (instruction, output), sharegpt (conversations) or openai (messages); {fix}")
     fmt, count = votes.most_common(1)[0]
     return fmt, f"{path.name}: {fmt} (auto-detected from {count} of the first {len(head)} rows)"
 

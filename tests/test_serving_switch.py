@@ -217,3 +217,22 @@ def test_kill_9_is_detected_and_the_next_chat_restarts(switch_manager):
     assert reply
     assert switch_manager.status()["state"] == "ready" and switch_manager.server.pid != server.pid
     assert switch_manager.status()["model_type"] == "merged"  # the chosen model came back
+
+
+def test_an_adapter_needing_a_new_server_says_so_and_the_demo_keeps_its_name(switch_manager, serving_demo_model,
+                                                                            other_base_model, serving_adapters):
+    """An adapter of a base not served gets a server of its own: the message said 'loaded now on the
+    running server, no restart' next to '(zero-downtime …)'; and that server named the demo
+    'demo-tiny-llama' (its folder), as did a restart, while the picker said 'demo'."""
+    if Path(switch_manager.server.spec.model_path) == serving_demo_model:  # run alone: serve another base first
+        assert switch_manager.switch(str(other_base_model)).outcome == "live"
+    result = switch_manager.switch(str(serving_adapters["c"]))
+    assert result.outcome == "live", result.summary
+    assert "on a new server for its base demo" in result.message and "no restart" not in result.message
+    assert result.mode in ("zero-downtime", "stop-then-start") and result.mode in result.message
+    assert switch_manager.base_served_name() == "demo" and switch_manager.label_of("demo") == "demo"
+    old_pid = switch_manager.server.pid
+    restarted = switch_manager.restart()
+    assert restarted.outcome == "live" and switch_manager.server.pid != old_pid, restarted.summary
+    assert switch_manager.current.label == "adapter-c" and switch_manager.base_served_name() == "demo"
+    assert switch_manager.switch("demo").served.label == "demo"

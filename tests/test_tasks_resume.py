@@ -94,7 +94,18 @@ def test_a_damaged_last_checkpoint_of_a_killed_run_is_named_and_passed_over(task
         assert f"{last.name} is damaged" in queued.error  # the task's message until it starts
         assert f"resume: {last.name} is damaged (adapter_model.safetensors" in (out / "logs.txt").read_text()
 
+        # damaged after it was queued again (before it started): refused at start with a sentence
+        rng = intact / "rng_state.pth"
+        saved = rng.read_bytes()
+        os.truncate(rng, 10)
         manager.start_worker()
+        failed = manager.wait(task.id, RUN_TIMEOUT_S)
+        assert failed.status is TaskStatus.FAILED
+        assert failed.error == (f"{intact.name} in {out} is damaged (rng_state.pth is cut short or corrupt (not a "
+                                f"complete torch file)); `sage-ft tasks resume {task.id}` continues from the newest "
+                                "intact checkpoint")
+        rng.write_bytes(saved)
+        assert manager.resume(task.id).resume_checkpoint == str(intact)
         done = manager.wait(task.id, RUN_TIMEOUT_S)
         assert (done.status, done.step, done.total_steps) == (TaskStatus.COMPLETED, 10, 10), done.error
         loaded = [e["path"] for e in _events(out) if e["event"] == "checkpoint_loaded"]

@@ -5,6 +5,7 @@ the refusals (target exists, bad target name, no source, unsupported GGUF archit
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 import zipfile
@@ -13,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from sage_ft import paths
+from sage_ft.export import merge_lora
 from sage_ft.models.registry import list_models
+from sage_ft.webui import export_tab
 from tests.fixtures_training import MEMORIZE_QA
 from tests.fixtures_webui import start_webui
 
@@ -69,6 +72,11 @@ def test_export_merges_verifies_writes_gguf_and_zip_and_is_listed_and_servable(c
     assert 'data-state="completed"' in progress and "100%" in progress
     assert result.startswith("✅") and str(out) in result, result
     assert "Merged model vs base + adapter: match" in result and "GGUF vs merged model: match" in result
+    # the whole export is timed (it said the merge's 3.7 s for a 25 s job), and each part of it
+    timing = re.search(r"Exported in ([\d.]+) s \(merge ([\d.]+) s · GGUF ([\d.]+) s · zip ([\d.]+) s\)", result)
+    assert timing, result
+    total, *parts = (float(x) for x in timing.groups())
+    assert total >= sum(parts) - 0.15 and min(parts) >= 0
     assert (out / "config.json").is_file() and (out / "gguf" / "ui-merged-q8_0.gguf").is_file()
     assert json.loads((out / "sage_ft_export.json").read_text())["verify"]["ok"] is True
     with zipfile.ZipFile(download["value"]) as archive:
@@ -100,7 +108,9 @@ def test_refusals_are_clear_and_leave_nothing_behind(client, run_in_home, tmp_pa
     (paths.exports_dir() / "taken").mkdir()
     (paths.exports_dir() / "taken" / "notes.txt").write_text("mine")
     progress, result, _ = _export(client, run_in_home / "lora", "taken")
-    assert result.startswith("❌") and "already exists" in result and 'data-state="failed"' in progress
+    assert result.startswith("❌") and "already exists" in result
+    # the bar says it was refused (it read "checking · 0%", as if the export were still starting)
+    assert 'data-state="refused"' in progress and "refused" in progress and "checking" not in progress
     _, result, _ = _export(client, run_in_home / "lora", "taken", overwrite=True)
     assert result.startswith("❌") and "not a sage-ft export" in result
     assert (paths.exports_dir() / "taken" / "notes.txt").read_text() == "mine"
@@ -118,7 +128,7 @@ def test_gguf_of_an_unsupported_architecture_is_refused_before_merging(client, r
     (run / "finetune_meta.json").write_text(json.dumps({**meta, "base_model_path": str(base)}))
     progress, result, _ = _export(client, run, "odd-gguf", gguf="f16")
     assert result.startswith("❌") and "does not support architecture MistralForCausalLM" in result
-    assert "No export running" in progress and not (paths.exports_dir() / "odd-gguf").exists()
+    assert 'data-state="refused"' in progress and not (paths.exports_dir() / "odd-gguf").exists()
 
 
 def test_cancel_stops_the_export_and_leaves_nothing(client, run_in_home):
@@ -131,3 +141,70 @@ def test_cancel_stops_the_export_and_leaves_nothing(client, run_in_home):
     assert 'data-state="cancelled"' in progress and result.startswith("⏹ Export cancelled")
     assert not any(p.name.startswith(("cancelled-one", ".cancelled-one")) for p in paths.exports_dir().iterdir())
     assert "No export is running" in client.predict("en", api_name="/export_cancel")
+
+
+def test_overwriting_the_export_this_app_chats_with_is_refused(client, run_in_home):
+    """The chat serves an export: overwriting it would change the banner and the record, not the weights."""
+    out = paths.exports_dir() / "served-here"
+    merge_lora(run_in_home / "checkpoint-30", out_dir=out, verify=False)
+    status, _, banner, _ = client.predict(str(out), "en", api_name="/chat_switch")
+    assert status.startswith("✅") and "served-here" in banner
+    progress, result, _ = _export(client, run_in_home / "lora", "served-here", overwrite=True, verify=False)
+    assert result.startswith("❌") and f"refusing to overwrite {out}: it is being served" in result, result
+    assert "the chat of this sage-ft process (in-process transformers backend)" in result
+    assert "Switch the chat to another model first" in result and "export under another name" in result
+    assert 'data-state="refused"' in progress
+    record = json.loads((out / "sage_ft_export.json").read_text())
+    assert record["checkpoint"] == "checkpoint-30"
+    # switched away, the same export overwrites it
+    assert client.predict("demo", "en", api_name="/chat_switch")[0].startswith("✅")
+    progress, result, _ = _export(client, run_in_home / "lora", "served-here", overwrite=True, verify=False)
+    assert result.startswith("✅") and 'data-state="completed"' in progress, result
+    assert json.loads((out / "sage_ft_export.json").read_text())["checkpoint"] is None
+
+
+class _CancelAt(export_tab.ExportJob):
+    """An export whose user presses Cancel the moment the bar first shows a stage starting with ``at``."""
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name == "stage" and str(value).startswith(getattr(self, "at", "\0")):
+            self.cancel.set()
+
+
+@pytest.mark.parametrize("at", ["gguf: verifying", "zip"])
+def test_cancel_during_gguf_or_zip_stops_and_keeps_only_the_complete_merge(export_app, run_in_home, at):
+    """Cancel was ignored after the merge: the GGUF and the zip were written anyway."""
+    name = f"cancel-at-{at.split(':')[0]}"
+    out = paths.exports_dir() / name
+    job = _CancelAt(str(run_in_home / "lora"))
+    job.at = at
+    export_tab._work(export_app.services, job, out, "auto", "2GB", False, True, "q8_0", True)
+    assert job.cancelled and job.error is None
+    result, progress = export_tab.result_markdown(job, "en"), export_tab.progress_html(job, "en")
+    assert 'data-state="cancelled"' in progress and "cancelled at" in progress
+    assert result.startswith(f"⏹ Export cancelled at {at}"), result
+    assert f"The merged model `{out}` was already complete and verified, so it was kept" in result
+    assert (out / "config.json").is_file() and json.loads((out / "sage_ft_export.json").read_text())["verify"]["ok"]
+    assert not [p for p in export_app.services.downloads_dir.iterdir() if name in p.name]
+    assert not list(out.parent.glob(".*"))
+    gguf_file = out / "gguf" / f"{name}-q8_0.gguf"
+    if at == "zip":  # the GGUF was complete and verified before the cancel: kept, and said so
+        assert gguf_file.is_file() and f"The GGUF file `{gguf_file}` was already complete" in result
+    else:
+        assert "no GGUF file was written" in result and not (out / "gguf").exists()
+        assert json.loads((out / "sage_ft_export.json").read_text())["gguf"] == []
+
+
+def test_cancel_while_the_gguf_is_verified_shows_the_stop(client, export_app, run_in_home):
+    """Through the page's own handlers: Cancel at "gguf: verifying" ends with ⏹, not a GGUF and a zip."""
+    job = client.submit(str(run_in_home / "lora"), *OPTIONS, "cancel-in-gguf", False, True, "q8_0", True, "en",
+                        api_name="/export_start")
+    while not job.done() and not any("gguf: verifying" in str(o[0]) for o in job.outputs()):
+        time.sleep(0.02)
+    assert "Cancel requested" in client.predict("en", api_name="/export_cancel")
+    progress, result, _ = job.result(timeout=300)
+    out = paths.exports_dir() / "cancel-in-gguf"
+    assert 'data-state="cancelled"' in progress and result.startswith("⏹ Export cancelled at gguf: "), result
+    assert "was already complete and verified, so it was kept" in result
+    assert not (out / "gguf").exists() and not list(export_app.services.downloads_dir.glob("cancel-in-gguf*"))

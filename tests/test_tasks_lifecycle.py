@@ -19,6 +19,7 @@ import yaml
 from sage_ft import paths
 from sage_ft.tasks import TaskError, TaskManager, TaskNotFound, TaskRefused, TaskStatus
 from sage_ft.tasks.procinfo import ProcessIdentity, current_identity, identity_of
+from sage_ft.tasks.task import TaskStateError
 from sage_ft.tasks.worker import LOCAL_RUNS, LOCAL_RUNS_LOCK, claim_next
 from tests.fixtures_tasks import tiny_task_config, write_checkpoint_files
 
@@ -186,8 +187,9 @@ def test_task_of_a_killed_process_becomes_interrupted(idle_manager, task_dataset
     got = idle_manager.task(task.id)
     assert got.status is TaskStatus.INTERRUPTED and got.icon == "⚠️"
     assert f"process {pid} stopped" in got.error and "no checkpoint" in got.error
-    with pytest.raises(TaskError, match="no checkpoint .* use retry"):
+    with pytest.raises(TaskStateError, match="no checkpoint .* use retry") as refused:
         idle_manager.resume(task.id)
+    assert refused.value.reason == "no_checkpoint"  # the web UI words its own hint from it
     assert idle_manager.recover() == []  # idempotent
 
 

@@ -15,7 +15,8 @@ import pytest
 
 from sage_ft.cli import main
 from sage_ft.events import EventEmitter
-from sage_ft.tasks import TaskError, TaskManager, TaskStatus, rundir
+from sage_ft.tasks import TaskManager, TaskStatus, rundir
+from sage_ft.tasks.task import TaskStateError
 from tests.fixtures_tasks import spawn_manager_process, tiny_task_config
 
 RUN_TIMEOUT_S = 240
@@ -157,9 +158,11 @@ def test_a_picked_checkpoint_is_used_and_unknown_or_damaged_ones_are_refused(wor
 
     for step in (2, 6):  # with no intact checkpoint left, the refusal says so and what to do
         (out / f"checkpoint-{step}").rename(out / f"kept-{step}")
-    with pytest.raises(TaskError, match=rf"no checkpoint in {out} is intact \(checkpoint-4 is damaged \(optimizer"
-                                        rf".pt .*\); start it again with `sage-ft tasks retry {task.id}`"):
+    with pytest.raises(TaskStateError, match=rf"no checkpoint in {out} is intact \(checkpoint-4 is damaged \("
+                                             rf"optimizer.pt .*\); start it again with `sage-ft tasks retry {task.id}`"
+                       ) as refused:
         worker_manager.resume(task.id)
+    assert (refused.value.action, refused.value.reason) == ("resume", "no_intact_checkpoint")
     for step in (2, 6):
         (out / f"kept-{step}").rename(out / f"checkpoint-{step}")
 

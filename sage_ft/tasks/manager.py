@@ -731,10 +731,13 @@ def _resume_checkpoint(task: Task, wanted: int | str | None) -> tuple[Path, str 
         if choice.checkpoint is not None:
             return choice.checkpoint, choice.note
         if choice.damaged:
-            raise TaskError(f"task {task.id} cannot be resumed: no checkpoint in {out} is intact ({choice.note}); "
-                            f"start it again with `sage-ft tasks retry {task.id}`")
-        raise TaskError(f"task {task.id} has no checkpoint in {out} to resume from; "
-                        f"use retry to start it again (`sage-ft tasks retry {task.id}`)")
+            raise TaskStateError(f"task {task.id} cannot be resumed: no checkpoint in {out} is intact "
+                                 f"({choice.note}); start it again with `sage-ft tasks retry {task.id}`",
+                                 task_id=task.id, action="resume", status=task.status.value,
+                                 reason="no_intact_checkpoint")
+        raise TaskStateError(f"task {task.id} has no checkpoint in {out} to resume from; "
+                             f"use retry to start it again (`sage-ft tasks retry {task.id}`)", task_id=task.id,
+                             action="resume", status=task.status.value, reason="no_checkpoint")
     match = re.fullmatch(r"(?:checkpoint-)?(\d+)", str(wanted).strip())
     if match is None:
         raise TaskError(f"{wanted!r} is not a checkpoint; give its step, e.g. 30 for checkpoint-30")

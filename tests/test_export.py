@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -247,6 +248,8 @@ def test_cli_export_with_gguf_and_zip(lora_run, tmp_path):
     assert printed == [str(out), str(gguf_file), str(tmp_path / "cli-export.zip")]
     assert "verify merge: ok" in proc.stderr and "verify gguf: ok" in proc.stderr
     assert "[100%] done" in proc.stderr
+    # the whole export is timed, each part too (the web UI said the merge's time for the whole job)
+    assert re.search(r"exported in [\d.]+ s \(merge [\d.]+ s, GGUF [\d.]+ s, zip [\d.]+ s\)", proc.stderr)
     assert len(list(out.glob("model-*.safetensors"))) >= 2 and gguf_file.exists()
     record = json.loads((out / "sage_ft_export.json").read_text())
     assert record["gguf"][0]["file"] == "gguf/cli-export-f16.gguf" and record["gguf"][0]["verify"]["ok"]

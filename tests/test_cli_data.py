@@ -92,6 +92,22 @@ def test_check_data_with_model_reports_token_lengths(memorize_dataset):
         _no_traceback(result)
 
 
+def test_check_data_warns_when_some_answers_are_cut_off_and_refuses_when_all_are(make_dataset):
+    """'2588 keep no assistant tokens ... teach nothing' was followed by a plain 'OK'."""
+    long_prompt = " ".join(f"word{i}" for i in range(120))
+    long = [{"instruction": f"{long_prompt} {i}?", "output": "Yes."} for i in range(10)]
+    mixed = sage_ft("check-data", make_dataset("mixed.jsonl", long + ALPACA_ROWS), "--model", "demo",
+                    "--cutoff-len", "128")
+    assert mixed.returncode == 0, mixed.stderr
+    assert "WARNING: 10 of 13 samples keep no assistant token within cutoff_len 128" in mixed.stdout
+    assert mixed.stdout.strip().endswith("OK: the data can be used for training (but see the warning).")
+    as_json = json.loads(sage_ft("check-data", make_dataset("mixed.jsonl", long + ALPACA_ROWS), "--model", "demo",
+                                 "--cutoff-len", "128", "--json").stdout)
+    assert as_json["ok"] is True and as_json["warning"].startswith("10 of 13 samples")
+    only_long = sage_ft("check-data", make_dataset("long.jsonl", long), "--model", "demo", "--cutoff-len", "128")
+    assert only_long.returncode == 1 and "NOT OK: no sample keeps an assistant token" in only_long.stdout
+
+
 def test_check_data_with_model_says_how_far_tokenizing_is_on_stderr(make_dataset):
     """A large file takes a while to tokenize: the first chunk of 512 conversations is reported at once
     (then every 5 s) on stderr, so ``--json`` output stays parseable."""

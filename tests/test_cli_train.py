@@ -86,6 +86,20 @@ def test_every_config_problem_is_printed_at_once(tmp_path: Path) -> None:
         assert problem in out.stderr, out.stderr
 
 
+def test_a_dataset_whose_answers_are_all_cut_off_is_refused_before_a_task(demo_model, tmp_path: Path) -> None:
+    """It printed 'OK: the data can be used for training', queued the task, and failed after loading
+    the model with 'no sample keeps an assistant token within cutoff_len 128'."""
+    long_prompt = " ".join(f"word{i}" for i in range(120))
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"{long_prompt} {i}?", "output": "Yes."}) + "\n"
+                            for i in range(10)))
+    out = sage_ft("train", "--set", f"dataset={data}", "--set", f"output_dir={tmp_path / 'run'}", *FAST)
+    assert out.returncode == 1, out.stdout
+    assert "not started" in out.stderr and "no sample keeps an assistant token within cutoff_len 128" in out.stderr
+    assert "OK: the data" not in out.stdout.replace("NOT OK", "")
+    assert _tasks_in(tmp_path / "run") == [] and not (tmp_path / "run").exists()
+
+
 def test_yaml_config_with_unknown_key_trains_and_prints_the_run_dir(memorize_jsonl: Path, tmp_path: Path) -> None:
     config = tmp_path / "run.yaml"
     config.write_text(f"model_name_or_path: demo\ndataset: {memorize_jsonl}\nmax_steps: 2\nlogging_steps: 1\n"

@@ -82,14 +82,12 @@ def check_data(args: argparse.Namespace) -> int:
         except Exception as exc:  # a model/tokenizer problem is reported, never a stack trace
             model_error = f"--model {args.model}: {exc}"
     # Decided before the report is printed, so that its verdict says it (it said "OK" above the error).
-    problem = model_error
     stats = report.token_stats
-    if not problem and stats and stats.no_labels_after_cutoff == stats.count:
-        problem = (f"no sample keeps an assistant token within cutoff_len {stats.cutoff_len}; "
-                   "raise --cutoff-len (training would have nothing to learn)")
+    problem = model_error or (stats.problem() if stats else None)
     if args.json:
         data = report.to_dict()
-        data.update(ok=report.ok and not problem, model_error=model_error, problem=problem)
+        data.update(ok=report.ok and not problem, model_error=model_error, problem=problem,
+                    warning=stats.warning() if stats else None)
         print(json.dumps(data, indent=2, ensure_ascii=False))
     else:
         print(report.summary(problem))
@@ -97,7 +95,7 @@ def check_data(args: argparse.Namespace) -> int:
             print(f"\n--- conversation {i + 1} ---")
             for message in conversation:
                 print(f"[{message['role']}] {message['content']}")
-    if not report.ok:
+    if report.errors or not report.rows_ok:
         return _fail("\n".join(report.errors) or "no usable rows")
     return _fail(problem) if problem else 0
 

@@ -98,7 +98,10 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def check_dataset(config: Any) -> bool:
-    """Print the data report; False (with the reasons) when the dataset cannot be used."""
+    """Print the data report; False (with the reasons) when the dataset cannot be used. Token lengths
+    are measured with the model's tokenizer (on a sample of rows) when it is on this machine, so a
+    dataset whose answers are all cut off at cutoff_len is refused here, not after loading the model."""
+    from sage_ft.data.cutoff import measure_cutoff
     from sage_ft.data.load import DataError
     from sage_ft.training.inputs import load_run_dataset
 
@@ -107,7 +110,11 @@ def check_dataset(config: Any) -> bool:
     except DataError as exc:
         print(f"error: dataset cannot be used, the run was not started:\n{exc}", file=sys.stderr)
         return False
+    stats = measure_cutoff(report, config.model_name_or_path, config.cutoff_len, config.template)
     print(report.summary(), flush=True)
+    if stats is not None and stats.problem():
+        print(f"error: dataset cannot be used, the run was not started: {stats.problem()}", file=sys.stderr)
+        return False
     return True
 
 

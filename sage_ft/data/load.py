@@ -106,14 +106,34 @@ class TokenStats:
     cutoff_len: int
     over_cutoff: int  # samples longer than cutoff_len (they get truncated)
     no_labels_after_cutoff: int  # samples whose assistant tokens all fall beyond cutoff_len
+    sampled_from: int | None = None  # the rows there were, when ``count`` of them spread over all were measured
+
+    @property
+    def teaches_nothing(self) -> bool:
+        """No measured sample keeps an assistant token: the run would fail after loading the model."""
+        return self.count > 0 and self.no_labels_after_cutoff == self.count
+
+    def _measured(self) -> str:
+        return f" (measured on {self.count} of the {self.sampled_from} rows)" if self.sampled_from else ""
+
+    def problem(self) -> str | None:
+        """Why the data cannot be trained on at this cutoff_len, or None."""
+        if not self.teaches_nothing:
+            return None
+        return (f"no sample keeps an assistant token within cutoff_len {self.cutoff_len}{self._measured()}: "
+                "truncation cuts every answer off, so training would have nothing to learn; raise cutoff_len "
+                "or shorten the prompts")
+
+    def warning(self) -> str | None:
+        """Some (not all) samples lose every assistant token to truncation: they train nothing."""
+        if not self.no_labels_after_cutoff or self.teaches_nothing:
+            return None
+        return (f"{self.no_labels_after_cutoff} of {self.count} samples keep no assistant token within cutoff_len "
+                f"{self.cutoff_len}{self._measured()} and teach nothing; raise cutoff_len or shorten their prompts")
 
     def summary(self) -> str:
-        text = (f"Token lengths: min {self.min}, mean {self.mean:.1f}, p95 {self.p95}, max {self.max}; "
-                f"{self.over_cutoff} of {self.count} exceed cutoff_len {self.cutoff_len} (truncated)")
-        if self.no_labels_after_cutoff:
-            text += (f"; {self.no_labels_after_cutoff} keep no assistant tokens after truncation and teach "
-                     "nothing (raise cutoff_len or shorten their prompts)")
-        return text
+        return (f"Token lengths{self._measured()}: min {self.min}, mean {self.mean:.1f}, p95 {self.p95}, "
+                f"max {self.max}; {self.over_cutoff} of {self.count} exceed cutoff_len {self.cutoff_len} (truncated)")
 
 
 @dataclass
@@ -134,7 +154,9 @@ class DatasetReport:
 
     @property
     def ok(self) -> bool:
-        return self.rows_ok > 0 and not self.errors
+        """Usable for training: rows to train on, no unusable file, and (when token lengths were
+        measured) answers that survive truncation."""
+        return self.rows_ok > 0 and not self.errors and not (self.token_stats and self.token_stats.teaches_nothing)
 
     def preview(self, n: int = 3) -> list[list[dict[str, str]]]:
         return self.conversations[:n]
@@ -156,15 +178,21 @@ class DatasetReport:
             lines += [f"  - {line}" for line in describe_reasons(self.dropped)]
         if len(self.conversations) < self.rows_ok:
             lines.append(f"Using the first {len(self.conversations)} usable rows (max_samples={self.max_samples}).")
-        if self.token_stats:
-            lines.append(self.token_stats.summary())
+        stats = self.token_stats
+        if stats:
+            lines.append(stats.summary())
         if self.errors:
             lines.append("Unusable files:")
             lines += [f"  - {error}" for error in self.errors]
+        problem = problem or (stats.problem() if stats and not self.errors and self.rows_ok else None)
         if problem:
             lines.append(f"NOT OK: {problem}")
+        elif not self.ok:
+            lines.append("NOT OK: fix the problems above.")
+        elif stats and stats.warning():
+            lines += [f"WARNING: {stats.warning()}", "OK: the data can be used for training (but see the warning)."]
         else:
-            lines.append("OK: the data can be used for training." if self.ok else "NOT OK: fix the problems above.")
+            lines.append("OK: the data can be used for training.")
         return "\n".join(lines)
 
     def to_dict(self, include_conversations: bool = False) -> dict[str, Any]:
@@ -189,22 +217,36 @@ class DatasetReport:
         return data
 
     def compute_token_stats(self, tokenizer: Any, cutoff_len: int, template: str = "auto",
-                            progress: Callable[[int, int], None] | None = None) -> TokenStats:
-        """Tokenise every conversation with the chat template (untruncated) and record length stats;
-        ``progress(done, total)`` as in ``tokenize_conversations``."""
-        from sage_ft.data.tokenize import has_trainable_token, tokenize_conversations
+                            progress: Callable[[int, int], None] | None = None,
+                            max_rows: int | None = None) -> TokenStats:
+        """Tokenise the conversations with the chat template (untruncated) and record length stats;
+        ``progress(done, total)`` as in ``tokenize_conversations``. ``max_rows``: measure at most that
+        many, spread evenly over the dataset (the stats then say so)."""
+        from sage_ft.data.tokenize import tokenize_conversations
 
-        encoded = tokenize_conversations(self.conversations, tokenizer, _NO_CUTOFF, template, progress=progress)
-        lengths = sorted(len(sample["input_ids"]) for sample in encoded)
-        if not lengths:
-            raise DataError("no conversation could be tokenised; check the model's chat template")
-        no_labels = sum(1 for s in encoded if not has_trainable_token(s["labels"][:cutoff_len]))
-        self.token_stats = TokenStats(
-            count=len(lengths), min=lengths[0], mean=sum(lengths) / len(lengths),
-            p95=lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))], max=lengths[-1],
-            cutoff_len=cutoff_len, over_cutoff=sum(1 for n in lengths if n > cutoff_len),
-            no_labels_after_cutoff=no_labels)
+        conversations = self.conversations
+        if max_rows is not None and len(conversations) > max_rows:
+            step = len(conversations) / max_rows
+            conversations = [conversations[int(i * step)] for i in range(max_rows)]
+        encoded = tokenize_conversations(conversations, tokenizer, _NO_CUTOFF, template, progress=progress)
+        self.token_stats = token_stats_of(encoded, cutoff_len, len(self.conversations))
         return self.token_stats
+
+
+def token_stats_of(encoded: list[dict[str, Any]], cutoff_len: int, rows: int | None = None) -> TokenStats:
+    """``TokenStats`` of untruncated tokenised samples; ``rows``: how many the dataset has, when
+    ``encoded`` is a sample of them."""
+    from sage_ft.data.tokenize import has_trainable_token
+
+    lengths = sorted(len(sample["input_ids"]) for sample in encoded)
+    if not lengths:
+        raise DataError("no conversation could be tokenised; check the model's chat template")
+    return TokenStats(
+        count=len(lengths), min=lengths[0], mean=sum(lengths) / len(lengths),
+        p95=lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))], max=lengths[-1],
+        cutoff_len=cutoff_len, over_cutoff=sum(1 for n in lengths if n > cutoff_len),
+        no_labels_after_cutoff=sum(1 for s in encoded if not has_trainable_token(s["labels"][:cutoff_len])),
+        sampled_from=rows if rows is not None and rows > len(lengths) else None)
 
 
 _NO_CUTOFF = 1_048_576  # TrainConfig's largest cutoff_len: lengths are measured untruncated

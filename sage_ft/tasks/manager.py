@@ -836,7 +836,10 @@ def _dataset_problems(config: TrainConfig) -> tuple[list[str], list[Path]]:
     if config.held_out(rows) >= rows:  # the run would fail on it after loading the model
         return [f"val_size: {config.val_size:g} holds out {config.held_out(rows)} of the {rows} usable rows of "
                 f"{config.dataset}, leaving none to train on; lower val_size"], files
-    return [], files
+    from sage_ft.data.cutoff import cutoff_problem  # every answer cut off: the run would fail after loading
+
+    truncated = cutoff_problem(report, config)
+    return ([truncated] if truncated else []), files
 
 
 def _slug(text: str) -> str:

@@ -352,6 +352,7 @@ def check_dataset(services: AppServices, lang: str, dataset: str, fmt: str, colu
     token_line = ""
     if report.conversations:
         try:
+            from sage_ft.data.load import token_stats_of
             from sage_ft.data.tokenize import token_length_stats, tokenize_conversations
 
             cutoff = int(cutoff_len or 1024)
@@ -363,6 +364,10 @@ def check_dataset(services: AppServices, lang: str, dataset: str, fmt: str, colu
             figure = charts.token_histogram(lengths, cutoff, title=i18n.t("train.histogram", lang))
             token_line = i18n.t("data.token_stats", lang, count=stats["count"], mean=stats["mean"], p95=stats["p95"],
                                 max=stats["max"], over=sum(1 for n in lengths if n > cutoff), cutoff=cutoff)
+            # answers cut off at cutoff_len: NOT OK when all are (Start refuses it), a warning when some are
+            report.token_stats = token_stats_of(list(encoded), cutoff, len(report.conversations))
+            cut_off = report.token_stats.problem() or report.token_stats.warning()
+            token_line += f"\n\n{'❌' if report.token_stats.problem() else '⚠️'} {html.escape(cut_off)}" if cut_off else ""
         except Exception as exc:  # token stats are extra information; the report stands without them
             log.info("token stats unavailable: %s", exc)
             token_line = i18n.t("data.no_token_stats", lang, reason=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from sage_ft.webui.chat_memory import SETTINGS_KEY
+from sage_ft.webui.chat_messages import RUNNING
 from tests.fixtures_training import MEMORIZE_QA
 from tests.fixtures_webui import start_webui
 
@@ -332,5 +333,70 @@ def test_clear_while_a_reply_streams_ends_it_and_the_chat_stays_empty(e2e_app):
                 page.locator("#tab-chat-button").click()
                 expect(page.locator("#chatbot [data-testid=user]")).to_have_count(0)
                 expect(bot).to_have_count(0)
+        finally:
+            browser.close()
+
+
+def test_while_a_reply_streams_a_second_send_is_refused_and_a_second_tab_does_not_call_it_cut_off(e2e_app):
+    """Send while a reply streams used to start a second reply in the same chat (the chat flickered
+    between the two, and a question was lost after a reload); it is now refused with a note, and the
+    question stays in the box until the reply has ended. A tab opened meanwhile showed the streaming
+    reply as "cut off: the page was reloaded"; it now says another tab is still writing it."""
+    from playwright.sync_api import expect, sync_playwright
+
+    chats = "() => localStorage.getItem('sage-ft-chats')"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        bot, user = page.locator("#chatbot [data-testid=bot]"), page.locator("#chatbot [data-testid=user]")
+        try:
+            with _screenshot_on_failure(page, "one-reply-failure.png"):
+                page.goto(e2e_app.url)
+                page.locator("#tab-chat-button").click()
+                page.get_by_text("Generation settings").click()
+                for name, value in (("temperature", "0"), ("max-tokens", "900")):  # a long reply
+                    page.locator(f"#chat-{name} input[type=number]").fill(value)
+                    page.locator(f"#chat-{name} input[type=number]").press("Enter")
+                page.locator("#chat-input textarea").fill("Tell me a long story.")
+                page.locator("#chat-send").click()
+                expect(bot.last).to_contain_text(re.compile(r"🤖 demo\S*\s+\S+\s+\S+"), timeout=120_000)
+                page.locator("#chat-input textarea").fill("And then?")
+                page.locator("#chat-send").click()
+                expect(page.get_by_text("still being written in this chat").first).to_be_visible()
+                expect(page.locator("#chat-input textarea")).to_have_value("And then?")
+                expect(user).to_have_text(["Tell me a long story."])
+                for attempt in range(3):  # until the other tab loads while the reply still streams
+                    if attempt:  # it had ended first (a busy machine): answer again, as long
+                        page.bring_to_front()
+                        page.get_by_role("button", name="Regenerate").click()
+                        expect(bot.last).to_contain_text(re.compile(r"🤖 demo\S*\s+\S+\s+\S+"), timeout=120_000)
+                    saved = page.evaluate(chats)
+                    deadline = time.monotonic() + 20
+                    while page.evaluate(chats) == saved and time.monotonic() < deadline:  # the next autosave
+                        page.wait_for_timeout(100)
+                    other = context.new_page()
+                    other.set_default_timeout(60_000)
+                    with _screenshot_on_failure(other, "second-tab-failure.png"):
+                        other.goto(e2e_app.url)
+                        other.locator("#tab-chat-button").click()
+                        other_bot = other.locator("#chatbot [data-testid=bot]")
+                        expect(other_bot.last).to_contain_text(re.compile("still being written in another tab|cut off"))
+                        if "still being written in another tab" in other_bot.last.inner_text():
+                            assert "cut off" not in other_bot.last.inner_text()
+                            break
+                        assert len(RUNNING) == 0, "cut off, though the reply still streamed"
+                        other.close()
+                else:
+                    raise AssertionError("the reply always ended before the other tab had loaded")
+                page.bring_to_front()
+                page.locator("#chat-stop").click()  # (or it ends by itself)
+                deadline = time.monotonic() + 60
+                while len(RUNNING) and time.monotonic() < deadline:
+                    page.wait_for_timeout(100)
+                page.locator("#chat-send").click()  # the question kept in the box, now sent
+                expect(user).to_have_text(["Tell me a long story.", "And then?"])
+                expect(bot).to_have_count(2)
         finally:
             browser.close()

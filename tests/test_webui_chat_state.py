@@ -167,6 +167,11 @@ def test_one_reply_streams_in_a_chat_at_a_time(chat_app):
     # the chat is free again: Q2 can now be sent
     after = page.result(page.send("chat_send", "Q2", final, *SHORT))[0]
     assert [_text(m) for m in after if m["role"] == "user"] == ["Q1", "Q2"] and _words(after)
+    # the page sends a Send or Regenerate made while a reply streams (Gradio's default drops a click on
+    # an event still running, without a word), so that it is told why nothing happens
+    deps = [d for d in chat_app.demo.config["dependencies"]
+            if d.get("api_name") in ("chat_send", "chat_regenerate", "chat_compare")]
+    assert len(deps) == 3 and {d["trigger_mode"] for d in deps} == {"multiple"}
 
 
 def test_one_comparison_at_a_time_and_a_chat_beside_it(chat_app):

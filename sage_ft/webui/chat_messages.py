@@ -241,6 +241,10 @@ class RunningReplies:
     def streaming(self, key: str) -> bool:
         return key in self._cancels
 
+    def __len__(self) -> int:
+        """How many replies stream now (in every page)."""
+        return len(self._cancels)
+
     def stop(self, key: str, clearing: bool = False) -> bool:
         """Ask the reply of ``key`` to stop (``clearing``: end it without a last update, the chat is
         emptied next); whether one was streaming."""

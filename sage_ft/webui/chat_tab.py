@@ -164,16 +164,18 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
     autosave = [reg["chat.saved"], reg["chat.autosave"]]
     for where, message in (("chat", "chat.message"), ("compare", "chat.compare_message")):
         gr.on(sent[where], chat_memory.remember_question(where, streaming_in), [reg[message], *conversations],
-              autosave, api_name=False, show_progress="hidden")
+              autosave, api_name=False, show_progress="hidden", trigger_mode="multiple")
     reg["chat.regenerate"].click(lambda: gr.Timer(active=True), None, reg["chat.autosave"], api_name=False,
                                  show_progress="hidden")
     reg["chat.autosave"].tick(chat_memory.remember_partial(streaming_in), conversations, autosave, api_name=False,
                               show_progress="hidden")
+    # "multiple": a Send, Enter or Regenerate while a reply streams reaches its handler, which refuses it
+    # with a note (Gradio's default for a click drops it without a word while the same event runs)
     replies = [
         gr.on(sent["chat"], send, [reg["chat.message"], reg["chat.chatbot"], *settings], chat_out,
-              api_name="chat_send", concurrency_limit=None, show_progress="hidden"),
+              api_name="chat_send", concurrency_limit=None, show_progress="hidden", trigger_mode="multiple"),
         reg["chat.regenerate"].click(again, [reg["chat.chatbot"], *settings], chat_out, api_name="chat_regenerate",
-                                     concurrency_limit=None, show_progress="hidden"),
+                                     concurrency_limit=None, show_progress="hidden", trigger_mode="multiple"),
     ]
 
     def clear_chat(request: gr.Request) -> tuple[list[Any], str]:
@@ -190,7 +192,7 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
     compare_out = [reg["chat.compare_a"], reg["chat.compare_b"], reg["chat.compare_status"],
                    reg["chat.compare_message"]]
     comparing = gr.on(sent["compare"], side_by_side, compare_in, compare_out, api_name="chat_compare",
-                      concurrency_limit=None, show_progress="hidden")
+                      concurrency_limit=None, show_progress="hidden", trigger_mode="multiple")
 
     def clear_compare(request: gr.Request) -> tuple[list[Any], list[Any], str]:
         stop(request, "compare", clearing=True)
@@ -500,7 +502,8 @@ def _one_reply(request: Any, where: str, lang: str) -> Iterator[threading.Event 
         return
     try:
         yield cancel
-    finally:
+    finally:  # (a reply whose page went away is ended too: the server stops writing it)
+        cancel.set()
         RUNNING.release(key, cancel)
 
 

@@ -114,7 +114,7 @@ def status_html(status: dict[str, Any], lang: str) -> str:
              if status.get("context_len") else None),
             (i18n.t("server.adapters", lang), ", ".join(f"{n} ({label})" for n, label in
                                                        (status.get("adapters") or {}).items())),
-            (i18n.t("server.log_path", lang), status.get("log_path")),
+            (i18n.t("server.log_path", lang), status.get("log_path") or status.get("start_log_path")),
             (i18n.t("server.last_error", lang), status.get("last_error"))]
     body = "".join(f"<tr><th>{_esc(str(k))}</th><td>{_esc(str(v))}</td></tr>" for k, v in rows
                    if v not in (None, ""))
@@ -140,11 +140,14 @@ def metrics_html(metrics: dict[str, Any], tokens_per_s: float | None, lang: str)
 def log_tail(status: dict[str, Any], lines: int = LOG_LINES) -> str:
     """The last lines of the server log (reads only the file's last few KiB): of the server being
     started while one starts (its log grows as it starts), else of the one running."""
-    path = status.get("start_log_path") or status.get("log_path")
+    starting = status.get("start_log_path")
+    path = starting or status.get("log_path")
     if not path:
         return status.get("log_tail") or ""
     try:
         return tail_lines(path, lines, _TAIL_BYTES)
+    except FileNotFoundError as exc:  # a start log is created a moment after the start begins
+        return "" if starting else f"{path}: {exc}"
     except OSError as exc:
         return f"{path}: {exc}"
 

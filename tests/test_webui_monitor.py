@@ -114,7 +114,8 @@ def test_cancel_resume_delete_and_reattach(webui, webui_client, dataset):
     assert "removed" in message
     assert task_id not in [t.id for t in webui.services.tasks.list()]
     message, _ = webui_client.predict(task_id, "en", api_name="/task_cancel")
-    assert f"no task with id {task_id}" in message
+    assert f"There is no task #{task_id} (deleted?); pick one from the task list" in message
+    assert "sage-ft" not in message  # the page's way, not the CLI's ('see `sage-ft tasks list`')
 
 
 def test_text_typed_into_the_task_picker_is_named_not_a_crash(webui, webui_client, finished):
@@ -133,6 +134,20 @@ def test_text_typed_into_the_task_picker_is_named_not_a_crash(webui, webui_clien
     assert finished[0] in [row[0] for row in table["data"]]
     out = webui_client.predict(f"#{finished[0]} some name", [], False, 0.6, "en", api_name="/task_details")
     assert "completed" in out[0]
+
+
+def test_a_download_is_no_longer_offered_once_another_task_is_picked(webui, webui_client, finished):
+    """'Download full log' of one task stayed offered after another task was picked: changing the pick
+    takes the file away (the browser test clicks through it; here the page's own wiring is checked)."""
+    message, file_update = webui_client.predict(finished[0], "en", api_name="/task_download_log")
+    assert file_update["visible"] and Path(file_update["value"]).name == f"task-{finished[0]}-logs.txt"
+    reg = webui.demo.registry
+    picker, offered = reg["mon.task"]._id, reg["mon.file"]._id
+    on_pick = [fn for fn in webui.demo.fns.values() if (picker, "change") in [tuple(t) for t in fn.targets]
+               and offered in [c._id for c in fn.outputs]]
+    assert len(on_pick) == 1, "picking another task must clear the offered file"
+    cleared = on_pick[0].fn(*[None for _ in on_pick[0].inputs])
+    assert cleared["visible"] is False and cleared["value"] is None
 
 
 def test_actions_without_a_selection_and_chat_disabled(webui_client, finished):

@@ -47,11 +47,12 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
                                            info=i18n.t("mon.compare.info", lang)), kind="label_info")
     reg.add("mon.progress", gr.HTML(render.progress_html(None, lang), elem_id="mon-progress"), kind="none")
     with gr.Row():
-        for action in ("cancel", "resume", "retry", "delete", "download", "use_chat"):
+        for action in ("cancel", "pause", "unpause", "resume", "retry", "delete", "download", "use_chat"):
             variant = "stop" if action in ("cancel", "delete") else "secondary"
-            reg.add(f"mon.{action}", gr.Button(i18n.t(f"mon.{action}", lang), variant=variant, size="sm"))
+            reg.add(f"mon.{action}", gr.Button(i18n.t(f"mon.{action}", lang), variant=variant, size="sm",
+                                               **PAUSE_BUTTONS.get(action, {})))
     reg.add("mon.message", gr.Markdown(""), kind="none")
-    reg.add("mon.file", gr.File(label=i18n.t("mon.file", lang), visible=False, interactive=False))
+    reg.add("mon.file", gr.File(label=i18n.t("mon.file", lang), visible=False, interactive=False, elem_id="task-file"))
     with gr.Row():
         reg.add("mon.log_y", gr.Checkbox(value=False, label=i18n.t("mon.log_y", lang)))
         reg.add("mon.smoothing", gr.Slider(0, 0.99, value=0.6, step=0.01, label=i18n.t("mon.smoothing", lang)))
@@ -73,7 +74,18 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
                                       lines=6, max_lines=16))
 
 
-DETAILS = ("progress", "loss", "eval", "lr", "config", "log", "checkpoints", "metrics", "paths")
+DETAILS = ("progress", "loss", "eval", "lr", "config", "log", "checkpoints", "metrics", "paths", "pause", "unpause")
+# Before a task is picked: Pause shown but off (so it can be found), Unpause hidden (see pause_buttons).
+PAUSE_BUTTONS = {"pause": {"interactive": False}, "unpause": {"visible": False}}
+
+
+def pause_buttons(task: Any) -> list[Any]:
+    """⏸ Pause for a running task, ▶ Unpause (in its place) for a paused one; for any other task, or
+    none, Pause stays in sight but off."""
+    running = task is not None and task.status is TaskStatus.RUNNING
+    paused = running and render.is_paused(task)
+    return [gr.update(visible=not paused, interactive=running and not paused),
+            gr.update(visible=paused, interactive=paused)]
 
 
 def detail_outputs(reg: Registry) -> list[Any]:
@@ -98,6 +110,13 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
     for action in ("cancel", "resume", "retry", "delete"):
         reg[f"mon.{action}"].click(_action_handler(services, action), [reg["mon.task"], lang],
                                    [reg["mon.message"], reg["mon.task"]], api_name=f"task_{action}")
+    for action in ("pause", "unpause"):  # the buttons trade places at once, not on the next tick
+        reg[f"mon.{action}"].click(_pause_handler(services, action), [reg["mon.task"], lang],
+                                   [reg["mon.message"], reg["mon.task"], reg["mon.pause"], reg["mon.unpause"]],
+                                   api_name=f"task_{action}")
+    # a file offered for one task must not stay on offer once another is picked
+    reg["mon.task"].change(lambda: gr.update(value=None, visible=False), None, reg["mon.file"], api_name=False,
+                           show_progress="hidden")
     reg["mon.download"].click(lambda tid, lg: download(services, tid, lg), [reg["mon.task"], lang],
                               [reg["mon.message"], reg["mon.file"]], api_name="task_download")
     reg["mon.download_log"].click(lambda tid, lg: download_log(services, tid, lg), [reg["mon.task"], lang],
@@ -122,7 +141,8 @@ def refresh(services: AppServices, version: str | None, lang: str) -> tuple[Any,
     new_store_version, tasks = services.tasks.poll(store_version or None)
     if tasks is None:
         return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-    rows = [render.task_row(t, lang) for t in tasks]
+    blocker = render.paused_running(tasks)  # queued tasks wait for it: their rows say so
+    rows = [render.task_row(t, lang, blocker) for t in tasks]
     choices = [(f"#{t.id} {t.name}", t.id) for t in tasks]
     table = {"headers": render.table_headers(lang), "data": rows}
     fingerprint = hashlib.sha1(json.dumps(choices).encode()).hexdigest()[:12]
@@ -134,13 +154,13 @@ def tick(services: AppServices, version: str | None, stamp: str | None, task_id:
          log_y: bool, smoothing: float, lang: str) -> list[Any]:
     table = list(refresh(services, version, lang))
     if task_id in (None, ""):
-        return [*table, gr.skip(), *([gr.skip()] * 9)]
+        return [*table, gr.skip(), *([gr.skip()] * len(DETAILS))]
     try:
         new_stamp = _stamp(services, task_id, compare, log_y, smoothing, lang)
     except TaskError:  # typed text that names no task: the details already say so
-        return [*table, gr.skip(), *([gr.skip()] * 9)]
+        return [*table, gr.skip(), *([gr.skip()] * len(DETAILS))]
     if new_stamp == stamp:
-        return [*table, gr.skip(), *([gr.skip()] * 9)]
+        return [*table, gr.skip(), *([gr.skip()] * len(DETAILS))]
     return [*table, *task_details(services, task_id, compare, log_y, smoothing, lang)]
 
 
@@ -190,15 +210,15 @@ def task_details(services: AppServices, task_id: Any, compare: list[Any], log_y:
         return _task_details(services, task_id, compare, log_y, smoothing, lang)
     with _DETAILS_LOCK:
         cached = _DETAILS_CACHE.get((id(services), stamp))
-    if cached is not None:
-        return list(cached)
+    if cached is not None:  # updates as copies: gradio pops keys from the dicts it sends
+        return [dict(v) if isinstance(v, dict) else v for v in cached]
     out = _task_details(services, task_id, compare, log_y, smoothing, lang, stamp)
     out[2:5] = [_plot_data(fig) for fig in out[2:5]]
     with _DETAILS_LOCK:
         _DETAILS_CACHE[(id(services), stamp)] = out
         while len(_DETAILS_CACHE) > 16:
             _DETAILS_CACHE.pop(next(iter(_DETAILS_CACHE)))
-    return list(out)
+    return [dict(v) if isinstance(v, dict) else v for v in out]
 
 
 _DETAILS_CACHE: dict[tuple[int, str], list[Any]] = {}
@@ -212,13 +232,13 @@ def _plot_data(fig: charts.Figure | None) -> Any:
 
 def _task_details(services: AppServices, task_id: Any, compare: list[Any], log_y: bool, smoothing: float,
                   lang: str, stamp: str | None = None) -> list[Any]:
-    empty = [None, render.progress_html(None, lang), None, None, None, "", "", "", None, ""]
+    empty = [None, render.progress_html(None, lang), None, None, None, "", "", "", None, "", *pause_buttons(None)]
     if task_id in (None, ""):
         return empty
     try:
         detail = services.tasks.get(task_id_of(task_id), log_lines=LOG_LINES)
     except TaskError as exc:
-        return [None, html.escape(str(exc)), None, None, None, "", "", "", None, ""]
+        return [None, render.progress_note(render.task_error_text(exc, lang)), *empty[2:]]
     runs = [(f"#{detail.id} {detail.name}", detail.metrics_history)]
     for other in compare or []:
         if str(other) == str(detail.id):
@@ -242,9 +262,20 @@ def _task_details(services: AppServices, task_id: Any, compare: list[Any], log_y
                 f"**{i18n.t('mon.adapter', lang)}**: `{adapter}`"
                 + (" ✅" if adapter.is_dir() else f" ({i18n.t('mon.not_yet', lang)})"))
     stamp = stamp or _stamp(services, task_id, compare, log_y, smoothing, lang)
-    return [stamp, render.progress_html(detail, lang, detail.eta_seconds), loss, evals, lr, detail.config_yaml,
+    progress = render.progress_html(detail, lang, detail.eta_seconds, render.paused_ahead(services.tasks, detail))
+    return [stamp, progress, loss, evals, lr, detail.config_yaml,
             detail.log_tail, f"**{i18n.t('mon.checkpoints', lang)}**\n\n{checkpoints}",
-            render.readable_metrics(detail.last_metrics), paths_md]
+            render.readable_metrics(_still_true(detail)), paths_md, *pause_buttons(detail)]
+
+
+LIVE_METRICS = ("eta_seconds", "tokens_per_second")  # the speed of the moment: none while a run is paused
+
+
+def _still_true(task: Any) -> dict[str, Any]:
+    """The latest metrics less those a pause made stale (a paused run kept showing its ETA)."""
+    if not render.is_paused(task):
+        return task.last_metrics
+    return {key: value for key, value in task.last_metrics.items() if key not in LIVE_METRICS}
 
 
 def _action_handler(services: AppServices, action: str):
@@ -267,8 +298,7 @@ def _action_handler(services: AppServices, action: str):
             else:
                 task = getattr(services.tasks, action)(selected)
         except TaskError as exc:
-            gr.Warning(str(exc))
-            return f"⚠️ {html.escape(str(exc))}", gr.skip()
+            return _refused(exc, lang), gr.skip()
         text = render.cancel_message(task, lang) if action == "cancel" else i18n.t(f"alert.task_{action}", lang,
                                                                                   id=task.id)
         gr.Info(text)
@@ -276,14 +306,42 @@ def _action_handler(services: AppServices, action: str):
     return handler
 
 
+def _pause_handler(services: AppServices, action: str):
+    """⏸ Pause / ▶ Unpause: the core's pause (any process's run holds within a second); the two buttons
+    trade places at once."""
+    def handler(task_id: Any, lang: str) -> tuple[Any, ...]:
+        if task_id in (None, ""):
+            gr.Warning(i18n.t("alert.no_task", lang))
+            return f"⚠️ {i18n.t('alert.no_task', lang)}", gr.skip(), gr.skip(), gr.skip()
+        try:
+            task = getattr(services.tasks, action)(task_id_of(task_id))
+        except TaskError as exc:
+            with contextlib.suppress(TaskError):  # the buttons follow the state that refused it
+                return _refused(exc, lang), gr.skip(), *pause_buttons(services.tasks.task(task_id_of(task_id)))
+            return _refused(exc, lang), gr.skip(), gr.skip(), gr.skip()
+        text = i18n.t(f"alert.task_{action}", lang, id=task.id, unpause=i18n.t("mon.unpause", lang))
+        gr.Info(text)
+        return text, task.id, *pause_buttons(task)
+    return handler
+
+
+def _refused(exc: TaskError, lang: str) -> str:
+    """A refusal as a toast and as the message line, in the page's words (``render.task_error_text``)."""
+    text = render.task_error_text(exc, lang)
+    gr.Warning(text)
+    return f"⚠️ {html.escape(text)}"
+
+
 def download(services: AppServices, task_id: Any, lang: str) -> tuple[str, Any]:
     if task_id in (None, ""):
         return f"⚠️ {i18n.t('alert.no_task', lang)}", gr.skip()
     try:
         archive = services.tasks.download(task_id_of(task_id))
-    except (TaskError, OSError) as exc:
+    except TaskError as exc:
+        return _refused(exc, lang), gr.update(value=None, visible=False)
+    except OSError as exc:
         gr.Warning(str(exc))
-        return f"⚠️ {html.escape(str(exc))}", gr.update(visible=False)
+        return f"⚠️ {html.escape(str(exc))}", gr.update(value=None, visible=False)
     staged = services.stage_download(archive)
     return i18n.t("alert.download_ready", lang, name=Path(archive).name), gr.update(value=staged, visible=True)
 
@@ -294,10 +352,10 @@ def download_log(services: AppServices, task_id: Any, lang: str) -> tuple[str, A
     try:
         task = services.tasks.task(task_id_of(task_id))
     except TaskError as exc:
-        return f"⚠️ {html.escape(str(exc))}", gr.skip()
+        return _refused(exc, lang), gr.update(value=None, visible=False)
     logs = Path(task.output_dir) / "logs.txt"
     if not logs.is_file():
-        return i18n.t("alert.no_log", lang), gr.update(visible=False)
+        return i18n.t("alert.no_log", lang), gr.update(value=None, visible=False)
     staged = services.stage_download(logs, f"task-{task.id}-logs.txt")
     return i18n.t("alert.download_ready", lang, name=Path(staged).name), gr.update(value=staged, visible=True)
 
@@ -310,8 +368,7 @@ def use_as_chat(services: AppServices, task_id: Any, lang: str) -> Iterator[str]
     try:
         task = services.tasks.task(task_id_of(task_id))
     except TaskError as exc:
-        gr.Warning(str(exc))
-        yield f"⚠️ {html.escape(str(exc))}"
+        yield _refused(exc, lang)
         return
     if task.status is not TaskStatus.COMPLETED and not (Path(task.output_dir) / "lora").is_dir():
         key = "alert.no_adapter_ended" if task.status.is_final else "alert.no_adapter"

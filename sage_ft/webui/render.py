@@ -1,6 +1,7 @@
 """HTML/text pieces shown by several tabs: progress bars, task rows, chat-turn previews.
 
-Pure functions of core snapshots (``Task``, conversations); every user-provided string is escaped.
+Pure functions of core snapshots (``Task``, conversations; ``paused_ahead`` alone reads the task list);
+every user-provided string is escaped.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sage_ft.tasks import Task
+from sage_ft.tasks import Task, TaskError, TaskNotFound, TaskStatus
+from sage_ft.tasks.task import TaskStateError
 from sage_ft.webui import i18n
 
 
@@ -54,17 +56,55 @@ def cancel_message(task: Task, lang: str) -> str:
     return i18n.t("alert.task_cancel" if task.started_at else "alert.cancel_queued", lang, id=task.id)
 
 
-def status_text(task: Task, lang: str) -> str:
-    return f"{task.icon} {i18n.t(f'status.{task.status.value}', lang)}"
+def is_paused(task: Task) -> bool:
+    """Held between two steps by a pause (``TaskManager.pause``); its status stays running."""
+    return task.paused and task.status is TaskStatus.RUNNING
 
 
-def task_row(task: Task, lang: str) -> list[Any]:
-    """One row of the task table (see ``table_headers``)."""
+def status_text(task: Task, lang: str, paused_ahead: Task | None = None) -> str:
+    """'🔄 running ⏸ paused' as the CLI's list says it; a queued task behind a paused one says so
+    (``paused_ahead``: the paused running task, or None; ignored for a task that is not queued)."""
+    text = f"{task.icon} {i18n.t(f'status.{task.status.value}', lang)}"
+    if is_paused(task):
+        text += f" ⏸ {i18n.t('status.paused', lang)}"
+    elif paused_ahead is not None and task.status is TaskStatus.QUEUED:
+        text += f" · {i18n.t('mon.waits_for_paused', lang, id=paused_ahead.id)}"
+    return text
+
+
+def paused_running(tasks: Sequence[Task]) -> Task | None:
+    """The paused running task among ``tasks``: the queue waits for it until it is unpaused."""
+    return next((t for t in tasks if is_paused(t)), None)
+
+
+def paused_ahead(manager: Any, task: Task | None) -> Task | None:
+    """For a queued ``task``, the paused running task it waits for (one cheap query); else None."""
+    if task is None or task.status is not TaskStatus.QUEUED:
+        return None
+    return paused_running(manager.list([TaskStatus.RUNNING]))
+
+
+def task_error_text(exc: TaskError, lang: str) -> str:
+    """A task refusal in the page's words: the core's messages end in a CLI command ('see `sage-ft tasks
+    list`', 'cancel it first (`sage-ft tasks cancel 12`)'), which the CLI prints as they are; here the
+    hint names the page's task list and buttons, from the exception's fields."""
+    buttons = {name: i18n.t(f"mon.{name}", lang) for name in ("cancel", "resume", "retry", "unpause")}
+    if isinstance(exc, TaskNotFound) and exc.task_id is not None:
+        return i18n.t("alert.task_not_found", lang, id=exc.task_id)
+    if isinstance(exc, TaskStateError):
+        key = f"alert.refused.{exc.action}.{exc.reason}"
+        if key in i18n.strings(i18n.DEFAULT_LANG):
+            return i18n.t(key, lang, id=exc.task_id, status=i18n.t(f"status.{exc.status}", lang), **buttons)
+    return str(exc)
+
+
+def task_row(task: Task, lang: str, paused_ahead: Task | None = None) -> list[Any]:
+    """One row of the task table (see ``table_headers``); ``paused_ahead`` as in ``status_text``."""
     m = task.last_metrics
     epoch = m.get("epoch", m.get("current_epoch"))
     config = task.config_dict
     dataset = ", ".join(p.rsplit("/", 1)[-1] for p in task.dataset.split(",") if p) or config.get("dataset", "")
-    return [task.id, status_text(task, lang), task.name, str(config.get("model_name_or_path", "")), dataset,
+    return [task.id, status_text(task, lang, paused_ahead), task.name, str(config.get("model_name_or_path", "")), dataset,
             f"{task.progress * 100:.0f}%", number(epoch, 3),
             i18n.t("mon.preparing.short", lang) if preparing_text(task, lang) else f"{task.step}/{task.total_steps or '?'}",
             number(m.get("loss")), clock(task.started_at), duration(task.duration_s)]
@@ -78,32 +118,45 @@ def table_headers(lang: str) -> list[str]:
     return [i18n.t(f"mon.col.{c}", lang) for c in TABLE_COLUMNS]
 
 
-def progress_html(task: Task | None, lang: str, eta_s: float | None = None) -> str:
-    """A progress bar with step/total, epoch, tokens/s and ETA (or the queue/final state)."""
+def progress_note(text: str) -> str:
+    """The progress box with a sentence instead of a task (none picked, or what was typed names none)."""
+    return f'<div class="sage-progress empty">{html.escape(text)}</div>'
+
+
+def progress_html(task: Task | None, lang: str, eta_s: float | None = None, paused_ahead: Task | None = None) -> str:
+    """A progress bar with step/total, epoch, tokens/s and ETA (or the queue/final state). A paused task
+    says where it holds and shows no speed or ETA (nothing moves); a queued task behind it
+    (``paused_ahead``) says it waits for that one, and no start time."""
     if task is None:
-        return f'<div class="sage-progress empty">{html.escape(i18n.t("mon.no_task", lang))}</div>'
+        return progress_note(i18n.t("mon.no_task", lang))
     m = task.last_metrics
     pct = task.progress * 100
     epoch = m.get("epoch", m.get("current_epoch"))
     tps = m.get("tokens_per_second")
     eta = eta_s if eta_s is not None else m.get("eta_seconds")
+    paused = is_paused(task)
     bits = [f'{i18n.t("mon.step", lang)} {task.step}/{task.total_steps or "?"}']
     if task.status.value == "queued":  # what a queued task waits for, not "step 0/?"
-        bits = _queue_bits(task, lang)
+        bits = _queue_bits(task, lang, paused_ahead)
+    elif paused:
+        bits = [i18n.t("mon.paused_at", lang, step=task.step, total=task.total_steps or "?",
+                       unpause=i18n.t("mon.unpause", lang))]
     elif preparing := preparing_text(task, lang):  # what it does before its first step, not "step 0/?"
         bits = [preparing]
     if epoch is not None:
         bits.append(f'{i18n.t("mon.epoch", lang)} {number(epoch, 3)}')
-    if isinstance(tps, (int, float)):
+    if isinstance(tps, (int, float)) and not paused:
         bits.append(f"{tps:,.0f} tok/s")
-    if task.status.value == "running" and isinstance(eta, (int, float)):
+    if task.status.value == "running" and not paused and isinstance(eta, (int, float)):
         bits.append(f'{i18n.t("mon.eta", lang)} {duration(eta)}')
     if isinstance(m.get("loss"), (int, float)):
         bits.append(f'loss {number(m["loss"])}')
     error = f'<div class="err">{html.escape(task.error)}</div>' if task.error else ""
-    return (f'<div class="sage-progress status-{task.status.value}" data-task="{task.id}" data-step="{task.step}">'
-            f'<div class="head"><b>#{task.id} {html.escape(task.name)}</b> · {html.escape(status_text(task, lang))}'
-            f' · {pct:.0f}%</div>'
+    state = f"status-{task.status.value}" + (" paused" if paused else "")
+    return (f'<div class="sage-progress {state}" data-task="{task.id}" data-step="{task.step}"'
+            f' data-paused="{str(paused).lower()}">'
+            f'<div class="head"><b>#{task.id} {html.escape(task.name)}</b> · '
+            f'{html.escape(status_text(task, lang, paused_ahead))} · {pct:.0f}%</div>'
             f'<div class="bar"><div class="fill" style="width:{pct:.1f}%"></div></div>'
             f'<div class="meta">{html.escape(" · ".join(bits))}</div>{error}</div>')
 
@@ -118,11 +171,14 @@ def preparing_text(task: Task, lang: str) -> str | None:
     return i18n.t(f"mon.preparing.{prep.phase}", lang)
 
 
-def _queue_bits(task: Task, lang: str) -> list[str]:
-    """A queued task's place in the queue and expected start (a ``TaskDetail`` knows both)."""
+def _queue_bits(task: Task, lang: str, paused_ahead: Task | None = None) -> list[str]:
+    """A queued task's place in the queue and expected start (a ``TaskDetail`` knows both); behind a
+    paused task the start is unknown (the estimate counts the paused run as still going)."""
     position = getattr(task, "queue_position", None)
     start = getattr(task, "estimated_start", None)
     bits = [i18n.t("mon.queue_position", lang, n=position) if position else i18n.t("mon.queue_waiting", lang)]
+    if paused_ahead is not None:  # the status already says whom it waits for
+        return bits
     if isinstance(start, (int, float)):
         bits.append(i18n.t("mon.queue_starts_in", lang, t=duration(start - time.time())))
     return bits
@@ -159,6 +215,7 @@ CSS = """
 .sage-progress .fill {height: 100%; background: #2563eb; transition: width 0.6s;}
 .sage-progress.status-completed .fill {background: #16a34a;}
 .sage-progress.status-failed .fill {background: #dc2626;}
+.sage-progress.paused .fill {background: #d97706;}
 .sage-progress .meta {font-size: 0.9em; opacity: 0.85;}
 .sage-progress .err {color: #b91c1c; font-size: 0.9em; white-space: pre-wrap;}
 .sage-preview {max-height: 360px; overflow-y: auto;}

@@ -18,11 +18,11 @@ from typing import Any
 import gradio as gr
 
 from sage_ft.config import ConfigError, TrainConfig, closest_key
-from sage_ft.tasks import TaskError, TaskStatus
+from sage_ft.tasks import TaskError, TaskStatus, parse_task_id
 from sage_ft.webui import charts, form, form_memory, i18n, render
 from sage_ft.webui.components import Registry
 from sage_ft.webui.presets import PRESETS
-from sage_ft.webui.services import AppServices, task_id_of, tokenizer_for
+from sage_ft.webui.services import AppServices, tokenizer_for
 from sage_ft.webui.topbar import TickPart
 from sage_ft.webui.uploads import PathRefused, UploadError, store_upload
 
@@ -112,7 +112,9 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
         reg.add("train.cancel", gr.Button(i18n.t("train.cancel", lang), variant="stop", scale=1))
         reg.add("train.resume", gr.Button(i18n.t("train.resume", lang), scale=1))
         reg.add("train.stamp", gr.State(None), kind="none")
-        reg.add("train.task_id", gr.Number(label=i18n.t("train.task_id", lang), precision=0, value=None, scale=1,
+        # no rounding (precision=None): with precision=0 a typed 2.5 reached the handlers as task 2;
+        # typed_task_id reads what is typed with the one task-id syntax and names anything else
+        reg.add("train.task_id", gr.Number(label=i18n.t("train.task_id", lang), precision=None, value=None, scale=1,
                                            elem_id="train-task-id"))
     reg.add("train.message", gr.Markdown("", elem_id="train-message"), kind="none")
     reg.add("train.progress", gr.HTML(render.progress_html(None, lang), elem_id="train-progress"), kind="none")
@@ -168,7 +170,7 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
 
     progress_out = [reg["train.task_id"], reg["train.message"], reg["train.progress"]]
     reg["train.start"].click(lambda lg, *v: start(services, lg, *v), [lang, *fields], progress_out, api_name="start") \
-        .success(lambda tid: tid if tid not in (None, "") else gr.skip(), reg["train.task_id"], reg["mon.task"],
+        .success(lambda tid: parse_task_id(tid or "") or gr.skip(), reg["train.task_id"], reg["mon.task"],
                  api_name=False, show_progress="hidden")
     reg["train.cancel"].click(lambda tid, lg: cancel(services, tid, lg), [reg["train.task_id"], lang], progress_out,
                               api_name="cancel")
@@ -187,7 +189,9 @@ def on_load(services: AppServices, lang: str) -> tuple[Any, str]:
     current = (next((t for t in tasks if t.status is TaskStatus.RUNNING), None)
                or next((t for t in tasks if t.status is TaskStatus.QUEUED), None)
                or (tasks[0] if tasks else None))
-    return (current.id if current else None), render.progress_html(current, lang)
+    if current is None:
+        return None, render.progress_html(None, lang)
+    return current.id, _progress(services, current, lang)
 
 
 # ====================================================================== handlers
@@ -526,18 +530,35 @@ def fit_warning(config: TrainConfig, lang: str) -> str:
             f"{html.escape(report.warning)}<br>{html.escape(i18n.t('alert.fit_hint', lang, changes=changes))}</div>")
 
 
+def typed_task_id(value: Any, lang: str) -> int | None:
+    """The task the Task box names: a whole number (or, from an API caller, ``"7"``/``"#7"``: the one
+    task-id syntax, ``parse_task_id``); None when empty. Anything else (``2.5``, ``abc``) raises
+    ``TaskError`` saying it is not a task id, instead of acting on another task."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = "" if value is None else str(value).strip()
+    if not text:
+        return None
+    task_id = parse_task_id(text)
+    if task_id is None:
+        raise TaskError(i18n.t("alert.bad_task_id", lang, text=text[:40]))
+    return task_id
+
+
 def _task_action(services: AppServices, task_id: Any, lang: str, action: str) -> tuple[Any, str, str]:
-    if task_id in (None, ""):
-        gr.Warning(i18n.t("alert.no_task", lang))
-        return gr.skip(), f"⚠️ {i18n.t('alert.no_task', lang)}", gr.skip()
     try:
-        task = getattr(services.tasks, action)(task_id_of(task_id))
+        picked = typed_task_id(task_id, lang)
+        if picked is None:
+            gr.Warning(i18n.t("alert.no_task", lang))
+            return gr.skip(), f"⚠️ {i18n.t('alert.no_task', lang)}", gr.skip()
+        task = getattr(services.tasks, action)(picked)
     except TaskError as exc:
-        gr.Warning(str(exc))
-        return gr.skip(), f"⚠️ {html.escape(str(exc))}", gr.skip()
+        text = render.task_error_text(exc, lang)
+        gr.Warning(text)
+        return gr.skip(), f"⚠️ {html.escape(text)}", gr.skip()
     text = render.cancel_message(task, lang) if action == "cancel" else i18n.t("alert.resumed", lang, id=task.id)
     gr.Info(text)
-    return task.id, html.escape(text), render.progress_html(task, lang)
+    return task.id, html.escape(text), _progress(services, task, lang)
 
 
 def cancel(services: AppServices, task_id: Any, lang: str) -> tuple[Any, str, str]:
@@ -550,28 +571,35 @@ def resume(services: AppServices, task_id: Any, lang: str) -> tuple[Any, str, st
 
 def progress_tick(services: AppServices, task_id: Any, stamp: str | None, lang: str) -> tuple[Any, Any]:
     """The progress bar and its fingerprint (task row version + language), or skips when unchanged."""
-    if task_id in (None, ""):
-        return gr.skip(), gr.skip()
     try:
-        task = services.tasks.task(task_id_of(task_id))
-    except TaskError:
-        task = None
-    queue = services.queue_stamp(task) if task else ""
-    new_stamp = f"{task_id}@{task.updated_at if task else 'gone'}:{queue}:{lang}"
+        picked = typed_task_id(task_id, lang)
+        if picked is None:
+            return gr.skip(), gr.skip()
+        task = services.tasks.task(picked)
+    except TaskError as exc:  # not a task id, or no such task: the box says which
+        note = render.progress_note(render.task_error_text(exc, lang))
+        return (gr.skip(), gr.skip()) if note == stamp else (note, note)
+    queue = services.queue_stamp(task)  # moves with the tasks ahead (a pause among them) and the clock
+    new_stamp = f"{task_id}@{task.updated_at}:{queue}:{lang}"
     if new_stamp == stamp:
         return gr.skip(), gr.skip()
-    if queue:  # its place in the queue and expected start
-        with contextlib.suppress(TaskError):
-            task = services.tasks.get(task_id_of(task_id))
-    return render.progress_html(task, lang), new_stamp
+    return _progress(services, task, lang), new_stamp
 
 
 def train_progress(services: AppServices, task_id: Any, lang: str) -> Any:
-    if task_id in (None, ""):
-        return gr.skip()
     try:
-        task = services.tasks.task(task_id_of(task_id))
-    except TaskError:
-        return render.progress_html(None, lang)
-    return render.progress_html(task, lang)
+        picked = typed_task_id(task_id, lang)
+        if picked is None:
+            return gr.skip()
+        return _progress(services, services.tasks.task(picked), lang)
+    except TaskError as exc:
+        return render.progress_note(render.task_error_text(exc, lang))
+
+
+def _progress(services: AppServices, task: Any, lang: str) -> str:
+    """The bar of one task: a queued one with its place, expected start, and the paused task it waits for."""
+    if task.status is TaskStatus.QUEUED:
+        with contextlib.suppress(TaskError):  # its place in the queue and expected start
+            task = services.tasks.get(task.id)
+    return render.progress_html(task, lang, paused_ahead=render.paused_ahead(services.tasks, task))
 

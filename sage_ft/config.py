@@ -3,7 +3,8 @@
 ``TrainConfig`` is the single source for the Train form, the YAML file, the CLI flags and the
 command preview: each field declares its default, type, allowed values, range and help text once,
 in its metadata (``ui``). Key names follow LLaMA-Factory's training YAML where the concept is the
-same, so a user's LLaMA-Factory SFT+LoRA file loads (unknown keys are reported, not fatal).
+same, so a user's LLaMA-Factory SFT+LoRA file loads (unknown keys in a file are reported, not fatal;
+a key typed after ``--set`` must be known).
 
 Precedence, as in trl's ``TrlParser``: field defaults < YAML file < ``--set key=value``.
 """

@@ -106,9 +106,9 @@ def test_a_paused_run_shows_paused_everywhere_blocks_the_queue_and_unpauses(webu
         metrics = webui_client.predict(long.id, [], False, 0.6, "en", api_name="/task_details")[7]
         assert "loss" in metrics and "eta_seconds" not in metrics and "tokens_per_second" not in metrics
         # the Train tab's progress, in both languages
-        train = _text(webui_client.predict(str(long.id), "en", api_name="/train_progress"))
+        train = _text(webui_client.predict(long.id, "en", api_name="/train_progress"))
         assert "⏸ paused" in train and "ETA" not in train and "tok/s" not in train
-        assert "已暂停" in _text(webui_client.predict(f"#{long.id}", "zh", api_name="/train_progress"))
+        assert "已暂停" in _text(webui_client.predict(long.id, "zh", api_name="/train_progress"))
         # the table, and the queued task that waits for it says why
         status = _table(webui, long.id)
         assert status[long.id] == "🔄 running ⏸ paused"
@@ -175,7 +175,7 @@ def test_a_task_box_value_that_is_not_an_id_is_refused_not_rounded(idle_app, dat
     assert "不是任务编号" in _text(message)
     assert f"'{typed}' is not a task id" in _text(client.predict(typed, "en", api_name="/train_progress"))
     assert tasks.task(target.id).status is TaskStatus.QUEUED  # untouched
-    task_id, message, progress = client.predict(f"#{target.id}", "en", api_name="/cancel")  # an API caller's '#7'
+    task_id, message, progress = client.predict(target.id, "en", api_name="/cancel")  # a whole number: that task
     assert task_id == target.id and "left the queue" in _text(message) and "cancelled" in progress
 
 
@@ -185,9 +185,9 @@ def test_refusals_name_the_pages_way_not_cli_commands(idle_app):
     client = idle_app.client()
     tasks = idle_app.services.tasks
     for said in (client.predict(999, "en", api_name="/task_cancel")[0],
-                 client.predict("999", "en", api_name="/cancel")[1],
+                 client.predict(999, "en", api_name="/cancel")[1],
                  client.predict(999, [], False, 0.6, "en", api_name="/task_details")[0],
-                 client.predict("999", "en", api_name="/train_progress"),
+                 client.predict(999, "en", api_name="/train_progress"),
                  client.predict(999, "en", api_name="/task_download")[0],
                  client.predict(999, "en", api_name="/task_use_chat")):
         assert "There is no task #999" in _text(said) and "sage-ft" not in said, said
@@ -202,7 +202,7 @@ def test_resume_without_a_checkpoint_names_the_retry_button(idle_app, dataset):
     never_ran = tasks.cancel(tasks.create(tiny_task_config(dataset)).id)  # cancelled before it started
     message, _ = client.predict(never_ran.id, "en", api_name="/task_resume")
     assert "saved no checkpoint to resume from: press 🔁 Retry" in _text(message) and "sage-ft" not in message
-    _, message, _ = client.predict(str(never_ran.id), "en", api_name="/resume")  # the Train tab's Resume
+    _, message, _ = client.predict(never_ran.id, "en", api_name="/resume")  # the Train tab's Resume
     assert "press 🔁 Retry (Monitor tab)" in _text(message)
     assert "sage-ft tasks retry" in str(pytest.raises(TaskError, tasks.resume, never_ran.id).value)
 

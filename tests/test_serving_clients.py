@@ -203,3 +203,18 @@ def test_the_demo_base_answers_as_demo_whichever_way_it_was_picked(served_demo, 
     assert "".join(stream_chat(served_demo, [{"role": "user", "content": "Hi"}], max_tokens=4,
                                on_route=labels.append))
     assert labels == ["demo"] and served_demo.label_of(served_demo.base_served_name()) == "demo"
+
+
+def test_chat_cli_with_a_model_and_no_server_starts_it_once_and_says_so_in_order(tmp_path, serving_demo_model,
+                                                                                 serving_adapters):
+    """`sage-ft chat --model X` with nothing serving started the server with X and then switched to X
+    again ('adapter … loaded earlier'); its lines now come in order (piped: flushed before each reply)."""
+    proc = subprocess.run([sys.executable, "-m", "sage_ft", "chat", "--model", str(serving_adapters["a"]),
+                           "--max-tokens", "6", "--temperature", "0"], input="Hello\n", cwd=ROOT, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900,
+                          env=dict(os.environ, SAGE_FT_HOME=str(tmp_path / "home")))
+    text = proc.stdout
+    assert proc.returncode == 0, text[-3000:]
+    assert "loaded earlier" not in text and text.count("now chatting with adapter-a") == 1, text[-3000:]
+    after = text[text.index("chatting with adapter-a (vllm)"):]
+    assert after.split("\n", 1)[1].strip(), "no reply after the 'chatting with' line"

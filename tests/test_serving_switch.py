@@ -210,7 +210,7 @@ def test_kill_9_is_detected_and_the_next_chat_restarts(switch_manager):
     status = switch_manager.status()
     assert status["state"] == "crashed", status
     # told as a sentence: how it ended, no unrelated INFO line of its log, no method name, one hint
-    assert status["last_error"].startswith("the chat server stopped (killed by signal 9") and status["log_tail"]
+    assert status["last_error"].startswith("the chat server stopped (killed by signal 9)") and status["log_tail"]
     assert " INFO " not in status["last_error"] and "restart()" not in status["last_error"]
     assert _wait_gone(pids) == []  # engine core and workers of the dead server were ended too
     reply = "".join(stream_chat(switch_manager, HELLO, temperature=0.0, max_tokens=8))  # brings it back

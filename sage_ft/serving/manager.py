@@ -20,7 +20,6 @@ import importlib.util
 import logging
 import os
 import re
-import signal
 import threading
 import time
 import uuid
@@ -126,15 +125,10 @@ class SwitchResult:
 
 
 def how_it_ended(code: int | None) -> str:
-    """A process's end in words: "killed by signal 9 (SIGKILL)", "exit code 1"."""
+    """A process's end in words: "killed by signal 9", "exit code 1"."""
     if code is None:
         return "it no longer runs"
-    if code < 0:
-        try:
-            return f"killed by signal {-code} ({signal.Signals(-code).name})"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
+    return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
 
 
 def _unanswerable(request: dict[str, Any]) -> str:

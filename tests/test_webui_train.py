@@ -10,6 +10,7 @@ from gradio_client import handle_file
 from sage_ft import paths
 from sage_ft.config import TrainConfig
 from sage_ft.tasks import TaskStatus
+from sage_ft.webui import i18n
 from tests.fixtures_data import memorize_rows, write_jsonl
 from tests.fixtures_webui import form_args
 
@@ -173,3 +174,19 @@ def test_presets_and_language_switch(webui_client):
 def test_add_local_model_refuses_a_folder_that_is_not_a_model(webui_client, tmp_path):
     _, help_text = webui_client.predict(str(tmp_path), "en", api_name="/add_model")
     assert str(tmp_path) in help_text and "⚠️" in help_text
+
+
+def test_the_data_report_and_preview_follow_the_language(webui, webui_client, tmp_path):
+    """Picking 中文 re-renders the data report, its histogram and the preview (they stayed in English:
+    'Row 1', 'USER', the histogram's title), with the roles named in the language too."""
+    path = tmp_path / "memorise.jsonl"
+    write_jsonl(memorize_rows(), path)
+    _, histogram, preview = webui_client.predict("zh", str(path), "auto", "", None, "demo", "auto", 64,
+                                                 api_name="/check_dataset")
+    assert "第 1 行" in preview and "用户" in preview and "助手" in preview and "Row" not in preview
+    assert histogram is not None and i18n.t("train.histogram", "zh") in str(histogram)
+    reg = webui.demo.registry
+    report_id, lang_id = reg["train.data_report"]._id, reg["top.lang"]._id
+    rechecks = [f for f in webui.demo.fns.values() if (lang_id, "change") in [tuple(t) for t in f.targets]
+                and report_id in [c._id for c in f.outputs]]
+    assert len(rechecks) == 1 and rechecks[0].trigger_mode == "always_last"

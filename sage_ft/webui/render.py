@@ -196,9 +196,10 @@ def chat_preview_html(conversations: Sequence[Sequence[dict[str, str]]], lang: s
             text = str(msg.get("content", ""))
             if len(text) > max_chars:
                 text = text[:max_chars] + " …"
-            turns.append(f'<div class="turn role-{html.escape(role)}"><span class="role">{html.escape(role)}</span>'
+            shown = i18n.t(f"data.role.{role}", lang) if f"data.role.{role}" in i18n.strings(lang) else role
+            turns.append(f'<div class="turn role-{html.escape(role)}"><span class="role">{html.escape(shown)}</span>'
                          f'<div class="text">{html.escape(text)}</div></div>')
-        cards.append(f'<div class="conv"><div class="conv-title">{html.escape(i18n.t("data.row", lang))} {n}</div>'
+        cards.append(f'<div class="conv"><div class="conv-title">{html.escape(i18n.t("data.row", lang, n=n))}</div>'
                      + "".join(turns) + "</div>")
     return '<div class="sage-preview">' + "".join(cards) + "</div>"
 

@@ -157,6 +157,9 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
     reg["train.dataset"].change(check, [lang, *data_inputs], data_outputs, api_name="check_dataset",
                                 trigger_mode="always_last")
     reg["train.check_data"].click(check, [lang, *data_inputs], data_outputs, api_name=False)
+    # the report, its histogram and the preview are rendered in a language: again when it changes
+    lang.change(check, [lang, *data_inputs], data_outputs, api_name=False, trigger_mode="always_last",
+                show_progress="hidden")
 
     # The overwrite tick comes last: API callers that leave it out save without overwriting.
     reg["train.save"].click(lambda name, lg, *v: save_config(services, name, lg, *v[:-1], overwrite=bool(v[-1])),

@@ -116,7 +116,8 @@ class TrainConfig:
     devices: str = _f("auto", "advanced", "Where to train: 'auto' (GPU if present), 'cpu', or GPU ids like '0,1'.")
     num_processes: int = _f(1, "advanced", "Data-parallel processes; > 1 launches the run with `accelerate launch` (DDP).", min=1, max=64)
     # --- output ---
-    output_dir: str = _f("", "output", "Run directory (empty = a new folder under the data home's runs/).")
+    output_dir: str = _f("", "output", "Run directory (empty = a new folder under the data home's runs/; a "
+                         "relative one is under runs/ in the web UI, under the current folder on the command line).")
     overwrite_output_dir: bool = _f(False, "output", "Allow writing into an existing, non-empty output_dir.")
     resume_from_checkpoint: str | None = _f(None, "output", "'last' or a checkpoint directory to resume from.")
     merge_lora: bool = _f(False, "output", "Also write merged_model/ (base + adapter) when the run completes.")

@@ -190,3 +190,17 @@ def test_the_data_report_and_preview_follow_the_language(webui, webui_client, tm
     rechecks = [f for f in webui.demo.fns.values() if (lang_id, "change") in [tuple(t) for t in f.targets]
                 and report_id in [c._id for c in f.outputs]]
     assert len(rechecks) == 1 and rechecks[0].trigger_mode == "always_last"
+
+
+def test_a_relative_output_dir_goes_under_the_data_homes_runs(webui, webui_client, tmp_path):
+    """A LLaMA-Factory file's `output_dir: saves/…` started from the browser wrote into the app's working
+    folder (the source tree); it goes under runs/, and the command preview says so."""
+    data = write_jsonl(memorize_rows(), tmp_path / "rel.jsonl")
+    wanted = paths.runs_dir() / "saves" / "lf-run"
+    command, text = webui_client.predict("en", *form_args(dataset=str(data), output_dir="saves/lf-run"),
+                                         api_name="/preview")
+    assert f"output_dir={wanted}" in command and yaml.safe_load(text)["output_dir"] == str(wanted)
+    task_id, message, _ = webui_client.predict("en", *form_args(dataset=str(data), output_dir="saves/lf-run", **TINY),
+                                               api_name="/start")
+    assert Path(webui.services.tasks.task(int(task_id)).output_dir) == wanted, message
+    webui.services.tasks.cancel(int(task_id))

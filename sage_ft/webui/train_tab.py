@@ -9,6 +9,7 @@ Layout and wiring only: every value goes through ``TrainConfig``; data checks ca
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import html
 import logging
 import time
@@ -17,6 +18,7 @@ from typing import Any
 
 import gradio as gr
 
+from sage_ft import paths
 from sage_ft.config import ConfigError, TrainConfig, closest_key
 from sage_ft.tasks import TaskError, TaskStatus, parse_task_id
 from sage_ft.webui import charts, form, form_memory, i18n, render
@@ -199,7 +201,18 @@ def on_load(services: AppServices, lang: str) -> tuple[Any, str]:
 
 # ====================================================================== handlers
 def _config(values: tuple[Any, ...]) -> TrainConfig:
-    return form.values_to_config(FIELDS, list(values))
+    return _runs_relative(form.values_to_config(FIELDS, list(values)))
+
+
+def _runs_relative(config: TrainConfig) -> TrainConfig:
+    """A relative output_dir typed in the browser (or loaded from a LLaMA-Factory file: ``saves/…``)
+    is a folder under the data home's runs/: the app's working folder (the source tree, when run.sh
+    started it) means nothing to a browser user. The command preview shows where it resolves; the
+    CLI keeps a shell's meaning (the current folder)."""
+    out = config.output_dir.strip()
+    if not out or Path(out).expanduser().is_absolute():
+        return config
+    return dataclasses.replace(config, output_dir=str(paths.runs_dir() / out))
 
 
 def _problems_md(title: str, problems: list[str]) -> str:

@@ -124,7 +124,8 @@ def test_a_hub_model_that_cannot_be_fetched_is_advised_in_chat_words():
     with pytest.raises(TargetError) as info:
         resolve_target(f"nobody-{uuid.uuid4().hex[:6]}/not-a-model")
     text = str(info.value)
-    assert "model_name_or_path" not in text and "pick or type that local model folder" in text, text
+    assert "model_name_or_path" not in text and "give that folder as the model" in text, text
+    assert "LocalEntryNotFound" not in text and "cannot reach the hub" in text, text
 
 
 def test_progress_lines_show_our_stage_names_not_vllm_log_lines(tmp_path, serving_demo_model):

@@ -88,10 +88,11 @@ def _from_hub(repo_id: str) -> Path:
     except Exception as exc:
         kind = type(exc).__name__
         if "Offline" in kind or "Connect" in kind or "LocalEntryNotFound" in kind or "offline" in str(exc).lower():
+            # worded for every place a model is asked for (a train config, the Chat tab's picker, the CLI)
             raise ModelError(
-                f"model {repo_id!r} is not in the Hugging Face cache and cannot be downloaded (offline: {kind}). "
-                f"On a machine with network run `huggingface-cli download {repo_id}` and copy the folder here, "
-                "then set model_name_or_path to that folder") from None
+                f"model {repo_id!r} is not in the Hugging Face cache and cannot be downloaded (this machine cannot "
+                f"reach the hub). On a machine with network run `huggingface-cli download {repo_id}` and copy "
+                "the folder here, then give that folder as the model") from None
         if "RepositoryNotFound" in kind or "404" in str(exc):
             raise ModelError(f"model {repo_id!r} was not found on the Hugging Face hub; check the spelling "
                              "(or log in with `huggingface-cli login` for a gated/private model)") from None

@@ -220,11 +220,6 @@ def merged_from(model_dir: Path) -> str:
     return ""
 
 
-# The models area words its offline advice for a training config; where a model is picked to chat
-# with, the config key means nothing.
-_CONFIG_KEY_ADVICE = re.compile(r"then set model_name_or_path to that folder")
-
-
 def _resolve_base(name: str) -> Path:
     """A base model directory from a name/path (the models area's resolver when present)."""
     try:
@@ -238,7 +233,7 @@ def _resolve_base(name: str) -> Path:
     try:
         return resolve_model(name)
     except ModelError as exc:
-        raise TargetError(_CONFIG_KEY_ADVICE.sub("then pick or type that local model folder", str(exc))) from None
+        raise TargetError(str(exc)) from None
 
 
 def _check_model_dir(path: Path) -> Path:

@@ -90,9 +90,15 @@ def test_export_merges_verifies_writes_gguf_and_zip_and_is_listed_and_servable(c
 
     status, _, banner, _ = client.predict(str(out), "en", api_name="/chat_switch")
     assert status.startswith("✅") and "[merged]" in banner
+    # a merged model is its own base: the banner says what it was merged from (it showed Base = its own path)
+    assert "Merged from: <code>demo</code>" in banner and "Base:" not in banner
     question, answer = MEMORIZE_QA[0]
     history, _ = client.predict(question, [], "", 0.0, 1.0, 16, "en", api_name="/chat_send")
     assert answer.split()[-1].rstrip(".") in history[-1]["content"][0]["text"]  # "pineapple"
+    # Compare takes the served merged model as the base it is (it said "… (it serves None)")
+    side_a, _, compare_status, _ = client.predict(question, [], [], str(out), str(out), "", 0.0, 1.0, 16, "en",
+                                                  api_name="/chat_compare")
+    assert "None" not in compare_status and answer.split()[-1].rstrip(".") in str(side_a[-1]["content"]), compare_status
 
 
 def test_refusals_are_clear_and_leave_nothing_behind(client, run_in_home, tmp_path):

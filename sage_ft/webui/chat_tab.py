@@ -36,7 +36,7 @@ from sage_ft.webui.chat_messages import (
     prompt_of,
     reply_key,
 )
-from sage_ft.webui.components import Registry
+from sage_ft.webui.components import TOAST_S, Registry
 from sage_ft.webui.services import AppServices
 from sage_ft.webui.topbar import TickPart
 from sage_ft.webui.uploads import PathRefused
@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 
 TYPE_TAGS = {"base": "base", "adapter": "finetuned · LoRA", "lora": "finetuned · LoRA", "merged": "merged"}
 CLEAR_WAIT_S = 2.0  # the longest 🧹 Clear waits for a streaming reply to end before it empties the chat
-TOAST_S = 8  # seconds a warning toast stays: one that stays covers the Switch / Cancel switch buttons
 _BANNER_STYLE = ("border:1px solid var(--border-color-primary);border-left:5px solid {color};border-radius:8px;"
                  "padding:8px 12px;line-height:1.6")
 _STATE_COLORS = {"ready": "#16a34a", "starting": "#d97706", "switching": "#d97706", "crashed": "#dc2626"}
@@ -287,7 +286,8 @@ def compare_defaults(status: dict[str, Any], model_a: str | None, model_b: str |
     """What Compare starts with, where the user has not picked: the served model's base (A) next to the
     served fine-tune (B), or, while the base itself is served, next to its newest fine-tune in
     ``entries`` — the comparison a fine-tune is made for. Picks are never overwritten."""
-    base, served = status.get("base_model"), status.get("model_path")
+    served = status.get("model_path")
+    base = status.get("base_model") or (served if status.get("model_type") == "merged" else None)
     if not model_a and base:
         model_a = _value(str(base))
     if not model_b and served and status.get("model_type") in ("adapter", "lora"):
@@ -353,6 +353,8 @@ def banner_html(services: AppServices, lang: str, status: dict[str, Any] | None 
              + (f' · {i18n.t("chat.port", lang)} {s["port"]}' if s.get("port") else "")]
     if s.get("base_model") and kind != "base":
         facts.append(f'{i18n.t("chat.base", lang)}: <code>{_esc(str(s["base_model"]))}</code>')
+    elif s.get("merged_from"):  # a merged model is its own base: say what it was merged from
+        facts.append(f'{i18n.t("chat.merged_from", lang)}: <code>{_esc(str(s["merged_from"]))}</code>')
     if s.get("model_path"):
         facts.append(f'{i18n.t("chat.path", lang)}: <code>{_esc(str(s["model_path"]))}</code>')
     detail = s.get("last_error") or (s.get("message") if state != "ready" else "")
@@ -654,7 +656,7 @@ def served_name(manager: Any, model: str) -> str:
     if target.kind == "adapter":
         return manager.load_adapter(model)
     status = manager.status()
-    base = status.get("base_model")
+    base = status.get("base_model") or status.get("model_path")  # a merged model is served as its own base
     if base and Path(base).resolve() == target.path.resolve():
         name = manager.base_served_name()
         if name:

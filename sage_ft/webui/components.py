@@ -18,6 +18,10 @@ from sage_ft.webui import i18n
 
 Kind = Literal["field", "value", "label", "label_info", "none"]
 
+# Seconds a warning toast stays. Never "until closed" (duration=None): a toast that stays covers the
+# buttons under it (Switch, Cancel switch); the message line beside the action keeps saying it.
+TOAST_S = 8
+
 
 @dataclass
 class Entry:

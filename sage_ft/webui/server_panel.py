@@ -22,14 +22,13 @@ import gradio as gr
 
 from sage_ft.filetail import tail_lines
 from sage_ft.webui import i18n, render
-from sage_ft.webui.components import Registry
+from sage_ft.webui.components import TOAST_S, Registry
 from sage_ft.webui.services import AppServices
 
 log = logging.getLogger(__name__)
 REFRESH_S = 3.0
 LOG_LINES = 40
 _TAIL_BYTES = 16 * 1024
-TOAST_S = 8  # seconds a warning toast stays (one that stays covers the buttons under it)
 
 
 def build(reg: Registry, services: AppServices, lang: str) -> None:

@@ -22,7 +22,7 @@ from sage_ft import paths
 from sage_ft.config import ConfigError, TrainConfig, closest_key
 from sage_ft.tasks import TaskError, TaskStatus, parse_task_id
 from sage_ft.webui import charts, form, form_memory, i18n, render
-from sage_ft.webui.components import Registry
+from sage_ft.webui.components import TOAST_S, Registry
 from sage_ft.webui.presets import PRESETS
 from sage_ft.webui.services import AppServices, tokenizer_for
 from sage_ft.webui.topbar import TickPart
@@ -499,7 +499,7 @@ def start(services: AppServices, lang: str, *values: Any) -> tuple[Any, str, str
         services.tasks.validate(config)  # what cannot run at all is said before what does not fit
         blocked = fit_warning(config, lang)
         if blocked:
-            gr.Warning(i18n.t("alert.will_not_fit", lang), duration=None)
+            gr.Warning(i18n.t("alert.will_not_fit", lang), duration=TOAST_S)
             return gr.skip(), blocked, gr.skip()
         task = services.tasks.create(config, source="ui")
         services.form_starts[config.to_yaml()] = (task.id, time.monotonic())

@@ -225,4 +225,5 @@ def test_the_shipped_demo_config_trains_as_its_header_says(demo_model: Path, dat
     # each progress line once: the run's INFO log (its logs.txt) reached the terminal beside them
     terminal = out.stdout + out.stderr
     assert terminal.count("preparing: loading the base model") == 1 and "INFO sage_ft" not in terminal, terminal
+    assert terminal.count(" train / ") == 1 and "truncated" in terminal  # the run's data line, once
     assert "preparing: loading the base model" in (run / "logs.txt").read_text(encoding="utf-8")

@@ -159,6 +159,8 @@ def _print_event(event: dict[str, Any]) -> None:
         _print_progress(event)
     elif event.get("event") == "checkpoint_saved":
         print(f"checkpoint saved: {event['path']}", flush=True)
+    elif event.get("event") == "log" and event.get("message"):  # what the run says of its data, memory, compile
+        print(event["message"], flush=True)
 
 
 class _ForegroundControl:

@@ -81,8 +81,10 @@ def train(run: FineTuneRun) -> tuple[str, dict[str, Any]]:
                                 token_stats=token_length_stats(train_set, config.cutoff_len))
     device, precision = resolve_device_and_precision(config)
     meta.update(device=device, precision=precision)
-    log.info("data: %d train / %d eval samples (%d truncated, %d without labels dropped); device %s, precision %s",
-             len(train_set), len(eval_set), samples.truncated, samples.dropped, device, precision)
+    data_line = (f"data: {len(train_set):,} train / {len(eval_set):,} eval samples ({samples.truncated:,} truncated, "
+                 f"{samples.dropped:,} without labels dropped); device {device}, precision {precision}")
+    log.info("%s", data_line)
+    run.emitter.emit("log", level="info", source="data", message=data_line)  # the CLI shows it too
 
     model = trainer = None
     try:

@@ -233,6 +233,9 @@ def test_cli_refusals_exit_nonzero_with_message(lora_run, tmp_path, capsys):
     (tmp_path / "taken" / "x").write_text("x")
     assert cli_main(["export", str(lora_run), "--out", str(tmp_path / "taken")]) == 1
     assert "already exists" in capsys.readouterr().err
+    # a whole model (a base, or an export merged already) is named as such, not as a folder without a LoRA
+    assert cli_main(["export", str(ensure_demo_model())]) == 1
+    assert "is a whole model already" in capsys.readouterr().err
 
 
 def test_cli_export_with_gguf_and_zip(lora_run, tmp_path):

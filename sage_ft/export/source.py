@@ -95,6 +95,10 @@ def resolve_source(path: str | Path) -> ExportSource:
         elif (given / META_FILE).exists():
             status = read_json(given / META_FILE).get("status", "unknown")
             hint = f"; the run's status is {status!r} and it has not saved an adapter yet"
+        elif (given / EXPORT_RECORD).exists() or (given / "config.json").exists():
+            raise ExportError(f"{given} is a whole model already (a merged export or a base model), not a LoRA "
+                              "fine-tune: export merges a run's adapter into its base; give the run (its folder, "
+                              "name or task id) instead, or chat with this model as it is")
         raise ExportError(f"{given} holds no LoRA adapter (no lora/{ADAPTER_CONFIG} and no {ADAPTER_CONFIG}){hint}")
 
     meta = read_json(run_dir / META_FILE) if run_dir else {}

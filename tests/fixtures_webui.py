@@ -55,7 +55,7 @@ class WebUI:
 
 
 def start_webui(tmp: Path, *, start_worker: bool = True, exposed: bool = False, guard: Any = None,
-                lang: str = "en", max_upload_bytes: int | None = None) -> WebUI:
+                lang: str | None = "en", max_upload_bytes: int | None = None) -> WebUI:
     from sage_ft.tasks import TaskManager
     from sage_ft.webui.app import build_app, launch_app
     from sage_ft.webui.services import AppServices

@@ -154,3 +154,25 @@ def test_train_monitor_reload_and_language_in_a_real_browser(browser_app, tmp_pa
     for file in ("train-tab.png", "monitor-tab.png", "chat-tab-zh.png", "export-tab-zh.png"):
         assert (ARTIFACTS / file).stat().st_size > 10_000, file
     assert Path(ARTIFACTS / "monitor-tab.png").exists()
+
+
+def test_a_first_visit_follows_the_browsers_language_unless_the_app_sets_one(demo_model, tmp_path):
+    """Started without --lang, a page opens in the browser's own language (a Chinese browser: 中文);
+    with --lang en it opens in English whatever the browser prefers."""
+    from playwright.sync_api import expect, sync_playwright
+
+    follows, fixed = start_webui(tmp_path / "follows", start_worker=False, lang=None), \
+        start_webui(tmp_path / "fixed", start_worker=False, lang="en")
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                for app, tab in ((follows, "🚀 训练"), (fixed, "🚀 Train")):
+                    page = browser.new_context(locale="zh-CN").new_page()  # a fresh storage each
+                    page.goto(app.url)
+                    expect(page.get_by_role("tab", name=tab)).to_be_visible(timeout=30_000)
+            finally:
+                browser.close()
+    finally:
+        follows.close()
+        fixed.close()

@@ -17,7 +17,6 @@ from sage_ft.webui import (
     chat_memory,
     chat_tab,
     export_tab,
-    form_memory,
     i18n,
     monitor_tab,
     render,
@@ -40,9 +39,6 @@ def build_app(services: AppServices, lang: str | None = None) -> gr.Blocks:
     with gr.Blocks(title="SAGE Fine-Tune Studio") as demo:
         topbar.build(reg, services, lang)
         chat_memory.build_state(reg)
-        # the language picked on this page, kept in the browser (outside the tabs: see build_state)
-        reg.add("top.lang_chosen", gr.BrowserState(None, storage_key=i18n.LANG_STORAGE_KEY,
-                                                   secret=form_memory.browser_secret()), kind="none")
         with gr.Tabs(elem_id="main-tabs"):
             for tab_id, module in TABS:
                 with reg.add(tab_id, gr.Tab(i18n.t(tab_id, lang), id=tab_id.split(".")[1],
@@ -64,13 +60,13 @@ def build_app(services: AppServices, lang: str | None = None) -> gr.Blocks:
         demo.load(lambda lg, *v: train_tab.preview(lg, *v), [reg["top.lang"], *fields],
                   [reg["train.command"], reg["train.yaml"]], api_name=False, show_progress="hidden")
         demo.load(train_tab.restore_form, reg["train.draft"], fields, api_name=False, show_progress="hidden")
-
-        def restore_lang(chosen: Any, lg: str, request: gr.Request) -> Any:
-            return opening_lang(services, chosen, lg, request)
-
-        demo.load(restore_lang, [reg["top.lang_chosen"], reg["top.lang"]], reg["top.lang"], api_name=False,
-                  show_progress="hidden")
-        reg["top.lang"].input(lambda lg: lg, reg["top.lang"], reg["top.lang_chosen"], api_name=False,
+        # The page's language, in the browser alone (no round trip): the one picked last on this browser,
+        # else (without --lang) the browser's own; setting it fires the change that relabels the page.
+        # Not a gr.BrowserState: a third one, read by a load event, made the Chat settings' restore miss
+        # its stored value now and then (the settings came back empty after a reload).
+        demo.load(None, reg["top.lang"], reg["top.lang"], js=i18n.opening_lang_js(services.default_lang is None),
+                  api_name=False, show_progress="hidden")
+        reg["top.lang"].input(None, reg["top.lang"], None, js=i18n.KEEP_LANG_JS, api_name=False,
                               show_progress="hidden")
         demo.load(chat_memory.restore_chats, [reg["chat.saved"], reg["chat.settings_saved"], reg["top.lang"]],
                   [reg[f"chat.{name}"] for name in chat_memory.RESTORED],
@@ -78,14 +74,6 @@ def build_app(services: AppServices, lang: str | None = None) -> gr.Blocks:
     demo.registry = reg  # type: ignore[attr-defined]
     demo.services = services  # type: ignore[attr-defined]
     return demo
-
-
-def opening_lang(services: AppServices, chosen: Any, lang: str, request: gr.Request) -> Any:
-    """The language this page switches to once loaded (the change relabels it, as a pick does): the
-    one last picked in this browser, else (without --lang) the browser's own."""
-    accept = request.headers.get("accept-language") if services.default_lang is None and request else None
-    wanted = i18n.page_lang(chosen, accept)
-    return wanted if wanted and wanted != lang else gr.skip()
 
 
 def on_load(services: AppServices, lang: str) -> list[Any]:

@@ -67,23 +67,26 @@ def normalize(lang: str | None) -> str:
     return lang if lang in LANGS else DEFAULT_LANG
 
 
-def page_lang(chosen: Any, accept_language: str | None) -> str | None:
-    """The language a page opens in when the app was not started with ``--lang``: the one this browser
-    chose last (``chosen``, kept in its storage), else the first of the browser's own preferred
-    languages (its Accept-Language header, by quality) that we have; None: the app's default."""
-    if chosen in LANGS:
-        return chosen
-    preferred = []
-    for position, item in enumerate((accept_language or "").split(",")):
-        tag, _, params = item.strip().partition(";")
-        quality = 1.0
-        for param in params.split(";"):
-            name, _, value = param.strip().partition("=")
-            if name == "q":
-                try:
-                    quality = float(value)
-                except ValueError:
-                    quality = 0.0
-        if tag:
-            preferred.append((-quality, position, tag.split("-")[0].lower()))
-    return next((code for _, _, code in sorted(preferred) if code in LANGS and code), None)
+# The language picked on a page, kept in the browser's localStorage under LANG_STORAGE_KEY (plain text:
+# nothing private), and the JavaScript the page runs on load to open in it.
+KEEP_LANG_JS = f"(lang) => {{ try {{ localStorage.setItem('{LANG_STORAGE_KEY}', lang); }} catch (e) {{}} }}"
+
+
+def opening_lang_js(follow_browser: bool) -> str:
+    """The page's load-time choice of language: the one picked last in this browser, else (when
+    ``follow_browser``: the app was started without --lang) the first of the browser's own preferred
+    languages we have, else the language the page was built in."""
+    langs = "[" + ", ".join(f"'{code}'" for code in LANGS) + "]"
+    return f"""(current) => {{
+        const langs = {langs};
+        let kept = null;
+        try {{ kept = localStorage.getItem('{LANG_STORAGE_KEY}'); }} catch (e) {{}}
+        if (langs.includes(kept)) return kept;
+        if ({'true' if follow_browser else 'false'}) {{
+            for (const tag of (navigator.languages || [navigator.language])) {{
+                const code = String(tag || '').split('-')[0].toLowerCase();
+                if (langs.includes(code)) return code;
+            }}
+        }}
+        return current;
+    }}"""

@@ -11,7 +11,10 @@ toasts (Gradio's "log" messages, with their duration) can be read.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import threading
 import time
 import uuid
@@ -31,8 +34,38 @@ from tests.fixtures_webui import start_webui
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-LONG = ("", 0.0, 1.0, 900, "en")  # greedy, 900 tokens: the demo model's greedy reply runs to the limit (6-20 s)
+LONG = ("", 0.0, 1.0, 900, "en")  # greedy, 900 tokens: the demo model's greedy reply runs to the limit (2-20 s)
 SHORT = ("", 0.0, 1.0, 12, "en")
+
+
+@contextlib.contextmanager
+def server_held(manager: Any, running_share: float = 0.0):
+    """The vLLM server's processes held (SIGSTOP, then SIGCONT), or with ``running_share`` let run that
+    share of each 0.2 s: a reply under way stays under way for as long as a test needs, whatever the
+    machine's speed (on a quiet machine the demo's longest reply ended within 3 s, before the events the
+    tests send while it streams)."""
+    group = os.getpgid(manager.status()["pid"])
+    done = threading.Event()
+
+    def pulse() -> None:
+        while not done.is_set():
+            os.killpg(group, signal.SIGSTOP)
+            if done.wait(0.2 * (1 - running_share)):
+                return
+            os.killpg(group, signal.SIGCONT)
+            done.wait(0.2 * running_share)
+
+    pulsing = threading.Thread(target=pulse, daemon=True)
+    os.killpg(group, signal.SIGSTOP)
+    if running_share:
+        pulsing.start()
+    try:
+        yield
+    finally:
+        done.set()
+        if running_share:
+            pulsing.join()
+        os.killpg(group, signal.SIGCONT)
 
 
 @pytest.fixture(scope="module")
@@ -143,21 +176,22 @@ def test_one_reply_streams_in_a_chat_at_a_time(chat_app):
     page = Page(chat_app)
     first = page.result(page.send("chat_send", "Q1", [], *SHORT))[0]
     assert [m["role"] for m in first] == ["user", "assistant"]
-    regen = page.send("chat_regenerate", first, *LONG)
-    page.wait_for(regen, _replying)
-    sent = page.send("chat_send", "Q2", first, *LONG)
-    again = page.send("chat_regenerate", first, *LONG)
-    for refused in (sent, again):
-        page.result(refused, timeout=30)  # at once, while the first streams on
-        assert not page.outputs[refused] or all(out[0] is None or out[0] == {"__type__": "update"}
-                                                for out in page.outputs[refused]), page.outputs[refused]
-        toast = [t for t in page.toasts[refused] if t["level"] == "warning"]
-        assert toast and "still being written in this chat" in toast[0]["log"] and toast[0]["duration"], toast
-    # the message box keeps Q2 (not emptied as a sent message is)
-    assert page.outputs[sent] == [] or all(out[1] in (None, {"__type__": "update"}) for out in page.outputs[sent])
-    assert regen not in page.done, "the reply ended before the refused events: make it longer"
-    page.result(page.send("chat_stop"), timeout=30)
-    final = page.result(regen, timeout=60)[0]
+    with server_held(chat_app.services.server, running_share=0.1):  # a reply of ~20 s
+        regen = page.send("chat_regenerate", first, *LONG)
+        page.wait_for(regen, _replying)
+        sent = page.send("chat_send", "Q2", first, *LONG)
+        again = page.send("chat_regenerate", first, *LONG)
+        for refused in (sent, again):
+            page.result(refused, timeout=30)  # at once, while the first streams on
+            assert not page.outputs[refused] or all(out[0] is None or out[0] == {"__type__": "update"}
+                                                    for out in page.outputs[refused]), page.outputs[refused]
+            toast = [t for t in page.toasts[refused] if t["level"] == "warning"]
+            assert toast and "still being written in this chat" in toast[0]["log"] and toast[0]["duration"], toast
+        # the message box keeps Q2 (not emptied as a sent message is)
+        assert page.outputs[sent] == [] or all(out[1] in (None, {"__type__": "update"}) for out in page.outputs[sent])
+        assert regen not in page.done
+        page.result(page.send("chat_stop"), timeout=30)
+        final = page.result(regen, timeout=60)[0]
     assert [_text(m) for m in final if m["role"] == "user"] == ["Q1"] and len(final) == 2
     assert _text(final[-1]).endswith("⏹ stopped"), _text(final[-1])[-200:]
     # every output of the regenerated reply was that one reply: never Q2, never another answer's start
@@ -178,16 +212,21 @@ def test_one_comparison_at_a_time_and_a_chat_beside_it(chat_app):
     """Compare is a chat of its own: a second Compare while one streams is refused; the Chat sub-tab
     answers meanwhile."""
     page = Page(chat_app)
-    comparing = page.send("chat_compare", "Tell me a story", [], [], "demo", "demo", *LONG)
-    page.wait_for(comparing, lambda out: bool(out[0]) and len(_words(out[0]).split()) >= 3)
-    second = page.send("chat_compare", "Another", [], [], "demo", "demo", *LONG)
-    page.result(second, timeout=30)
-    assert any("still being written" in t["log"] for t in page.toasts[second])
-    chat = page.result(page.send("chat_send", "Hi", [], *SHORT))[0]  # the Chat sub-tab is not blocked
-    assert _words(chat)
-    page.result(page.send("chat_compare_stop"), timeout=30)
-    a, b, status = page.result(comparing, timeout=60)[:3]
+    with server_held(chat_app.services.server):  # (two greedy replies ran to their end in ~2 s when idle)
+        comparing = page.send("chat_compare", "Tell me a story", [], [], "demo", "demo", *LONG)
+        deadline = time.monotonic() + 60
+        while not RUNNING.streaming(reply_key(page.session, "compare")):
+            assert time.monotonic() < deadline, "the comparison never started"
+            time.sleep(0.05)
+        second = page.send("chat_compare", "Another", [], [], "demo", "demo", *LONG)
+        page.result(second, timeout=30)
+        assert any("still being written" in t["log"] for t in page.toasts[second])
+        chatting = page.send("chat_send", "Hi", [], *SHORT)  # the Chat sub-tab is not blocked: no note
+        page.result(page.send("chat_compare_stop"), timeout=30)
+        a, b, status = page.result(comparing, timeout=60)[:3]
     assert status.startswith("⏹") and [_text(m) for m in a if m["role"] == "user"] == ["Tell me a story"]
+    chat = page.result(chatting, timeout=60)[0]  # it answers once the server goes on
+    assert _words(chat) and not [t for t in page.toasts[chatting] if t["level"] == "warning"]
 
 
 def test_warning_toasts_go_away(chat_app, tmp_path):
@@ -207,18 +246,19 @@ def test_a_page_opened_while_another_tab_streams_does_not_call_that_reply_cut_of
     reloaded", though nothing was reloaded). Once that reply has ended (a reload ends it), the same
     save reads as cut off. Neither note is sent to the model."""
     page = Page(chat_app)
-    replying = page.send("chat_send", "Tell me a story", [], *LONG)
-    shown = page.wait_for(replying, _replying)[0]
-    # what this page's autosave keeps (the autosave timer's handler, as the page's tick calls it)
-    saved, _ = remember_partial(chat_tab.streaming_in)(shown, [], [], gr.Request(session_hash=page.session))
-    assert saved["streaming"] == ["chat"] and saved["page"] == page.session
-    chat = restore_chats(saved, None, "en")[0]  # another page loads meanwhile
-    assert chat[-1]["content"].endswith("✍️ still being written in another tab of this browser: these are its "
-                                        "words saved so far (reload to see more)"), chat[-1]["content"][-300:]
-    assert "cut off" not in chat[-1]["content"]
-    assert prompt_of(chat)[-1]["content"] == _words(shown)  # the note is not sent
-    page.result(page.send("chat_stop"), timeout=30)
-    page.result(replying, timeout=60)
+    with server_held(chat_app.services.server, running_share=0.1):  # a reply of ~20 s
+        replying = page.send("chat_send", "Tell me a story", [], *LONG)
+        shown = page.wait_for(replying, _replying)[0]
+        # what this page's autosave keeps (the autosave timer's handler, as the page's tick calls it)
+        saved, _ = remember_partial(chat_tab.streaming_in)(shown, [], [], gr.Request(session_hash=page.session))
+        assert saved["streaming"] == ["chat"] and saved["page"] == page.session
+        chat = restore_chats(saved, None, "en")[0]  # another page loads meanwhile
+        assert chat[-1]["content"].endswith("✍️ still being written in another tab of this browser: these are its "
+                                            "words saved so far (reload to see more)"), chat[-1]["content"][-300:]
+        assert "cut off" not in chat[-1]["content"]
+        assert prompt_of(chat)[-1]["content"] == _words(shown)  # the note is not sent
+        page.result(page.send("chat_stop"), timeout=30)
+        page.result(replying, timeout=60)
     assert RUNNING.wait_ended(reply_key(page.session), 10)
     chat = restore_chats(saved, None, "en")[0]
     assert chat[-1]["content"].endswith("⏹ cut off: the page was reloaded while this reply was written")

@@ -12,17 +12,32 @@ from pathlib import Path
 DEFAULT_LLM_PORT = 8001
 
 
+class DataHomeUnavailable(RuntimeError):
+    """The data home (or a folder in it) cannot be created: not writable, a file in the way, disk
+    full. The message names the folder, the reason and what to do; the CLI and the launcher print it
+    as it is, with no traceback."""
+
+
 def home() -> Path:
     """The data home, created on first use."""
     path = Path(os.environ.get("SAGE_FT_HOME") or Path.home() / ".sage_ft").expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    make_folder(path)
     return path
 
 
 def _sub(name: str) -> Path:
     path = home() / name
-    path.mkdir(parents=True, exist_ok=True)
+    make_folder(path)
     return path
+
+
+def make_folder(path: Path) -> None:
+    """``mkdir -p`` that says which folder could not be made, and why, as ``DataHomeUnavailable``."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataHomeUnavailable(f"cannot create the data folder {path}: {exc.strerror or exc} "
+                                  f"({exc.filename or path}); set SAGE_FT_HOME to a writable folder") from None
 
 
 def models_dir() -> Path:

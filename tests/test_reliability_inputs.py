@@ -306,7 +306,7 @@ def test_empty_fields_everywhere(app, client):
 def test_unknown_task_ids_are_named(app, client):
     for action in ("/cancel", "/resume"):
         _, message, _ = client.predict(4242, "en", api_name=action)
-        assert "no task with id 4242" in message
+        assert "There is no task #4242 (deleted?)" in message
     _still_answers(client)
 
 

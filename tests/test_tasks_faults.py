@@ -79,7 +79,7 @@ def test_data_home_that_cannot_be_created_gives_a_clear_error(tmp_path, monkeypa
     blocker.write_text("not a folder")
     home = blocker / "sage_ft_home"  # mkdir fails with ENOTDIR, for root too
     monkeypatch.setenv("SAGE_FT_HOME", str(home))
-    with pytest.raises(StoreUnavailable, match=f"cannot create the task database folder .*{home}.*SAGE_FT_HOME"):
+    with pytest.raises(StoreUnavailable, match=f"task database cannot be created: cannot create the data folder {home}.*SAGE_FT_HOME"):
         TaskManager(start_worker=False)
 
     env = {**os.environ, "SAGE_FT_HOME": str(home), "PYTHONPATH": str(ROOT)}
@@ -87,5 +87,5 @@ def test_data_home_that_cannot_be_created_gives_a_clear_error(tmp_path, monkeypa
         proc = subprocess.run([sys.executable, "-m", "sage_ft", *argv], capture_output=True, text=True, env=env,
                               timeout=120)
         assert proc.returncode == 1, proc.stderr
-        assert "error: cannot create the task database folder" in proc.stderr and "Traceback" not in proc.stderr
+        assert f"cannot create the data folder {home}" in proc.stderr and "Traceback" not in proc.stderr
         assert "Not a directory" in proc.stderr and "SAGE_FT_HOME" in proc.stderr

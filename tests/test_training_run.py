@@ -52,9 +52,11 @@ def test_run_directory_meta_events_and_state_agree(trained_run: Path, demo_model
     assert meta["finished_at"] >= meta["started_at"]
     preparing = [(e["phase"], e.get("done"), e.get("total")) for e in events_of(trained_run) if e["event"] == "preparing"]
     assert preparing == [("data", None, None), ("tokenize", 0, 4), ("tokenize", 4, 4), ("model", None, None)]
-    all_kinds = [e["event"] for e in events_of(trained_run)]
+    data_lines = [e for e in events_of(trained_run) if e["event"] == "log" and e.get("source") == "data"]
+    assert len(data_lines) == 1 and "train" in data_lines[0]["message"]  # the run's data line, for the CLI
+    all_kinds = [e["event"] for e in events_of(trained_run) if e["event"] != "log"]
     assert all_kinds[:4] == ["preparing"] * 4 and "preparing" not in all_kinds[4:]  # all before step 1
-    events = [e for e in events_of(trained_run) if e["event"] != "preparing"]
+    events = [e for e in events_of(trained_run) if e["event"] not in ("preparing", "log")]
     kinds = [e["event"] for e in events]
     assert kinds[0] == "training_start" and kinds[-1] == "training_end"
     assert events[0]["total_steps"] == TRAINED_RUN_STEPS and events[0]["output_dir"] == str(trained_run)

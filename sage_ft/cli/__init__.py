@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 
+from sage_ft.paths import DataHomeUnavailable
+
 # module name -> the commands it registers (documentation only; register() is the truth)
 COMMAND_MODULES = {
     "train": ("train", "demo-model"),
@@ -53,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         code = int(args.handler(args) or 0)
         sys.stdout.flush()  # here, so that a closed pipe is caught below rather than at exit
         return code
+    except DataHomeUnavailable as exc:  # whichever command touched the data home first
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

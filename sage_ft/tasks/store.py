@@ -15,7 +15,6 @@ Why these choices:
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,7 +35,7 @@ class SchemaError(RuntimeError):
     """The database cannot be used by this release (newer schema, or not a sage-ft database)."""
 
 
-class StoreUnavailable(RuntimeError):
+class StoreUnavailable(paths.DataHomeUnavailable):
     """The task database cannot be created or opened (data home not writable, disk full, a file in
     the way); the message names the path and what to do."""
 
@@ -222,11 +221,9 @@ class TaskStore:
     def __init__(self, path: str | Path | None = None):
         try:
             self.path = Path(path) if path else paths.database_path()
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            where = Path(path) if path else Path(os.environ.get("SAGE_FT_HOME") or "~/.sage_ft")
-            raise StoreUnavailable(f"cannot create the task database folder for {where}: {exc.strerror or exc} "
-                                   f"({exc.filename or where}); set SAGE_FT_HOME to a writable folder") from None
+            paths.make_folder(self.path.parent)
+        except paths.DataHomeUnavailable as exc:
+            raise StoreUnavailable(f"the task database cannot be created: {exc}") from None
         self.engine = make_engine(self.path)
         self._read_engine = self.engine.execution_options(sage_read_only=True)
         try:

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     from sage_ft.serving.ports import bypass_proxies_for_loopback
 
     bypass_proxies_for_loopback()
-    from sage_ft.tasks.store import SchemaError, StoreUnavailable
+    from sage_ft.paths import DataHomeUnavailable
+    from sage_ft.tasks.store import SchemaError
     from sage_ft.webui.auth import AuthError
 
     try:
@@ -56,15 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     except AuthError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (StoreUnavailable, SchemaError) as exc:  # data home not writable, a newer database, ...
+    except (DataHomeUnavailable, SchemaError) as exc:  # data home not writable, a newer database, ...
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
 
 def _run(args: argparse.Namespace) -> int:
+    from sage_ft.paths import DataHomeUnavailable
     from sage_ft.serving.ports import LOOPBACK_HOSTS
     from sage_ft.tasks import TaskManager
-    from sage_ft.tasks.store import SchemaError, StoreUnavailable
+    from sage_ft.tasks.store import SchemaError
     from sage_ft.webui.auth import AuthError
 
     if args.list_finetuned:
@@ -94,7 +96,7 @@ def _run(args: argparse.Namespace) -> int:
         return 130
     except Exception as exc:
         _close(services, tasks)
-        if isinstance(exc, (AuthError, StoreUnavailable, SchemaError)):
+        if isinstance(exc, (AuthError, DataHomeUnavailable, SchemaError)):
             raise  # main() says these
         print(f"error: {describe_launch_failure(exc, args)}", file=sys.stderr)
         return 1

@@ -19,6 +19,7 @@ from sage_ft import paths
 from sage_ft.serving import ServerManager, TargetError, resolve_target
 from sage_ft.serving.targets import EXPORT_RECORD
 from sage_ft.serving.vllm_server import StartProgress
+from tests.fixtures_serving import free_port
 from tests.fixtures_tasks import tiny_task_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,11 +49,16 @@ def test_export_run_and_model_names_resolve_everywhere_alike(serving_demo_model,
         assert resolve_target(model.name).path == model.resolve() and resolve_target(model.name).kind == "base"
         adapter = resolve_target(run.name)
         assert adapter.kind == "adapter" and adapter.run_dir == run.resolve()
-        # the CLI's early check lets the names through (it said "does not exist" before) ...
-        for argv in (["switch", export.name], ["serve", "--model", export.name, "--stop-orphans"]):
+        # the CLI's early check lets the names through (it said "does not exist" before); on a port no
+        # server listens on (the session's shared server, asked to switch, served the export after this)
+        nobody = str(free_port())
+        for argv in (["switch", export.name, "--port", nobody], ["serve", "--model", export.name, "--stop-orphans"]):
             proc = subprocess.run([sys.executable, "-m", "sage_ft", *argv], cwd=ROOT, capture_output=True,
                                   text=True, timeout=120)
             assert "does not exist" not in proc.stderr and "invalid" not in proc.stderr, proc.stderr[-2000:]
+        refused = subprocess.run([sys.executable, "-m", "sage_ft", "switch", "#987654", "--port", nobody], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=120)  # while a missing task is refused
+        assert refused.returncode == 2 and "no task with id 987654" in refused.stderr, refused.stderr[-2000:]
         # ... and `sage-ft export NAME` finds it by the same rule
         from sage_ft.export.source import run_dir_for
 

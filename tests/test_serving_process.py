@@ -132,13 +132,13 @@ def _read_until(stream, marker: str, timeout: float) -> list[str]:
 def test_cli_serve_port_taken_app_crash_adoption_and_sigterm(data_home, serving_demo_model):
     from openai import OpenAI
 
-    env = dict(os.environ, SAGE_FT_HOME=str(data_home))
+    env = dict(os.environ, SAGE_FT_HOME=str(data_home))  # (--another: the session's shared server may run there)
     port = free_port()
     with socket.socket() as blocker:  # another program holds the preferred port
         blocker.bind(("127.0.0.1", port))
         blocker.listen()
         app = subprocess.Popen([sys.executable, "-m", "sage_ft", "serve", "--model", "demo", "--port", str(port),
-                                "--max-model-len", "512"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                "--max-model-len", "512", "--another"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True)
         try:
             lines = _read_until(app.stdout, "API key:", timeout=900)

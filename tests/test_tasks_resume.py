@@ -205,12 +205,15 @@ def test_the_curve_keeps_the_attempt_that_continued_read_as_it_grows(tmp_path):
 def test_time_held_by_a_pause_is_not_counted_as_training(worker_manager, task_dataset):
     """A task paused for a while showed '1 tok/s' and a duration that ran on while it was held: the
     duration, the tokens/s after the pause and the run's final tokens/s leave the pause out."""
-    task = worker_manager.create(tiny_task_config(task_dataset, max_steps=6, save_steps=100))
+    # (60 steps: with 6, a loaded machine's run could end before it saw the pause, and this waited 4 min)
+    task = worker_manager.create(tiny_task_config(task_dataset, max_steps=60, save_steps=1000))
     _wait_for(lambda: worker_manager.task(task.id).step >= 2, what="the second step")
     worker_manager.pause(task.id)
     paused_at = time.time()
     log = Path(task.output_dir) / "logs.txt"
-    _wait_for(lambda: "paused at step" in log.read_text(), what="the run to hold")
+    _wait_for(lambda: "paused at step" in log.read_text() or worker_manager.task(task.id).status.is_final,
+              what="the run to hold")
+    assert "paused at step" in log.read_text(), f"the run ended unpaused: {worker_manager.task(task.id).status}"
     time.sleep(3.0)
     held = time.time() - paused_at
     frozen = worker_manager.task(task.id).duration_s

@@ -202,14 +202,24 @@ def test_cancel_during_gguf_or_zip_stops_and_keeps_only_the_complete_merge(expor
         assert json.loads((out / "sage_ft_export.json").read_text())["gguf"] == []
 
 
-def test_cancel_while_the_gguf_is_verified_shows_the_stop(client, export_app, run_in_home):
-    """Through the page's own handlers: Cancel at "gguf: verifying" ends with ⏹, not a GGUF and a zip."""
+def test_cancel_while_the_gguf_is_verified_shows_the_stop(client, export_app, run_in_home, monkeypatch):
+    """Through the page's own handlers: Cancel at "gguf: verifying" ends with ⏹, not a GGUF and a zip.
+    The page's Cancel is pressed from the export's own thread as it enters that stage, so the export
+    goes on only once Cancel has answered (watching the page for the stage, the demo's GGUF was
+    verified and done before Cancel came, now and then)."""
+    answers: list[str] = []
+
+    class CancelledAtVerifying(export_tab.ExportJob):
+        def __setattr__(self, name: str, value: object) -> None:
+            super().__setattr__(name, value)
+            if name == "stage" and str(value).startswith("gguf: verifying") and not answers:
+                answers.append(client.predict("en", api_name="/export_cancel"))
+
+    monkeypatch.setattr(export_tab, "ExportJob", CancelledAtVerifying)
     job = client.submit(str(run_in_home / "lora"), *OPTIONS, "cancel-in-gguf", False, True, "q8_0", True, "en",
                         api_name="/export_start")
-    while not job.done() and not any("gguf: verifying" in str(o[0]) for o in job.outputs()):
-        time.sleep(0.02)
-    assert "Cancel requested" in client.predict("en", api_name="/export_cancel")
     progress, result, _ = job.result(timeout=300)
+    assert len(answers) == 1 and "Cancel requested" in answers[0], answers
     out = paths.exports_dir() / "cancel-in-gguf"
     assert 'data-state="cancelled"' in progress and result.startswith("⏹ Export cancelled at gguf: "), result
     assert "was already complete and verified, so it was kept" in result

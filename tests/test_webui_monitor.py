@@ -44,7 +44,8 @@ def _traces(plot: dict) -> list[dict]:
 def test_details_and_charts_of_a_finished_run_stay_available(webui_client, finished):
     task_id = finished[0]
     out = webui_client.predict(task_id, [], False, 0.6, "en", api_name="/task_details")
-    progress, loss, evals, lr, config_yaml, log_tail, checkpoints, metrics, paths_md = out
+    progress, loss, evals, lr, config_yaml, log_tail, checkpoints, metrics, paths_md, resume_from = out
+    assert resume_from["visible"] is False  # a completed run: nothing to resume
     assert "completed" in progress and "100%" in progress and "step 4/4" in progress
     names = [t["name"] for t in _traces(loss)]
     assert any("(raw)" in n for n in names) and any("(smoothed)" in n for n in names)
@@ -116,6 +117,33 @@ def test_cancel_resume_delete_and_reattach(webui, webui_client, dataset):
     message, _ = webui_client.predict(task_id, "en", api_name="/task_cancel")
     assert f"There is no task #{task_id} (deleted?); pick one from the task list" in message
     assert "sage-ft" not in message  # the page's way, not the CLI's ('see `sage-ft tasks list`')
+
+
+def test_resume_from_an_older_checkpoint_picked_in_the_monitor(webui, webui_client, dataset):
+    """The Monitor's Resume went on from the newest checkpoint only (picking one was CLI-only): the
+    picker offers the intact ones, newest first by default; an older pick sets the newer ones aside."""
+    task_id, _, _ = webui_client.predict("en", *form_args(dataset=dataset, **{**TINY, "max_steps": 400}),
+                                         api_name="/start")
+    out_dir = Path(webui.services.tasks.wait(task_id, timeout=120, until={TaskStatus.RUNNING}).output_dir)
+    deadline = time.monotonic() + 120
+    while len([p for p in out_dir.glob("checkpoint-*") if p.name[11:].isdigit()]) < 2:  # (not checkpoint-N.tmp)
+        assert time.monotonic() < deadline, "two checkpoints were not written"
+        time.sleep(0.3)
+    webui_client.predict(task_id, "en", api_name="/task_cancel")
+    assert webui.services.tasks.wait(task_id, timeout=120).status is TaskStatus.CANCELLED
+    names = sorted((p.name for p in out_dir.glob("checkpoint-*") if p.name[11:].isdigit()),
+                   key=lambda n: int(n.split("-")[1]))
+    picker = webui_client.predict(task_id, [], False, 0.6, "en", api_name="/task_details")[-1]
+    assert picker["visible"] and picker["value"] == ""
+    assert picker["choices"] == [[f"the newest intact checkpoint ({names[-1]})", ""],
+                                 *([n, n] for n in reversed(names[:-1]))], picker
+    message, selected = webui_client.predict(task_id, "en", names[0], api_name="/task_resume")
+    assert selected == task_id and f"will continue from {names[0]}" in message, message
+    assert "superseded" in message and names[-1] in message  # where the newer ones went
+    assert [p.name for p in out_dir.glob("checkpoint-*")] == [names[0]]
+    assert names[-1] in [p.name for p in (out_dir / "superseded").iterdir()]
+    webui.services.tasks.cancel(task_id)
+    assert webui.services.tasks.wait(task_id, timeout=120).status is TaskStatus.CANCELLED
 
 
 def test_text_typed_into_the_task_picker_is_named_not_a_crash(webui, webui_client, finished):

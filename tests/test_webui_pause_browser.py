@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -38,9 +39,16 @@ def test_pause_unpause_task_box_and_download_in_a_real_browser(demo_model, tmp_p
     tasks = app.services.tasks
     dataset = write_jsonl(memorize_rows() * 2, tmp_path / "pause-browser.jsonl")
     done = tasks.create(tiny_task_config(dataset, max_steps=2), name="done run")
-    long = short = None
+    long = short = resumable = None
     try:
         assert tasks.wait(done.id, timeout=240).status is TaskStatus.COMPLETED
+        resumable = tasks.create(tiny_task_config(dataset, max_steps=400, save_steps=2), name="resumable run")
+        checkpoints = lambda: sorted(int(p.name.split("-")[1]) for p in  # noqa: E731  (not checkpoint-N.tmp)
+                                     Path(resumable.output_dir).glob("checkpoint-*") if p.name[11:].isdigit())
+        _wait(lambda: len(checkpoints()) >= 2)
+        tasks.cancel(resumable.id)
+        assert tasks.wait(resumable.id, timeout=120).status is TaskStatus.CANCELLED
+        older = f"checkpoint-{checkpoints()[0]}"
         long = tasks.create(tiny_task_config(dataset, max_steps=3000, save_steps=1000), name="long run")
         short = tasks.create(tiny_task_config(dataset, max_steps=3), name="short run")
         _wait(lambda: tasks.task(long.id).step >= 1)
@@ -63,6 +71,20 @@ def test_pause_unpause_task_box_and_download_in_a_real_browser(demo_model, tmp_p
                 page.get_by_role("button", name="⬇️ Download full log").click()
                 expect(offered).to_be_visible()
                 expect(offered.get_by_role("link")).to_have_attribute("href", re.compile(f"/task-{done.id}-logs.txt$"))
+                # a cancelled run resumes from a checkpoint picked beside ⏯ Resume (newest by default)
+                picker = page.locator("#resume-from")
+                expect(picker).to_be_hidden()  # a finished run has nothing to resume
+                table.locator("text=resumable run >> visible=true").first.click()  # (also in a hidden sizing row)
+                expect(picker).to_be_visible()
+                expect(picker.locator("input")).to_have_value(re.compile(r"^the newest intact checkpoint \(checkpoint-"))
+                picker.locator("input").click()
+                page.get_by_role("option", name=older, exact=True).click()
+                page.screenshot(path=str(ARTIFACTS / "monitor-resume-from.png"), full_page=True)
+                page.get_by_role("button", name="⏯ Resume").click()
+                expect(page.get_by_text(f"will continue from {older}").first).to_be_visible()
+                _wait(lambda: tasks.task(resumable.id).status is TaskStatus.QUEUED)
+                assert [f"checkpoint-{n}" for n in checkpoints()] == [older]  # the newer ones set aside
+                expect(picker).to_be_hidden()  # queued again: nothing to resume
                 table.get_by_text("long run").click()
                 expect(progress.locator(".sage-progress")).to_have_attribute("data-task", str(long.id))
                 expect(offered).to_be_hidden()
@@ -110,7 +132,7 @@ def test_pause_unpause_task_box_and_download_in_a_real_browser(demo_model, tmp_p
             finally:
                 browser.close()
     finally:
-        for task in (long, short):
+        for task in (long, short, resumable):
             if task is not None and not tasks.task(task.id).status.is_final:
                 tasks.cancel(task.id)
         app.close()

@@ -24,6 +24,7 @@ import gradio as gr
 from gradio.components.plot import PlotData
 
 from sage_ft.tasks import TaskError, TaskStatus
+from sage_ft.tasks.status import RESUMABLE_STATES
 from sage_ft.webui import charts, chat_tab, i18n, render
 from sage_ft.webui.components import Registry
 from sage_ft.webui.services import AppServices, task_id_of
@@ -51,6 +52,9 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
             variant = "stop" if action in ("cancel", "delete") else "secondary"
             reg.add(f"mon.{action}", gr.Button(i18n.t(f"mon.{action}", lang), variant=variant, size="sm",
                                                **PAUSE_BUTTONS.get(action, {})))
+    reg.add("mon.resume_from", gr.Dropdown(choices=[], value=None, label=i18n.t("mon.resume_from", lang), visible=False,
+                                           info=i18n.t("mon.resume_from.info", lang), elem_id="resume-from"),
+            kind="label_info")
     reg.add("mon.message", gr.Markdown(""), kind="none")
     reg.add("mon.file", gr.File(label=i18n.t("mon.file", lang), visible=False, interactive=False, elem_id="task-file"))
     with gr.Row():
@@ -74,7 +78,8 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
                                       lines=6, max_lines=16))
 
 
-DETAILS = ("progress", "loss", "eval", "lr", "config", "log", "checkpoints", "metrics", "paths", "pause", "unpause")
+DETAILS = ("progress", "loss", "eval", "lr", "config", "log", "checkpoints", "metrics", "paths", "pause", "unpause",
+           "resume_from")
 # Before a task is picked: Pause shown but off (so it can be found), Unpause hidden (see pause_buttons).
 PAUSE_BUTTONS = {"pause": {"interactive": False}, "unpause": {"visible": False}}
 
@@ -86,6 +91,17 @@ def pause_buttons(task: Any) -> list[Any]:
     paused = running and render.is_paused(task)
     return [gr.update(visible=not paused, interactive=running and not paused),
             gr.update(visible=paused, interactive=paused)]
+
+
+def resume_from(task: Any, lang: str) -> Any:
+    """The Resume picker, shown for a task that can be resumed and has a checkpoint: the newest intact
+    one (the default, ``""``) or any older intact one (``TaskManager.resume``'s ``checkpoint``); damaged
+    ones are not offered. Its pick goes back to the default whenever another task's details are drawn."""
+    intact = [Path(c).name for c in getattr(task, "checkpoints", None) or []]
+    if task is None or task.status not in RESUMABLE_STATES or not intact:
+        return gr.update(visible=False, choices=[], value=None)
+    newest = (i18n.t("mon.resume_newest", lang, name=intact[-1]), "")
+    return gr.update(visible=True, choices=[newest, *((name, name) for name in reversed(intact[:-1]))], value="")
 
 
 def detail_outputs(reg: Registry) -> list[Any]:
@@ -108,7 +124,8 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
           trigger_mode="always_last")
     lang.change(lambda lg: refresh(services, None, lg), lang, table_out, api_name=False)
     for action in ("cancel", "resume", "retry", "delete"):
-        reg[f"mon.{action}"].click(_action_handler(services, action), [reg["mon.task"], lang],
+        extra = [reg["mon.resume_from"]] if action == "resume" else []
+        reg[f"mon.{action}"].click(_action_handler(services, action), [reg["mon.task"], lang, *extra],
                                    [reg["mon.message"], reg["mon.task"]], api_name=f"task_{action}")
     for action in ("pause", "unpause"):  # the buttons trade places at once, not on the next tick
         reg[f"mon.{action}"].click(_pause_handler(services, action), [reg["mon.task"], lang],
@@ -232,7 +249,8 @@ def _plot_data(fig: charts.Figure | None) -> Any:
 
 def _task_details(services: AppServices, task_id: Any, compare: list[Any], log_y: bool, smoothing: float,
                   lang: str, stamp: str | None = None) -> list[Any]:
-    empty = [None, render.progress_html(None, lang), None, None, None, "", "", "", None, "", *pause_buttons(None)]
+    empty = [None, render.progress_html(None, lang), None, None, None, "", "", "", None, "", *pause_buttons(None),
+             resume_from(None, lang)]
     if task_id in (None, ""):
         return empty
     try:
@@ -265,7 +283,7 @@ def _task_details(services: AppServices, task_id: Any, compare: list[Any], log_y
     progress = render.progress_html(detail, lang, detail.eta_seconds, render.paused_ahead(services.tasks, detail))
     return [stamp, progress, loss, evals, lr, detail.config_yaml,
             detail.log_tail, f"**{i18n.t('mon.checkpoints', lang)}**\n\n{checkpoints}",
-            render.readable_metrics(_still_true(detail)), paths_md, *pause_buttons(detail)]
+            render.readable_metrics(_still_true(detail)), paths_md, *pause_buttons(detail), resume_from(detail, lang)]
 
 
 LIVE_METRICS = ("eta_seconds", "tokens_per_second")  # the speed of the moment: none while a run is paused
@@ -279,7 +297,7 @@ def _still_true(task: Any) -> dict[str, Any]:
 
 
 def _action_handler(services: AppServices, action: str):
-    def handler(task_id: Any, lang: str) -> tuple[str, Any]:
+    def handler(task_id: Any, lang: str, checkpoint: str | None = None) -> tuple[str, Any]:
         if task_id in (None, ""):
             gr.Warning(i18n.t("alert.no_task", lang))
             return f"⚠️ {i18n.t('alert.no_task', lang)}", gr.skip()
@@ -295,6 +313,8 @@ def _action_handler(services: AppServices, action: str):
                 return text, None
             if action == "retry" and services.tasks.task(selected).status is TaskStatus.COMPLETED:
                 task = services.tasks.clone(selected)  # a finished run: the same config, run again
+            elif action == "resume" and checkpoint:
+                return _resumed_from(services.tasks.resume(selected, checkpoint=checkpoint), checkpoint, lang)
             else:
                 task = getattr(services.tasks, action)(selected)
         except TaskError as exc:
@@ -304,6 +324,14 @@ def _action_handler(services: AppServices, action: str):
         gr.Info(text)
         return text, task.id
     return handler
+
+
+def _resumed_from(task: Any, checkpoint: str, lang: str) -> tuple[str, Any]:
+    """Resumed from the checkpoint picked: said so, with the core's note on the newer checkpoints it
+    set aside (where they went: nothing was deleted)."""
+    text = i18n.t("alert.task_resume_from", lang, id=task.id, checkpoint=checkpoint)
+    gr.Info(text)
+    return (f"{text}\n\n{html.escape(task.error)}" if task.error else text), task.id
 
 
 def _pause_handler(services: AppServices, action: str):

@@ -56,8 +56,9 @@ def _buttons(app, task_id) -> tuple[dict, dict]:
     outputs, so the details handler is asked in-process; the browser test sees them on the page)."""
     from sage_ft.webui import monitor_tab
 
-    pause, unpause = monitor_tab.task_details(app.services, task_id, [], False, 0.6, "en")[-2:]
-    return pause, unpause
+    details = dict(zip(monitor_tab.DETAILS, monitor_tab.task_details(app.services, task_id, [], False, 0.6, "en")[1:],
+                       strict=True))
+    return details["pause"], details["unpause"]
 
 
 def _wait(what, timeout: float = 120.0, poll: float = 0.3):

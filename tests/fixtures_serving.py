@@ -9,12 +9,14 @@
 - ``make_lora_adapter(base_dir, out_dir, rank=8, seed=0)``: write one such adapter.
 - ``other_base_model`` (session): a second copy of the demo model directory ("another base").
 - ``free_port()``: a free loopback port away from the user's 8001.
+- ``read_until(stream, marker, timeout)``: a child's output lines up to the one holding ``marker``.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,24 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def free_port() -> int:
     return find_free_port(18000 + os.getpid() % 3000)
+
+
+def read_until(stream, marker: str, timeout: float) -> list[str]:
+    """The lines a child process printed, up to the one holding ``marker`` or until ``timeout`` (read on a
+    thread: a child that prints nothing more must not hang the test)."""
+    lines: list[str] = []
+    done = threading.Event()
+
+    def _reader():
+        for line in stream:
+            lines.append(line.rstrip("\n"))
+            if marker in line:
+                break
+        done.set()
+
+    threading.Thread(target=_reader, daemon=True).start()
+    done.wait(timeout)
+    return lines
 
 
 def make_lora_adapter(base_dir: Path, out_dir: Path, rank: int = 8, seed: int = 0, scale: float = 0.5) -> Path:

@@ -6,6 +6,7 @@
 - ``spawn_manager_process(db, script)``: a real Python process holding a TaskManager (for kill -9 tests).
 - ``write_checkpoint_files(folder, step)``: a small ``checkpoint-N`` folder with every file a resume
   loads, each well formed (for tests of the task store's bookkeeping that never train from it).
+- ``wait_for(predicate, timeout, what)``: poll until ``predicate()`` is true (its value), else TimeoutError.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,18 @@ import pytest
 
 from sage_ft.tasks import TaskManager
 from tests.fixtures_data import memorize_rows, write_jsonl
+
+RUN_TIMEOUT_S = 240
+
+
+def wait_for(predicate, timeout: float = RUN_TIMEOUT_S, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise TimeoutError(f"timed out waiting for {what}")
 
 
 def tiny_task_config(dataset: str | Path, **overrides: Any) -> dict[str, Any]:

@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pytest
 from sage_ft.serving import ServerManager, ServerStartError
 from sage_ft.serving import registry as serving_registry
 from sage_ft.serving.vllm_server import ServerSpec, VLLMServer
-from tests.fixtures_serving import free_port
+from tests.fixtures_serving import free_port, read_until
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,22 +112,6 @@ signal.pause()
 """
 
 
-def _read_until(stream, marker: str, timeout: float) -> list[str]:
-    lines: list[str] = []
-    done = threading.Event()
-
-    def _reader():
-        for line in stream:
-            lines.append(line.rstrip("\n"))
-            if marker in line:
-                break
-        done.set()
-
-    threading.Thread(target=_reader, daemon=True).start()
-    done.wait(timeout)
-    return lines
-
-
 def test_cli_serve_port_taken_app_crash_adoption_and_sigterm(data_home, serving_demo_model):
     from openai import OpenAI
 
@@ -141,7 +124,7 @@ def test_cli_serve_port_taken_app_crash_adoption_and_sigterm(data_home, serving_
                                 "--max-model-len", "512", "--another"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True)
         try:
-            lines = _read_until(app.stdout, "API key:", timeout=900)
+            lines = read_until(app.stdout, "API key:", timeout=900)
         finally:
             if app.poll() is not None:
                 pytest.fail(f"sage-ft serve exited early: {lines}")
@@ -163,7 +146,7 @@ def test_cli_serve_port_taken_app_crash_adoption_and_sigterm(data_home, serving_
     second = subprocess.Popen([sys.executable, "-c", _ADOPT_SCRIPT, str(port)], env=env, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        status_lines = _read_until(second.stdout, '"state"', timeout=300)
+        status_lines = read_until(second.stdout, '"state"', timeout=300)
         status = json.loads(status_lines[-1])
         assert status["state"] == "ready" and status["pid"] == entry["pid"], status
         assert status["context_len"] == 512  # read back from the adopted server, not the adopter's default
@@ -187,12 +170,12 @@ def test_cli_serve_prints_the_new_endpoint_after_a_switch_from_another_terminal(
                               "--port", str(free_port()), "--max-model-len", "512"], env=env, cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        first = _endpoint_of(_read_until(serve.stdout, "log:", timeout=900))
+        first = _endpoint_of(read_until(serve.stdout, "log:", timeout=900))
         assert first.get("model"), f"sage-ft serve printed no endpoint (exit code {serve.poll()})"
         proc = subprocess.run([sys.executable, "-m", "sage_ft", "switch", str(serving_adapters["b"])], env=env,
                               cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0 and proc.stdout.startswith("✅"), proc.stdout + proc.stderr[-2000:]
-        lines = _read_until(serve.stdout, "log:", timeout=30)
+        lines = read_until(serve.stdout, "log:", timeout=30)
         assert any(line.startswith("the chat model changed") for line in lines), lines
         now = _endpoint_of(lines)
         assert now["model"] != first["model"] and now["base URL"] == first["base URL"]

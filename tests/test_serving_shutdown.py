@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 
 from sage_ft.serving import registry
 from sage_ft.serving.vllm_server import group_members
-from tests.fixtures_serving import free_port
+from tests.fixtures_serving import free_port, read_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,22 +77,6 @@ def test_sigterm_of_the_web_app_removes_its_download_folder(tmp_path, data_home)
     assert not list(tmp_path.glob("sage_ft_dl_*")), "the download folder outlived the app"
 
 
-def _read_until(stream, marker: str, timeout: float) -> list[str]:
-    lines: list[str] = []
-    done = threading.Event()
-
-    def _reader():
-        for line in stream:
-            lines.append(line.rstrip("\n"))
-            if marker in line:
-                break
-        done.set()
-
-    threading.Thread(target=_reader, daemon=True).start()
-    done.wait(timeout)
-    return lines
-
-
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_stop_orphans_ends_the_server_a_killed_serve_left(tmp_path, serving_demo_model):
@@ -105,7 +88,7 @@ def test_stop_orphans_ends_the_server_a_killed_serve_left(tmp_path, serving_demo
                               "--port", str(free_port()), "--max-model-len", "512"], env=env, cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        lines = _read_until(serve.stdout, "log:", timeout=900)
+        lines = read_until(serve.stdout, "log:", timeout=900)
         assert any(line.startswith("API key:") for line in lines), f"no endpoint (exit code {serve.poll()})"
         serve.kill()  # kill -9: no clean-up at all
         serve.wait(timeout=30)

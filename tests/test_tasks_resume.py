@@ -17,19 +17,7 @@ from sage_ft.cli import main
 from sage_ft.events import EventEmitter
 from sage_ft.tasks import TaskManager, TaskStatus, rundir
 from sage_ft.tasks.task import TaskStateError
-from tests.fixtures_tasks import spawn_manager_process, tiny_task_config
-
-RUN_TIMEOUT_S = 240
-
-
-def _wait_for(predicate, timeout: float = RUN_TIMEOUT_S, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise TimeoutError(f"timed out waiting for {what}")
+from tests.fixtures_tasks import RUN_TIMEOUT_S, spawn_manager_process, tiny_task_config, wait_for
 
 
 def _cli(capsys, db: Path, *args: str) -> tuple[int, str, str]:
@@ -63,7 +51,7 @@ def test_a_damaged_last_checkpoint_of_a_killed_run_is_named_and_passed_over(task
     """, tmp_path / "app.log")
     try:
         db = sqlite3.connect(task_db)
-        first_start = _wait_for(lambda: (r := db.execute("SELECT step, resume_checkpoint, started_at FROM tasks "
+        first_start = wait_for(lambda: (r := db.execute("SELECT step, resume_checkpoint, started_at FROM tasks "
                                                          "WHERE id=?", (task.id,)).fetchone())[0] >= 7
                                 and (r[1] or "").endswith(("checkpoint-6", "checkpoint-8")) and r,
                                 what=f"checkpoint-6 ({(tmp_path / 'app.log').read_text()[-2000:]})")
@@ -207,11 +195,11 @@ def test_time_held_by_a_pause_is_not_counted_as_training(worker_manager, task_da
     duration, the tokens/s after the pause and the run's final tokens/s leave the pause out."""
     # (60 steps: with 6, a loaded machine's run could end before it saw the pause, and this waited 4 min)
     task = worker_manager.create(tiny_task_config(task_dataset, max_steps=60, save_steps=1000))
-    _wait_for(lambda: worker_manager.task(task.id).step >= 2, what="the second step")
+    wait_for(lambda: worker_manager.task(task.id).step >= 2, what="the second step")
     worker_manager.pause(task.id)
     paused_at = time.time()
     log = Path(task.output_dir) / "logs.txt"
-    _wait_for(lambda: "paused at step" in log.read_text() or worker_manager.task(task.id).status.is_final,
+    wait_for(lambda: "paused at step" in log.read_text() or worker_manager.task(task.id).status.is_final,
               what="the run to hold")
     assert "paused at step" in log.read_text(), f"the run ended unpaused: {worker_manager.task(task.id).status}"
     time.sleep(3.0)

@@ -22,19 +22,7 @@ from sage_ft.tasks.procinfo import ProcessIdentity
 from sage_ft.training.meta import read_meta
 from sage_ft.webui import render
 from tests.fixtures_data import write_jsonl
-from tests.fixtures_tasks import spawn_manager_process, tiny_task_config
-
-RUN_TIMEOUT_S = 240
-
-
-def _wait_for(predicate, timeout: float = RUN_TIMEOUT_S, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise TimeoutError(f"timed out waiting for {what}")
+from tests.fixtures_tasks import RUN_TIMEOUT_S, spawn_manager_process, tiny_task_config, wait_for
 
 
 def _events(task) -> list[dict]:
@@ -131,7 +119,7 @@ def test_a_large_dataset_shows_its_preparation_and_a_cancel_there_stops_it_befor
     rows = [{"messages": [{"role": "user", "content": f"Question number {i}: what is {i} plus {i}?"},
                           {"role": "assistant", "content": f"It is {2 * i}, twice {i}."}]} for i in range(40_000)]
     task = worker_manager.create(tiny_task_config(write_jsonl(rows, tmp_path / "large.jsonl")))
-    tokenizing = _wait_for(lambda: (live := worker_manager.task(task.id)).last_metrics.get("preparing_done")
+    tokenizing = wait_for(lambda: (live := worker_manager.task(task.id)).last_metrics.get("preparing_done")
                            and live, what="tokenizing progress in the task's row")
     prep = tokenizing.preparation
     assert prep.phase == "tokenize" and 0 < prep.done < prep.total == 40_000
@@ -154,7 +142,7 @@ def test_a_large_dataset_shows_its_preparation_and_a_cancel_there_stops_it_befor
 def test_shutdown_interrupts_the_running_task_resumably(task_db, task_dataset):
     manager = TaskManager(task_db)
     task = manager.create(tiny_task_config(task_dataset, max_steps=60, save_steps=2))
-    _wait_for(lambda: manager.task(task.id).resume_checkpoint, what="a checkpoint")
+    wait_for(lambda: manager.task(task.id).resume_checkpoint, what="a checkpoint")
     manager.shutdown(timeout=60)
     after = TaskManager(task_db, start_worker=False)
     try:
@@ -207,10 +195,10 @@ def test_pause_and_unpause_from_another_process_through_the_cli(worker_manager, 
     task = worker_manager.create(tiny_task_config(task_dataset, max_steps=12, save_steps=100))
     worker_manager.subscribe(lambda e: time.sleep(0.3) if e.get("event") == "batch_end" else None)  # slower steps
     cli = ["tasks", "--db", str(worker_manager.store.path)]
-    _wait_for(lambda: worker_manager.task(task.id).step >= 1, what="the first step")
+    wait_for(lambda: worker_manager.task(task.id).step >= 1, what="the first step")
     assert main([*cli, "pause", str(task.id)]) == 0
     log = Path(task.output_dir) / "logs.txt"
-    _wait_for(lambda: "paused at step" in log.read_text(), what="the run to hold")
+    wait_for(lambda: "paused at step" in log.read_text(), what="the run to hold")
     held = int(re.search(r"paused at step (\d+)", log.read_text()).group(1))
     paused = worker_manager.task(task.id)
     assert (paused.status, paused.paused) == (TaskStatus.RUNNING, True) and held < 12
@@ -247,7 +235,7 @@ def test_memory_is_released_after_runs(worker_manager, task_dataset):
     for _ in range(2):
         t = worker_manager.create(tiny_task_config(task_dataset, lora_rank=16))
         assert worker_manager.wait(t.id, RUN_TIMEOUT_S).status is TaskStatus.COMPLETED
-    _wait_for(lambda: worker_manager._worker.active is None, 30, "the worker to go idle")
+    wait_for(lambda: worker_manager._worker.active is None, 30, "the worker to go idle")
     growth = rss() - before
     assert growth < 150 * 2**20, f"RSS grew by {growth / 2**20:.0f} MiB"
     leftovers = [type(o).__name__ for o in gc.get_objects()  # (stateless activation singletons are fine)
@@ -275,7 +263,7 @@ def test_kill_9_of_the_app_mid_run_then_resume_finishes(task_db, task_dataset, t
     """, tmp_path / "app.log")
     try:
         db = sqlite3.connect(task_db)
-        row = _wait_for(lambda: (r := db.execute("SELECT step, resume_checkpoint, child_pid, child_start_time "
+        row = wait_for(lambda: (r := db.execute("SELECT step, resume_checkpoint, child_pid, child_start_time "
                                                  "FROM tasks WHERE id=?", (task.id,)).fetchone())[0] >= 3
                         and r[1] and r[2] and r, what=f"a checkpoint and a child ({(tmp_path / 'app.log').read_text()[-2000:]})")
         db.close()
@@ -295,7 +283,7 @@ def test_kill_9_of_the_app_mid_run_then_resume_finishes(task_db, task_dataset, t
         assert "resume continues from checkpoint-" in got.error
         meta = read_meta(got.output_dir)  # the run folder agrees with the task list (registry, UI read it)
         assert (meta["status"], meta["error"]) == ("interrupted", got.error) and meta["finished_at"]
-        _wait_for(lambda: not child.is_alive(), 30, "the orphaned child to end")
+        wait_for(lambda: not child.is_alive(), 30, "the orphaned child to end")
         checkpoint_step = int(Path(got.resume_checkpoint).name.split("-")[1])
 
         manager.resume(task.id)
@@ -347,7 +335,7 @@ def test_multi_process_task_runs_as_a_recorded_child_and_completes(worker_manage
     task = worker_manager.create(tiny_task_config(task_dataset, max_steps=2, num_processes=2, devices="cpu"))
     db = sqlite3.connect(worker_manager.store.path)
     try:
-        child = _wait_for(lambda: db.execute("SELECT child_pid, child_start_time FROM tasks WHERE id=?",
+        child = wait_for(lambda: db.execute("SELECT child_pid, child_start_time FROM tasks WHERE id=?",
                                              (task.id,)).fetchone()[0] and
                           db.execute("SELECT child_pid, child_start_time FROM tasks WHERE id=?", (task.id,)).fetchone(),
                           what="the launcher child to be recorded")
@@ -364,7 +352,7 @@ def test_multi_process_task_runs_as_a_recorded_child_and_completes(worker_manage
 
 def _running_group(manager, task_id: int) -> tuple[psutil.Process, list[psutil.Process]]:
     """The recorded launcher of a running multi-process task and its ranks, once it is mid-run."""
-    _wait_for(lambda: manager.get(task_id).step >= 3, what="the data-parallel run to pass step 3")
+    wait_for(lambda: manager.get(task_id).step >= 3, what="the data-parallel run to pass step 3")
     with sqlite3.connect(manager.store.path) as conn:
         pid = conn.execute("SELECT child_pid FROM tasks WHERE id=?", (task_id,)).fetchone()[0]
     launcher = psutil.Process(pid)

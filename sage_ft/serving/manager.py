@@ -808,6 +808,8 @@ class ServerManager:
                                   timings, self._current)
         result.mode = mode
         if old is not None:
+            if old.owned and old.pid:  # clients (`sage-ft chat`) pick the new server now, not the one draining
+                registry.update(old.pid, current=False)
             self._retire(old, drain=True, background=True)
             result.message += " (zero-downtime: the previous server finishes its replies, then stops)"
         elif mode == "stop-then-start":

@@ -516,7 +516,7 @@ def streaming_in(session_hash: str | None) -> tuple[str, ...]:
 
 def stop(request: Any, where: str = "chat", clearing: bool = False) -> None:
     """Stop the session's running reply (the server aborts the request when the stream closes). When
-    ``clearing`` (🧹 Clear), the reply ends on the cleared chat (``CLEARED_CHAT``), not with a "stopped"
+    ``clearing`` (🧹 Clear), the reply ends on the cleared chat (``cleared_chat``), not with a "stopped"
     update that would bring it back, and this returns once it has ended (at its next 0.1-0.2 s check)."""
     key = reply_key(getattr(request, "session_hash", None), where)
     if RUNNING.stop(key, clearing) and clearing:
@@ -527,10 +527,16 @@ def _cleared(cancel: threading.Event) -> bool:
     return bool(getattr(cancel, "clearing", False))
 
 
-# A reply ended by 🧹 Clear ends on the cleared chat: Gradio sends an event's last output once more when
-# it completes, and that message can land after Clear's own (the cleared chat came back, now and then).
-CLEARED_CHAT = ([], gr.skip())
-CLEARED_COMPARE = ([], [], "", gr.skip())
+def cleared_chat() -> tuple[Any, ...]:
+    """The last output of a reply ended by 🧹 Clear: the cleared chat. Gradio sends an event's last output
+    once more when it completes, and that message can land after Clear's own (the cleared chat came
+    back, now and then). New each time: Gradio pops keys from the update dicts it sends."""
+    return [], gr.skip()
+
+
+def cleared_compare() -> tuple[Any, ...]:
+    """``cleared_chat`` for Compare: both sides and the status line emptied."""
+    return [], [], "", gr.skip()
 
 
 def _stream_args(system: str, temperature: float, top_p: float, max_tokens: float) -> dict[str, Any]:
@@ -593,7 +599,7 @@ def _answer(services: AppServices, turns: list[dict[str, str]], args: dict[str, 
     while True:
         got = pump.drain(timeout=0.2)
         if cancel.is_set() and _cleared(cancel):
-            yield CLEARED_CHAT
+            yield cleared_chat()
             return
         if cancel.is_set():  # the stream also ends on cancel: stopped, even when "end" was already read
             reply.add(got._replace(done=False), lang)
@@ -707,8 +713,8 @@ def _compare(services: AppServices, sides: list[list[dict[str, str]]], message: 
     for note in _starting_notes(services.server, cancel, lang):  # a stopped server is started first
         yield sides[0], sides[1], note, gr.skip()
     if cancel.is_set():
-        yield CLEARED_COMPARE if _cleared(cancel) else (sides[0], sides[1], f"{STOPPED_MARK} {i18n.t('chat.stopped', lang)}",
-                                                          gr.skip())
+        stopped = f"{STOPPED_MARK} {i18n.t('chat.stopped', lang)}"
+        yield cleared_compare() if _cleared(cancel) else (sides[0], sides[1], stopped, gr.skip())
         return
     from sage_ft.serving import stream_chat
 
@@ -757,7 +763,7 @@ def _compare(services: AppServices, sides: list[list[dict[str, str]]], message: 
         if pumps[1] is None and running[1] and not running[0] and not cancel.is_set():
             pumps[1] = Pump(starts[1])  # one after the other: side A is done
         if cancel.is_set() and _cleared(cancel):
-            yield CLEARED_COMPARE
+            yield cleared_compare()
             return
         if cancel.is_set():
             for i, is_running in enumerate(running):

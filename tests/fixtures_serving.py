@@ -10,14 +10,19 @@
 - ``other_base_model`` (session): a second copy of the demo model directory ("another base").
 - ``free_port()``: a free loopback port away from the user's 8001.
 - ``read_until(stream, marker, timeout)``: a child's output lines up to the one holding ``marker``.
+- ``server_held(manager)``: the manager's vLLM process group held (SIGSTOP) for a while; yields ``let_run``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,6 +51,26 @@ def read_until(stream, marker: str, timeout: float) -> list[str]:
     threading.Thread(target=_reader, daemon=True).start()
     done.wait(timeout)
     return lines
+
+
+@contextlib.contextmanager
+def server_held(manager: Any):
+    """The vLLM server's processes held (SIGSTOP, SIGCONT at the end): a reply under way stays under way
+    for as long as a test needs, whatever the machine's speed (on a quiet machine the demo's longest
+    reply ended within 3 s, before the events the tests send while it streams). Yields ``let_run(s)``,
+    which lets the server run for ``s`` seconds and holds it again (a few words at a time)."""
+    group = os.getpgid(manager.status()["pid"])
+
+    def let_run(seconds: float) -> None:
+        os.killpg(group, signal.SIGCONT)
+        time.sleep(seconds)
+        os.killpg(group, signal.SIGSTOP)
+
+    os.killpg(group, signal.SIGSTOP)
+    try:
+        yield let_run
+    finally:
+        os.killpg(group, signal.SIGCONT)
 
 
 def make_lora_adapter(base_dir: Path, out_dir: Path, rank: int = 8, seed: int = 0, scale: float = 0.5) -> Path:

@@ -11,10 +11,7 @@ toasts (Gradio's "log" messages, with their duration) can be read.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import threading
 import time
 import uuid
@@ -30,32 +27,13 @@ from gradio_client.utils import apply_diff
 from sage_ft.webui import chat_memory, chat_tab
 from sage_ft.webui.chat_memory import remember_partial, restore_chats
 from sage_ft.webui.chat_messages import RUNNING, prompt_of, reply_key
+from tests.fixtures_serving import server_held
 from tests.fixtures_webui import start_webui
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 LONG = ("", 0.0, 1.0, 900, "en")  # greedy, 900 tokens: the demo model's greedy reply runs to the limit (2-20 s)
 SHORT = ("", 0.0, 1.0, 12, "en")
-
-
-@contextlib.contextmanager
-def server_held(manager: Any):
-    """The vLLM server's processes held (SIGSTOP, SIGCONT at the end): a reply under way stays under way
-    for as long as a test needs, whatever the machine's speed (on a quiet machine the demo's longest
-    reply ended within 3 s, before the events the tests send while it streams). Yields ``let_run(s)``,
-    which lets the server run for ``s`` seconds and holds it again."""
-    group = os.getpgid(manager.status()["pid"])
-
-    def let_run(seconds: float) -> None:
-        os.killpg(group, signal.SIGCONT)
-        time.sleep(seconds)
-        os.killpg(group, signal.SIGSTOP)
-
-    os.killpg(group, signal.SIGSTOP)
-    try:
-        yield let_run
-    finally:
-        os.killpg(group, signal.SIGCONT)
 
 
 def _some_words_while_held(page: Page, event: str, let_run) -> list[Any]:

@@ -808,8 +808,6 @@ class ServerManager:
                                   timings, self._current)
         result.mode = mode
         if old is not None:
-            if old.owned and old.pid:  # clients (`sage-ft chat`) pick the new server now, not the one draining
-                registry.update(old.pid, current=False)
             self._retire(old, drain=True, background=True)
             result.message += " (zero-downtime: the previous server finishes its replies, then stops)"
         elif mode == "stop-then-start":
@@ -817,7 +815,11 @@ class ServerManager:
         return result
 
     def _retire(self, server: VLLMServer, drain: bool, background: bool = False) -> None:
-        """Stop ``server`` after its in-flight chats finish (bounded by ``drain_timeout_s``)."""
+        """Stop ``server`` after its in-flight chats finish (bounded by ``drain_timeout_s``). From now on
+        it no longer counts as the one that serves: clients (`sage-ft chat`) started while it drains
+        pick the new server, not it (they said two servers serve)."""
+        if server.owned and server.pid:
+            registry.update(server.pid, current=False)
 
         def _do() -> None:
             if drain:

@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import sqlite3
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -137,6 +138,49 @@ def test_a_large_dataset_shows_its_preparation_and_a_cancel_there_stops_it_befor
     assert last_report["phase"] == "tokenize" and last_report["done"] < 40_000  # stopped mid-way
     assert not (Path(task.output_dir) / "lora").exists() and cancelled.resume_checkpoint is None
     assert read_meta(task.output_dir)["status"] == "cancelled"
+
+
+def test_a_resumed_task_cancelled_while_preparing_keeps_its_earlier_checkpoints(worker_manager, tmp_path):
+    """A resumed attempt prepares again (tokenizing 40,000 conversations takes seconds). A cancel then
+    trains nothing more, but the checkpoints of the first attempt stay, and the message says so rather
+    than "nothing was trained"; the task can still be resumed from them."""
+    rows = [{"messages": [{"role": "user", "content": f"Question number {i}: what is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"It is {2 * i}, twice {i}."}]} for i in range(40_000)]
+    task = worker_manager.create(tiny_task_config(write_jsonl(rows, tmp_path / "large.jsonl"), max_steps=400,
+                                                  save_steps=1))
+
+    def cancel_after_first_checkpoint(event: dict) -> None:
+        if event.get("task_id") == task.id and event.get("event") == "checkpoint_saved":
+            unsubscribe()
+            worker_manager.cancel(task.id)
+
+    unsubscribe = worker_manager.subscribe(cancel_after_first_checkpoint)
+    first = worker_manager.wait(task.id, RUN_TIMEOUT_S)
+    assert first.status is TaskStatus.CANCELLED and first.resume_checkpoint
+    worker_manager.resume(task.id)
+    preparing = wait_for(lambda: (live := worker_manager.task(task.id)).last_metrics.get("preparing_done")
+                         and live, what="the resumed attempt tokenizing")
+    message = render.cancel_message(worker_manager.cancel(preparing.id), "en")
+    assert "checkpoints of its earlier attempts are kept" in message and "nothing was trained" not in message
+    second = worker_manager.wait(task.id, RUN_TIMEOUT_S)
+    assert (second.status, second.resume_checkpoint) == (TaskStatus.CANCELLED, first.resume_checkpoint)
+
+
+def test_a_cancel_just_after_training_began_says_the_adapter_is_kept(worker_manager, task_dataset):
+    """The task's row gets the run's progress once a second, so just after training began it still
+    said "preparing", and the cancel's message claimed nothing was trained (CI saw it after 7 steps).
+    The cancel writes the run's progress to the row first."""
+    task = worker_manager.create(tiny_task_config(task_dataset, max_steps=400))
+    began = threading.Event()
+    unsubscribe = worker_manager.subscribe(
+        lambda e: began.set() if e.get("task_id") == task.id and e.get("event") == "training_start" else None)
+    try:
+        assert began.wait(RUN_TIMEOUT_S), "training never began"
+        message = render.cancel_message(worker_manager.cancel(task.id), "en")
+    finally:
+        unsubscribe()
+    assert "the adapter trained so far is kept" in message, message
+    assert worker_manager.wait(task.id, RUN_TIMEOUT_S).status is TaskStatus.CANCELLED
 
 
 def test_shutdown_interrupts_the_running_task_resumably(task_db, task_dataset):

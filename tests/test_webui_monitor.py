@@ -12,7 +12,7 @@ import pytest
 
 from sage_ft.tasks import TaskStatus
 from tests.fixtures_data import memorize_rows, write_jsonl
-from tests.fixtures_tasks import tiny_task_config
+from tests.fixtures_tasks import tiny_task_config, wait_for
 from tests.fixtures_webui import form_args
 
 TINY = {"max_steps": 4, "cutoff_len": 64, "per_device_train_batch_size": 2, "save_steps": 2,
@@ -102,12 +102,12 @@ def test_cancel_resume_delete_and_reattach(webui, webui_client, dataset):
     assert attached == task_id and "running" in progress
     _, message, _ = webui_client.predict(task_id, "en", api_name="/cancel")
     assert f"#{task_id}" in message and "the adapter trained so far is kept" in message
-    assert webui.services.tasks.wait(task_id, timeout=120).status is TaskStatus.CANCELLED
+    cancelled_at = webui.services.tasks.wait(task_id, timeout=120)
+    assert cancelled_at.status is TaskStatus.CANCELLED
     message, selected = webui_client.predict(task_id, "en", api_name="/task_resume")
     assert selected == task_id and "continue" in message, message
-    deadline = time.monotonic() + 60
-    while webui.services.tasks.task(task_id).status is TaskStatus.QUEUED and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_for(lambda: (task := webui.services.tasks.task(task_id)).status is TaskStatus.RUNNING
+             and task.step > cancelled_at.step, timeout=120, what="the resumed run's steps")
     message, _ = webui_client.predict(task_id, "en", api_name="/task_cancel")
     assert "Cancel requested" in message
     assert webui.services.tasks.wait(task_id, timeout=120).status is TaskStatus.CANCELLED

@@ -335,6 +335,8 @@ class TaskManager:
                                  .values(cancel_requested=True, updated_at=now)).rowcount
                 if done:
                     self._local_run(task_id, lambda run: run.cancel())
+        # The row gets a run's progress once a second; the caller says from it whether training had begun
+        self._local_run(task_id, lambda run: run.write_progress())
         task = self.task(task_id)
         if not done:
             raise TaskError(f"task {task_id} is already {task.status.value}; nothing to cancel")

@@ -113,7 +113,7 @@ class FineTuneRun:
             status, metrics = self._train()
         except CancelledBeforeTraining:
             status = "cancelled"
-            log.info("cancelled before the first training step: nothing was trained, no adapter was written")
+            log.info("cancelled before the first training step of this run: it trained nothing and wrote no adapter")
         except KeyboardInterrupt:
             status, error = "cancelled", "interrupted"
             raise

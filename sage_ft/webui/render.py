@@ -47,12 +47,15 @@ def readable_metrics(metrics: dict[str, Any], digits: int = 4) -> dict[str, Any]
 
 def cancel_message(task: Task, lang: str) -> str:
     """What a cancel did, so nobody has to guess whether work was lost: a running task stops after
-    its step with its adapter kept (one still preparing stops at once, nothing trained); a queued
-    one that never ran left the queue with nothing trained; an interrupted (or re-queued) one keeps
-    its checkpoints and can still be resumed."""
+    its step with its adapter kept; one still preparing stops at once, with nothing trained, or, when
+    resumed, with the checkpoints of its earlier attempts kept; a queued one that never ran left the
+    queue with nothing trained; an interrupted (or re-queued) one keeps its checkpoints and can still
+    be resumed."""
     if task.status.value == "running":
-        return i18n.t("alert.cancel_preparing" if preparing_text(task, lang) else "alert.cancel_requested", lang,
-                      id=task.id)
+        if not preparing_text(task, lang):
+            return i18n.t("alert.cancel_requested", lang, id=task.id)
+        resumed = task.resume_checkpoint is not None
+        return i18n.t("alert.cancel_preparing_resumed" if resumed else "alert.cancel_preparing", lang, id=task.id)
     return i18n.t("alert.task_cancel" if task.started_at else "alert.cancel_queued", lang, id=task.id)
 
 

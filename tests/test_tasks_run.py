@@ -183,6 +183,25 @@ def test_a_cancel_just_after_training_began_says_the_adapter_is_kept(worker_mana
     assert worker_manager.wait(task.id, RUN_TIMEOUT_S).status is TaskStatus.CANCELLED
 
 
+def test_a_cancel_just_after_a_run_of_another_process_began_says_the_adapter_is_kept(task_db, task_dataset,
+                                                                                     tmp_path):
+    """The same for a run this process cannot reach (a CLI run cancelled in the app): its process writes
+    the row once a second, so the cancel reads the run's events, which it writes as they happen."""
+    manager = TaskManager(task_db, start_worker=False)
+    task = manager.create(tiny_task_config(task_dataset, max_steps=400))
+    app = spawn_manager_process(task_db, "time.sleep(600)", tmp_path / "app.log")
+    events = Path(task.output_dir) / "events.jsonl"
+    try:
+        wait_for(lambda: events.exists() and '"training_start"' in events.read_text(), timeout=RUN_TIMEOUT_S,
+                 what=f"training to begin ({(tmp_path / 'app.log').read_text()[-2000:]})")
+        message = render.cancel_message(manager.cancel(task.id), "en")
+        assert "the adapter trained so far is kept" in message, message
+        assert manager.wait(task.id, RUN_TIMEOUT_S).status is TaskStatus.CANCELLED
+    finally:
+        app.kill()
+        manager.shutdown()
+
+
 def test_shutdown_interrupts_the_running_task_resumably(task_db, task_dataset):
     manager = TaskManager(task_db)
     task = manager.create(tiny_task_config(task_dataset, max_steps=60, save_steps=2))

@@ -33,7 +33,15 @@ from sage_ft.tasks.checkpoints import checkpoint_problem
 from sage_ft.tasks.procinfo import ProcessIdentity, current_identity, end_process_tree
 from sage_ft.tasks.status import RESUMABLE_STATES, TaskStatus
 from sage_ft.tasks.store import TaskRecord, TaskStore, WorkerRecord
-from sage_ft.tasks.task import Task, TaskDetail, TaskError, TaskNotFound, TaskRefused, TaskStateError
+from sage_ft.tasks.task import (
+    PREPARING_KEYS,
+    Task,
+    TaskDetail,
+    TaskError,
+    TaskNotFound,
+    TaskRefused,
+    TaskStateError,
+)
 from sage_ft.tasks.worker import LOCAL_RUNS, LOCAL_RUNS_LOCK, QueueWorker, TaskRun, claim_next
 
 log = logging.getLogger(__name__)
@@ -321,7 +329,11 @@ class TaskManager:
     def cancel(self, task_id: int) -> Task:
         """Queued: leaves the queue at once (cancelled). Running: asks the run to stop after the
         current step (any process); the adapter trained so far is kept and the status becomes
-        cancelled when it has stopped. Interrupted: becomes cancelled (still resumable)."""
+        cancelled when it has stopped. Interrupted: becomes cancelled (still resumable).
+
+        The task returned says whether a running one had begun its steps (``Task.preparation``), so
+        that the caller can say what the cancel keeps: the row, written once a second by the process
+        that runs the task, is brought up to date first."""
         task_id = int(task_id)
         now = time.time()
         with self.store.write() as s:
@@ -340,6 +352,11 @@ class TaskManager:
         task = self.task(task_id)
         if not done:
             raise TaskError(f"task {task_id} is already {task.status.value}; nothing to cancel")
+        if (task.preparation is not None and task.active_since is not None
+                and rundir.training_began_since(task.output_dir, task.active_since)):
+            # a run of another process (the CLI's) has begun its steps; its row will say so within a second
+            task = dataclasses.replace(task, last_metrics={key: value for key, value in task.last_metrics.items()
+                                                           if key not in PREPARING_KEYS})
         self._notify({"type": "status", "task_id": task_id, "status": task.status.value})
         return task
 

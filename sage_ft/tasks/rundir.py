@@ -7,6 +7,7 @@ Layout (docs/architecture.md): ``events.jsonl``, ``logs.txt``, ``finetune_meta.j
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import threading
@@ -152,6 +153,26 @@ class _MetricsHistoryCache:
 
 
 _HISTORY = _MetricsHistoryCache()
+
+
+def training_began_since(output_dir: str | Path, since: float, max_bytes: int = 256 * 1024) -> bool:
+    """Whether the run reached its first step (a ``training_start`` event) at or after ``since``, read
+    from the end of its ``events.jsonl``, which gets each event as it happens: the task's row, written
+    once a second by the process that runs it, can still say "preparing" then."""
+    try:
+        lines = tail_lines(Path(output_dir) / "events.jsonl", 10_000, max_bytes).splitlines()
+    except OSError:
+        return False
+    for line in reversed(lines):
+        if '"training_start"' not in line:
+            continue
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:  # the first line of the tail can be cut
+            continue
+        if event.get("event") == "training_start" and isinstance(event.get("time"), (int, float)):
+            return event["time"] >= since
+    return False
 
 
 def log_tail(output_dir: str | Path, lines: int = 50, max_bytes: int = 64 * 1024) -> str:

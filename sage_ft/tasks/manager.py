@@ -27,20 +27,20 @@ from sage_ft import paths
 from sage_ft.atomic import output_path_problem
 from sage_ft.config import ConfigError, TrainConfig, unknown_key_warning
 from sage_ft.estimate import quantization_problem
-from sage_ft.events import read_events
+from sage_ft.events import Preparation, read_events
 from sage_ft.tasks import rundir
 from sage_ft.tasks.checkpoints import checkpoint_problem
 from sage_ft.tasks.procinfo import ProcessIdentity, current_identity, end_process_tree
 from sage_ft.tasks.status import RESUMABLE_STATES, TaskStatus
 from sage_ft.tasks.store import TaskRecord, TaskStore, WorkerRecord
 from sage_ft.tasks.task import (
-    PREPARING_KEYS,
     Task,
     TaskDetail,
     TaskError,
     TaskNotFound,
     TaskRefused,
     TaskStateError,
+    preparation_metrics,
 )
 from sage_ft.tasks.worker import LOCAL_RUNS, LOCAL_RUNS_LOCK, QueueWorker, TaskRun, claim_next
 
@@ -332,8 +332,9 @@ class TaskManager:
         cancelled when it has stopped. Interrupted: becomes cancelled (still resumable).
 
         The task returned says whether a running one had begun its steps (``Task.preparation``), so
-        that the caller can say what the cancel keeps: the row, written once a second by the process
-        that runs the task, is brought up to date first."""
+        that the caller can say what the cancel keeps. That is read from the run's events, written as
+        they happen: the row, written once a second by the process that runs the task (this one or a
+        CLI's), can be a stage behind."""
         task_id = int(task_id)
         now = time.time()
         with self.store.write() as s:
@@ -347,16 +348,14 @@ class TaskManager:
                                  .values(cancel_requested=True, updated_at=now)).rowcount
                 if done:
                     self._local_run(task_id, lambda run: run.cancel())
-        # The row gets a run's progress once a second; the caller says from it whether training had begun
-        self._local_run(task_id, lambda run: run.write_progress())
         task = self.task(task_id)
         if not done:
             raise TaskError(f"task {task_id} is already {task.status.value}; nothing to cancel")
-        if (task.preparation is not None and task.active_since is not None
-                and rundir.training_began_since(task.output_dir, task.active_since)):
-            # a run of another process (the CLI's) has begun its steps; its row will say so within a second
-            task = dataclasses.replace(task, last_metrics={key: value for key, value in task.last_metrics.items()
-                                                           if key not in PREPARING_KEYS})
+        stage = rundir.stage_since(task.output_dir, task.active_since) if task.active_since is not None else None
+        if task.status is TaskStatus.RUNNING and stage is not None:  # the run's own events: the row can lag
+            preparation = Preparation.of_event(stage) if stage["event"] == "preparing" else None
+            metrics = {**task.last_metrics, **preparation_metrics(preparation)}
+            task = dataclasses.replace(task, last_metrics={k: v for k, v in metrics.items() if v is not None})
         self._notify({"type": "status", "task_id": task_id, "status": task.status.value})
         return task
 

@@ -155,24 +155,25 @@ class _MetricsHistoryCache:
 _HISTORY = _MetricsHistoryCache()
 
 
-def training_began_since(output_dir: str | Path, since: float, max_bytes: int = 256 * 1024) -> bool:
-    """Whether the run reached its first step (a ``training_start`` event) at or after ``since``, read
-    from the end of its ``events.jsonl``, which gets each event as it happens: the task's row, written
-    once a second by the process that runs it, can still say "preparing" then."""
+def stage_since(output_dir: str | Path, since: float, max_bytes: int = 256 * 1024) -> dict[str, Any] | None:
+    """The newest ``preparing`` or ``training_start`` event at or after ``since`` (an attempt's start),
+    read from the end of the run's ``events.jsonl``, which gets each event as it happens; None when the
+    attempt has written neither yet. The task's row, written once a second by the process that runs it,
+    can be a stage behind (still "preparing" after the first steps)."""
     try:
         lines = tail_lines(Path(output_dir) / "events.jsonl", 10_000, max_bytes).splitlines()
     except OSError:
-        return False
+        return None
     for line in reversed(lines):
-        if '"training_start"' not in line:
+        if '"preparing"' not in line and '"training_start"' not in line:
             continue
         try:
             event = json.loads(line)
         except json.JSONDecodeError:  # the first line of the tail can be cut
             continue
-        if event.get("event") == "training_start" and isinstance(event.get("time"), (int, float)):
-            return event["time"] >= since
-    return False
+        if event.get("event") in ("preparing", "training_start") and isinstance(event.get("time"), (int, float)):
+            return event if event["time"] >= since else None
+    return None
 
 
 def log_tail(output_dir: str | Path, lines: int = 50, max_bytes: int = 64 * 1024) -> str:

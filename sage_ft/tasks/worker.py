@@ -70,7 +70,6 @@ class TaskRun:
         self._paused = bool(task.paused)
         self._finished = threading.Event()
         self._pending: dict[str, Any] = {}
-        self._flushing = threading.Lock()  # one flush at a time: an older one landing last would undo a newer
 
     # ------------------------------------------------------------------ control
     def cancel(self) -> None:
@@ -354,18 +353,7 @@ class TaskRun:
                             .where(TaskRecord.id == self.task.id)).first()
         return (bool(row[0]), bool(row[1])) if row else (False, False)
 
-    def write_progress(self) -> None:
-        """Write the progress not yet in the row now, not at the next flush (up to a second later)."""
-        try:
-            self._flush()
-        except Exception:  # the database being busy must not fail the caller; the next flush writes it
-            log.exception("task %s: progress update failed", self.task.id)
-
     def _flush(self) -> None:
-        with self._flushing:
-            self._flush_pending()
-
-    def _flush_pending(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, {}
         state = self.state()

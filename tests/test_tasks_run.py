@@ -34,6 +34,14 @@ def _training_starts(task) -> list[dict]:
     return [e for e in _events(task) if e["event"] == "training_start"]
 
 
+def _large_dataset(folder: Path) -> Path:
+    """40,000 short conversations: tokenizing them takes seconds, so a run is seen (and cancelled) while
+    it prepares."""
+    rows = [{"messages": [{"role": "user", "content": f"Question number {i}: what is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"It is {2 * i}, twice {i}."}]} for i in range(40_000)]
+    return write_jsonl(rows, folder / "large.jsonl")
+
+
 def test_queue_runs_in_order_and_failures_do_not_block_it(idle_manager, task_dataset, tmp_path):
     doomed_data = shutil.copy(task_dataset, tmp_path / "doomed.jsonl")
     broken_model = shutil.copytree(ensure_demo_model(), tmp_path / "model-copy")
@@ -117,9 +125,7 @@ def test_a_large_dataset_shows_its_preparation_and_a_cancel_there_stops_it_befor
     """Tokenizing 40,000 conversations takes seconds: the task's row says how far it got (every
     client shows "preparing: tokenizing 12,288/40,000" rather than "step 0/?"), and a cancel then
     ends the run mid-tokenization: no step, no adapter, and the row keeps no preparing state."""
-    rows = [{"messages": [{"role": "user", "content": f"Question number {i}: what is {i} plus {i}?"},
-                          {"role": "assistant", "content": f"It is {2 * i}, twice {i}."}]} for i in range(40_000)]
-    task = worker_manager.create(tiny_task_config(write_jsonl(rows, tmp_path / "large.jsonl")))
+    task = worker_manager.create(tiny_task_config(_large_dataset(tmp_path)))
     tokenizing = wait_for(lambda: (live := worker_manager.task(task.id)).last_metrics.get("preparing_done")
                            and live, what="tokenizing progress in the task's row")
     prep = tokenizing.preparation
@@ -144,10 +150,7 @@ def test_a_resumed_task_cancelled_while_preparing_keeps_its_earlier_checkpoints(
     """A resumed attempt prepares again (tokenizing 40,000 conversations takes seconds). A cancel then
     trains nothing more, but the checkpoints of the first attempt stay, and the message says so rather
     than "nothing was trained"; the task can still be resumed from them."""
-    rows = [{"messages": [{"role": "user", "content": f"Question number {i}: what is {i} plus {i}?"},
-                          {"role": "assistant", "content": f"It is {2 * i}, twice {i}."}]} for i in range(40_000)]
-    task = worker_manager.create(tiny_task_config(write_jsonl(rows, tmp_path / "large.jsonl"), max_steps=400,
-                                                  save_steps=1))
+    task = worker_manager.create(tiny_task_config(_large_dataset(tmp_path), max_steps=400, save_steps=1))
 
     def cancel_after_first_checkpoint(event: dict) -> None:
         if event.get("task_id") == task.id and event.get("event") == "checkpoint_saved":
@@ -169,7 +172,7 @@ def test_a_resumed_task_cancelled_while_preparing_keeps_its_earlier_checkpoints(
 def test_a_cancel_just_after_training_began_says_the_adapter_is_kept(worker_manager, task_dataset):
     """The task's row gets the run's progress once a second, so just after training began it still
     said "preparing", and the cancel's message claimed nothing was trained (CI saw it after 7 steps).
-    The cancel writes the run's progress to the row first."""
+    The cancel reads the run's stage from its events, which the run writes as they happen."""
     task = worker_manager.create(tiny_task_config(task_dataset, max_steps=400))
     began = threading.Event()
     unsubscribe = worker_manager.subscribe(
@@ -185,8 +188,8 @@ def test_a_cancel_just_after_training_began_says_the_adapter_is_kept(worker_mana
 
 def test_a_cancel_just_after_a_run_of_another_process_began_says_the_adapter_is_kept(task_db, task_dataset,
                                                                                      tmp_path):
-    """The same for a run this process cannot reach (a CLI run cancelled in the app): its process writes
-    the row once a second, so the cancel reads the run's events, which it writes as they happen."""
+    """The same for a run of another process (a CLI run cancelled in the app), whose row that process
+    writes."""
     manager = TaskManager(task_db, start_worker=False)
     task = manager.create(tiny_task_config(task_dataset, max_steps=400))
     app = spawn_manager_process(task_db, "time.sleep(600)", tmp_path / "app.log")

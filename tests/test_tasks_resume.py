@@ -52,9 +52,9 @@ def test_a_damaged_last_checkpoint_of_a_killed_run_is_named_and_passed_over(task
     try:
         db = sqlite3.connect(task_db)
         first_start = wait_for(lambda: (r := db.execute("SELECT step, resume_checkpoint, started_at FROM tasks "
-                                                         "WHERE id=?", (task.id,)).fetchone())[0] >= 7
-                                and (r[1] or "").endswith(("checkpoint-6", "checkpoint-8")) and r,
-                                what=f"checkpoint-6 ({(tmp_path / 'app.log').read_text()[-2000:]})")
+                                                        "WHERE id=?", (task.id,)).fetchone())[0] >= 7
+                               and (r[1] or "").endswith(("checkpoint-6", "checkpoint-8")) and r,
+                               what=f"checkpoint-6 ({(tmp_path / 'app.log').read_text()[-2000:]})")
         db.close()
         app.send_signal(signal.SIGKILL)
         app.wait(30)
@@ -200,7 +200,7 @@ def test_time_held_by_a_pause_is_not_counted_as_training(worker_manager, task_da
     paused_at = time.time()
     log = Path(task.output_dir) / "logs.txt"
     wait_for(lambda: "paused at step" in log.read_text() or worker_manager.task(task.id).status.is_final,
-              what="the run to hold")
+             what="the run to hold")
     assert "paused at step" in log.read_text(), f"the run ended unpaused: {worker_manager.task(task.id).status}"
     time.sleep(3.0)
     held = time.time() - paused_at

@@ -127,7 +127,7 @@ def test_a_large_dataset_shows_its_preparation_and_a_cancel_there_stops_it_befor
     ends the run mid-tokenization: no step, no adapter, and the row keeps no preparing state."""
     task = worker_manager.create(tiny_task_config(_large_dataset(tmp_path)))
     tokenizing = wait_for(lambda: (live := worker_manager.task(task.id)).last_metrics.get("preparing_done")
-                           and live, what="tokenizing progress in the task's row")
+                          and live, what="tokenizing progress in the task's row")
     prep = tokenizing.preparation
     assert prep.phase == "tokenize" and 0 < prep.done < prep.total == 40_000
     assert prep.text == f"preparing: tokenizing {prep.done:,}/40,000 conversations ({prep.percent}%)"  # the CLI's line
@@ -330,8 +330,8 @@ def test_kill_9_of_the_app_mid_run_then_resume_finishes(task_db, task_dataset, t
     try:
         db = sqlite3.connect(task_db)
         row = wait_for(lambda: (r := db.execute("SELECT step, resume_checkpoint, child_pid, child_start_time "
-                                                 "FROM tasks WHERE id=?", (task.id,)).fetchone())[0] >= 3
-                        and r[1] and r[2] and r, what=f"a checkpoint and a child ({(tmp_path / 'app.log').read_text()[-2000:]})")
+                                                "FROM tasks WHERE id=?", (task.id,)).fetchone())[0] >= 3
+                       and r[1] and r[2] and r, what=f"a checkpoint and a child ({(tmp_path / 'app.log').read_text()[-2000:]})")
         db.close()
         child = ProcessIdentity(row[2], row[3])
         assert child.is_alive()
@@ -402,8 +402,8 @@ def test_multi_process_task_runs_as_a_recorded_child_and_completes(worker_manage
     db = sqlite3.connect(worker_manager.store.path)
     try:
         child = wait_for(lambda: db.execute("SELECT child_pid, child_start_time FROM tasks WHERE id=?",
-                                             (task.id,)).fetchone()[0] and
-                          db.execute("SELECT child_pid, child_start_time FROM tasks WHERE id=?", (task.id,)).fetchone(),
+                                            (task.id,)).fetchone()[0] and
+                         db.execute("SELECT child_pid, child_start_time FROM tasks WHERE id=?", (task.id,)).fetchone(),
                           what="the launcher child to be recorded")
     finally:
         db.close()

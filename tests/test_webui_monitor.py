@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sage_ft.tasks import TaskStatus
+from sage_ft.tasks import TaskStatus, rundir
 from tests.fixtures_data import memorize_rows, write_jsonl
 from tests.fixtures_tasks import tiny_task_config, wait_for
 from tests.fixtures_webui import form_args
@@ -126,13 +126,12 @@ def test_resume_from_an_older_checkpoint_picked_in_the_monitor(webui, webui_clie
                                          api_name="/start")
     out_dir = Path(webui.services.tasks.wait(task_id, timeout=120, until={TaskStatus.RUNNING}).output_dir)
     deadline = time.monotonic() + 120
-    while len([p for p in out_dir.glob("checkpoint-*") if p.name[11:].isdigit()]) < 2:  # (not checkpoint-N.tmp)
+    while len(rundir.checkpoint_folders(out_dir)) < 2:
         assert time.monotonic() < deadline, "two checkpoints were not written"
         time.sleep(0.3)
     webui_client.predict(task_id, "en", api_name="/task_cancel")
     assert webui.services.tasks.wait(task_id, timeout=120).status is TaskStatus.CANCELLED
-    names = sorted((p.name for p in out_dir.glob("checkpoint-*") if p.name[11:].isdigit()),
-                   key=lambda n: int(n.split("-")[1]))
+    names = [p.name for p in rundir.checkpoint_folders(out_dir)]  # oldest first
     picker = webui_client.predict(task_id, [], False, 0.6, "en", api_name="/task_details")[-1]
     assert picker["visible"] and picker["value"] == ""
     assert picker["choices"] == [[f"the newest intact checkpoint ({names[-1]})", ""],

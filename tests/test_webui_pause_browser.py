@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 
 import pytest
 
 from sage_ft import paths
-from sage_ft.tasks import TaskStatus
+from sage_ft.tasks import TaskStatus, rundir
 from tests.fixtures_data import memorize_rows, write_jsonl
 from tests.fixtures_tasks import tiny_task_config
 from tests.fixtures_webui import start_webui
@@ -43,12 +42,10 @@ def test_pause_unpause_task_box_and_download_in_a_real_browser(demo_model, tmp_p
     try:
         assert tasks.wait(done.id, timeout=240).status is TaskStatus.COMPLETED
         resumable = tasks.create(tiny_task_config(dataset, max_steps=400, save_steps=2), name="resumable run")
-        checkpoints = lambda: sorted(int(p.name.split("-")[1]) for p in  # noqa: E731  (not checkpoint-N.tmp)
-                                     Path(resumable.output_dir).glob("checkpoint-*") if p.name[11:].isdigit())
-        _wait(lambda: len(checkpoints()) >= 2)
+        _wait(lambda: len(rundir.checkpoint_folders(resumable.output_dir)) >= 2)
         tasks.cancel(resumable.id)
         assert tasks.wait(resumable.id, timeout=120).status is TaskStatus.CANCELLED
-        older = f"checkpoint-{checkpoints()[0]}"
+        older = rundir.checkpoint_folders(resumable.output_dir)[0].name  # oldest first
         long = tasks.create(tiny_task_config(dataset, max_steps=3000, save_steps=1000), name="long run")
         short = tasks.create(tiny_task_config(dataset, max_steps=3), name="short run")
         _wait(lambda: tasks.task(long.id).step >= 1)
@@ -83,7 +80,7 @@ def test_pause_unpause_task_box_and_download_in_a_real_browser(demo_model, tmp_p
                 page.get_by_role("button", name="⏯ Resume").click()
                 expect(page.get_by_text(f"will continue from {older}").first).to_be_visible()
                 _wait(lambda: tasks.task(resumable.id).status is TaskStatus.QUEUED)
-                assert [f"checkpoint-{n}" for n in checkpoints()] == [older]  # the newer ones set aside
+                assert [c.name for c in rundir.checkpoint_folders(resumable.output_dir)] == [older]  # newer set aside
                 expect(picker).to_be_hidden()  # queued again: nothing to resume
                 table.get_by_text("long run").click()
                 expect(progress.locator(".sage-progress")).to_have_attribute("data-task", str(long.id))

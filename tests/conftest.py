@@ -1,4 +1,4 @@
-"""Test session set-up: an isolated data home and a free chat-server port for the whole session.
+"""Test session set-up: an isolated data home and a block of loopback ports for the whole session.
 
 Area-specific fixtures live in ``tests/fixtures_<area>.py`` (one owner each) and are loaded as
 plugins here, so the shared set-up has one home and no two areas edit the same file.
@@ -10,12 +10,20 @@ import os
 import tempfile
 from pathlib import Path
 
+import pytest
+
 # Must happen before any sage_ft module reads its paths.
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="sage_ft_test_home_"))
 os.environ["SAGE_FT_HOME"] = str(_SESSION_HOME)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# scripts/test.sh runs the suite on pytest-xdist workers (gw0, gw1, ...). Each gets its own block of
+# 2,500 loopback ports, its chat servers' default port first (``fixtures_serving.free_port`` picks
+# from the rest), so two workers never pick the same free port before either binds it, and no test
+# touches the user's own 8001.
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+os.environ["SAGE_FT_LLM_PORT"] = str(18000 + 2500 * _WORKER)
 
 pytest_plugins = [
     "tests.fixtures_core",
@@ -25,3 +33,11 @@ pytest_plugins = [
     "tests.fixtures_serving",
     "tests.fixtures_webui",
 ]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``--dist loadgroup``) every test of the session's shared vLLM server runs on
+    one worker, so a run still starts that server once; the other tests share out over the workers."""
+    for item in items:
+        if "vllm_manager" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("shared_vllm_server"))

@@ -8,7 +8,7 @@
   of the demo model, as ``{"a": Path, "b": Path, "c": Path}`` — they change the model's outputs.
 - ``make_lora_adapter(base_dir, out_dir, rank=8, seed=0)``: write one such adapter.
 - ``other_base_model`` (session): a second copy of the demo model directory ("another base").
-- ``free_port()``: a free loopback port away from the user's 8001.
+- ``free_port()``: a free loopback port in this test process's block (conftest), away from the user's 8001.
 - ``read_until(stream, marker, timeout)``: a child's output lines up to the one holding ``marker``.
 - ``server_held(manager)``: the manager's vLLM process group held (SIGSTOP) for a while; yields ``let_run``.
 """
@@ -32,7 +32,9 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def free_port() -> int:
-    return find_free_port(18000 + os.getpid() % 3000)
+    """A free port of this worker's block of 2,500 (conftest sets ``SAGE_FT_LLM_PORT`` to its start). The
+    pid spreads concurrent sessions (a developer's second pytest) over the block."""
+    return find_free_port(int(os.environ["SAGE_FT_LLM_PORT"]) + 50 + os.getpid() % 2400)
 
 
 def read_until(stream, marker: str, timeout: float) -> list[str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from sage_ft import process_start
 from sage_ft.serving import registry, stream_chat
 from tests.fixtures_serving import free_port
 
@@ -40,7 +41,7 @@ def _cli(*argv: str, data_home: Path, timeout: float = 300, **kwargs) -> subproc
 def _ended_process() -> tuple[int, float]:
     """pid + start time of a process that has ended (a requester that is gone)."""
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
-    identity = (proc.pid, registry.create_time_of(proc.pid))
+    identity = (proc.pid, process_start.start_time_of(proc.pid))
     proc.wait()
     return identity
 
@@ -74,7 +75,7 @@ def test_a_switch_request_nobody_waits_for_is_dropped(served_demo, serving_adapt
     assert manager.current.name == before and manager.status()["state"] == "ready"
     asker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
-        me = (asker.pid, registry.create_time_of(asker.pid))
+        me = (asker.pid, process_start.start_time_of(asker.pid))
         _leave_request(pid, str(serving_adapters["a"]), me, age_s=60, wait_s=30)  # its asker gave up
         deadline = time.monotonic() + 20
         while _request_left(pid) is not None and time.monotonic() < deadline:
@@ -114,11 +115,11 @@ def _another_serving_process(port: int):
     server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        registry.upsert({"pid": server.pid, "create_time": registry.create_time_of(server.pid), "port": port,
+        registry.upsert({"pid": server.pid, "create_time": process_start.start_time_of(server.pid), "port": port,
                          "api_key": "none", "log_path": os.devnull, "current": True, "model": "other-model",
                          "display_name": "other-model", "spec": {"model_path": "/nowhere", "served_name":
                                                                  "other-model", "port": port},
-                         "owner_pid": owner.pid, "owner_create_time": registry.create_time_of(owner.pid)})
+                         "owner_pid": owner.pid, "owner_create_time": process_start.start_time_of(owner.pid)})
         yield owner.pid
     finally:
         registry.remove(server.pid)

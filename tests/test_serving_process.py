@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from sage_ft import process_start
 from sage_ft.serving import ServerManager, ServerStartError
 from sage_ft.serving import registry as serving_registry
 from sage_ft.serving.vllm_server import ServerSpec, VLLMServer
@@ -140,7 +141,7 @@ def test_cli_serve_port_taken_app_crash_adoption_and_sigterm(data_home, serving_
     server_pids = {entry["pid"], *(c.pid for c in psutil.Process(entry["pid"]).children(recursive=True))}
     app.kill()  # kill -9 of the app: its server survives as an orphan ...
     app.wait(timeout=30)
-    assert serving_registry.process_matches(entry["pid"], entry["create_time"])
+    assert process_start.is_running(entry["pid"], entry["create_time"])
 
     # ... and the next app adopts it (same pid: no second start), then stops it on SIGTERM
     second = subprocess.Popen([sys.executable, "-c", _ADOPT_SCRIPT, str(port)], env=env, cwd=ROOT,

@@ -16,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from sage_ft.serving import registry
+from sage_ft import process_start
 from sage_ft.serving.vllm_server import group_members
 from tests.fixtures_serving import free_port, read_until
 
@@ -98,7 +98,7 @@ def test_stop_orphans_ends_the_server_a_killed_serve_left(tmp_path, serving_demo
     entries = _entries(home)
     assert len(entries) == 1
     pid = entries[0]["pid"]
-    assert registry.process_matches(pid, entries[0]["create_time"])  # the orphan runs on
+    assert process_start.is_running(pid, entries[0]["create_time"])  # the orphan runs on
     proc = subprocess.run([sys.executable, "-m", "sage_ft", "serve", "--stop-orphans"], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and f"ended the chat server pid {pid}" in proc.stdout, proc.stdout + proc.stderr
@@ -109,7 +109,7 @@ def test_stop_orphans_ends_the_server_a_killed_serve_left(tmp_path, serving_demo
     for member in left:  # ended, so a failure here leaves nothing running for the next tests
         with contextlib.suppress(psutil.Error):
             member.kill()
-    assert left == [] and not registry.process_matches(pid, entries[0]["create_time"])
+    assert left == [] and not process_start.is_running(pid, entries[0]["create_time"])
     assert _entries(home) == []
 
 

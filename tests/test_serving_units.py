@@ -17,7 +17,6 @@ from sage_ft.serving import ChatError, ServerManager, TargetError, resolve_targe
 from sage_ft.serving.chat import build_messages, fit_to_context
 from sage_ft.serving.metrics import server_metrics
 from sage_ft.serving.ports import find_free_port, is_port_free
-from sage_ft.serving.registry import process_matches
 from sage_ft.serving.targets import runtime_lora_problems
 from tests.fixtures_serving import free_port, make_lora_adapter
 
@@ -93,20 +92,6 @@ def test_metrics_parser_reads_vllm_names():
     m = server_metrics(text)
     assert (m.requests_running, m.requests_waiting, m.kv_cache_usage) == (2.0, 1.0, 0.25)
     assert (m.prompt_tokens_total, m.generation_tokens_total, m.running_adapters) == (22.0, 24.0, ("a1", "b2"))
-
-
-def test_process_identity_needs_pid_and_create_time():
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        import psutil
-
-        created = psutil.Process(proc.pid).create_time()
-        assert process_matches(proc.pid, created)
-        assert not process_matches(proc.pid, created - 100)  # same pid, other start time: not ours
-    finally:
-        proc.kill()
-        proc.wait()
-    assert not process_matches(proc.pid, created)
 
 
 def test_chat_messages_are_validated():

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import httpx
 
-from sage_ft import gpu, paths
+from sage_ft import gpu, paths, process_start
 from sage_ft.serving import exit_handlers, registry
 from sage_ft.serving.chat import ChatError, build_messages, fit_to_context, stream_openai
 from sage_ft.serving.local_backend import LocalBackend
@@ -135,7 +135,7 @@ def _unanswerable(request: dict[str, Any]) -> str:
     """Why a switch request left in the registry must not be carried out ("" when it may): its asker has
     ended (pid + start time, so a reused pid does not count), or it waited longer than it said it would."""
     pid = request.get("requester_pid")
-    if not registry.process_matches(pid, request.get("requester_create_time")):
+    if not process_start.is_running(pid, request.get("requester_create_time")):
         return f"the process that asked (pid {pid}) has ended" if pid else "it does not say which process asked"
     try:
         age, wait = time.time() - float(request.get("at")), float(request.get("wait_s"))
@@ -506,7 +506,7 @@ class ServerManager:
         request_id = uuid.uuid4().hex
         registry.update(entry["pid"], switch_request={
             "id": request_id, "model": text, "at": time.time(), "wait_s": timeout_s,
-            "requester_pid": os.getpid(), "requester_create_time": registry.create_time_of(os.getpid())})
+            "requester_pid": os.getpid(), "requester_create_time": process_start.start_time_of(os.getpid())})
         deadline = time.monotonic() + timeout_s
         last = None
         try:

@@ -1,9 +1,10 @@
 """The serving registry: which chat-server children this data home started, and who owns them.
 
 One JSON file under the data home (``serving/servers.json``, mode 0600 because it holds the API
-keys). Each entry names the process by pid **and** create time, so a restarted app can adopt its
-server or end it, and a pid reused by an unrelated process is never touched (style rule 9: record,
-don't rediscover by process name). Read-modify-write happens under an ``flock``.
+keys). Each entry names the process by pid **and** create time (seconds after boot,
+``sage_ft.process_start``), so a restarted app can adopt its server or end it, and a pid reused by an
+unrelated process is never touched (style rule 9: record, don't rediscover by process name).
+Read-modify-write happens under an ``flock``.
 """
 
 from __future__ import annotations
@@ -16,13 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from sage_ft import paths
+from sage_ft import paths, process_start
 from sage_ft.atomic import atomic_writer
-
-# psutil derives create_time from boot time + start ticks; allow for rounding between readings.
-_CREATE_TIME_TOLERANCE_S = 1.0
 
 
 def registry_path() -> Path:
@@ -31,39 +27,13 @@ def registry_path() -> Path:
     return directory / "servers.json"
 
 
-def create_time_of(pid: int) -> float | None:
-    try:
-        return psutil.Process(pid).create_time()
-    except (psutil.Error, ValueError):
-        return None
-
-
-def process_matches(pid: int | None, create_time: float | None) -> bool:
-    """True when ``pid`` is alive, not a zombie, and started at ``create_time`` (same process)."""
-    if not pid or create_time is None:
-        return False
-    try:
-        proc = psutil.Process(pid)
-        if abs(proc.create_time() - create_time) > _CREATE_TIME_TOLERANCE_S:
-            return False
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except (psutil.Error, ValueError):
-        return False
-
-
-def same_start(pid: int, create_time: float | None) -> bool:
-    """True when ``pid`` (alive or zombie) started at ``create_time``."""
-    current = create_time_of(pid)
-    return current is not None and create_time is not None and abs(current - create_time) <= _CREATE_TIME_TOLERANCE_S
-
-
 def owner_identity() -> dict[str, Any]:
     """This process as a registry owner."""
-    return {"owner_pid": os.getpid(), "owner_create_time": create_time_of(os.getpid())}
+    return {"owner_pid": os.getpid(), "owner_create_time": process_start.start_time_of(os.getpid())}
 
 
 def owner_alive(entry: dict[str, Any]) -> bool:
-    return process_matches(entry.get("owner_pid"), entry.get("owner_create_time"))
+    return process_start.is_running(entry.get("owner_pid"), entry.get("owner_create_time"))
 
 
 def owned_by_me(entry: dict[str, Any]) -> bool:
@@ -183,7 +153,7 @@ def live_entries() -> list[dict[str, Any]]:
     """Entries whose server process is still the one recorded; dead ones are dropped from the file."""
     with _locked() as path:
         entries = _read(path)
-        live = [e for e in entries if process_matches(e.get("pid"), e.get("create_time"))]
+        live = [e for e in entries if process_start.is_running(e.get("pid"), e.get("create_time"))]
         if len(live) != len(entries):
             _write(path, live)
         return live

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import psutil
 
-from sage_ft import gpu, paths
+from sage_ft import gpu, paths, process_start
 from sage_ft.serving import registry
 from sage_ft.serving.metrics import ServerMetrics, server_metrics
 from sage_ft.serving.ports import LOOPBACK
@@ -204,7 +204,7 @@ class VLLMServer:
                                                "VLLM_API_KEY": self.api_key},
                                           cwd=str(paths.home()))
             self.pid = self._proc.pid
-            self.create_time = registry.create_time_of(self.pid)  # stop() matches the pid by it
+            self.create_time = process_start.start_time_of(self.pid)  # stop() matches the pid by it
             self.started_at = time.time()
             registry.upsert(self.registry_entry())
 
@@ -272,7 +272,7 @@ class VLLMServer:
     def is_alive(self) -> bool:
         if self._proc is not None:
             return self._proc.poll() is None
-        return registry.process_matches(self.pid, self.create_time)
+        return process_start.is_running(self.pid, self.create_time)
 
     def exit_code(self) -> int | None:
         """The child's exit code once it has exited (-9 for kill -9), else None."""
@@ -430,13 +430,13 @@ def end_process_group(pid: int, create_time: float | None, grace_s: float = STOP
     a group id, so those are ours (unless the pid itself was reused, which is checked).
     """
     procs: list[psutil.Process] = []
-    if registry.process_matches(pid, create_time):
+    if process_start.is_running(pid, create_time):
         try:
             procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
         except psutil.Error:
             procs = []
         _signal_group(pid, signal.SIGTERM)
-    elif registry.create_time_of(pid) is not None and not registry.same_start(pid, create_time):
+    elif process_start.start_time_of(pid) is not None and not process_start.started_at(pid, create_time):
         return  # the pid now belongs to another process: neither it nor its group is ours
     procs += [p for p in group_members(pid) if p not in procs]
     for proc in procs:

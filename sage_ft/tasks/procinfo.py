@@ -13,37 +13,28 @@ from dataclasses import dataclass
 
 import psutil
 
-log = logging.getLogger(__name__)
+from sage_ft import process_start
 
-# psutil derives create_time from boot time + start ticks; allow for rounding between readings.
-_START_TIME_TOLERANCE_S = 1.0
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ProcessIdentity:
     pid: int
-    start_time: float
+    start_time: float  # seconds after boot (sage_ft.process_start): a wall-clock step cannot change it
 
     def is_alive(self) -> bool:
         """True when a process with this pid exists, started at this time, and is not a zombie."""
-        current = identity_of(self.pid)
-        if current is None or abs(current.start_time - self.start_time) > _START_TIME_TOLERANCE_S:
-            return False
-        try:
-            return psutil.Process(self.pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
+        return process_start.is_running(self.pid, self.start_time)
 
     def is_current_process(self) -> bool:
-        return self == current_identity()
+        return self.pid == os.getpid() and process_start.started_at(self.pid, self.start_time)
 
 
 def identity_of(pid: int) -> ProcessIdentity | None:
     """The identity of the live process ``pid``, or None when there is none."""
-    try:
-        return ProcessIdentity(pid, psutil.Process(pid).create_time())
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
-        return None
+    start = process_start.start_time_of(pid)
+    return None if start is None else ProcessIdentity(pid, start)
 
 
 _CURRENT: ProcessIdentity | None = None

@@ -257,7 +257,10 @@ def test_a_reply_reloaded_while_it_streams_keeps_its_question_and_what_it_had_sa
                 else:
                     raise AssertionError("no reply reloaded mid-way came back cut off")
                 restored = bot.last.inner_text().split("⏹")[0]
-                assert len(restored.split()) >= 4, restored  # the label line and the words it had reached
+                # the label, then what the reply had said by its last save (not a count of words: the demo
+                # model's random weights may write a long run without a space, seen once in CI)
+                label, _, said = restored.partition("\n")
+                assert label.startswith("🤖 demo") and said.strip(), restored
                 page.get_by_role("button", name="Regenerate").click()  # answers the same question afresh
                 expect(bot.last).not_to_contain_text("cut off", timeout=120_000)
                 expect(bot.last).to_contain_text(re.compile(r"🤖 demo\S*\s+\S"), timeout=120_000)

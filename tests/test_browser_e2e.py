@@ -242,7 +242,7 @@ def test_a_reply_reloaded_while_it_streams_keeps_its_question_and_what_it_had_sa
                     if attempt:  # the reply had ended first (a busy machine delays the 2 s autosave): again
                         long_greedy_replies()
                         page.get_by_role("button", name="Regenerate").click()  # (it may end before it is seen)
-                    expect(bot.last).to_contain_text(re.compile(r"🤖 demo\S*\s+\S+\s+\S+"), timeout=120_000)  # words
+                    expect(bot.last).to_contain_text(_reply_begun(12), timeout=120_000)
                     saved = page.evaluate(chats)
                     deadline = time.monotonic() + 10
                     while page.evaluate(chats) == saved and time.monotonic() < deadline:  # the next save
@@ -319,10 +319,16 @@ def test_a_setting_set_in_another_tab_keeps_the_conversation_this_tab_had(e2e_ap
             browser.close()
 
 
-def _start_a_long_reply(page: Any, url: str, words: int, let_run: Any = None) -> None:
-    """Open the Chat tab, ask for a long greedy reply (900 tokens), and wait until ``words`` of it show;
-    with ``let_run`` (``server_held``), the held server runs in short bursts until they do, and stays
-    held: the reply is still under way after, however fast the machine."""
+def _reply_begun(chars: int) -> re.Pattern:
+    """A reply's "🤖 model" label followed by at least ``chars`` characters of the reply."""
+    return re.compile(r"🤖 demo\S*\s+\S" + ".{" + str(chars - 1) + "}", re.DOTALL)
+
+
+def _start_a_long_reply(page: Any, url: str, chars: int, let_run: Any = None) -> None:
+    """Open the Chat tab, ask for a long greedy reply (900 tokens), and wait until ``chars`` characters
+    of it show (not words: the demo model's random weights may write a long run without a space); with
+    ``let_run`` (``server_held``), the held server runs in short bursts until they do, and stays held:
+    the reply is still under way after, however fast the machine."""
     from playwright.sync_api import expect
 
     page.goto(url)
@@ -333,7 +339,7 @@ def _start_a_long_reply(page: Any, url: str, words: int, let_run: Any = None) ->
         page.locator(f"#chat-{name} input[type=number]").press("Enter")
     page.locator("#chat-input textarea").fill("Tell me a long story.")
     page.locator("#chat-send").click()
-    shown = re.compile(r"🤖 demo\S*" + r"\s+\S+" * words)
+    shown = _reply_begun(chars)
     reply = page.locator("#chatbot [data-testid=bot]").last
     deadline = time.monotonic() + 120
     while let_run is not None and not (reply.count() and shown.search(reply.inner_text())):
@@ -355,7 +361,7 @@ def test_clear_while_a_reply_streams_ends_it_and_the_chat_stays_empty(e2e_app):
         bot = page.locator("#chatbot [data-testid=bot]")
         try:
             with _screenshot_on_failure(page, "clear-failure.png"):
-                _start_a_long_reply(page, e2e_app.url, words=1)
+                _start_a_long_reply(page, e2e_app.url, chars=1)
                 page.locator("#chat-clear").click()
                 expect(bot).to_have_count(0)
                 page.wait_for_timeout(4000)  # the reply would have gone on streaming for seconds
@@ -385,7 +391,7 @@ def test_while_a_reply_streams_a_second_send_is_refused_and_a_second_tab_does_no
         try:
             with _screenshot_on_failure(page, "one-reply-failure.png"):
                 with server_held(e2e_app.services.server) as let_run:  # the reply stays under way meanwhile
-                    _start_a_long_reply(page, e2e_app.url, words=2, let_run=let_run)
+                    _start_a_long_reply(page, e2e_app.url, chars=12, let_run=let_run)
                     page.locator("#chat-input textarea").fill("And then?")
                     page.locator("#chat-send").click()
                     expect(page.get_by_text("still being written in this chat").first).to_be_visible()

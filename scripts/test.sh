@@ -11,10 +11,7 @@ if [ "$#" -eq 0 ]; then
   # Tests that measure this process tree's memory run first, in a pytest process of their own: after
   # hundreds of other tests in the same session their child's peak RSS was seen inflated 2x.
   "$PY" -m pytest -p no:cacheprovider -ra -m isolated
-  # Two pytest-xdist workers: most tests wait (on a vLLM start, a browser, a child process), so on 2
-  # cores the suite took 21 min instead of 29 in one process (and even so 1.2 cores were busy on average).
-  # --dist loadgroup: every test of the shared vLLM server runs on one worker (conftest), so a run
-  # still starts that server once. --durations: the slowest tests in CI's log.
-  exec "$PY" -m pytest -p no:cacheprovider -ra --durations=25 -m "not isolated" -n 2 --dist loadgroup
+  # --durations: the slowest tests in CI's log, to keep the suite well under 30 minutes
+  exec "$PY" -m pytest -p no:cacheprovider -ra --durations=25 -m "not isolated"
 fi
 exec "$PY" -m pytest -p no:cacheprovider -ra "$@"

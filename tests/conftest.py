@@ -37,7 +37,10 @@ pytest_plugins = [
 
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (``--dist loadgroup``) every test of the session's shared vLLM server runs on
-    one worker, so a run still starts that server once; the other tests share out over the workers."""
+    one worker, so a run still starts that server once, and every other test file runs whole on one
+    worker, in its order: some tests go on from the state a module fixture was left in by the test
+    before them (split over two workers, a test found its server on the base, not on the merged model
+    the test before had switched to)."""
     for item in items:
-        if "vllm_manager" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("shared_vllm_server"))
+        shared = "vllm_manager" in getattr(item, "fixturenames", ())
+        item.add_marker(pytest.mark.xdist_group("shared_vllm_server" if shared else item.nodeid.split("::")[0]))

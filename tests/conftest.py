@@ -18,9 +18,9 @@ os.environ["SAGE_FT_HOME"] = str(_SESSION_HOME)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# scripts/test.sh runs the suite on pytest-xdist workers (gw0, gw1, ...). Each gets its own block of
-# 2,500 loopback ports, its chat servers' default port first (``fixtures_serving.free_port`` picks
-# from the rest), so two workers never pick the same free port before either binds it, and no test
+# When the suite runs on pytest-xdist workers (gw0, gw1, ...; docs/architecture.md), each gets its own block of
+# 2,500 loopback ports, its chat servers' default port first (``fixtures_serving.free_port`` picks from
+# the rest), so two workers never pick the same free port before either binds it, and no test
 # touches the user's own 8001.
 _WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
 os.environ["SAGE_FT_LLM_PORT"] = str(18000 + 2500 * _WORKER)

@@ -32,6 +32,7 @@ pytest_plugins = [
     "tests.fixtures_tasks",
     "tests.fixtures_serving",
     "tests.fixtures_webui",
+    "tests.fixtures_browser",
 ]
 
 

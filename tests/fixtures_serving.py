@@ -11,6 +11,8 @@
 - ``free_port()``: a free loopback port in this test process's block (conftest), away from the user's 8001.
 - ``read_until(stream, marker, timeout)``: a child's output lines up to the one holding ``marker``.
 - ``server_held(manager)``: the manager's vLLM process group held (SIGSTOP) for a while; yields ``let_run``.
+
+A failed test that used ``vllm_manager`` gets the last lines of the shared server's log in its report.
 """
 
 from __future__ import annotations
@@ -29,6 +31,22 @@ import pytest
 from sage_ft.serving.ports import find_free_port
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    manager = getattr(item, "funcargs", {}).get("vllm_manager")
+    if report.failed and manager is not None:
+        log_path = manager.status().get("log_path")
+        try:
+            with open(log_path, "rb") as log:
+                log.seek(max(0, log.seek(0, os.SEEK_END) - 32_768))
+                tail = "\n".join(log.read().decode("utf-8", errors="replace").splitlines()[-60:])
+        except (OSError, TypeError):
+            tail = f"(no log to read: {log_path})"
+        report.sections.append(("chat server log (last lines)", tail))
 
 
 def free_port() -> int:

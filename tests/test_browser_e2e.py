@@ -29,8 +29,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.vllm]
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts" / "e2e"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
 QUESTION, ANSWER = MEMORIZE_QA[0]  # "What is the secret word?" -> "The secret word is pineapple."
 KEYWORD = "pineapple"
 # Settings that make the demo model memorise 4 pairs in ~40 steps (as tests/fixtures_training.py does);
@@ -74,15 +72,16 @@ def _bot_reply(page) -> str:
     return page.locator("#chatbot [data-testid=bot]").last.inner_text()
 
 
-def _ask(page, question: str, clear: bool = True) -> str:
-    """Send ``question`` in a cleared chat; returns the reply once it stopped changing. A chat that is
-    empty already is not cleared: nothing would show when the Clear has landed, and one landing after
-    the question was typed empties the input before Send reads it."""
+def _ask(page, question: str) -> str:
+    """Send ``question`` in a cleared chat; returns the reply once it stopped changing. Only a chat with
+    messages is cleared, and the question is typed once they are gone: on an empty chat nothing shows
+    when the Clear has landed, and one landing after the Send could stop the new reply."""
     from playwright.sync_api import expect
 
-    if clear:
+    messages = page.locator("#chatbot [data-testid=user], #chatbot [data-testid=bot]")
+    if messages.count():
         page.locator("#chat-clear").click()
-        expect(page.locator("#chatbot [data-testid=bot]")).to_have_count(0, timeout=30_000)
+        expect(messages).to_have_count(0, timeout=30_000)
     page.locator("#chat-input textarea").fill(question)
     page.locator("#chat-send").click()
     expect(page.locator("#chatbot [data-testid=bot]")).to_have_count(1, timeout=120_000)
@@ -103,8 +102,8 @@ def _ask(page, question: str, clear: bool = True) -> str:
     raise AssertionError(f"the reply was still changing after 180 s: {last!r}")
 
 
-def test_train_chat_switch_and_export_in_a_browser(e2e_app, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+def test_train_chat_switch_and_export_in_a_browser(e2e_app, tmp_path, browser):
+    from playwright.sync_api import expect
 
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     ARTIFACTS.mkdir(parents=True)
@@ -112,92 +111,90 @@ def test_train_chat_switch_and_export_in_a_browser(e2e_app, tmp_path):
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant",
                                                                                       "content": a}]}) + "\n"
                             for q, a in MEMORIZE_QA), encoding="utf-8")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        page = browser.new_context(viewport={"width": 1400, "height": 1000},
-                                   permissions=["clipboard-read", "clipboard-write"]).new_page()
-        page.set_default_timeout(60_000)
-        try:
-            page.goto(e2e_app.url)
-            # 1. the run's settings from a saved config, then the dataset by file upload
-            _pick(page, page.get_by_label("Saved configs"), "e2e.yaml")
-            page.get_by_role("button", name="📂 Load config").click()
-            expect(page.get_by_text("Config loaded").first).to_be_visible()
-            page.locator("input[type=file]").first.set_input_files(str(data))
-            expect(page.locator("#data-report")).to_contain_text("4 usable rows", timeout=120_000)
-            page.screenshot(path=ARTIFACTS / "1-dataset.png", full_page=True)
-            # 2. train until the task shows ✅
-            page.locator("#start-btn").click()
-            expect(page.locator("#train-message")).to_contain_text("queued")
-            expect(page.locator("#train-progress")).to_contain_text("completed", timeout=LONG)
-            page.get_by_role("tab", name="📈 Monitor").click()
-            expect(page.locator("#task-table")).to_contain_text("✅", timeout=30_000)
-            _pick(page, page.locator("#task-select input"), re.compile(r"#\d+ "))
-            page.screenshot(path=ARTIFACTS / "2-trained.png", full_page=True)
-            # 3. use it as the chat backend: a ✅ toast
-            page.get_by_role("button", name="💬 Use as chat backend").click()
-            expect(page.get_by_text(re.compile(r"✅ Switched: .* is live")).first).to_be_visible(timeout=LONG)
-            page.screenshot(path=ARTIFACTS / "3-use-as-chat.png", full_page=True)
-            # 4. the chat answers a training prompt with the trained answer
-            page.get_by_role("tab", name="💬 Chat").click()
-            expect(page.locator("#chat-banner")).to_contain_text("finetuned · LoRA")
-            page.get_by_text("Generation settings").click()
-            page.locator("#chat-temperature input[type=number]").fill("0")
-            page.locator("#chat-temperature input[type=number]").press("Enter")
-            tuned = _ask(page, QUESTION)
-            assert KEYWORD in tuned, tuned
-            # the reply names the model that wrote it; a copied reply is the reply alone
-            reply = page.locator("#chatbot [data-testid=bot]").last
-            expect(reply.locator("sub")).to_have_text(re.compile(r"^🤖 .*e2e-memorize"))
-            reply.hover()
-            page.locator("#chatbot button[aria-label='Copy message']").last.click()
-            copied = page.evaluate("navigator.clipboard.readText()")
-            assert KEYWORD in copied and "🤖" not in copied and "<sub>" not in copied, copied
-            # the conversation survives a reload of the page
-            page.reload()
-            page.get_by_role("tab", name="💬 Chat").click()
-            expect(page.locator("#chatbot [data-testid=user]")).to_have_text([QUESTION])
-            expect(page.locator("#chatbot [data-testid=bot] sub")).to_have_text([re.compile(r"^🤖 .*e2e-memorize")])
-            assert _bot_reply(page) == tuned
-            page.get_by_text("Generation settings").click()
-            expect(page.locator("#chat-temperature input[type=number]")).to_have_value("0")  # the settings too
-            top_p = page.locator("#chat-top-p input[type=range]")  # moved with the keys: no `release` event
-            saved = page.evaluate(f"localStorage.getItem('{SETTINGS_KEY}')")
-            top_p.focus()
-            top_p.press("ArrowLeft")  # one step: one save to wait for
-            expect(page.locator("#chat-top-p input[type=number]")).to_have_value("0.95")
-            # the browser keeps the settings anew (encrypted, so only a change can be seen); nothing else
-            # saves them before this reload
-            page.wait_for_function(f"localStorage.getItem('{SETTINGS_KEY}') !== {json.dumps(saved)}", timeout=30_000)
-            page.reload()
-            page.get_by_role("tab", name="💬 Chat").click()
-            page.get_by_text("Generation settings").click()
-            expect(page.locator("#chat-top-p input[type=number]")).to_have_value("0.95")
-            page.screenshot(path=ARTIFACTS / "4-chat-finetuned.png", full_page=True)
-            shutil.copyfile(ARTIFACTS / "4-chat-finetuned.png", ROOT / "docs" / "screenshot-chat.png")
-            # 5. back to the base model: the answer changes
-            _pick(page, page.locator("#chat-model input"), re.compile(r"\[base · demo\]"))  # picking a model switches to it
-            expect(page.locator("#chat-switch-status")).to_contain_text("✅", timeout=LONG)
-            expect(page.locator("#chat-banner")).to_contain_text("[base]")
-            base = _ask(page, QUESTION)
-            assert base and KEYWORD not in base and base != tuned, base
-            expect(page.locator("#chatbot [data-testid=bot]").last.locator("sub")).to_have_text(re.compile(r"^🤖 demo"))
-            page.screenshot(path=ARTIFACTS / "5-chat-base.png", full_page=True)
-            # 6. export the run; the merged model is then listed in the chat's model list
-            page.get_by_role("tab", name="📦 Export").click()
-            _pick(page, page.locator("#export-source input"), re.compile(r"e2e-memorize.*\[finetuned · LoRA\]"))
-            page.locator("#export-start").click()
-            expect(page.locator("#export-result")).to_contain_text("✅", timeout=LONG)
-            expect(page.locator("#export-result")).to_contain_text("match")
-            page.screenshot(path=ARTIFACTS / "6-export.png", full_page=True)
-            page.get_by_role("tab", name="💬 Chat").click()
-            _pick(page, page.locator("#chat-model input"), re.compile(r"e2e-memorize.*-merged \[finetuned · merged\]"), click=False)
-            page.screenshot(path=ARTIFACTS / "7-merged-listed.png", full_page=True)
-        except Exception:
-            page.screenshot(path=ARTIFACTS / "failure.png", full_page=True)
-            raise
-        finally:
-            browser.close()
+    page = browser.new_context(viewport={"width": 1400, "height": 1000},
+                               permissions=["clipboard-read", "clipboard-write"]).new_page()
+    page.set_default_timeout(60_000)
+    try:
+        page.goto(e2e_app.url)
+        # 1. the run's settings from a saved config, then the dataset by file upload
+        _pick(page, page.get_by_label("Saved configs"), "e2e.yaml")
+        page.get_by_role("button", name="📂 Load config").click()
+        expect(page.get_by_text("Config loaded").first).to_be_visible()
+        page.locator("input[type=file]").first.set_input_files(str(data))
+        expect(page.locator("#data-report")).to_contain_text("4 usable rows", timeout=120_000)
+        page.screenshot(path=ARTIFACTS / "1-dataset.png", full_page=True)
+        # 2. train until the task shows ✅
+        page.locator("#start-btn").click()
+        expect(page.locator("#train-message")).to_contain_text("queued")
+        expect(page.locator("#train-progress")).to_contain_text("completed", timeout=LONG)
+        page.get_by_role("tab", name="📈 Monitor").click()
+        expect(page.locator("#task-table")).to_contain_text("✅", timeout=30_000)
+        _pick(page, page.locator("#task-select input"), re.compile(r"#\d+ "))
+        page.screenshot(path=ARTIFACTS / "2-trained.png", full_page=True)
+        # 3. use it as the chat backend: a ✅ toast
+        page.get_by_role("button", name="💬 Use as chat backend").click()
+        expect(page.get_by_text(re.compile(r"✅ Switched: .* is live")).first).to_be_visible(timeout=LONG)
+        page.screenshot(path=ARTIFACTS / "3-use-as-chat.png", full_page=True)
+        # 4. the chat answers a training prompt with the trained answer
+        page.get_by_role("tab", name="💬 Chat").click()
+        expect(page.locator("#chat-banner")).to_contain_text("finetuned · LoRA")
+        page.get_by_text("Generation settings").click()
+        page.locator("#chat-temperature input[type=number]").fill("0")
+        page.locator("#chat-temperature input[type=number]").press("Enter")
+        tuned = _ask(page, QUESTION)
+        assert KEYWORD in tuned, tuned
+        # the reply names the model that wrote it; a copied reply is the reply alone
+        reply = page.locator("#chatbot [data-testid=bot]").last
+        expect(reply.locator("sub")).to_have_text(re.compile(r"^🤖 .*e2e-memorize"))
+        reply.hover()
+        page.locator("#chatbot button[aria-label='Copy message']").last.click()
+        copied = page.evaluate("navigator.clipboard.readText()")
+        assert KEYWORD in copied and "🤖" not in copied and "<sub>" not in copied, copied
+        # the conversation survives a reload of the page
+        page.reload()
+        page.get_by_role("tab", name="💬 Chat").click()
+        expect(page.locator("#chatbot [data-testid=user]")).to_have_text([QUESTION])
+        expect(page.locator("#chatbot [data-testid=bot] sub")).to_have_text([re.compile(r"^🤖 .*e2e-memorize")])
+        assert _bot_reply(page) == tuned
+        page.get_by_text("Generation settings").click()
+        expect(page.locator("#chat-temperature input[type=number]")).to_have_value("0")  # the settings too
+        top_p = page.locator("#chat-top-p input[type=range]")  # moved with the keys: no `release` event
+        saved = page.evaluate(f"localStorage.getItem('{SETTINGS_KEY}')")
+        top_p.focus()
+        top_p.press("ArrowLeft")  # one step: one save to wait for
+        expect(page.locator("#chat-top-p input[type=number]")).to_have_value("0.95")
+        # the browser keeps the settings anew (encrypted, so only a change can be seen); nothing else
+        # saves them before this reload
+        page.wait_for_function(f"localStorage.getItem('{SETTINGS_KEY}') !== {json.dumps(saved)}", timeout=30_000)
+        page.reload()
+        page.get_by_role("tab", name="💬 Chat").click()
+        page.get_by_text("Generation settings").click()
+        expect(page.locator("#chat-top-p input[type=number]")).to_have_value("0.95")
+        page.screenshot(path=ARTIFACTS / "4-chat-finetuned.png", full_page=True)
+        shutil.copyfile(ARTIFACTS / "4-chat-finetuned.png", ROOT / "docs" / "screenshot-chat.png")
+        # 5. back to the base model: the answer changes
+        _pick(page, page.locator("#chat-model input"), re.compile(r"\[base · demo\]"))  # picking a model switches to it
+        expect(page.locator("#chat-switch-status")).to_contain_text("✅", timeout=LONG)
+        expect(page.locator("#chat-banner")).to_contain_text("[base]")
+        base = _ask(page, QUESTION)
+        assert base and KEYWORD not in base and base != tuned, base
+        expect(page.locator("#chatbot [data-testid=bot]").last.locator("sub")).to_have_text(re.compile(r"^🤖 demo"))
+        page.screenshot(path=ARTIFACTS / "5-chat-base.png", full_page=True)
+        # 6. export the run; the merged model is then listed in the chat's model list
+        page.get_by_role("tab", name="📦 Export").click()
+        _pick(page, page.locator("#export-source input"), re.compile(r"e2e-memorize.*\[finetuned · LoRA\]"))
+        page.locator("#export-start").click()
+        expect(page.locator("#export-result")).to_contain_text("✅", timeout=LONG)
+        expect(page.locator("#export-result")).to_contain_text("match")
+        page.screenshot(path=ARTIFACTS / "6-export.png", full_page=True)
+        page.get_by_role("tab", name="💬 Chat").click()
+        _pick(page, page.locator("#chat-model input"), re.compile(r"e2e-memorize.*-merged \[finetuned · merged\]"), click=False)
+        page.screenshot(path=ARTIFACTS / "7-merged-listed.png", full_page=True)
+    except Exception:
+        page.screenshot(path=ARTIFACTS / "failure.png", full_page=True)
+        raise
+    finally:
+        browser.close()
 
 
 @contextlib.contextmanager
@@ -211,112 +208,108 @@ def _screenshot_on_failure(page, name: str) -> Iterator[None]:
         raise
 
 
-def test_a_reply_reloaded_while_it_streams_keeps_its_question_and_what_it_had_said(e2e_app):
+def test_a_reply_reloaded_while_it_streams_keeps_its_question_and_what_it_had_said(e2e_app, browser):
     """The browser keeps a question as soon as it is sent and the reply every 2 s while it streams:
     reloaded mid-reply, the page shows the question and the words the reply had reached, marked as cut
     off (the stream it left ended with the page), and Regenerate answers again. Before, the question
     and everything the reply had said were gone."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     chats = "() => localStorage.getItem('sage-ft-chats')"
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(60_000)
-        bot, user = page.locator("#chatbot [data-testid=bot]"), page.locator("#chatbot [data-testid=user]")
-        try:
-            with _screenshot_on_failure(page, "reload-failure.png"):
-                def long_greedy_replies() -> None:  # 900 tokens, 6-12 s (set again after a reload)
-                    page.locator("#tab-chat-button").click()  # the page's tab (the chat's own sub-tab is also 💬 Chat)
-                    page.get_by_text("Generation settings").click()
-                    for name, value in (("temperature", "0"), ("max-tokens", "900")):
-                        page.locator(f"#chat-{name} input[type=number]").fill(value)
-                        page.locator(f"#chat-{name} input[type=number]").press("Enter")
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(60_000)
+    bot, user = page.locator("#chatbot [data-testid=bot]"), page.locator("#chatbot [data-testid=user]")
+    try:
+        with _screenshot_on_failure(page, "reload-failure.png"):
+            def long_greedy_replies() -> None:  # 900 tokens, 6-12 s (set again after a reload)
+                page.locator("#tab-chat-button").click()  # the page's tab (the chat's own sub-tab is also 💬 Chat)
+                page.get_by_text("Generation settings").click()
+                for name, value in (("temperature", "0"), ("max-tokens", "900")):
+                    page.locator(f"#chat-{name} input[type=number]").fill(value)
+                    page.locator(f"#chat-{name} input[type=number]").press("Enter")
 
-                page.goto(e2e_app.url)
-                long_greedy_replies()
-                page.locator("#chat-input textarea").fill("Tell me a long story.")
-                page.locator("#chat-send").click()
-                cut_off = "⏹ cut off: the page was reloaded while this reply was written"
-                for attempt in range(4):  # until the reload lands while the reply still streams
-                    if attempt:  # the reply had ended first (a busy machine delays the 2 s autosave): again
-                        long_greedy_replies()
-                        page.get_by_role("button", name="Regenerate").click()  # (it may end before it is seen)
-                    expect(bot.last).to_contain_text(_reply_begun(12), timeout=120_000)
-                    saved = page.evaluate(chats)
-                    deadline = time.monotonic() + 10
-                    while page.evaluate(chats) == saved and time.monotonic() < deadline:  # the next save
-                        page.wait_for_timeout(100)  # (an autosave; or the complete reply's, or none if unchanged)
-                    page.reload()
-                    page.get_by_role("tab", name="💬 Chat").click()
-                    expect(user).to_have_text(["Tell me a long story."])
-                    expect(bot).to_have_count(1)
-                    expect(bot.last).to_contain_text("🤖 demo")
-                    if cut_off in bot.last.inner_text():
-                        break
-                else:
-                    raise AssertionError("no reply reloaded mid-way came back cut off")
-                restored = bot.last.inner_text().split("⏹")[0]
-                # the label, then what the reply had said by its last save (not a count of words: the demo
-                # model's random weights may write a long run without a space, seen once in CI)
-                label, _, said = restored.partition("\n")
-                assert label.startswith("🤖 demo") and said.strip(), restored
-                page.get_by_role("button", name="Regenerate").click()  # answers the same question afresh
-                expect(bot.last).not_to_contain_text("cut off", timeout=120_000)
-                expect(bot.last).to_contain_text(re.compile(r"🤖 demo\S*\s+\S"), timeout=120_000)
+            page.goto(e2e_app.url)
+            long_greedy_replies()
+            page.locator("#chat-input textarea").fill("Tell me a long story.")
+            page.locator("#chat-send").click()
+            cut_off = "⏹ cut off: the page was reloaded while this reply was written"
+            for attempt in range(4):  # until the reload lands while the reply still streams
+                if attempt:  # the reply had ended first (a busy machine delays the 2 s autosave): again
+                    long_greedy_replies()
+                    page.get_by_role("button", name="Regenerate").click()  # (it may end before it is seen)
+                expect(bot.last).to_contain_text(_reply_begun(12), timeout=120_000)
+                saved = page.evaluate(chats)
+                deadline = time.monotonic() + 10
+                while page.evaluate(chats) == saved and time.monotonic() < deadline:  # the next save
+                    page.wait_for_timeout(100)  # (an autosave; or the complete reply's, or none if unchanged)
+                page.reload()
+                page.get_by_role("tab", name="💬 Chat").click()
                 expect(user).to_have_text(["Tell me a long story."])
                 expect(bot).to_have_count(1)
-        finally:
-            browser.close()
+                expect(bot.last).to_contain_text("🤖 demo")
+                if cut_off in bot.last.inner_text():
+                    break
+            else:
+                raise AssertionError("no reply reloaded mid-way came back cut off")
+            restored = bot.last.inner_text().split("⏹")[0]
+            # the label, then what the reply had said by its last save (not a count of words: the demo
+            # model's random weights may write a long run without a space, seen once in CI)
+            label, _, said = restored.partition("\n")
+            assert label.startswith("🤖 demo") and said.strip(), restored
+            page.get_by_role("button", name="Regenerate").click()  # answers the same question afresh
+            expect(bot.last).not_to_contain_text("cut off", timeout=120_000)
+            expect(bot.last).to_contain_text(re.compile(r"🤖 demo\S*\s+\S"), timeout=120_000)
+            expect(user).to_have_text(["Tell me a long story."])
+            expect(bot).to_have_count(1)
+    finally:
+        browser.close()
 
 
-def test_a_setting_set_in_another_tab_keeps_the_conversation_this_tab_had(e2e_app):
+def test_a_setting_set_in_another_tab_keeps_the_conversation_this_tab_had(e2e_app, browser):
     """Every tab of a browser shares its storage, and a tab opened earlier holds the conversations as
     they were then. Setting a system prompt there saves the settings alone; before, it wrote that tab's
     stale (here empty) conversations over the chat the other tab had just had."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     chat_storage = "() => [localStorage.getItem('sage-ft-chats'), localStorage.getItem('sage-ft-chat-settings')]"
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1400, "height": 1000})
-        older, chatting = context.new_page(), context.new_page()
-        try:
-            with _screenshot_on_failure(chatting, "two-tabs-failure.png"):
-                for page in (older, chatting):
-                    page.set_default_timeout(60_000)
-                    page.goto(e2e_app.url)
-                    page.get_by_role("tab", name="💬 Chat").click()
-                assert _ask(chatting, "Hello there", clear=False)  # a new page: its chat is empty
-                stored = None  # what the browser holds once the reply's own saves have landed
-                while stored != (stored := older.evaluate(chat_storage)):
-                    older.wait_for_timeout(1000)
-                older.bring_to_front()  # as a person switches tabs (a background tab's timers are throttled)
-                older.get_by_text("Generation settings").click()
-                older.locator("#chat-system textarea").fill("Be brief.")
-                older.locator("#chat-input textarea").click()  # leaving the field sets it
-                deadline = time.monotonic() + 30
-                while older.evaluate(chat_storage)[1] == stored[1]:
-                    assert time.monotonic() < deadline, "the system prompt was never saved"
-                    older.wait_for_timeout(200)
-                chatting.bring_to_front()
-                # A reload shows what the browser holds. On a busy machine a late save of the reply can pass
-                # for the system prompt's, and that one lands a moment after: reload until the prompt shows
-                # (settings are shared), and each time the conversation must be the one this tab had.
-                deadline = time.monotonic() + 60
-                while True:
-                    chatting.reload()
-                    chatting.get_by_role("tab", name="💬 Chat").click()
-                    expect(chatting.locator("#chatbot [data-testid=user]")).to_have_text(["Hello there"])
-                    chatting.get_by_text("Generation settings").click()
-                    system = chatting.locator("#chat-system textarea")
-                    try:
-                        expect(system).to_have_value("Be brief.")
-                        break
-                    except AssertionError:
-                        assert time.monotonic() < deadline, "the system prompt set in the other tab never showed"
-        finally:
-            browser.close()
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    older, chatting = context.new_page(), context.new_page()
+    try:
+        with _screenshot_on_failure(chatting, "two-tabs-failure.png"):
+            for page in (older, chatting):
+                page.set_default_timeout(60_000)
+                page.goto(e2e_app.url)
+                page.get_by_role("tab", name="💬 Chat").click()
+            assert _ask(chatting, "Hello there")  # a new page: its chat is empty
+            stored = None  # what the browser holds once the reply's own saves have landed
+            while stored != (stored := older.evaluate(chat_storage)):
+                older.wait_for_timeout(1000)
+            older.bring_to_front()  # as a person switches tabs (a background tab's timers are throttled)
+            older.get_by_text("Generation settings").click()
+            older.locator("#chat-system textarea").fill("Be brief.")
+            older.locator("#chat-input textarea").click()  # leaving the field sets it
+            deadline = time.monotonic() + 30
+            while older.evaluate(chat_storage)[1] == stored[1]:
+                assert time.monotonic() < deadline, "the system prompt was never saved"
+                older.wait_for_timeout(200)
+            chatting.bring_to_front()
+            # A reload shows what the browser holds. On a busy machine a late save of the reply can pass
+            # for the system prompt's, and that one lands a moment after: reload until the prompt shows
+            # (settings are shared), and each time the conversation must be the one this tab had.
+            deadline = time.monotonic() + 60
+            while True:
+                chatting.reload()
+                chatting.get_by_role("tab", name="💬 Chat").click()
+                expect(chatting.locator("#chatbot [data-testid=user]")).to_have_text(["Hello there"])
+                chatting.get_by_text("Generation settings").click()
+                system = chatting.locator("#chat-system textarea")
+                try:
+                    expect(system).to_have_value("Be brief.")
+                    break
+                except AssertionError:
+                    assert time.monotonic() < deadline, "the system prompt set in the other tab never showed"
+    finally:
+        browser.close()
 
 
 def _reply_begun(chars: int) -> re.Pattern:
@@ -349,73 +342,71 @@ def _start_a_long_reply(page: Any, url: str, chars: int, let_run: Any = None) ->
     expect(reply).to_contain_text(shown, timeout=120_000)
 
 
-def test_clear_while_a_reply_streams_ends_it_and_the_chat_stays_empty(e2e_app):
+def test_clear_while_a_reply_streams_ends_it_and_the_chat_stays_empty(e2e_app, browser):
     """🧹 Clear during a reply used to be lost: the reply streamed on and the conversation came back (and was
-    kept across a reload). Clear now ends the reply too."""
-    from playwright.sync_api import expect, sync_playwright
+    kept across a reload). Clear now ends the reply too, and leaves what is typed in the message box."""
+    from playwright.sync_api import expect
 
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(60_000)
-        bot = page.locator("#chatbot [data-testid=bot]")
-        try:
-            with _screenshot_on_failure(page, "clear-failure.png"):
-                _start_a_long_reply(page, e2e_app.url, chars=1)
-                page.locator("#chat-clear").click()
-                expect(bot).to_have_count(0)
-                page.wait_for_timeout(4000)  # the reply would have gone on streaming for seconds
-                expect(bot).to_have_count(0)
-                page.reload()
-                page.locator("#tab-chat-button").click()
-                expect(page.locator("#chatbot [data-testid=user]")).to_have_count(0)
-                expect(bot).to_have_count(0)
-        finally:
-            browser.close()
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(60_000)
+    bot = page.locator("#chatbot [data-testid=bot]")
+    try:
+        with _screenshot_on_failure(page, "clear-failure.png"):
+            _start_a_long_reply(page, e2e_app.url, chars=1)
+            page.locator("#chat-input textarea").fill("a draft")  # Clear empties the chat, not the box
+            page.locator("#chat-clear").click()
+            expect(bot).to_have_count(0)
+            expect(page.locator("#chat-input textarea")).to_have_value("a draft")
+            page.wait_for_timeout(4000)  # the reply would have gone on streaming for seconds
+            expect(bot).to_have_count(0)
+            page.reload()
+            page.locator("#tab-chat-button").click()
+            expect(page.locator("#chatbot [data-testid=user]")).to_have_count(0)
+            expect(bot).to_have_count(0)
+    finally:
+        browser.close()
 
 
-def test_while_a_reply_streams_a_second_send_is_refused_and_a_second_tab_does_not_call_it_cut_off(e2e_app):
+def test_while_a_reply_streams_a_second_send_is_refused_and_a_second_tab_does_not_call_it_cut_off(e2e_app, browser):
     """Send while a reply streams used to start a second reply in the same chat (the chat flickered
     between the two, and a question was lost after a reload); it is now refused with a note, and the
     question stays in the box until the reply has ended. A tab opened meanwhile showed the streaming
     reply as "cut off: the page was reloaded"; it now says another tab is still writing it."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     chats = "() => localStorage.getItem('sage-ft-chats')"
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1400, "height": 1000})
-        page = context.new_page()
-        page.set_default_timeout(60_000)
-        bot, user = page.locator("#chatbot [data-testid=bot]"), page.locator("#chatbot [data-testid=user]")
-        try:
-            with _screenshot_on_failure(page, "one-reply-failure.png"):
-                with server_held(e2e_app.services.server) as let_run:  # the reply stays under way meanwhile
-                    _start_a_long_reply(page, e2e_app.url, chars=12, let_run=let_run)
-                    page.locator("#chat-input textarea").fill("And then?")
-                    page.locator("#chat-send").click()
-                    expect(page.get_by_text("still being written in this chat").first).to_be_visible()
-                    expect(page.locator("#chat-input textarea")).to_have_value("And then?")
-                    expect(user).to_have_text(["Tell me a long story."])
-                    saved = page.evaluate(chats)
-                    deadline = time.monotonic() + 5
-                    while page.evaluate(chats) == saved and time.monotonic() < deadline:  # the next autosave
-                        page.wait_for_timeout(100)
-                    other = context.new_page()
-                    other.set_default_timeout(60_000)
-                    with _screenshot_on_failure(other, "second-tab-failure.png"):
-                        other.goto(e2e_app.url)
-                        other.locator("#tab-chat-button").click()
-                        other_bot = other.locator("#chatbot [data-testid=bot]")
-                        expect(other_bot.last).to_contain_text("still being written in another tab")
-                        assert "cut off" not in other_bot.last.inner_text()
-                    page.bring_to_front()
-                    page.locator("#chat-stop").click()
-                    deadline = time.monotonic() + 60
-                    while len(RUNNING) and time.monotonic() < deadline:
-                        page.wait_for_timeout(100)
-                page.locator("#chat-send").click()  # the question kept in the box, now sent
-                expect(user).to_have_text(["Tell me a long story.", "And then?"])
-                expect(bot).to_have_count(2)
-        finally:
-            browser.close()
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    bot, user = page.locator("#chatbot [data-testid=bot]"), page.locator("#chatbot [data-testid=user]")
+    try:
+        with _screenshot_on_failure(page, "one-reply-failure.png"):
+            with server_held(e2e_app.services.server) as let_run:  # the reply stays under way meanwhile
+                _start_a_long_reply(page, e2e_app.url, chars=12, let_run=let_run)
+                page.locator("#chat-input textarea").fill("And then?")
+                page.locator("#chat-send").click()
+                expect(page.get_by_text("still being written in this chat").first).to_be_visible()
+                expect(page.locator("#chat-input textarea")).to_have_value("And then?")
+                expect(user).to_have_text(["Tell me a long story."])
+                saved = page.evaluate(chats)
+                deadline = time.monotonic() + 5
+                while page.evaluate(chats) == saved and time.monotonic() < deadline:  # the next autosave
+                    page.wait_for_timeout(100)
+                other = context.new_page()
+                other.set_default_timeout(60_000)
+                with _screenshot_on_failure(other, "second-tab-failure.png"):
+                    other.goto(e2e_app.url)
+                    other.locator("#tab-chat-button").click()
+                    other_bot = other.locator("#chatbot [data-testid=bot]")
+                    expect(other_bot.last).to_contain_text("still being written in another tab")
+                    assert "cut off" not in other_bot.last.inner_text()
+                page.bring_to_front()
+                page.locator("#chat-stop").click()
+                deadline = time.monotonic() + 60
+                while len(RUNNING) and time.monotonic() < deadline:
+                    page.wait_for_timeout(100)
+            page.locator("#chat-send").click()  # the question kept in the box, now sent
+            expect(user).to_have_text(["Tell me a long story.", "And then?"])
+            expect(bot).to_have_count(2)
+    finally:
+        browser.close()

@@ -17,9 +17,6 @@ from tests.fixtures_webui import start_webui
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 ARTIFACTS = paths.project_root() / "test-artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
 
 
 def _wait(what, timeout: float = 180.0) -> None:
@@ -29,8 +26,8 @@ def _wait(what, timeout: float = 180.0) -> None:
         time.sleep(0.3)
 
 
-def test_pause_unpause_task_box_and_download_in_a_real_browser(demo_model, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+def test_pause_unpause_task_box_and_download_in_a_real_browser(demo_model, tmp_path, browser):
+    from playwright.sync_api import expect
 
     ARTIFACTS.mkdir(exist_ok=True)
     expect.set_options(timeout=30_000)  # the machine is shared: retrying assertions get time, never sleeps
@@ -49,85 +46,83 @@ def test_pause_unpause_task_box_and_download_in_a_real_browser(demo_model, tmp_p
         long = tasks.create(tiny_task_config(dataset, max_steps=3000, save_steps=1000), name="long run")
         short = tasks.create(tiny_task_config(dataset, max_steps=3), name="short run")
         _wait(lambda: tasks.task(long.id).step >= 1)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-            try:
-                page = browser.new_page(viewport={"width": 1440, "height": 1000})
-                page.set_default_timeout(60_000)
-                page.goto(app.url)
-                page.get_by_role("tab", name="📈 Monitor").click()
-                progress, table, offered = (page.locator(s) for s in ("#mon-progress", "#task-table", "#task-file"))
-                pause, unpause = page.get_by_role("button", name="⏸ Pause"), page.get_by_role("button", name="▶ Unpause")
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.goto(app.url)
+            page.get_by_role("tab", name="📈 Monitor").click()
+            progress, table, offered = (page.locator(s) for s in ("#mon-progress", "#task-table", "#task-file"))
+            pause, unpause = page.get_by_role("button", name="⏸ Pause"), page.get_by_role("button", name="▶ Unpause")
 
-                # the page re-attaches to the running task first (a pick made before that is overwritten)
-                expect(progress.locator(".sage-progress")).to_have_attribute("data-task", str(long.id))
-                # a file downloaded for one task is not offered once another is picked
-                table.get_by_text("done run").click()
-                expect(progress.locator(".sage-progress")).to_have_attribute("data-task", str(done.id))
-                expect(pause).to_be_disabled()  # a finished task: in sight, but off
-                page.get_by_role("button", name="⬇️ Download full log").click()
-                expect(offered).to_be_visible()
-                expect(offered.get_by_role("link")).to_have_attribute("href", re.compile(f"/task-{done.id}-logs.txt$"))
-                # a cancelled run resumes from a checkpoint picked beside ⏯ Resume (newest by default)
-                picker = page.locator("#resume-from")
-                expect(picker).to_be_hidden()  # a finished run has nothing to resume
-                table.locator("text=resumable run >> visible=true").first.click()  # (also in a hidden sizing row)
-                expect(picker).to_be_visible()
-                expect(picker.locator("input")).to_have_value(re.compile(r"^the newest intact checkpoint \(checkpoint-"))
-                picker.locator("input").click()
-                page.get_by_role("option", name=older, exact=True).click()
-                page.screenshot(path=str(ARTIFACTS / "monitor-resume-from.png"), full_page=True)
-                page.get_by_role("button", name="⏯ Resume").click()
-                expect(page.get_by_text(f"will continue from {older}").first).to_be_visible()
-                _wait(lambda: tasks.task(resumable.id).status is TaskStatus.QUEUED)
-                assert [c.name for c in rundir.checkpoint_folders(resumable.output_dir)] == [older]  # newer set aside
-                expect(picker).to_be_hidden()  # queued again: nothing to resume
-                table.get_by_text("long run").click()
-                expect(progress.locator(".sage-progress")).to_have_attribute("data-task", str(long.id))
-                expect(offered).to_be_hidden()
+            # the page re-attaches to the running task first (a pick made before that is overwritten)
+            expect(progress.locator(".sage-progress")).to_have_attribute("data-task", str(long.id))
+            # a file downloaded for one task is not offered once another is picked
+            table.get_by_text("done run").click()
+            expect(progress.locator(".sage-progress")).to_have_attribute("data-task", str(done.id))
+            expect(pause).to_be_disabled()  # a finished task: in sight, but off
+            page.get_by_role("button", name="⬇️ Download full log").click()
+            expect(offered).to_be_visible()
+            expect(offered.get_by_role("link")).to_have_attribute("href", re.compile(f"/task-{done.id}-logs.txt$"))
+            # a cancelled run resumes from a checkpoint picked beside ⏯ Resume (newest by default)
+            picker = page.locator("#resume-from")
+            expect(picker).to_be_hidden()  # a finished run has nothing to resume
+            table.locator("text=resumable run >> visible=true").first.click()  # (also in a hidden sizing row)
+            expect(picker).to_be_visible()
+            expect(picker.locator("input")).to_have_value(re.compile(r"^the newest intact checkpoint \(checkpoint-"))
+            picker.locator("input").click()
+            page.get_by_role("option", name=older, exact=True).click()
+            page.screenshot(path=str(ARTIFACTS / "monitor-resume-from.png"), full_page=True)
+            page.get_by_role("button", name="⏯ Resume").click()
+            expect(page.get_by_text(f"will continue from {older}").first).to_be_visible()
+            _wait(lambda: tasks.task(resumable.id).status is TaskStatus.QUEUED)
+            assert [c.name for c in rundir.checkpoint_folders(resumable.output_dir)] == [older]  # newer set aside
+            expect(picker).to_be_hidden()  # queued again: nothing to resume
+            table.get_by_text("long run").click()
+            expect(progress.locator(".sage-progress")).to_have_attribute("data-task", str(long.id))
+            expect(offered).to_be_hidden()
 
-                # ⏸ Pause: the state shows in the progress and the table, the queued task says why it waits
-                expect(pause).to_be_enabled()
-                expect(unpause).to_be_hidden()
-                pause.click()
-                expect(progress).to_contain_text("🔄 running ⏸ paused")
-                expect(progress).to_contain_text("paused after step")
-                expect(progress).not_to_contain_text("ETA")
-                expect(unpause).to_be_visible()
-                expect(pause).to_be_hidden()
-                expect(table).to_contain_text("🔄 running ⏸ paused")
-                expect(table).to_contain_text(f"waits for #{long.id}, which is paused")
-                page.screenshot(path=str(ARTIFACTS / "monitor-paused.png"), full_page=True)
+            # ⏸ Pause: the state shows in the progress and the table, the queued task says why it waits
+            expect(pause).to_be_enabled()
+            expect(unpause).to_be_hidden()
+            pause.click()
+            expect(progress).to_contain_text("🔄 running ⏸ paused")
+            expect(progress).to_contain_text("paused after step")
+            expect(progress).not_to_contain_text("ETA")
+            expect(unpause).to_be_visible()
+            expect(pause).to_be_hidden()
+            expect(table).to_contain_text("🔄 running ⏸ paused")
+            expect(table).to_contain_text(f"waits for #{long.id}, which is paused")
+            page.screenshot(path=str(ARTIFACTS / "monitor-paused.png"), full_page=True)
 
-                # the Train tab: its Task box refuses '2.4' instead of acting on task 2
-                page.get_by_role("tab", name="🚀 Train").click()
-                box = page.locator("#train-task-id input")
-                box.fill(str(long.id))
-                expect(page.locator("#train-progress")).to_contain_text("⏸ paused")
-                expect(page.locator("#train-progress")).not_to_contain_text("ETA")
-                typed = f"{short.id}.4"
-                box.fill(typed)
-                page.get_by_role("button", name="⏹ Cancel").first.click()
-                expect(page.locator("#train-message")).to_contain_text(f"'{typed}' is not a task id")
-                expect(page.locator("#train-progress")).to_contain_text(f"'{typed}' is not a task id")
-                assert tasks.task(short.id).status is TaskStatus.QUEUED
+            # the Train tab: its Task box refuses '2.4' instead of acting on task 2
+            page.get_by_role("tab", name="🚀 Train").click()
+            box = page.locator("#train-task-id input")
+            box.fill(str(long.id))
+            expect(page.locator("#train-progress")).to_contain_text("⏸ paused")
+            expect(page.locator("#train-progress")).not_to_contain_text("ETA")
+            typed = f"{short.id}.4"
+            box.fill(typed)
+            page.get_by_role("button", name="⏹ Cancel").first.click()
+            expect(page.locator("#train-message")).to_contain_text(f"'{typed}' is not a task id")
+            expect(page.locator("#train-progress")).to_contain_text(f"'{typed}' is not a task id")
+            assert tasks.task(short.id).status is TaskStatus.QUEUED
 
-                # ▶ Unpause: it trains again, and in Chinese the buttons and state read so too
-                page.get_by_role("tab", name="📈 Monitor").click()
-                held = progress.locator(".sage-progress").get_attribute("data-step")
-                unpause.click()
-                expect(progress).not_to_contain_text("⏸")
-                expect(pause).to_be_visible()
-                expect(progress.locator(".sage-progress")).not_to_have_attribute("data-step", held or "", timeout=90_000)
-                page.locator("#lang-select input").click()
-                page.get_by_role("option", name="中文").click()
-                expect(page.get_by_role("button", name="⏸ 暂停")).to_be_enabled()
-                page.get_by_role("button", name="⏸ 暂停").click()
-                expect(progress).to_contain_text("已暂停")
-                expect(page.get_by_role("button", name="▶ 取消暂停")).to_be_visible()
-                expect(table).to_contain_text(re.compile(f"等待已暂停的任务 #{long.id}"))
-            finally:
-                browser.close()
+            # ▶ Unpause: it trains again, and in Chinese the buttons and state read so too
+            page.get_by_role("tab", name="📈 Monitor").click()
+            held = progress.locator(".sage-progress").get_attribute("data-step")
+            unpause.click()
+            expect(progress).not_to_contain_text("⏸")
+            expect(pause).to_be_visible()
+            expect(progress.locator(".sage-progress")).not_to_have_attribute("data-step", held or "", timeout=90_000)
+            page.locator("#lang-select input").click()
+            page.get_by_role("option", name="中文").click()
+            expect(page.get_by_role("button", name="⏸ 暂停")).to_be_enabled()
+            page.get_by_role("button", name="⏸ 暂停").click()
+            expect(progress).to_contain_text("已暂停")
+            expect(page.get_by_role("button", name="▶ 取消暂停")).to_be_visible()
+            expect(table).to_contain_text(re.compile(f"等待已暂停的任务 #{long.id}"))
+        finally:
+            browser.close()
     finally:
         for task in (long, short, resumable):
             if task is not None and not tasks.task(task.id).status.is_final:

@@ -177,9 +177,11 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
                                      concurrency_limit=None, show_progress="hidden", trigger_mode="multiple"),
     ]
 
-    def clear_chat(request: gr.Request) -> tuple[list[Any], str]:
+    def clear_chat(request: gr.Request) -> tuple[list[Any], Any]:
+        """The conversation emptied; the message box keeps what is typed there (a Clear that landed
+        after the next question was typed used to wipe it, as Compare's Clear never did)."""
         stop(request, clearing=True)  # a reply still streaming ends with the chat (it streamed on into it)
-        return [], ""  # (stop returns once that reply has ended: an update it sent cannot land after this)
+        return [], gr.skip()  # (stop returns once that reply has ended: an update it sent cannot land after this)
 
     changes = [*replies, reg["chat.clear"].click(clear_chat, None, chat_out, api_name="chat_clear",
                                                  show_progress="hidden")]

@@ -212,6 +212,8 @@ def test_page_tick_is_one_event_that_skips_what_did_not_change(webui, finished):
     ticks = [f for f in webui.demo.fns.values() if (timer._id, "tick") in [tuple(t) for t in f.targets]]
     assert len(ticks) == 1, "every tab must share the one page tick"
     tick = ticks[0]
+    # it fires whether or not the last tick has answered: under "once", one answer lost froze the page
+    assert tick.trigger_mode == "multiple" and tick.concurrency_limit is None
     given = {reg["top.lang"]._id: "en", reg["train.task_id"]._id: finished[0], reg["mon.task"]._id: finished[0],
              reg["mon.compare"]._id: [], reg["mon.log_y"]._id: False, reg["mon.smoothing"]._id: 0.6}
     values = {c._id: given.get(c._id) for c in tick.inputs}

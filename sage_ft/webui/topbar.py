@@ -5,7 +5,11 @@ Every ~2 s the timer fires ONE event per page (``wire_tick``), not one per tab: 
 a ``TickPart`` (its inputs, outputs and a cheap function) and the combined handler returns
 ``gr.skip()`` for every output whose data did not change since that page's last tick (each part
 keeps a fingerprint in a ``gr.State``). The timer event has no concurrency limit and no progress
-animation, so it never queues behind a long handler. The per-part endpoints that API clients and
+animation, so it never queues behind a long handler, and it fires whether or not the last tick has
+answered (``trigger_mode="multiple"``): under Gradio's default for a timer ("once") a tick whose
+answer never reaches the page holds back every later one, and the page stays frozen until reloaded
+(a CI run saw a Train tab's progress stop while its task went on; that cause is likely, not proven).
+A tick that lands late is corrected by the next (each compares against the fingerprint it read). The per-part endpoints that API clients and
 tests call by name (``top_status``, ``train_progress``, ``monitor_tick``) hang on ``top.api``, a
 timer that is never active, so they never fire from the page.
 """
@@ -54,7 +58,7 @@ def wire_tick(reg: Registry, parts: Sequence[TickPart]) -> None:
         return out
 
     reg["top.timer"].tick(tick, [reg[k] for k in keys], [reg[k] for part in parts for k in part.outputs],
-                          api_name=False, concurrency_limit=None, show_progress="hidden")
+                          api_name=False, concurrency_limit=None, show_progress="hidden", trigger_mode="multiple")
 
 
 def build(reg: Registry, services: AppServices, lang: str) -> None:

@@ -9,9 +9,9 @@ animation, so it never queues behind a long handler, and it fires whether or not
 answered (``trigger_mode="multiple"``): under Gradio's default for a timer ("once") a tick whose
 answer never reaches the page holds back every later one, and the page stays frozen until reloaded
 (a CI run saw a Train tab's progress stop while its task went on; that cause is likely, not proven).
-A tick that lands late is corrected by the next (each compares against the fingerprint it read). The per-part endpoints that API clients and
-tests call by name (``top_status``, ``train_progress``, ``monitor_tick``) hang on ``top.api``, a
-timer that is never active, so they never fire from the page.
+A tick that lands late is corrected by the next (each compares against the fingerprint it read).
+The per-part endpoints that API clients and tests call by name (``top_status``, ``train_progress``,
+``monitor_tick``) hang on ``top.api``, a timer that is never active, so they never fire from the page.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@
   export, UI) reuse it instead of training again. ~10 s on 2 cores.
 - ``training_config(dataset, output_dir, **overrides)``: a fast CPU config for tests.
 - ``generate(model_dir, question, adapter=None)``: greedy answer of the demo model (with an adapter).
+- ``answer_loss(model_dir, question, answer, adapter=None)``: the model's mean loss on ``answer``'s tokens.
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ def trained_run(demo_model: Path, memorize_jsonl: Path, tmp_path_factory: pytest
     return result.output_dir
 
 
-def generate(model_dir: str | Path, question: str, adapter: str | Path | None = None, max_new_tokens: int = 12) -> str:
-    """Greedy completion of ``question`` (chat template applied), optionally through a LoRA adapter."""
+def _load(model_dir: str | Path, adapter: str | Path | None) -> tuple[Any, Any]:
+    """(model, tokenizer) of ``model_dir`` in full precision, with the LoRA ``adapter`` on it when given."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(adapter or model_dir)
@@ -81,7 +82,33 @@ def generate(model_dir: str | Path, question: str, adapter: str | Path | None = 
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter))
-    inputs = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
+    return model, tokenizer
+
+
+def _prompt_ids(tokenizer: Any, question: str) -> Any:
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                         return_tensors="pt", return_dict=True)
+
+
+def generate(model_dir: str | Path, question: str, adapter: str | Path | None = None, max_new_tokens: int = 12) -> str:
+    """Greedy completion of ``question`` (chat template applied), optionally through a LoRA adapter."""
+    model, tokenizer = _load(model_dir, adapter)
+    inputs = _prompt_ids(tokenizer, question)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return tokenizer.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def answer_loss(model_dir: str | Path, question: str, answer: str, adapter: str | Path | None = None) -> float:
+    """Mean cross-entropy of ``answer``'s tokens after ``question`` (chat template applied): how well the
+    model (with ``adapter``) knows the answer, which greedy text shows only when every token is right."""
+    import torch
+
+    model, tokenizer = _load(model_dir, adapter)
+    prompt = _prompt_ids(tokenizer, question)["input_ids"]
+    full = tokenizer.apply_chat_template([{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+                                         return_tensors="pt", return_dict=True)["input_ids"]
+    assert torch.equal(full[0, :prompt.shape[1]], prompt[0]), "the chat template does not extend the prompt"
+    labels = full.clone()
+    labels[0, :prompt.shape[1]] = -100
+    with torch.no_grad():
+        return float(model(input_ids=full, labels=labels).loss)

@@ -36,6 +36,7 @@ pytest_plugins = [
 ]
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which names each test's group from these marks
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (``--dist loadgroup``) every test of the session's shared vLLM server runs on
     one worker, so a run still starts that server once, and every other test file runs whole on one

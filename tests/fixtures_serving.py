@@ -39,14 +39,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = outcome.get_result()
     manager = getattr(item, "funcargs", {}).get("vllm_manager")
     if report.failed and manager is not None:
-        log_path = manager.status().get("log_path")
-        try:
-            with open(log_path, "rb") as log:
-                log.seek(max(0, log.seek(0, os.SEEK_END) - 32_768))
-                tail = "\n".join(log.read().decode("utf-8", errors="replace").splitlines()[-60:])
-        except (OSError, TypeError):
-            tail = f"(no log to read: {log_path})"
-        report.sections.append(("chat server log (last lines)", tail))
+        server = manager.server
+        tail = server.log_tail(60) if server is not None else ""
+        report.sections.append(("chat server log (last lines)", tail or "(no running server, no log to read)"))
 
 
 def free_port() -> int:

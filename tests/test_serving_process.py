@@ -78,7 +78,9 @@ def test_start_timeout_ends_the_whole_process_group(serving_demo_model):
     """A server that hangs while starting is ended at the timeout with every process of its group.
     The hang is real: each child (engine core, workers) is frozen with SIGSTOP as it appears, so the
     server never becomes ready however fast this machine starts vLLM (it once did within 25 s), and
-    the frozen children can only be ended by the SIGKILL that follows an ignored SIGTERM."""
+    the frozen children can only be ended by the SIGKILL that follows an ignored SIGTERM.
+    The budget is 90 s, not less: vLLM's first child appears only after the server has imported
+    vLLM, which took over 30 s while another test worker loaded this 2-core machine."""
     server = VLLMServer(ServerSpec(str(serving_demo_model), "demo", free_port()))
     stages, members = [], set()
 
@@ -93,12 +95,12 @@ def test_start_timeout_ends_the_whole_process_group(serving_demo_model):
                     child.suspend()
 
     try:
-        with pytest.raises(ServerStartError, match="did not become ready within 30 s"):
-            server.start(timeout_s=30, progress=progress)
+        with pytest.raises(ServerStartError, match="did not become ready within 90 s"):
+            server.start(timeout_s=90, progress=progress)
     finally:
         server.stop()  # a no-op after a failed start; ends the server should it ever become ready
     assert stages and stages[0] == "launching process"
-    assert members, "vLLM started no child process within 30 s"
+    assert members, "vLLM started no child process within 90 s"
     assert _wait_gone({server.pid, *members}) == []
     assert not [e for e in serving_registry.read_entries() if e["pid"] == server.pid]
 

@@ -11,7 +11,10 @@ if [ "$#" -eq 0 ]; then
   # Tests that measure this process tree's memory run first, in a pytest process of their own: after
   # hundreds of other tests in the same session their child's peak RSS was seen inflated 2x.
   "$PY" -m pytest -p no:cacheprovider -ra -m isolated
-  # --durations: the slowest tests in CI's log, to keep the suite well under 30 minutes
-  exec "$PY" -m pytest -p no:cacheprovider -ra --durations=25 -m "not isolated"
+  # Two pytest-xdist workers: most tests wait (on a vLLM start, a browser, a child process), so on 2
+  # cores the suite takes 20 min instead of 29-33 in one process. --dist loadgroup: the tests of the
+  # shared vLLM server run on one worker, so a run still starts that server once, and every other
+  # file runs whole on one worker, in its order (conftest). --durations: the slowest tests in CI's log.
+  exec "$PY" -m pytest -p no:cacheprovider -ra --durations=25 -m "not isolated" -n 2 --dist loadgroup
 fi
 exec "$PY" -m pytest -p no:cacheprovider -ra "$@"

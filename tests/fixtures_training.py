@@ -85,7 +85,7 @@ def _load(model_dir: str | Path, adapter: str | Path | None) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _prompt_ids(tokenizer: Any, question: str) -> Any:
+def _prompt_inputs(tokenizer: Any, question: str) -> Any:
     return tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                          return_tensors="pt", return_dict=True)
 
@@ -93,7 +93,7 @@ def _prompt_ids(tokenizer: Any, question: str) -> Any:
 def generate(model_dir: str | Path, question: str, adapter: str | Path | None = None, max_new_tokens: int = 12) -> str:
     """Greedy completion of ``question`` (chat template applied), optionally through a LoRA adapter."""
     model, tokenizer = _load(model_dir, adapter)
-    inputs = _prompt_ids(tokenizer, question)
+    inputs = _prompt_inputs(tokenizer, question)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return tokenizer.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
@@ -104,7 +104,7 @@ def answer_loss(model_dir: str | Path, question: str, answer: str, adapter: str 
     import torch
 
     model, tokenizer = _load(model_dir, adapter)
-    prompt = _prompt_ids(tokenizer, question)["input_ids"]
+    prompt = _prompt_inputs(tokenizer, question)["input_ids"]
     full = tokenizer.apply_chat_template([{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
                                          return_tensors="pt", return_dict=True)["input_ids"]
     assert torch.equal(full[0, :prompt.shape[1]], prompt[0]), "the chat template does not extend the prompt"

@@ -81,6 +81,7 @@ def test_start_timeout_ends_the_whole_process_group(serving_demo_model):
     the frozen children can only be ended by the SIGKILL that follows an ignored SIGTERM.
     The budget is 90 s, not less: vLLM's first child appears only after the server has imported
     vLLM, which took over 30 s while another test worker loaded this 2-core machine."""
+    budget_s = 90
     server = VLLMServer(ServerSpec(str(serving_demo_model), "demo", free_port()))
     stages, members = [], set()
 
@@ -95,12 +96,12 @@ def test_start_timeout_ends_the_whole_process_group(serving_demo_model):
                     child.suspend()
 
     try:
-        with pytest.raises(ServerStartError, match="did not become ready within 90 s"):
-            server.start(timeout_s=90, progress=progress)
+        with pytest.raises(ServerStartError, match=f"did not become ready within {budget_s} s"):
+            server.start(timeout_s=budget_s, progress=progress)
     finally:
         server.stop()  # a no-op after a failed start; ends the server should it ever become ready
     assert stages and stages[0] == "launching process"
-    assert members, "vLLM started no child process within 90 s"
+    assert members, f"vLLM started no child process within {budget_s} s"
     assert _wait_gone({server.pid, *members}) == []
     assert not [e for e in serving_registry.read_entries() if e["pid"] == server.pid]
 

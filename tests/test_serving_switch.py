@@ -223,8 +223,8 @@ def test_kill_9_is_detected_and_the_next_chat_restarts(switch_manager):
     assert _wait_gone(pids) == []  # engine core and workers of the dead server were ended too
     reply = "".join(stream_chat(switch_manager, HELLO, temperature=0.0, max_tokens=8))  # brings it back
     assert reply
-    assert switch_manager.status()["state"] == "ready" and switch_manager.server.pid != server.pid
     after = switch_manager.status()
+    assert after["state"] == "ready" and switch_manager.server.pid != server.pid, after
     assert after["model_type"] == "merged", after  # the chosen model came back
 
 

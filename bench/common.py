@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
+# SAGE_FT_BENCH_RESULTS sends results elsewhere: a GPU lease writes them straight into the folder that
+# comes back (bench/gpu_session.sh), and its dry run on CPU leaves the recorded results alone.
+RESULTS = Path(os.environ.get("SAGE_FT_BENCH_RESULTS") or ROOT / "bench" / "results")
 WORDS = ("model data train loss adapter rank token batch learning rate step epoch value server chat "
          "answer question the a of to and in is for on with that this it as are be by from at or an "
          "we you can will not all which one has more when about time into than only other new some "

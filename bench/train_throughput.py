@@ -14,11 +14,14 @@ fits the plain baseline); sage-ft applies its own recommendation for the detecte
 the same 64 samples per step, in as few micro-batches as fit). Timed over the steady state (the
 first steps, with CUDA and Triton warm-up, are left out); reported: tokens/s, peak
 ``torch.cuda.max_memory_allocated`` and MFU (6 x parameters x tokens/s over the bf16 matmul rate
-measured on the same GPU in the same run). A fourth row runs sage-ft at bf16 with the opt-in
-``torch_compile`` (compilation falls in the untimed first steps): off by default until this row
-shows it pays on a GPU (``bench/host_overhead.py`` measures the host work it removes, on CPU). A
-fifth row runs the bf16 defaults with ``micro_batch_by_tokens`` off (exactly 'accumulation' micro-batches
-per step): with the column passes/step, what splitting a step by tokens saves on a launch-bound GPU.
+measured on the same GPU in the same run). Rows, most important first (a GPU lease is short;
+``bench/gpu_session.sh`` runs this there): the baseline; sage-ft's bf16 defaults; the same with the
+opt-in ``torch_compile`` (compilation falls in the untimed first steps; off by default until this
+row shows it pays on a GPU: ``bench/host_overhead.py`` measures the host work it removes, on CPU);
+the bf16 defaults with ``micro_batch_by_tokens`` off (exactly 'accumulation' micro-batches per
+step: with the column passes/step, what splitting a step by tokens saves on a launch-bound GPU);
+and sage-ft fp32 (the bf16 gain on its own line). Each row's results are saved as it lands, and a
+failed row is reported without costing the others.
 
     python bench/train_throughput.py [--quick] [--no-monitoring] [--device auto|cpu|cuda]
 
@@ -242,6 +245,8 @@ def measure_matmul_peak() -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1000)
+    del a, b
+    torch.cuda.empty_cache()  # the training rows run in child processes; leave them the whole GPU
     return 2 * n**3 / sorted(times)[len(times) // 2]
 
 
@@ -286,11 +291,12 @@ def main() -> int:
         steps = args.steps or (8 if args.quick else 24)
         accum, warmup = args.accum or 8, 3
         model_dir = build_qwen2_shaped_model(home / "qwen2-0.5b-shape")
-        # Headline at bf16 on both sides; sage-ft's own fp32 run gives the bf16 gain on its own line;
-        # then the opt-in torch_compile (default off until measured here; bench/host_overhead.py), and the
-        # default bf16 run with sample-count micro-batches (what micro_batch_by_tokens saves).
-        variants = [("baseline", "bf16"), ("sageft", "bf16"), ("sageft", "fp32"), ("sageft", "bf16+compile"),
-                    ("sageft", "bf16+fixed")]
+        # Headline at bf16 on both sides; then the opt-in torch_compile (default off until measured here;
+        # bench/host_overhead.py), the default bf16 run with sample-count micro-batches (what
+        # micro_batch_by_tokens saves), and last sage-ft's own fp32 run (the bf16 gain on its own line;
+        # measured before, so it is the row a time-limited GPU lease can best do without).
+        variants = [("baseline", "bf16"), ("sageft", "bf16"), ("sageft", "bf16+compile"), ("sageft", "bf16+fixed"),
+                    ("sageft", "fp32")]
     else:
         steps = args.steps or (4 if args.quick else 12)
         accum, warmup = args.accum or 1, 0
@@ -299,44 +305,55 @@ def main() -> int:
     samples = steps * args.batch * accum
     data = lognormal_chat_dataset(home / f"chat-{samples}.jsonl", samples, cutoff=args.cutoff)
     eval_data = lognormal_chat_dataset(home / "chat-eval.jsonl", 16 if args.quick else 32, cutoff=args.cutoff, seed=99)
-    rows = []
+    name = "train_throughput_gpu" if gpu else "train_throughput"
+    payload: dict = {"device": "cuda" if gpu else "cpu", "steps": steps, "timed_from_step": warmup,
+                     "batch": args.batch, "accum": accum, "cutoff": args.cutoff, "rows": []}
+    rows = payload["rows"]
+    if gpu:  # first, so that rows saved by a run cut off at a time limit already carry their MFU
+        peak, n_params = measure_matmul_peak(), count_params(model_dir)
+        payload.update(matmul_peak_tflops=peak / 1e12, n_params=n_params)
     for worker, variant in variants:
         out = home / "out" / f"{worker}-{variant}"
         precision, *options = variant.split("+")
         paths = json.dumps({"model": str(model_dir), "data": str(data), "eval": str(eval_data), "out": str(out)})
-        res = run_worker(SCRIPT, ["--worker", worker, "--precision", precision, "--steps", str(steps),
-                                  "--batch", str(args.batch), "--accum", str(accum), "--cutoff", str(args.cutoff),
-                                  "--warmup", str(warmup), "--paths", paths]
-                      + (["--torch-compile"] if "compile" in options else [])
-                      + (["--micro-batch-by-tokens", "off"] if "fixed" in options else []))
+        started = time.perf_counter()
+        try:
+            res = run_worker(SCRIPT, ["--worker", worker, "--precision", precision, "--steps", str(steps),
+                                      "--batch", str(args.batch), "--accum", str(accum), "--cutoff", str(args.cutoff),
+                                      "--warmup", str(warmup), "--paths", paths]
+                             + (["--torch-compile"] if "compile" in options else [])
+                             + (["--micro-batch-by-tokens", "off"] if "fixed" in options else []))
+        except RuntimeError as exc:  # one broken variant (a compile error, say) must not cost the others
+            rows.append({"key": f"{worker}-{variant}", "variant": f"{worker} ({variant}): FAILED", "error": str(exc)})
+            print(f"  FAILED: {worker} {variant}:\n{exc}", file=sys.stderr, flush=True)
+            continue
+        res["key"], res["wall_s"] = f"{worker}-{variant}", time.perf_counter() - started
         res["tokens_per_s"] = res["useful_tokens"] / res["seconds"] if res.get("useful_tokens") else None
         res["s_per_step"] = res["seconds"] / res["steps"]
+        if gpu:
+            res["mfu"] = 6 * n_params * res["tokens_per_s"] / peak if res.get("tokens_per_s") else None
         rows.append(res)
-        # each row as it lands: a run cut off by a time limit (the GPU machines allow 10 minutes a call) still tells
-        print(f"  done: {res['variant']}: {res['tokens_per_s'] or 0:,.0f} useful tokens/s, {res['s_per_step']:.2f} s/step, "
-              f"passes/step {res.get('passes_per_step')}, eval loss {res['eval_loss']:.4f}", file=sys.stderr, flush=True)
-    base = rows[0]
-    for r in rows:
-        r["ratio"] = (r["tokens_per_s"] / base["tokens_per_s"]) if r.get("tokens_per_s") else None
-        r["loss_delta"] = r["eval_loss"] - base["eval_loss"]
+        # each row as it lands, and the results so far saved: a run cut off by a time limit (the GPU
+        # machines allow 10 minutes a call) still tells what it measured
+        save_results(name, payload)
+        print(f"  done in {res['wall_s']:.0f} s: {res['variant']}: {res['tokens_per_s'] or 0:,.0f} useful tokens/s, "
+              f"{res['s_per_step']:.2f} s/step, passes/step {res.get('passes_per_step')}, "
+              f"eval loss {res['eval_loss']:.4f}", file=sys.stderr, flush=True)
+    by_key = {r["key"]: r for r in rows if "error" not in r}
+    base = by_key.get(f"baseline-{variants[0][1]}")
+    for r in by_key.values():
+        r["ratio"] = r["tokens_per_s"] / base["tokens_per_s"] if base and r.get("tokens_per_s") else None
+        r["loss_delta"] = r["eval_loss"] - base["eval_loss"] if base else None
     columns = ["variant", "tokens_per_s", "ratio", "s_per_step", "micro_batch", "passes_per_step", "padding_fraction"]
-    payload = {"device": "cuda" if gpu else "cpu", "steps": steps, "timed_from_step": warmup, "batch": args.batch,
-               "accum": accum, "cutoff": args.cutoff, "rows": rows}
     if gpu:
-        peak = measure_matmul_peak()
-        n_params = count_params(model_dir)
-        for r in rows:
-            r["mfu"] = 6 * n_params * r["tokens_per_s"] / peak if r.get("tokens_per_s") else None
-        payload.update(matmul_peak_tflops=peak / 1e12, n_params=n_params)
         columns += ["peak_gpu_gib", "mfu"]
     else:
         columns += ["peak_rss_mb"]
     print_table(rows, columns + ["eval_loss", "loss_delta"])
-    headline = rows[1]["ratio"]
-    # GPU: row 2 is sage-ft fp32 under sage-ft bf16; CPU: row 2 is sage-ft bf16 autocast over fp32.
-    fast, slow = (rows[1], rows[2]) if gpu else (rows[2], rows[1])
-    bf16_gain = fast["tokens_per_s"] / slow["tokens_per_s"] if fast.get("tokens_per_s") and slow.get("tokens_per_s") \
-        else None
+    sageft_fp32, sageft_bf16 = by_key.get("sageft-fp32", {}), by_key.get("sageft-bf16", {})
+    headline = by_key.get(f"sageft-{variants[1][1]}", {}).get("ratio")
+    bf16_gain = sageft_bf16["tokens_per_s"] / sageft_fp32["tokens_per_s"] \
+        if sageft_bf16.get("tokens_per_s") and sageft_fp32.get("tokens_per_s") else None
     payload.update(speedup=headline, bf16_gain_over_sageft_fp32=bf16_gain)
     if gpu:
         print(f"GPU: bf16 matmul peak measured {peak / 1e12:.0f} TFLOP/s; model {n_params / 1e6:.0f}M parameters; "
@@ -349,9 +366,8 @@ def main() -> int:
         payload["monitoring"] = monitoring.measure(model_dir, m_data, m_steps, args.batch, args.cutoff, "fp32",
                                                    pairs=monitoring.QUICK_PAIRS if args.quick else monitoring.PAIRS)
         monitoring.report(payload["monitoring"])
-    name = "train_throughput_gpu" if gpu else "train_throughput"
     bar_chart(save_results(name, payload).with_suffix(".html"), "Useful tokens/s (higher is better)",
-              [r["variant"] for r in rows], [r["tokens_per_s"] or 0 for r in rows], "tokens/s")
+              [r["variant"] for r in rows], [r.get("tokens_per_s") or 0 for r in rows], "tokens/s")
     print(f"speedup: {headline:.2f}x" if headline else "speedup: n/a (no token count)")
     return 0
 

@@ -31,11 +31,13 @@ The last line printed is ``speedup: <ratio>x`` for scripts.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -109,15 +111,19 @@ def _peak_memory() -> dict[str, float]:
     return out
 
 
-def _steady(points: list[tuple[int, float, int]], warmup: int) -> tuple[float, int, int]:
-    """(seconds, tokens, steps) between the log point of step ``warmup`` and the last one.
+def _steady(points: list[tuple[int, float, int]], warmup: int) -> dict[str, Any]:
+    """Seconds, useful tokens and steps between the log point of step ``warmup`` and the last one,
+    and every step's own seconds (warm-up included).
 
     ``points`` are (step, time, tokens consumed so far) at each logged step. Step 0 is the start of
-    training; on a GPU the first steps carry CUDA/cuBLAS/Triton start-up and are left out.
+    training; on a GPU the first steps carry CUDA/cuBLAS/Triton start-up and are left out. The
+    per-step times show what a total hides: a recompilation (torch_compile) or a stall inside the
+    timed steps.
     """
     first = next(p for p in points if p[0] == warmup)
     last = points[-1]
-    return last[1] - first[1], last[2] - first[2], last[0] - first[0]
+    return {"seconds": last[1] - first[1], "useful_tokens": last[2] - first[2], "steps": last[0] - first[0],
+            "step_seconds": [round(b[1] - a[1], 4) for a, b in itertools.pairwise(points)]}
 
 
 def worker_baseline(model_dir: Path, data: Path, eval_data: Path, out: Path, steps: int, batch: int, accum: int,
@@ -176,9 +182,8 @@ def worker_baseline(model_dir: Path, data: Path, eval_data: Path, out: Path, ste
     trainer.train()
     memory = _peak_memory()
     model.save_pretrained(out / "adapter")
-    seconds, tokens, timed_steps = _steady(points, warmup)
-    return {"variant": f"baseline (Trainer+peft, padded, {precision})", "seconds": seconds, "steps": timed_steps,
-            "useful_tokens": tokens, "padding_fraction": 1 - counts["useful"] / counts["padded"],
+    return {"variant": f"baseline (Trainer+peft, padded, {precision})", **_steady(points, warmup),
+            "padding_fraction": 1 - counts["useful"] / counts["padded"],
             "micro_batch": f"{batch} x {accum}", "passes_per_step": accum, **memory,
             "eval_loss": eval_loss(model_dir, out / "adapter", eval_data, cutoff)}
 
@@ -217,11 +222,10 @@ def worker_sageft(model_dir: Path, data: Path, eval_data: Path, out: Path, steps
     points = [(0, run.emitter.get_history("training_start")[0]["time"], 0)]
     points += [(e["step"], e["time"], e["tokens_seen"]) for e in run.emitter.get_history("metric_update")
                if e.get("loss") is not None]
-    seconds, tokens, timed_steps = _steady(points, warmup)
     notes = [precision] + (["torch_compile"] if torch_compile else []) + (
         [] if by_tokens == "auto" else [f"micro_batch_by_tokens {by_tokens}"])
     label = f"sage-ft ({', '.join(notes)})"
-    return {"variant": label, "seconds": seconds, "steps": timed_steps, "useful_tokens": tokens,
+    return {"variant": label, **_steady(points, warmup),
             "padding_fraction": metrics.get("padding_fraction"), **memory,
             "micro_batch": f"{config.per_device_train_batch_size} x {config.gradient_accumulation_steps}",
             "passes_per_step": metrics.get("micro_batches_per_step"),
@@ -330,6 +334,8 @@ def main() -> int:
         res["key"], res["wall_s"] = f"{worker}-{variant}", time.perf_counter() - started
         res["tokens_per_s"] = res["useful_tokens"] / res["seconds"] if res.get("useful_tokens") else None
         res["s_per_step"] = res["seconds"] / res["steps"]
+        timed = sorted(res["step_seconds"][warmup:])
+        res["median_step_s"] = timed[len(timed) // 2] if timed else None
         if gpu:
             res["mfu"] = 6 * n_params * res["tokens_per_s"] / peak if res.get("tokens_per_s") else None
         rows.append(res)
@@ -337,7 +343,7 @@ def main() -> int:
         # machines allow 10 minutes a call) still tells what it measured
         save_results(name, payload)
         print(f"  done in {res['wall_s']:.0f} s: {res['variant']}: {res['tokens_per_s'] or 0:,.0f} useful tokens/s, "
-              f"{res['s_per_step']:.2f} s/step, passes/step {res.get('passes_per_step')}, "
+              f"{res['s_per_step']:.2f} s/step (median {res['median_step_s'] or 0:.2f}), passes/step {res.get('passes_per_step')}, "
               f"eval loss {res['eval_loss']:.4f}", file=sys.stderr, flush=True)
     by_key = {r["key"]: r for r in rows if "error" not in r}
     base = by_key.get(f"baseline-{variants[0][1]}")

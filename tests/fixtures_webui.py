@@ -72,6 +72,23 @@ def start_webui(tmp: Path, *, start_worker: bool = True, exposed: bool = False, 
     return WebUI(url=url, services=services, demo=demo)
 
 
+def state_buttons(app: WebUI, task_id: Any) -> dict[str, dict]:
+    """The Monitor's state-following buttons (``monitor_tab.STATE_BUTTONS``) as its details set them
+    for ``task_id``. Buttons are not API outputs, so the details handler is asked in-process; the
+    browser tests see them on the page."""
+    from sage_ft.webui import monitor_tab
+
+    details = dict(zip(monitor_tab.DETAILS, monitor_tab.task_details(app.services, task_id, [], False, 0.6, "en")[1:],
+                       strict=True))
+    return {name: details[name] for name in monitor_tab.STATE_BUTTONS}
+
+
+def on(buttons: dict[str, dict]) -> set[str]:
+    """The buttons among ``buttons`` that can be clicked (shown and on)."""
+    return {name for name, update in buttons.items()
+            if update.get("interactive", True) and update.get("visible", True)}
+
+
 def form_args(**overrides: Any) -> list[Any]:
     """Form values in ``TrainConfig`` field order: defaults, then ``overrides``."""
     values = {**TrainConfig().to_dict(), **overrides}

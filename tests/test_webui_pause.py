@@ -18,7 +18,7 @@ import pytest
 from sage_ft.tasks import TaskError, TaskStatus
 from tests.fixtures_data import memorize_rows, write_jsonl
 from tests.fixtures_tasks import tiny_task_config
-from tests.fixtures_webui import start_webui
+from tests.fixtures_webui import on, start_webui, state_buttons
 
 TOTAL = 3000  # far more steps than the test lasts: the run is still going when it is paused
 
@@ -52,13 +52,9 @@ def _table(app, task_id) -> dict[int, str]:
 
 
 def _buttons(app, task_id) -> tuple[dict, dict]:
-    """The ⏸ Pause and ▶ Unpause updates the Monitor's details send with a task (buttons are not API
-    outputs, so the details handler is asked in-process; the browser test sees them on the page)."""
-    from sage_ft.webui import monitor_tab
-
-    details = dict(zip(monitor_tab.DETAILS, monitor_tab.task_details(app.services, task_id, [], False, 0.6, "en")[1:],
-                       strict=True))
-    return details["pause"], details["unpause"]
+    """The ⏸ Pause and ▶ Unpause updates the Monitor's details send with a task."""
+    buttons = state_buttons(app, task_id)
+    return buttons["pause"], buttons["unpause"]
 
 
 def _wait(what, timeout: float = 120.0, poll: float = 0.3):
@@ -90,11 +86,13 @@ def test_a_paused_run_shows_paused_everywhere_blocks_the_queue_and_unpauses(webu
         assert "ETA" in running[0] and "⏸" not in running[0]  # what a pause must take away
         pause, unpause = _buttons(webui, long.id)
         assert pause["visible"] and pause["interactive"] and not unpause["visible"]
+        assert on(state_buttons(webui, long.id)) == {"cancel", "pause"}  # no Delete, Retry or Resume while it runs
 
         message, selected = webui_client.predict(long.id, "en", api_name="/task_pause")
         assert f"Task #{long.id} pauses after its current step" in _text(message) and selected == long.id
         pause, unpause = _buttons(webui, long.id)
         assert not pause["visible"] and unpause["visible"] and unpause["interactive"]  # they trade places
+        assert on(state_buttons(webui, long.id)) == {"cancel", "unpause"}
         held = _wait(lambda: _held_step(long.output_dir), timeout=60)
 
         def monitor_progress() -> str:
@@ -161,6 +159,25 @@ def test_pause_buttons_follow_the_selected_task(idle_app, dataset):
     message, _ = client.predict(None, "en", api_name="/task_unpause")
     assert "Select a task first" in message
     assert tasks.task(queued.id).paused is False
+
+
+def test_the_task_buttons_offer_what_the_selected_task_allows(idle_app, dataset):
+    """Cancel, Resume, Retry and Delete were on for any task, and with none picked, and refused after the
+    click; now only what the task's state allows can be clicked (running and completed tasks: in
+    test_a_paused_run_... and tests/test_webui_monitor.py)."""
+    tasks = idle_app.services.tasks
+    assert on(state_buttons(idle_app, None)) == set()
+    queued = tasks.create(tiny_task_config(dataset))
+    assert on(state_buttons(idle_app, queued.id)) == {"cancel", "delete"}
+    never_ran = tasks.cancel(queued.id)  # cancelled before it started: nothing to resume from
+    assert on(state_buttons(idle_app, never_ran.id)) == {"retry", "delete"}
+    client = idle_app.client()
+    message, again = client.predict(never_ran.id, "en", api_name="/task_retry")  # a fresh task, queued
+    assert f"Task #{again} queued" in _text(message)
+    assert on(state_buttons(idle_app, again)) == {"cancel", "delete"}
+    message, _ = client.predict(never_ran.id, "en", api_name="/task_delete")
+    assert f"Task #{never_ran.id} removed from the list" in _text(message)
+    assert on(state_buttons(idle_app, never_ran.id)) == set()  # no such task any more: nothing on
 
 
 def test_a_task_box_value_that_is_not_an_id_is_refused_not_rounded(idle_app, dataset):

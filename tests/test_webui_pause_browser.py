@@ -60,6 +60,10 @@ def test_pause_unpause_task_box_and_download_in_a_real_browser(demo_model, tmp_p
             table.get_by_text("done run").click()
             expect(progress.locator(".sage-progress")).to_have_attribute("data-task", str(done.id))
             expect(pause).to_be_disabled()  # a finished task: in sight, but off
+            cancel, resume = page.get_by_role("button", name="⏹ Cancel"), page.get_by_role("button", name="⏯ Resume")
+            expect(cancel).to_be_disabled()  # and so is what it does not allow; Retry (run it again) is on
+            expect(resume).to_be_disabled()
+            expect(page.get_by_role("button", name="🔁 Retry")).to_be_enabled()
             page.get_by_role("button", name="⬇️ Download full log").click()
             expect(offered).to_be_visible()
             expect(offered.get_by_role("link")).to_have_attribute("href", re.compile(f"/task-{done.id}-logs.txt$"))
@@ -68,11 +72,12 @@ def test_pause_unpause_task_box_and_download_in_a_real_browser(demo_model, tmp_p
             expect(picker).to_be_hidden()  # a finished run has nothing to resume
             table.locator("text=resumable run >> visible=true").first.click()  # (also in a hidden sizing row)
             expect(picker).to_be_visible()
+            expect(resume).to_be_enabled()
             expect(picker.locator("input")).to_have_value(re.compile(r"^the newest intact checkpoint \(checkpoint-"))
             picker.locator("input").click()
             page.get_by_role("option", name=older, exact=True).click()
             page.screenshot(path=str(ARTIFACTS / "monitor-resume-from.png"), full_page=True)
-            page.get_by_role("button", name="⏯ Resume").click()
+            resume.click()
             expect(page.get_by_text(f"will continue from {older}").first).to_be_visible()
             _wait(lambda: tasks.task(resumable.id).status is TaskStatus.QUEUED)
             assert [c.name for c in rundir.checkpoint_folders(resumable.output_dir)] == [older]  # newer set aside

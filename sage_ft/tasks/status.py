@@ -36,6 +36,11 @@ class TaskStatus(StrEnum):
         """A run in this state may continue from its last checkpoint."""
         return self in RESUMABLE_STATES
 
+    @property
+    def is_cancellable(self) -> bool:
+        """A task in this state can be cancelled (a running one stops at its next step)."""
+        return self in CANCELLABLE_STATES
+
 
 _ICONS = {
     TaskStatus.COMPLETED: "✅",
@@ -48,3 +53,6 @@ _ICONS = {
 
 FINAL_STATES = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.INTERRUPTED})
 RESUMABLE_STATES = frozenset({TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.INTERRUPTED})
+# What ``TaskManager.cancel`` accepts: queued (leaves the queue), running (stops at its next step) and
+# interrupted (becomes cancelled, still resumable).
+CANCELLABLE_STATES = frozenset({TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.INTERRUPTED})

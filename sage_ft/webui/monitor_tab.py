@@ -51,7 +51,7 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
         for action in ("cancel", "pause", "unpause", "resume", "retry", "delete", "download", "use_chat"):
             variant = "stop" if action in ("cancel", "delete") else "secondary"
             reg.add(f"mon.{action}", gr.Button(i18n.t(f"mon.{action}", lang), variant=variant, size="sm",
-                                               **PAUSE_BUTTONS.get(action, {})))
+                                               **INITIAL_BUTTONS.get(action, {})))
     reg.add("mon.resume_from", gr.Dropdown(choices=[], value=None, label=i18n.t("mon.resume_from", lang), visible=False,
                                            info=i18n.t("mon.resume_from.info", lang), elem_id="resume-from"),
             kind="label_info")
@@ -78,10 +78,13 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
                                       lines=6, max_lines=16))
 
 
-DETAILS = ("progress", "loss", "eval", "lr", "config", "log", "checkpoints", "metrics", "paths", "pause", "unpause",
+# The task actions whose buttons follow the picked task's state (``action_buttons``); Download and
+# "Use as chat backend" stay on: what they need (an adapter) is on disk, and their refusal says so.
+STATE_BUTTONS = ("cancel", "pause", "unpause", "resume", "retry", "delete")
+DETAILS = ("progress", "loss", "eval", "lr", "config", "log", "checkpoints", "metrics", "paths", *STATE_BUTTONS,
            "resume_from")
-# Before a task is picked: Pause shown but off (so it can be found), Unpause hidden (see pause_buttons).
-PAUSE_BUTTONS = {"pause": {"interactive": False}, "unpause": {"visible": False}}
+# Before a task is picked: all off, Unpause hidden (see pause_buttons).
+INITIAL_BUTTONS = {**{action: {"interactive": False} for action in STATE_BUTTONS}, "unpause": {"visible": False}}
 
 
 def pause_buttons(task: Any) -> list[Any]:
@@ -91,6 +94,21 @@ def pause_buttons(task: Any) -> list[Any]:
     paused = running and render.is_paused(task)
     return [gr.update(visible=not paused, interactive=running and not paused),
             gr.update(visible=paused, interactive=paused)]
+
+
+def action_buttons(task: Any) -> list[Any]:
+    """The buttons of ``STATE_BUTTONS``, on only where the task's state allows the action, so the
+    page shows what can be done instead of refusing it after a click: Cancel for a queued, running or
+    interrupted task; Resume for a failed, cancelled or interrupted one with an intact checkpoint;
+    Retry for any finished one (a completed one runs again as a copy); Delete unless it runs."""
+    status = task.status if task is not None else None
+    cancel, resume, retry, delete = (
+        status is not None and status.is_cancellable,
+        status is not None and status.is_resumable and bool(getattr(task, "checkpoints", None)),
+        status is not None and status.is_final,
+        status is not None and status is not TaskStatus.RUNNING)
+    return [gr.update(interactive=cancel), *pause_buttons(task), gr.update(interactive=resume),
+            gr.update(interactive=retry), gr.update(interactive=delete)]
 
 
 def resume_from(task: Any, lang: str) -> Any:
@@ -249,7 +267,7 @@ def _plot_data(fig: charts.Figure | None) -> Any:
 
 def _task_details(services: AppServices, task_id: Any, compare: list[Any], log_y: bool, smoothing: float,
                   lang: str, stamp: str | None = None) -> list[Any]:
-    empty = [None, render.progress_html(None, lang), None, None, None, "", "", "", None, "", *pause_buttons(None),
+    empty = [None, render.progress_html(None, lang), None, None, None, "", "", "", None, "", *action_buttons(None),
              resume_from(None, lang)]
     if task_id in (None, ""):
         return empty
@@ -283,7 +301,7 @@ def _task_details(services: AppServices, task_id: Any, compare: list[Any], log_y
     progress = render.progress_html(detail, lang, detail.eta_seconds, render.paused_ahead(services.tasks, detail))
     return [stamp, progress, loss, evals, lr, detail.config_yaml,
             detail.log_tail, f"**{i18n.t('mon.checkpoints', lang)}**\n\n{checkpoints}",
-            render.readable_metrics(_still_true(detail)), paths_md, *pause_buttons(detail), resume_from(detail, lang)]
+            render.readable_metrics(_still_true(detail)), paths_md, *action_buttons(detail), resume_from(detail, lang)]
 
 
 LIVE_METRICS = ("eta_seconds", "tokens_per_second")  # the speed of the moment: none while a run is paused

@@ -56,6 +56,19 @@ def _export(client, source, target="", overwrite=False, verify=True, gguf="none"
                           api_name="/export_start")
 
 
+def test_with_no_finished_run_the_empty_list_is_explained(client, tmp_path, monkeypatch):
+    """An empty source list said only 'No export running.' (an empty picker with no explanation is
+    what LLaMA-Factory users report, #9060): with no finished run in the data home it says how one
+    gets there. The app runs in this process, so a fresh data home is one variable away."""
+    monkeypatch.setenv("SAGE_FT_HOME", str(tmp_path / "empty-home"))
+    update, progress, result, _ = client.predict("en", None, api_name="/export_sources")
+    assert update["choices"] == [] and update["value"] is None
+    assert "No fine-tune to export yet" in progress and "Train tab" in progress, progress
+    assert "还没有可导出的微调" in client.predict("zh", None, api_name="/export_sources")[1]
+    typed = str(tmp_path / "some-run")  # a typed folder: the user is past the hint
+    assert "No export running" in client.predict("en", typed, api_name="/export_sources")[1]
+
+
 def test_sources_list_runs_and_their_checkpoints(client, run_in_home):
     update, progress, result, _ = client.predict("en", None, api_name="/export_sources")
     values = [value for _, value in update["choices"]]

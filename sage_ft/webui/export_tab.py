@@ -107,8 +107,10 @@ def wire(reg: Registry, services: AppServices) -> None:
     def refresh(lg, source):
         choices = source_choices(services)
         # The newest run is what one usually exports next; a pick (or a typed folder) stays.
-        return [gr.update(choices=choices, value=source or (choices[0][1] if choices else None)),
-                *snapshot(services, lg)]
+        shown = snapshot(services, lg)
+        if not choices and not source and _JOBS.get(id(services)) is None:  # an empty list, explained
+            shown[0] = _note_html(i18n.t("export.no_runs", i18n.normalize(lg)))
+        return [gr.update(choices=choices, value=source or (choices[0][1] if choices else None)), *shown]
 
     refresh_out = [reg["export.source"], *outputs]
     reg["export.refresh"].click(refresh, [lang, reg["export.source"]], refresh_out, api_name="export_sources",
@@ -132,9 +134,13 @@ def _stage_text(stage: str, lang: str) -> str:
     return i18n.t(key, lang) if key in i18n.strings(lang) else stage
 
 
+def _note_html(text: str) -> str:
+    return f'<div class="sage-progress empty">{_esc(text)}</div>'
+
+
 def progress_html(job: ExportJob | None, lang: str) -> str:
     if job is None:
-        return f'<div class="sage-progress empty">{_esc(i18n.t("export.idle", lang))}</div>'
+        return _note_html(i18n.t("export.idle", lang))
     if job.refused:
         return refused_html(job.source, lang)
     state = "failed" if job.error else "cancelled" if job.cancelled else "running" if job.running else "completed"

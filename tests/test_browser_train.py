@@ -98,6 +98,9 @@ def test_train_monitor_reload_and_language_in_a_real_browser(browser_app, tmp_pa
         expect(page.locator("#mon-progress .sage-progress")).not_to_have_attribute("data-step", str(first),
                                                                                     timeout=90_000)
         assert _step(page) > first
+        # the legend sits below the x axis's title (it was drawn over it)
+        legend, axis_title = (page.locator(f"#loss-chart {s}").first.bounding_box() for s in (".legend", ".xtitle"))
+        assert legend["y"] >= axis_title["y"] + axis_title["height"], (legend, axis_title)
         page.screenshot(path=str(ARTIFACTS / "monitor-tab.png"), full_page=True)
         # More log than Gradio's own autoscroll follows when it arrives in one piece (100 px)
         page.wait_for_function(LOG_OVERFLOWS, arg=["#task-log textarea", 200], timeout=90_000)

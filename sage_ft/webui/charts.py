@@ -82,14 +82,23 @@ def thin(xs: Sequence[int], ys: Sequence[float | None],
     return [xs[i] for i in order], [ys[i] for i in order]
 
 
+LEGEND_LINE_PX = 20
+
+
 def _figure(traces: list[dict[str, Any]], title: str, y_title: str, log_y: bool, empty_text: str) -> Figure:
     """A plotly.js figure as plain data (what ``go.Figure.to_plotly_json()`` gives), built without
     plotly's per-property validation: these charts are rebuilt on every page tick of a live run, and
     validation cost 10x the rest (25 ms of CPU per tick for three charts, bench/monitoring.py)."""
+    # the legend (one line per curve in these narrow charts) takes its height from the plot's: each curve
+    # beyond two makes the figure a line taller, so that the plot of several overlaid runs keeps its size
+    height = 300 + LEGEND_LINE_PX * max(0, sum(1 for t in traces if t.get("showlegend", True)) - 2)
     layout: dict[str, Any] = {
-        "title": {"text": title, "x": 0.02}, "height": 300, "margin": {"l": 50, "r": 10, "t": 40, "b": 40},
+        "title": {"text": title, "x": 0.02}, "height": height, "margin": {"l": 50, "r": 10, "t": 40, "b": 40},
         "xaxis": {"title": {"text": "step"}}, "yaxis": {"title": {"text": y_title}},
-        "legend": {"orientation": "h", "y": -0.25}, "hovermode": "x unified", "template": _template()}
+        # at the foot of the figure, below the x axis's title (placed in plot coordinates it was drawn over
+        # the title whenever the plot was short)
+        "legend": {"orientation": "h", "yref": "container", "y": 0, "yanchor": "bottom"}, "hovermode": "x unified",
+        "template": _template()}
     if log_y:
         layout["yaxis"]["type"] = "log"
     if not traces:

@@ -26,6 +26,30 @@ def test_demo_model_is_a_normal_hf_directory(tmp_path: Path) -> None:
     assert model.config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
 
 
+def test_an_untrained_reply_is_not_ended_by_chance(demo_model: Path) -> None:
+    """The Chat and its streaming tests need a greedy reply of the untrained demo to run to max_tokens.
+    With every weight random, the end-of-turn token came out on top wherever it happened to: one build
+    (the tokenizer changes with the docs) ended a reply after one token on the vLLM server. Its output
+    row is scaled down (``EOS_ROW_SCALE``): over a long chat it never ranks near the top, fp32 or bf16
+    (unscaled it ranked 33rd of 2,048 at best there)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sage_ft import paths
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model)
+    paragraphs = [p[:300] for p in (paths.project_root() / "README.md").read_text().split("\n\n") if len(p) > 40]
+    chat = [{"role": ("user", "assistant")[i % 2], "content": p} for i, p in enumerate(paragraphs[:40])]
+    ids = tokenizer.apply_chat_template(chat, return_tensors="pt", return_dict=True)["input_ids"][:, :2048]
+    eos = tokenizer.eos_token_id
+    for dtype in (torch.float32, torch.bfloat16):
+        model = AutoModelForCausalLM.from_pretrained(demo_model, dtype=dtype).eval()
+        with torch.no_grad():
+            logits = model(ids).logits[0].float()
+        ranks = (logits > logits[:, eos:eos + 1]).sum(-1)  # 0: the end-of-turn token would be picked
+        assert int(ranks.min()) >= 100, (dtype, int(ranks.min()))
+
+
 def test_demo_model_build_is_deterministic_and_idempotent(tmp_path: Path) -> None:
     a = build_demo_model(tmp_path / "a")
     b = build_demo_model(tmp_path / "b")

@@ -39,6 +39,12 @@ LOG_AT_END = """(sel) => { const b = document.querySelector(sel);
                            return b !== null && b.clientHeight > 0 && b.scrollHeight > b.clientHeight
                                   && b.scrollTop + b.clientHeight >= b.scrollHeight - 8; }"""
 
+# A chart's legend shown, and below its x axis's title.
+LEGEND_BELOW_AXIS_TITLE = """(chart) => { const legend = document.querySelector(chart + ' .legend'),
+                                                title = document.querySelector(chart + ' .xtitle');
+    if (!legend || !title || !legend.getBoundingClientRect().height) return false;
+    return legend.getBoundingClientRect().top >= title.getBoundingClientRect().bottom; }"""
+
 # Form fields whose label runs past their box's right edge (long config keys in narrow columns).
 LABELS_OVERFLOWING = """() => [...document.querySelectorAll('[id^="cfg-"]')].filter(b => b.offsetParent !== null)
     .filter(b => [...b.querySelectorAll('[data-testid="block-info"]')]
@@ -98,9 +104,9 @@ def test_train_monitor_reload_and_language_in_a_real_browser(browser_app, tmp_pa
         expect(page.locator("#mon-progress .sage-progress")).not_to_have_attribute("data-step", str(first),
                                                                                     timeout=90_000)
         assert _step(page) > first
-        # the legend sits below the x axis's title (it was drawn over it)
-        legend, axis_title = (page.locator(f"#loss-chart {s}").first.bounding_box() for s in (".legend", ".xtitle"))
-        assert legend["y"] >= axis_title["y"] + axis_title["height"], (legend, axis_title)
+        # the legend sits below the x axis's title (it was drawn over it); read in one go in the page, which
+        # redraws the chart on every tick of the running task
+        page.wait_for_function(LEGEND_BELOW_AXIS_TITLE, arg="#loss-chart", timeout=30_000)
         page.screenshot(path=str(ARTIFACTS / "monitor-tab.png"), full_page=True)
         # More log than Gradio's own autoscroll follows when it arrives in one piece (100 px)
         page.wait_for_function(LOG_OVERFLOWS, arg=["#task-log textarea", 200], timeout=90_000)

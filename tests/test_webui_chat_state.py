@@ -53,7 +53,11 @@ def _some_words_while_held(page: Page, event: str, let_run) -> list[Any]:
         assert event not in page.done, page.outputs[event][-1:]
         assert time.monotonic() < deadline, f"no words of the reply within 120 s: {page.outputs[event][-1:]}"
         let_run(0.05)
-        time.sleep(0.3)  # what the burst wrote reaches the page
+        # what the burst wrote reaches the page: up to 2 s before the next burst (with a fixed 0.3 s, a page
+        # that lagged on a busy machine let the bursts write the whole 900-token reply first, seen twice in CI)
+        burst_seen = time.monotonic() + 2.0
+        while time.monotonic() < burst_seen and not any(_replying(out) for out in list(page.outputs[event])):
+            time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

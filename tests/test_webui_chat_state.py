@@ -45,7 +45,8 @@ def _some_words_while_held(page: Page, event: str, let_run) -> list[Any]:
         shown = next((output for output in list(page.outputs[event]) if _replying(output)), None)
         if shown is not None:
             # what it said and who served it: a greedy reply of the untrained demo runs to max_tokens, so one
-            # that ended is an error's text, or another model's (seen once in CI, not reproduced)
+            # that ended is an error's text, another model's, or a reply the bursts wrote whole before the page
+            # showed its words (what this printed in CI: the demo's own text, the server ready)
             assert event not in page.done and RUNNING.streaming(reply_key(page.session)), (
                 f"the reply ended: {_text((page.outputs[event][-1][0] or [{'content': ''}])[-1])[-300:]!r}; "
                 f"server {page.app.services.server.status()}")

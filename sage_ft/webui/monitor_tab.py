@@ -101,12 +101,11 @@ def action_buttons(task: Any) -> list[Any]:
     page shows what can be done instead of refusing it after a click: Cancel for a queued, running or
     interrupted task; Resume for a failed, cancelled or interrupted one with an intact checkpoint;
     Retry for any finished one (a completed one runs again as a copy); Delete unless it runs."""
-    status = task.status if task is not None else None
-    cancel, resume, retry, delete = (
-        status is not None and status.is_cancellable,
-        status is not None and status.is_resumable and bool(getattr(task, "checkpoints", None)),
-        status is not None and status.is_final,
-        status is not None and status is not TaskStatus.RUNNING)
+    if task is None:
+        cancel = resume = retry = delete = False
+    else:
+        cancel, retry, delete = task.status.is_cancellable, task.status.is_final, task.status is not TaskStatus.RUNNING
+        resume = task.status.is_resumable and bool(getattr(task, "checkpoints", None))
     return [gr.update(interactive=cancel), *pause_buttons(task), gr.update(interactive=resume),
             gr.update(interactive=retry), gr.update(interactive=delete)]
 

@@ -75,12 +75,16 @@ def start_webui(tmp: Path, *, start_worker: bool = True, exposed: bool = False, 
 def state_buttons(app: WebUI, task_id: Any) -> dict[str, dict]:
     """The Monitor's state-following buttons (``monitor_tab.STATE_BUTTONS``) as its details set them
     for ``task_id``. Buttons are not API outputs, so the details handler is asked in-process; the
-    browser tests see them on the page."""
-    from sage_ft.webui import monitor_tab
+    browser tests see them on the page. The Train tab's Cancel and Resume, for the same task in its
+    Task box, must be on exactly where the Monitor's are (one rule: ``render.allowed_actions``)."""
+    from sage_ft.webui import monitor_tab, train_tab
 
     details = dict(zip(monitor_tab.DETAILS, monitor_tab.task_details(app.services, task_id, [], False, 0.6, "en")[1:],
                        strict=True))
-    return {name: details[name] for name in monitor_tab.STATE_BUTTONS}
+    buttons = {name: details[name] for name in monitor_tab.STATE_BUTTONS}
+    train = dict(zip(("cancel", "resume"), train_tab.progress_tick(app.services, task_id, None, "en")[2:], strict=True))
+    assert on(train) == on(buttons) & {"cancel", "resume"}, (task_id, train, buttons)
+    return buttons
 
 
 def on(buttons: dict[str, dict]) -> set[str]:

@@ -300,7 +300,7 @@ def test_a_queued_task_shows_its_place_and_follows_the_queue(idle_manager, task_
     assert "left the queue before it started; nothing was trained" in said  # nobody has to guess
     assert monitor_tab._stamp(services, second.id, [], False, 0.6, "en") != stamp
     assert "Position in the queue: 1" in render.progress_html(idle_manager.get(second.id), "en")
-    shown, _ = train_tab.progress_tick(services, second.id, None, "en")  # the Train tab's bar says it too
+    shown, *_ = train_tab.progress_tick(services, second.id, None, "en")  # the Train tab's bar says it too
     assert "Position in the queue: 1" in shown
     assert "waiting for the trainer" in render.progress_html(idle_manager.task(second.id), "en")  # no detail
     assert "队列位置：1" in render.progress_html(idle_manager.get(second.id), "zh")

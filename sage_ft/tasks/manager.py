@@ -31,7 +31,7 @@ from sage_ft.events import Preparation, read_events
 from sage_ft.tasks import rundir
 from sage_ft.tasks.checkpoints import checkpoint_problem
 from sage_ft.tasks.procinfo import ProcessIdentity, current_identity, end_process_tree
-from sage_ft.tasks.status import RESUMABLE_STATES, TaskStatus
+from sage_ft.tasks.status import CANCELLED_AT_ONCE_STATES, RESUMABLE_STATES, TaskStatus
 from sage_ft.tasks.store import TaskRecord, TaskStore, WorkerRecord
 from sage_ft.tasks.task import (
     Task,
@@ -340,7 +340,7 @@ class TaskManager:
         with self.store.write() as s:
             done = s.execute(update(TaskRecord).where(
                 TaskRecord.id == task_id,
-                TaskRecord.status.in_([TaskStatus.QUEUED.value, TaskStatus.INTERRUPTED.value]))
+                TaskRecord.status.in_([st.value for st in CANCELLED_AT_ONCE_STATES]))
                 .values(status=TaskStatus.CANCELLED.value, finished_at=now, updated_at=now)).rowcount
             if not done:
                 done = s.execute(update(TaskRecord).where(TaskRecord.id == task_id,

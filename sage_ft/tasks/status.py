@@ -53,6 +53,7 @@ _ICONS = {
 
 FINAL_STATES = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.INTERRUPTED})
 RESUMABLE_STATES = frozenset({TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.INTERRUPTED})
-# What ``TaskManager.cancel`` accepts: queued (leaves the queue), running (stops at its next step) and
-# interrupted (becomes cancelled, still resumable).
-CANCELLABLE_STATES = frozenset({TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.INTERRUPTED})
+# What ``TaskManager.cancel`` accepts. Queued (leaves the queue) and interrupted (stays resumable) become
+# cancelled at once; a running task is asked to stop at its next step and becomes cancelled when it has.
+CANCELLED_AT_ONCE_STATES = frozenset({TaskStatus.QUEUED, TaskStatus.INTERRUPTED})
+CANCELLABLE_STATES = CANCELLED_AT_ONCE_STATES | {TaskStatus.RUNNING}

@@ -97,17 +97,11 @@ def pause_buttons(task: Any) -> list[Any]:
 
 
 def action_buttons(task: Any) -> list[Any]:
-    """The buttons of ``STATE_BUTTONS``, on only where the task's state allows the action, so the
-    page shows what can be done instead of refusing it after a click: Cancel for a queued, running or
-    interrupted task; Resume for a failed, cancelled or interrupted one with an intact checkpoint;
-    Retry for any finished one (a completed one runs again as a copy); Delete unless it runs."""
-    if task is None:
-        cancel = resume = retry = delete = False
-    else:
-        cancel, retry, delete = task.status.is_cancellable, task.status.is_final, task.status is not TaskStatus.RUNNING
-        resume = task.status.is_resumable and bool(getattr(task, "checkpoints", None))
-    return [gr.update(interactive=cancel), *pause_buttons(task), gr.update(interactive=resume),
-            gr.update(interactive=retry), gr.update(interactive=delete)]
+    """The buttons of ``STATE_BUTTONS``, on only where the task's state allows the action
+    (``render.allowed_actions``; ``task`` is a ``TaskDetail``, which lists the intact checkpoints)."""
+    allowed = render.allowed_actions(task, bool(getattr(task, "checkpoints", None)))
+    return [gr.update(interactive=allowed["cancel"]), *pause_buttons(task), gr.update(interactive=allowed["resume"]),
+            gr.update(interactive=allowed["retry"]), gr.update(interactive=allowed["delete"])]
 
 
 def resume_from(task: Any, lang: str) -> Any:

@@ -64,6 +64,18 @@ def is_paused(task: Task) -> bool:
     return task.paused and task.status is TaskStatus.RUNNING
 
 
+def allowed_actions(task: Task | None, has_checkpoint: bool) -> dict[str, bool]:
+    """Which task actions the task's state allows, so a page can turn off the buttons for the others
+    instead of refusing after a click (the Monitor's and the Train tab's buttons both follow this):
+    cancel a queued, running or interrupted task; resume a failed, cancelled or interrupted one with an
+    intact checkpoint (``has_checkpoint``); retry any finished one (a completed one runs again as a
+    copy); delete any that is not running. None (no task picked): nothing."""
+    if task is None:
+        return dict.fromkeys(("cancel", "resume", "retry", "delete"), False)
+    return {"cancel": task.status.is_cancellable, "resume": task.status.is_resumable and has_checkpoint,
+            "retry": task.status.is_final, "delete": task.status is not TaskStatus.RUNNING}
+
+
 def status_text(task: Task, lang: str, paused_ahead: Task | None = None) -> str:
     """'🔄 running ⏸ paused' as the CLI's list says it; a queued task behind a paused one says so
     (``paused_ahead``: the paused running task, or None; ignored for a task that is not queued)."""

@@ -20,7 +20,7 @@ import gradio as gr
 
 from sage_ft import paths
 from sage_ft.config import ConfigError, TrainConfig, closest_key
-from sage_ft.tasks import TaskError, TaskStatus, parse_task_id
+from sage_ft.tasks import Task, TaskError, TaskStatus, parse_task_id, rundir
 from sage_ft.webui import charts, form, form_memory, i18n, render
 from sage_ft.webui.components import TOAST_S, Registry
 from sage_ft.webui.presets import PRESETS
@@ -111,8 +111,11 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
 
     with gr.Row(equal_height=True):
         reg.add("train.start", gr.Button(i18n.t("train.start", lang), variant="primary", elem_id="start-btn", scale=2))
-        reg.add("train.cancel", gr.Button(i18n.t("train.cancel", lang), variant="stop", scale=1))
-        reg.add("train.resume", gr.Button(i18n.t("train.resume", lang), scale=1))
+        # on only where the Task box's task allows them (action_buttons, on the page tick)
+        reg.add("train.cancel", gr.Button(i18n.t("train.cancel", lang), variant="stop", scale=1, interactive=False,
+                                          elem_id="train-cancel"))
+        reg.add("train.resume", gr.Button(i18n.t("train.resume", lang), scale=1, interactive=False,
+                                          elem_id="train-resume"))
         reg.add("train.stamp", gr.State(None), kind="none")
         # no rounding (precision=None): with precision=0 a typed 2.5 reached the handlers as task 2;
         # typed_task_id reads what is typed with the one task-id syntax and names anything else
@@ -184,7 +187,12 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
     reg["top.api"].tick(lambda tid, lg: train_progress(services, tid, lg), [reg["train.task_id"], lang],
                         reg["train.progress"], api_name="train_progress", concurrency_limit=None,
                         show_progress="hidden")
-    return TickPart(("train.task_id", "train.stamp", "top.lang"), ("train.progress", "train.stamp"),
+    ticked = ("train.progress", "train.stamp", "train.cancel", "train.resume")
+    # typed into the Task box: its bar and buttons at once, not at the next tick
+    reg["train.task_id"].input(lambda tid, stamp, lg: progress_tick(services, tid, stamp, lg),
+                               [reg["train.task_id"], reg["train.stamp"], lang], [reg[k] for k in ticked],
+                               api_name=False, show_progress="hidden", trigger_mode="always_last")
+    return TickPart(("train.task_id", "train.stamp", "top.lang"), ticked,
                     lambda tid, stamp, lg: progress_tick(services, tid, stamp, lg))
 
 
@@ -585,21 +593,34 @@ def resume(services: AppServices, task_id: Any, lang: str) -> tuple[Any, str, st
     return _task_action(services, task_id, lang, "resume")
 
 
-def progress_tick(services: AppServices, task_id: Any, stamp: str | None, lang: str) -> tuple[Any, Any]:
-    """The progress bar and its fingerprint (task row version + language), or skips when unchanged."""
+def progress_tick(services: AppServices, task_id: Any, stamp: str | None, lang: str) -> tuple[Any, ...]:
+    """The progress bar, its fingerprint (task row version + queue + language) and the Cancel and
+    Resume buttons (``action_buttons``), or skips when the fingerprint is unchanged."""
     try:
         picked = typed_task_id(task_id, lang)
-        if picked is None:
-            return gr.skip(), gr.skip()
+        if picked is None:  # an emptied box: the bar stays as it was, the buttons go off
+            return (gr.skip(),) * 4 if stamp == NO_TASK else (gr.skip(), NO_TASK, *action_buttons(None))
         task = services.tasks.task(picked)
     except TaskError as exc:  # not a task id, or no such task: the box says which
         note = render.progress_note(render.task_error_text(exc, lang))
-        return (gr.skip(), gr.skip()) if note == stamp else (note, note)
+        return (gr.skip(),) * 4 if note == stamp else (note, note, *action_buttons(None))
     queue = services.queue_stamp(task)  # moves with the tasks ahead (a pause among them) and the clock
     new_stamp = f"{task_id}@{task.updated_at}:{queue}:{lang}"
     if new_stamp == stamp:
-        return gr.skip(), gr.skip()
-    return _progress(services, task, lang), new_stamp
+        return (gr.skip(),) * 4
+    return _progress(services, task, lang), new_stamp, *action_buttons(task)
+
+
+NO_TASK = "no task"  # the fingerprint of an empty Task box
+
+
+def action_buttons(task: Task | None) -> list[Any]:
+    """Cancel and Resume, on only where the task's state allows them (``render.allowed_actions``: the
+    Monitor's rule), so the page shows what can be done instead of refusing it after a click."""
+    # the run folder is read only for a task whose state allows a resume
+    has_checkpoint = task is not None and task.status.is_resumable and bool(rundir.checkpoints(task.output_dir))
+    allowed = render.allowed_actions(task, has_checkpoint)
+    return [gr.update(interactive=allowed["cancel"]), gr.update(interactive=allowed["resume"])]
 
 
 def train_progress(services: AppServices, task_id: Any, lang: str) -> Any:

@@ -79,12 +79,26 @@ def state_buttons(app: WebUI, task_id: Any) -> dict[str, dict]:
     Task box, must be on exactly where the Monitor's are (one rule: ``render.allowed_actions``)."""
     from sage_ft.webui import monitor_tab, train_tab
 
-    details = dict(zip(monitor_tab.DETAILS, monitor_tab.task_details(app.services, task_id, [], False, 0.6, "en")[1:],
-                       strict=True))
-    buttons = {name: details[name] for name in monitor_tab.STATE_BUTTONS}
+    buttons = _detail_buttons(app, task_id, monitor_tab.STATE_BUTTONS)
     train = dict(zip(("cancel", "resume"), train_tab.progress_tick(app.services, task_id, None, "en")[2:], strict=True))
     assert on(train) == on(buttons) & {"cancel", "resume"}, (task_id, train, buttons)
     return buttons
+
+
+def adapter_buttons(app: WebUI, task_id: Any) -> dict[str, dict]:
+    """The Monitor's ⬇️ Download adapter and 💬 Use as chat backend (``monitor_tab.ADAPTER_BUTTONS``)
+    as its details set them for ``task_id`` (in-process, like ``state_buttons``)."""
+    from sage_ft.webui import monitor_tab
+
+    return _detail_buttons(app, task_id, monitor_tab.ADAPTER_BUTTONS)
+
+
+def _detail_buttons(app: WebUI, task_id: Any, names: tuple[str, ...]) -> dict[str, dict]:
+    from sage_ft.webui import monitor_tab
+
+    details = dict(zip(monitor_tab.DETAILS, monitor_tab.task_details(app.services, task_id, [], False, 0.6, "en")[1:],
+                       strict=True))
+    return {name: details[name] for name in names}
 
 
 def on(buttons: dict[str, dict]) -> set[str]:

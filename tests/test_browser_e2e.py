@@ -183,9 +183,11 @@ def test_train_chat_switch_and_export_in_a_browser(e2e_app, tmp_path, browser):
         # 6. export the run; the merged model is then listed in the chat's model list
         page.get_by_role("tab", name="📦 Export").click()
         _pick(page, page.locator("#export-source input"), re.compile(r"e2e-memorize.*\[finetuned · LoRA\]"))
+        expect(page.locator("#export-cancel")).to_be_disabled()  # nothing to cancel yet
         page.locator("#export-start").click()
         expect(page.locator("#export-result")).to_contain_text("✅", timeout=LONG)
         expect(page.locator("#export-result")).to_contain_text("match")
+        expect(page.locator("#export-cancel")).to_be_disabled()  # and none any more
         page.screenshot(path=ARTIFACTS / "6-export.png", full_page=True)
         page.get_by_role("tab", name="💬 Chat").click()
         _pick(page, page.locator("#chat-model input"), re.compile(r"e2e-memorize.*-merged \[finetuned · merged\]"), click=False)

@@ -164,6 +164,7 @@ def test_cancel_during_a_base_switch_keeps_the_current_model(chat_app, client, v
     A second pick made during the switch is not dropped: it says it waits, then switches."""
     client.predict("en", api_name="/chat_switch_cancel")  # nothing under way: a no-op
     assert vllm_manager.status()["state"] == "ready"
+    assert chat_tab.tick(chat_app.services, None, "en")[3]["interactive"] is False  # and the page offers none
     job = client.submit(str(other_base_model), "en", api_name="/chat_switch")
     deadline = time.monotonic() + 60
     while vllm_manager.status()["state"] != "switching" and time.monotonic() < deadline:
@@ -173,6 +174,7 @@ def test_cancel_during_a_base_switch_keeps_the_current_model(chat_app, client, v
     adapter = str(serving_adapters["a"])
     second = chat_app.client().submit(adapter, "en", api_name="/chat_switch")
     time.sleep(2.0)  # the new server is launched by then; its start takes tens of seconds on CPU
+    assert chat_tab.tick(chat_app.services, None, "en")[3]["interactive"] is True  # its start can be cancelled
     client.predict("en", api_name="/chat_switch_cancel")
     status, _, banner, picker = job.result(timeout=60)
     assert status.startswith("⏹") and "cancelled" in status and "still chatting with demo" in status, status
@@ -192,15 +194,16 @@ def test_cancel_during_a_base_switch_keeps_the_current_model(chat_app, client, v
 def test_the_picker_follows_a_switch_made_from_the_terminal(chat_app, vllm_manager, data_home, serving_adapters):
     """`sage-ft switch` while the app serves: the page tick moves the Chat tab's picker with the banner
     (it kept showing the model picked on that page)."""
-    banner, stamp, picker = chat_tab.tick(chat_app.services, None, "en")
+    banner, stamp, picker, cancel = chat_tab.tick(chat_app.services, None, "en")
+    assert cancel["interactive"] is False  # no switch under way: nothing to cancel
     assert picker["value"] == vllm_manager.status()["model_path"] and "ready" in banner
-    assert chat_tab.tick(chat_app.services, stamp, "en") == (gr.skip(),) * 3  # nothing changed: nothing sent
+    assert chat_tab.tick(chat_app.services, stamp, "en") == (gr.skip(),) * 4  # nothing changed: nothing sent
     env = dict(os.environ, SAGE_FT_HOME=str(data_home))
     try:
         proc = subprocess.run([sys.executable, "-m", "sage_ft", "switch", str(serving_adapters["b"])], env=env,
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and proc.stdout.startswith("✅"), proc.stdout + proc.stderr[-2000:]
-        banner, _, picker = chat_tab.tick(chat_app.services, stamp, "en")
+        banner, _, picker, _ = chat_tab.tick(chat_app.services, stamp, "en")
         assert picker["value"] == str(serving_adapters["b"].resolve()) and "adapter-b" in banner
     finally:
         assert vllm_manager.switch("demo").outcome == "live"

@@ -190,6 +190,21 @@ def test_overwriting_the_export_this_app_chats_with_is_refused(client, run_in_ho
     assert json.loads((out / "sage_ft_export.json").read_text())["checkpoint"] is None
 
 
+def test_cancel_is_on_only_while_the_export_runs(export_app, run_in_home):
+    """⏹ Cancel was on with no export running and answered "No export is running" after the click."""
+    def interactive(outputs) -> bool:
+        return outputs[3]["interactive"]
+
+    assert interactive(export_tab.snapshot(export_app.services, "en")) is False  # before, or after the last one
+    shown = list(export_tab.run_export(export_app.services, str(run_in_home / "checkpoint-30"), *OPTIONS,
+                                       "cancel-button", False, False, "none", False, "en"))
+    assert interactive(shown[0]) is True and 'data-state="running"' in shown[0][0]
+    assert interactive(shown[-1]) is False and shown[-1][1].startswith("✅"), shown[-1]
+    assert interactive(export_tab.snapshot(export_app.services, "en")) is False
+    refused = list(export_tab.run_export(export_app.services, "", *OPTIONS, "", False, False, "none", False, "en"))
+    assert [interactive(o) for o in refused] == [False]
+
+
 class _CancelAt(export_tab.ExportJob):
     """An export whose user presses Cancel the moment the bar first shows a stage starting with ``at``."""
 

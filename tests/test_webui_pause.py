@@ -18,7 +18,7 @@ import pytest
 from sage_ft.tasks import TaskError, TaskStatus
 from tests.fixtures_data import memorize_rows, write_jsonl
 from tests.fixtures_tasks import tiny_task_config
-from tests.fixtures_webui import on, start_webui, state_buttons
+from tests.fixtures_webui import adapter_buttons, on, start_webui, state_buttons
 
 TOTAL = 3000  # far more steps than the test lasts: the run is still going when it is paused
 
@@ -87,6 +87,7 @@ def test_a_paused_run_shows_paused_everywhere_blocks_the_queue_and_unpauses(webu
         pause, unpause = _buttons(webui, long.id)
         assert pause["visible"] and pause["interactive"] and not unpause["visible"]
         assert on(state_buttons(webui, long.id)) == {"cancel", "pause"}  # no Delete, Retry or Resume while it runs
+        assert on(adapter_buttons(webui, long.id)) == set()  # no adapter saved yet
 
         message, selected = webui_client.predict(long.id, "en", api_name="/task_pause")
         assert f"Task #{long.id} pauses after its current step" in _text(message) and selected == long.id
@@ -162,13 +163,16 @@ def test_pause_buttons_follow_the_selected_task(idle_app, dataset):
 
 
 def test_the_task_buttons_offer_what_the_selected_task_allows(idle_app, dataset):
-    """Cancel, Resume, Retry and Delete were on for any task, and with none picked, and refused after the
-    click; now only what the task's state allows can be clicked (running and completed tasks: in
-    test_a_paused_run_... and tests/test_webui_monitor.py)."""
+    """Cancel, Resume, Retry and Delete (and Download adapter, Use as chat backend) were on for any task,
+    and with none picked, and refused after the click; now only what the task's state (and its saved
+    adapter) allows can be clicked (running and completed tasks: in test_a_paused_run_... and
+    tests/test_webui_monitor.py)."""
     tasks = idle_app.services.tasks
     assert on(state_buttons(idle_app, None)) == set()
+    assert on(adapter_buttons(idle_app, None)) == set()
     queued = tasks.create(tiny_task_config(dataset))
     assert on(state_buttons(idle_app, queued.id)) == {"cancel", "delete"}
+    assert on(adapter_buttons(idle_app, queued.id)) == set()
     never_ran = tasks.cancel(queued.id)  # cancelled before it started: nothing to resume from
     assert on(state_buttons(idle_app, never_ran.id)) == {"retry", "delete"}
     client = idle_app.client()
@@ -178,6 +182,32 @@ def test_the_task_buttons_offer_what_the_selected_task_allows(idle_app, dataset)
     message, _ = client.predict(never_ran.id, "en", api_name="/task_delete")
     assert f"Task #{never_ran.id} removed from the list" in _text(message)
     assert on(state_buttons(idle_app, never_ran.id)) == set()  # no such task any more: nothing on
+
+
+def test_an_empty_task_list_says_how_to_start_a_run(tmp_path, dataset):
+    """The Monitor of a new data home showed column headers and 'No task selected yet.' (an empty list
+    left unexplained is what LLaMA-Factory users report, #9060); it now says how a run gets there, in
+    the page's language, until there is a task to pick, and is not redrawn every tick."""
+    from sage_ft.tasks import TaskManager
+    from sage_ft.webui import monitor_tab
+    from sage_ft.webui.services import AppServices
+
+    tasks = TaskManager(tmp_path / "tasks.db", start_worker=False)
+    services = AppServices(tasks=tasks, configs_dir=tmp_path / "configs", llm_disabled=True)
+    progress_at = 4 + monitor_tab.DETAILS.index("progress") + 1  # table, version, two pickers, stamp, details
+
+    def tick(version: str | None, lang: str = "en") -> tuple[str, object]:
+        out = monitor_tab.tick(services, version, None, None, [], False, 0.6, lang)
+        return out[1], out[progress_at]
+
+    version, shown = tick(None)
+    assert "No runs yet: start one on the 🚀 Train tab" in _text(shown), shown
+    assert tick(version)[1] == {"__type__": "update"}  # nothing changed: skipped
+    assert "还没有运行" in _text(monitor_tab._relabel_table(services, "zh", None)[-1])
+    tasks.create(tiny_task_config(dataset))
+    _, shown = tick(version)
+    assert "No task selected yet." in _text(shown), shown
+    tasks.shutdown()
 
 
 def test_a_task_box_value_that_is_not_an_id_is_refused_not_rounded(idle_app, dataset):

@@ -597,6 +597,11 @@ class ServerManager:
         self._switch_cancel.set()
         return True
 
+    @property
+    def switch_cancellable(self) -> bool:
+        """Whether ``cancel_switch`` would end something now (a page offers its Cancel only then)."""
+        return self._cancellable_step is not None
+
     @contextlib.contextmanager
     def _cancellable(self, step: str) -> Iterator[None]:
         """Marks the long step of a switch (merge, server start, in-process load) that ``cancel_switch`` ends;

@@ -62,8 +62,9 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
                 kind="label_info")
         reg.add("chat.switch", gr.Button(i18n.t("chat.switch", lang), variant="primary", scale=1,
                                          elem_id="chat-switch"))
+        # on only while a switch has something to cancel (``cancel_button``)
         reg.add("chat.switch_cancel", gr.Button(i18n.t("chat.switch_cancel", lang), variant="stop", scale=0,
-                                                min_width=120, elem_id="chat-switch-cancel"))
+                                                min_width=120, elem_id="chat-switch-cancel", interactive=False))
         reg.add("chat.refresh", gr.Button(i18n.t("chat.refresh", lang), scale=0, min_width=60))
     reg.add("chat.switch_status", gr.Markdown("", elem_id="chat-switch-status"), kind="none")
     reg.add("chat.log_file", gr.File(label=i18n.t("chat.log_file", lang), visible=False, interactive=False))
@@ -127,7 +128,8 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
 
     # "multiple": a pick made while a switch runs is not dropped (Gradio's default) but switched to next
     gr.on([reg["chat.switch"].click, reg["chat.model"].select], switch_to, [reg["chat.model"], lang],
-          [reg["chat.switch_status"], reg["chat.log_file"], *banner_out, reg["chat.model"]], api_name="chat_switch",
+          [reg["chat.switch_status"], reg["chat.log_file"], *banner_out, reg["chat.model"], reg["chat.switch_cancel"]],
+          api_name="chat_switch",
           concurrency_limit=None, show_progress="minimal", trigger_mode="multiple")
 
     reg["chat.switch_cancel"].click(lambda lg: cancel_switch(services, lg), lang, None, api_name="chat_switch_cancel",
@@ -213,7 +215,8 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
     gr.on(set_by_hand, chat_memory.remember_settings, settings[:-1], reg["chat.settings_saved"], api_name=False,
           show_progress="hidden", trigger_mode="always_last")
     server_panel.wire(reg, services)
-    return TickPart(("chat.banner_stamp", "top.lang"), ("chat.banner", "chat.banner_stamp", "chat.model"),
+    return TickPart(("chat.banner_stamp", "top.lang"),
+                    ("chat.banner", "chat.banner_stamp", "chat.model", "chat.switch_cancel"),
                     lambda stamp, lg: tick(services, stamp, lg))
 
 
@@ -381,15 +384,25 @@ def banner_pair(services: AppServices, lang: str, status: dict[str, Any] | None 
     return text, text
 
 
-def tick(services: AppServices, stamp: str | None, lang: str) -> tuple[Any, Any, Any]:
+def tick(services: AppServices, stamp: str | None, lang: str) -> tuple[Any, Any, Any, Any]:
     """The page tick's banner, and the picker set to the served model whenever the banner changes: a
-    switch made elsewhere (another page, ``sage-ft switch``) or one that failed shows in both."""
+    switch made elsewhere (another page, ``sage-ft switch``) or one that failed shows in both. With
+    them the Cancel switch button (its state is in the stamp, so a switch from elsewhere turns it on)."""
     status = _status(services)
     text = banner_html(services, i18n.normalize(lang), status)
-    if text == stamp:
-        return gr.skip(), gr.skip(), gr.skip()
+    cancellable = _switch_cancellable(services)
+    new_stamp = f"{text}{CANCELLABLE_MARK if cancellable else ''}"
+    if new_stamp == stamp:
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
     value = served_value(status)
-    return text, text, (gr.update(value=value) if value else gr.skip())
+    return text, new_stamp, (gr.update(value=value) if value else gr.skip()), gr.update(interactive=cancellable)
+
+
+CANCELLABLE_MARK = "|cancellable"  # ends the tick's stamp while a switch can be cancelled
+
+
+def _switch_cancellable(services: AppServices) -> bool:
+    return services.server is not None and services.server.switch_cancellable
 
 
 # ====================================================================== switching
@@ -484,12 +497,13 @@ def switch(services: AppServices, model: str | None, lang: str) -> Iterator[list
     (after a failed, cancelled or refused switch: the one still answering, not the one picked)."""
     steps = switch_steps(services, model, lang)
     step = next(steps)
-    for following in steps:  # every step but the last
-        yield [*step, *banner_pair(services, lang), gr.skip()]
+    for following in steps:  # every step but the last; Cancel switch on while its step can be cancelled
+        yield [*step, *banner_pair(services, lang), gr.skip(), gr.update(interactive=_switch_cancellable(services))]
         step = following
     status = _status(services)
     value = served_value(status)
-    yield [*step, *banner_pair(services, lang, status), gr.update(value=value) if value else gr.skip()]
+    yield [*step, *banner_pair(services, lang, status), gr.update(value=value) if value else gr.skip(),
+           gr.update(interactive=_switch_cancellable(services))]
 
 
 # ====================================================================== chat

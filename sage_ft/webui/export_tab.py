@@ -86,7 +86,9 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
     with gr.Row():
         reg.add("export.start", gr.Button(i18n.t("export.start", lang), variant="primary", elem_id="export-start",
                                           scale=3))
-        reg.add("export.cancel", gr.Button(i18n.t("export.cancel", lang), variant="stop", scale=1))
+        # on only while this app's export runs (``cancel_button``)
+        reg.add("export.cancel", gr.Button(i18n.t("export.cancel", lang), variant="stop", scale=1, interactive=False,
+                                           elem_id="export-cancel"))
     reg.add("export.progress", gr.HTML(progress_html(None, lang), elem_id="export-progress"), kind="none")
     reg.add("export.result", gr.Markdown("", elem_id="export-result"), kind="none")
     reg.add("export.file", gr.File(label=i18n.t("export.file", lang), visible=False, interactive=False))
@@ -96,7 +98,7 @@ def wire(reg: Registry, services: AppServices) -> None:
     lang = reg["top.lang"]
     inputs = [reg[f"export.{n}"] for n in ("source", "dtype", "shard_size", "target", "overwrite", "verify", "gguf",
                                             "zip")]
-    outputs = [reg["export.progress"], reg["export.result"], reg["export.file"]]
+    outputs = [reg["export.progress"], reg["export.result"], reg["export.file"], reg["export.cancel"]]
     def start(*values):
         yield from run_export(services, *values)
 
@@ -194,13 +196,13 @@ def run_export(services: AppServices, source: str | None, dtype: str, shard_size
     current = _JOBS.get(id(services))
     if current is not None and current.running:
         gr.Warning(i18n.t("export.busy", lang))
-        yield gr.skip(), f"⚠️ {_esc(i18n.t('export.busy', lang))}", gr.skip()
+        yield gr.skip(), f"⚠️ {_esc(i18n.t('export.busy', lang))}", gr.skip(), cancel_button(current)
         return
     try:
         _, out_dir = _check_inputs(services.guard, source, shard_size, target, gguf, lang)
     except ExportError as exc:
         gr.Warning(str(exc))
-        yield refused_html(source, lang), f"❌ {_esc(str(exc))}", gr.update(visible=False)
+        yield refused_html(source, lang), f"❌ {_esc(str(exc))}", gr.update(visible=False), cancel_button(current)
         return
     job = ExportJob(str(source))
     job.thread = threading.Thread(target=_work, args=(services, job, out_dir, dtype, shard_size, bool(overwrite),
@@ -209,11 +211,12 @@ def run_export(services: AppServices, source: str | None, dtype: str, shard_size
     _JOBS[id(services)] = job
     job.thread.start()
     gr.Info(i18n.t("export.started", lang))
-    yield progress_html(job, lang), "", gr.update(visible=False)  # clears the previous export's result
+    # clears the previous export's result
+    yield progress_html(job, lang), "", gr.update(visible=False), cancel_button(job)
     while job.running:
         job.thread.join(timeout=0.5)
         # the result area is left alone while it runs: it shows what Cancel answered until the end
-        yield progress_html(job, lang), gr.skip(), gr.skip()
+        yield progress_html(job, lang), gr.skip(), gr.skip(), gr.skip()
     yield snapshot(services, lang)
 
 
@@ -264,15 +267,22 @@ def _work(services: AppServices, job: ExportJob, out_dir: Path | None, dtype: st
 
 
 def snapshot(services: AppServices, lang: str) -> list[Any]:
-    """Progress bar, result text and download of the app's latest export (for re-attaching a page)."""
+    """Progress bar, result text, download and Cancel button of the app's latest export (for
+    re-attaching a page)."""
     lang = i18n.normalize(lang)
     job = _JOBS.get(id(services))
     if job is None:
-        return [progress_html(None, lang), "", gr.update(visible=False)]
+        return [progress_html(None, lang), "", gr.update(visible=False), cancel_button(None)]
     if job.running:
-        return [progress_html(job, lang), "", gr.skip()]
+        return [progress_html(job, lang), "", gr.skip(), cancel_button(job)]
     return [progress_html(job, lang), result_markdown(job, lang),
-            gr.update(value=str(job.zip_path), visible=True) if job.zip_path else gr.update(visible=False)]
+            gr.update(value=str(job.zip_path), visible=True) if job.zip_path else gr.update(visible=False),
+            cancel_button(job)]
+
+
+def cancel_button(job: ExportJob | None) -> Any:
+    """⏹ Cancel: on while the export runs, so the page does not offer a cancel with nothing to cancel."""
+    return gr.update(interactive=job is not None and job.running)
 
 
 def result_markdown(job: ExportJob, lang: str) -> str:

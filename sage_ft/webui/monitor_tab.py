@@ -78,13 +78,15 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
                                       lines=6, max_lines=16))
 
 
-# The task actions whose buttons follow the picked task's state (``action_buttons``); Download and
-# "Use as chat backend" stay on: what they need (an adapter) is on disk, and their refusal says so.
+# The task actions whose buttons follow the picked task's state (``action_buttons``), and those that
+# follow what its run folder holds (``adapter_buttons``).
 STATE_BUTTONS = ("cancel", "pause", "unpause", "resume", "retry", "delete")
+ADAPTER_BUTTONS = ("download", "use_chat")
 DETAILS = ("progress", "loss", "eval", "lr", "config", "log", "checkpoints", "metrics", "paths", *STATE_BUTTONS,
-           "resume_from")
+           *ADAPTER_BUTTONS, "resume_from")
 # Before a task is picked: all off, Unpause hidden (see pause_buttons).
-INITIAL_BUTTONS = {**{action: {"interactive": False} for action in STATE_BUTTONS}, "unpause": {"visible": False}}
+INITIAL_BUTTONS = {**{action: {"interactive": False} for action in (*STATE_BUTTONS, *ADAPTER_BUTTONS)},
+                   "unpause": {"visible": False}}
 
 
 def pause_buttons(task: Any) -> list[Any]:
@@ -102,6 +104,14 @@ def action_buttons(task: Any) -> list[Any]:
     allowed = render.allowed_actions(task, bool(getattr(task, "checkpoints", None)))
     return [gr.update(interactive=allowed["cancel"]), *pause_buttons(task), gr.update(interactive=allowed["resume"]),
             gr.update(interactive=allowed["retry"]), gr.update(interactive=allowed["delete"])]
+
+
+def adapter_buttons(task: Any) -> list[Any]:
+    """⬇️ Download adapter: on once the run has saved its adapter (``lora/``). 💬 Use as chat backend:
+    also for a completed run without one (a full fine-tune serves its own folder). Off with no task."""
+    adapter = task is not None and (Path(task.output_dir) / "lora").is_dir()
+    return [gr.update(interactive=adapter),
+            gr.update(interactive=adapter or (task is not None and task.status is TaskStatus.COMPLETED))]
 
 
 def resume_from(task: Any, lang: str) -> Any:
@@ -133,7 +143,8 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
     gr.on([reg["mon.task"].change, reg["mon.compare"].change, reg["mon.log_y"].change, reg["mon.smoothing"].input],
           details, view, [reg["mon.stamp"], *detail_outputs(reg)], api_name="task_details", show_progress="hidden",
           trigger_mode="always_last")
-    lang.change(lambda lg: refresh(services, None, lg), lang, table_out, api_name=False)
+    lang.change(lambda lg, tid: _relabel_table(services, lg, tid), [lang, reg["mon.task"]],
+                [*table_out, reg["mon.progress"]], api_name=False)
     for action in ("cancel", "resume", "retry", "delete"):
         extra = [reg["mon.resume_from"]] if action == "resume" else []
         reg[f"mon.{action}"].click(_action_handler(services, action), [reg["mon.task"], lang, *extra],
@@ -182,7 +193,7 @@ def tick(services: AppServices, version: str | None, stamp: str | None, task_id:
          log_y: bool, smoothing: float, lang: str) -> list[Any]:
     table = list(refresh(services, version, lang))
     if task_id in (None, ""):
-        return [*table, gr.skip(), *([gr.skip()] * len(DETAILS))]
+        return [*table, gr.skip(), _unpicked_progress(table[2], lang), *([gr.skip()] * (len(DETAILS) - 1))]
     try:
         new_stamp = _stamp(services, task_id, compare, log_y, smoothing, lang)
     except TaskError:  # typed text that names no task: the details already say so
@@ -190,6 +201,23 @@ def tick(services: AppServices, version: str | None, stamp: str | None, task_id:
     if new_stamp == stamp:
         return [*table, gr.skip(), *([gr.skip()] * len(DETAILS))]
     return [*table, *task_details(services, task_id, compare, log_y, smoothing, lang)]
+
+
+def _unpicked_progress(pickers: Any, lang: str) -> Any:
+    """With no task picked, the progress box says whether there is anything to pick: redrawn when the
+    pickers' choices changed (a task was added or removed, or the language changed), else skipped."""
+    if not isinstance(pickers, dict) or "choices" not in pickers:  # gr.skip() is a dict too
+        return gr.skip()
+    if not pickers.get("choices"):
+        return render.progress_note(i18n.t("mon.no_tasks", lang))
+    return render.progress_html(None, lang)
+
+
+def _relabel_table(services: AppServices, lang: str, task_id: Any) -> list[Any]:
+    """The table and pickers in a newly picked language (and the progress box, when no task is picked:
+    a picked task's details follow on the next tick, whose stamp has the language in it)."""
+    table = list(refresh(services, None, lang))
+    return [*table, _unpicked_progress(table[2], lang) if task_id in (None, "") else gr.skip()]
 
 
 def _stamp(services: AppServices, task_id: Any, compare: list[Any], log_y: bool, smoothing: float, lang: str) -> str:
@@ -261,7 +289,7 @@ def _plot_data(fig: charts.Figure | None) -> Any:
 def _task_details(services: AppServices, task_id: Any, compare: list[Any], log_y: bool, smoothing: float,
                   lang: str, stamp: str | None = None) -> list[Any]:
     empty = [None, render.progress_html(None, lang), None, None, None, "", "", "", None, "", *action_buttons(None),
-             resume_from(None, lang)]
+             *adapter_buttons(None), resume_from(None, lang)]
     if task_id in (None, ""):
         return empty
     try:
@@ -294,7 +322,8 @@ def _task_details(services: AppServices, task_id: Any, compare: list[Any], log_y
     progress = render.progress_html(detail, lang, detail.eta_seconds, render.paused_ahead(services.tasks, detail))
     return [stamp, progress, loss, evals, lr, detail.config_yaml,
             detail.log_tail, f"**{i18n.t('mon.checkpoints', lang)}**\n\n{checkpoints}",
-            render.readable_metrics(_still_true(detail)), paths_md, *action_buttons(detail), resume_from(detail, lang)]
+            render.readable_metrics(_still_true(detail)), paths_md, *action_buttons(detail), *adapter_buttons(detail),
+            resume_from(detail, lang)]
 
 
 LIVE_METRICS = ("eta_seconds", "tokens_per_second")  # the speed of the moment: none while a run is paused

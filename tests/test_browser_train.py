@@ -45,6 +45,13 @@ LEGEND_BELOW_AXIS_TITLE = """(chart) => { const legend = document.querySelector(
     if (!legend || !title || !legend.getBoundingClientRect().height) return false;
     return legend.getBoundingClientRect().top >= title.getBoundingClientRect().bottom; }"""
 
+# Every chart in sight drawn at its box's width (one drawn while its tab was hidden took plotly's 700 px
+# default and was cut off once the tab showed).
+CHARTS_FIT = """() => { const shown = [...document.querySelectorAll('#tab-monitor .js-plotly-plot')]
+                                    .filter(p => p.offsetWidth > 0);
+    return shown.length === 3 && shown.every(p => p._fullLayout
+                                              && Math.abs(p._fullLayout.width - p.offsetWidth) <= 1); }"""
+
 # Form fields whose label runs past their box's right edge (long config keys in narrow columns).
 LABELS_OVERFLOWING = """() => [...document.querySelectorAll('[id^="cfg-"]')].filter(b => b.offsetParent !== null)
     .filter(b => [...b.querySelectorAll('[data-testid="block-info"]')]
@@ -68,6 +75,9 @@ def test_train_monitor_reload_and_language_in_a_real_browser(browser_app, tmp_pa
         page.goto(browser_app.url)
         expect(page.get_by_role("button", name="▶ Start training")).to_be_visible()
         expect(page.locator("#cfg-model_name_or_path input")).to_have_value(re.compile("demo"))
+        page.get_by_role("tab", name="📈 Monitor").click()  # an empty list says how a run gets there
+        expect(page.locator("#mon-progress")).to_contain_text("No runs yet: start one on the 🚀 Train tab")
+        page.get_by_role("tab", name="🚀 Train").click()  # (the Monitor's charts are now drawn while hidden)
 
         with page.expect_file_chooser() as chooser:
             page.locator("#dataset-upload").get_by_text("Click to Upload").click()
@@ -95,8 +105,11 @@ def test_train_monitor_reload_and_language_in_a_real_browser(browser_app, tmp_pa
         expect(page.locator("#train-message")).to_contain_text("is queued")
         task_id = int(page.locator("#train-task-id input").input_value())
         browser_app.services.tasks.wait(task_id, timeout=120, until={TaskStatus.RUNNING})
+        # the run's curves are drawn while the Train tab shows
+        expect(page.locator("#loss-chart .scatterlayer .trace").first).to_be_attached(timeout=90_000)
 
         page.get_by_role("tab", name="📈 Monitor").click()
+        page.wait_for_function(CHARTS_FIT, timeout=10_000)
         expect(page.locator("#task-table")).to_contain_text("running")
         expect(page.locator("#mon-progress .sage-progress")).to_have_attribute("data-task", str(task_id))
         expect(page.locator("#loss-chart .scatterlayer .trace").first).to_be_attached(timeout=90_000)

@@ -200,13 +200,19 @@ def test_an_empty_task_list_says_how_to_start_a_run(tmp_path, dataset):
         out = monitor_tab.tick(services, version, None, None, [], False, 0.6, lang)
         return out[1], out[progress_at]
 
+    from sage_ft.webui.app import on_load
+
+    no_runs = "No runs yet: start one on the 🚀 Train tab"
+    assert no_runs in _text(on_load(services, "en")[-1])  # a page opened on it
+    assert no_runs in _text(monitor_tab.task_details(services, None, [], False, 0.6, "en")[1])  # a pick cleared
     version, shown = tick(None)
-    assert "No runs yet: start one on the 🚀 Train tab" in _text(shown), shown
+    assert no_runs in _text(shown), shown
     assert tick(version)[1] == {"__type__": "update"}  # nothing changed: skipped
     assert "还没有运行" in _text(monitor_tab._relabel_table(services, "zh", None)[-1])
     tasks.create(tiny_task_config(dataset))
     _, shown = tick(version)
     assert "No task selected yet." in _text(shown), shown
+    assert "No task selected yet." in _text(monitor_tab.task_details(services, None, [], False, 0.6, "en")[1])
     tasks.shutdown()
 
 

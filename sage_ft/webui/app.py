@@ -44,6 +44,7 @@ def build_app(services: AppServices, lang: str | None = None) -> gr.Blocks:
                 with reg.add(tab_id, gr.Tab(i18n.t(tab_id, lang), id=tab_id.split(".")[1],
                                             elem_id=tab_id.replace(".", "-"))):
                     module.build(reg, services, lang)
+                reg[tab_id].select(None, None, None, js=render.RESIZE_CHARTS_JS, api_name=False, show_progress="hidden")
         parts = [topbar.wire(reg, services)]
         for _, module in TABS:
             part = module.wire(reg, services)
@@ -55,7 +56,7 @@ def build_app(services: AppServices, lang: str | None = None) -> gr.Blocks:
                                api_name="set_lang", show_progress="hidden")
         demo.load(lambda lg: on_load(services, i18n.normalize(lg)), reg["top.lang"],
                   [reg["train.task_id"], reg["train.progress"], reg["mon.table"], reg["mon.version"], reg["mon.task"],
-                   reg["mon.compare"]], api_name="reattach", show_progress="hidden")
+                   reg["mon.compare"], reg["mon.progress"]], api_name="reattach", show_progress="hidden")
         fields = [reg[f"train.{n}"] for n in train_tab.FIELDS]
         demo.load(lambda lg, *v: train_tab.preview(lg, *v), [reg["top.lang"], *fields],
                   [reg["train.command"], reg["train.yaml"]], api_name=False, show_progress="hidden")
@@ -80,7 +81,8 @@ def on_load(services: AppServices, lang: str) -> list[Any]:
     """Re-attach a fresh page to the state kept in the core: the current task and the task list."""
     task_id, progress = train_tab.on_load(services, lang)
     table, version, choices, compare = monitor_tab.refresh(services, None, lang)
-    return [task_id, progress, table, version, gr.update(choices=choices["choices"], value=task_id), compare]
+    return [task_id, progress, table, version, gr.update(choices=choices["choices"], value=task_id), compare,
+            monitor_tab.unpicked_progress(bool(choices["choices"]), lang) if task_id is None else gr.skip()]
 
 
 # Gradio's queue looks for new events every 1 ms and for progress to send every 10 ms while idle

@@ -193,7 +193,7 @@ def tick(services: AppServices, version: str | None, stamp: str | None, task_id:
          log_y: bool, smoothing: float, lang: str) -> list[Any]:
     table = list(refresh(services, version, lang))
     if task_id in (None, ""):
-        return [*table, gr.skip(), _unpicked_progress(table[2], lang), *([gr.skip()] * (len(DETAILS) - 1))]
+        return [*table, gr.skip(), _unpicked_on_change(table[2], lang), *([gr.skip()] * (len(DETAILS) - 1))]
     try:
         new_stamp = _stamp(services, task_id, compare, log_y, smoothing, lang)
     except TaskError:  # typed text that names no task: the details already say so
@@ -203,21 +203,27 @@ def tick(services: AppServices, version: str | None, stamp: str | None, task_id:
     return [*table, *task_details(services, task_id, compare, log_y, smoothing, lang)]
 
 
-def _unpicked_progress(pickers: Any, lang: str) -> Any:
-    """With no task picked, the progress box says whether there is anything to pick: redrawn when the
-    pickers' choices changed (a task was added or removed, or the language changed), else skipped."""
+def unpicked_progress(has_tasks: bool, lang: str) -> str:
+    """The progress box with no task picked: whether there is anything to pick, and if not, how a run
+    gets there (an empty list left unexplained is what LLaMA-Factory users report, #9060)."""
+    if has_tasks:
+        return render.progress_html(None, lang)
+    return render.progress_note(i18n.t("mon.no_tasks", lang))
+
+
+def _unpicked_on_change(pickers: Any, lang: str) -> Any:
+    """``unpicked_progress`` when the pickers' choices changed (a task was added or removed, or the
+    language changed), else skipped (it is not redrawn every tick)."""
     if not isinstance(pickers, dict) or "choices" not in pickers:  # gr.skip() is a dict too
         return gr.skip()
-    if not pickers.get("choices"):
-        return render.progress_note(i18n.t("mon.no_tasks", lang))
-    return render.progress_html(None, lang)
+    return unpicked_progress(bool(pickers["choices"]), lang)
 
 
 def _relabel_table(services: AppServices, lang: str, task_id: Any) -> list[Any]:
     """The table and pickers in a newly picked language (and the progress box, when no task is picked:
     a picked task's details follow on the next tick, whose stamp has the language in it)."""
     table = list(refresh(services, None, lang))
-    return [*table, _unpicked_progress(table[2], lang) if task_id in (None, "") else gr.skip()]
+    return [*table, _unpicked_on_change(table[2], lang) if task_id in (None, "") else gr.skip()]
 
 
 def _stamp(services: AppServices, task_id: Any, compare: list[Any], log_y: bool, smoothing: float, lang: str) -> str:
@@ -291,7 +297,7 @@ def _task_details(services: AppServices, task_id: Any, compare: list[Any], log_y
     empty = [None, render.progress_html(None, lang), None, None, None, "", "", "", None, "", *action_buttons(None),
              *adapter_buttons(None), resume_from(None, lang)]
     if task_id in (None, ""):
-        return empty
+        return [None, unpicked_progress(bool(services.tasks.list()), lang), *empty[2:]]
     try:
         detail = services.tasks.get(task_id_of(task_id), log_lines=LOG_LINES)
     except TaskError as exc:

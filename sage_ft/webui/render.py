@@ -254,6 +254,21 @@ CSS = """
 # reader has scrolled up, and scrolls again once a box in a hidden tab or accordion becomes visible.
 # A chat reply starts with a "🤖 model" line (chat_messages.answered_by) that is for the screen: a copied
 # reply is the reply alone, and a copied conversation names each reply's model in plain text.
+# A chart drawn while its tab was hidden (the Monitor's, as a run goes on while the Train tab shows)
+# takes plotly's default width, 700 px, and is cut off in its narrower box once the tab shows: each
+# chart on the page is redrawn at its box's size when a tab is picked (after the tab has been laid out).
+RESIZE_CHARTS_JS = r"""
+() => {
+  setTimeout(() => {
+    for (const plot of document.querySelectorAll('.js-plotly-plot')) {
+      if (window.Plotly && plot.offsetWidth && plot._fullLayout && Math.abs(plot._fullLayout.width - plot.offsetWidth) > 1) {
+        window.Plotly.Plots.resize(plot);
+      }
+    }
+  }, 50);
+}
+"""
+
 JS = r"""
 () => {
   const clip = navigator.clipboard;

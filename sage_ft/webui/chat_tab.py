@@ -62,7 +62,7 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
                 kind="label_info")
         reg.add("chat.switch", gr.Button(i18n.t("chat.switch", lang), variant="primary", scale=1,
                                          elem_id="chat-switch"))
-        # on only while a switch has something to cancel (``cancel_button``)
+        # on only while a switch has something to cancel (``_switch_cancellable``: the tick and the switch set it)
         reg.add("chat.switch_cancel", gr.Button(i18n.t("chat.switch_cancel", lang), variant="stop", scale=0,
                                                 min_width=120, elem_id="chat-switch-cancel", interactive=False))
         reg.add("chat.refresh", gr.Button(i18n.t("chat.refresh", lang), scale=0, min_width=60))

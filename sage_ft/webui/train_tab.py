@@ -188,10 +188,11 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
                         reg["train.progress"], api_name="train_progress", concurrency_limit=None,
                         show_progress="hidden")
     ticked = ("train.progress", "train.stamp", "train.cancel", "train.resume")
-    # typed into the Task box: its bar and buttons at once, not at the next tick
-    reg["train.task_id"].input(lambda tid, stamp, lg: progress_tick(services, tid, stamp, lg),
-                               [reg["train.task_id"], reg["train.stamp"], lang], [reg[k] for k in ticked],
-                               api_name=False, show_progress="hidden", trigger_mode="always_last")
+    # a task typed into the Task box, or put there by Start or a page's re-attach: its bar and buttons
+    # at once, not at the next tick
+    reg["train.task_id"].change(lambda tid, stamp, lg: progress_tick(services, tid, stamp, lg),
+                                [reg["train.task_id"], reg["train.stamp"], lang], [reg[k] for k in ticked],
+                                api_name=False, show_progress="hidden", trigger_mode="always_last")
     return TickPart(("train.task_id", "train.stamp", "top.lang"), ticked,
                     lambda tid, stamp, lg: progress_tick(services, tid, stamp, lg))
 

@@ -158,8 +158,9 @@ class Page:
         return self.done[event]["output"]["data"]
 
     def state(self, event: str) -> str:
-        """For a failure message: what the event sent, what the app's queue holds (a refusal that should
-        end at once did not end within 30 s once in CI, not reproduced here) and this page's reader."""
+        """For a failure message: what the event sent, what the app's queue holds, this page's reader,
+        what each of its events showed last and the server's state (it showed why a refusal expected at
+        once did not end: the reply before it had ended, so the message was answered)."""
         queue = self.app.demo._queue  # private: read only to say what happened
         active = [e.fn.api_name or e.fn.name for jobs in queue.active_jobs if jobs for e in jobs]
         waiting = {cid: [e.fn.api_name or e.fn.name for e in q.queue]

@@ -85,12 +85,12 @@ def state_buttons(app: WebUI, task_id: Any) -> dict[str, dict]:
     return buttons
 
 
-def adapter_buttons(app: WebUI, task_id: Any) -> dict[str, dict]:
-    """The Monitor's ⬇️ Download adapter and 💬 Use as chat backend (``monitor_tab.ADAPTER_BUTTONS``)
-    as its details set them for ``task_id`` (in-process, like ``state_buttons``)."""
+def file_buttons(app: WebUI, task_id: Any) -> dict[str, dict]:
+    """The Monitor's ⬇️ Download adapter, 💬 Use as chat backend and ⬇️ Download full log
+    (``monitor_tab.FILE_BUTTONS``) as its details set them for ``task_id`` (in-process, like ``state_buttons``)."""
     from sage_ft.webui import monitor_tab
 
-    return _detail_buttons(app, task_id, monitor_tab.ADAPTER_BUTTONS)
+    return _detail_buttons(app, task_id, monitor_tab.FILE_BUTTONS)
 
 
 def _detail_buttons(app: WebUI, task_id: Any, names: tuple[str, ...]) -> dict[str, dict]:

@@ -13,7 +13,7 @@ import pytest
 from sage_ft.tasks import TaskStatus, rundir
 from tests.fixtures_data import memorize_rows, write_jsonl
 from tests.fixtures_tasks import tiny_task_config, wait_for
-from tests.fixtures_webui import adapter_buttons, form_args, on, state_buttons
+from tests.fixtures_webui import file_buttons, form_args, on, state_buttons
 
 TINY = {"max_steps": 4, "cutoff_len": 64, "per_device_train_batch_size": 2, "save_steps": 2,
         "learning_rate": 1e-3, "packing": False}
@@ -47,7 +47,7 @@ def test_details_and_charts_of_a_finished_run_stay_available(webui, webui_client
     progress, loss, evals, lr, config_yaml, log_tail, checkpoints, metrics, paths_md, resume_from = out
     assert resume_from["visible"] is False  # a completed run: nothing to resume
     assert on(state_buttons(webui, task_id)) == {"retry", "delete"}  # Retry runs it again as a copy
-    assert on(adapter_buttons(webui, task_id)) == {"download", "use_chat"}
+    assert on(file_buttons(webui, task_id)) == {"download", "use_chat", "download_log"}
     assert "completed" in progress and "100%" in progress and "step 4/4" in progress
     names = [t["name"] for t in _traces(loss)]
     assert any("(raw)" in n for n in names) and any("(smoothed)" in n for n in names)
@@ -137,7 +137,7 @@ def test_resume_from_an_older_checkpoint_picked_in_the_monitor(webui, webui_clie
     picker = webui_client.predict(task_id, [], False, 0.6, "en", api_name="/task_details")[-1]
     assert picker["visible"] and picker["value"] == ""
     assert on(state_buttons(webui, task_id)) == {"resume", "retry", "delete"}
-    assert on(adapter_buttons(webui, task_id)) == {"download", "use_chat"}  # a cancel keeps the adapter so far
+    assert on(file_buttons(webui, task_id)) == {"download", "use_chat", "download_log"}  # a cancel keeps the adapter
     assert picker["choices"] == [[f"the newest intact checkpoint ({names[-1]})", ""],
                                  *([n, n] for n in reversed(names[:-1]))], picker
     message, selected = webui_client.predict(task_id, "en", names[0], api_name="/task_resume")

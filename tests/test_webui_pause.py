@@ -18,7 +18,7 @@ import pytest
 from sage_ft.tasks import TaskError, TaskStatus
 from tests.fixtures_data import memorize_rows, write_jsonl
 from tests.fixtures_tasks import tiny_task_config
-from tests.fixtures_webui import adapter_buttons, on, start_webui, state_buttons
+from tests.fixtures_webui import file_buttons, on, start_webui, state_buttons
 
 TOTAL = 3000  # far more steps than the test lasts: the run is still going when it is paused
 
@@ -87,7 +87,7 @@ def test_a_paused_run_shows_paused_everywhere_blocks_the_queue_and_unpauses(webu
         pause, unpause = _buttons(webui, long.id)
         assert pause["visible"] and pause["interactive"] and not unpause["visible"]
         assert on(state_buttons(webui, long.id)) == {"cancel", "pause"}  # no Delete, Retry or Resume while it runs
-        assert on(adapter_buttons(webui, long.id)) == set()  # no adapter saved yet
+        assert on(file_buttons(webui, long.id)) == {"download_log"}  # no adapter saved yet
 
         message, selected = webui_client.predict(long.id, "en", api_name="/task_pause")
         assert f"Task #{long.id} pauses after its current step" in _text(message) and selected == long.id
@@ -163,16 +163,16 @@ def test_pause_buttons_follow_the_selected_task(idle_app, dataset):
 
 
 def test_the_task_buttons_offer_what_the_selected_task_allows(idle_app, dataset):
-    """Cancel, Resume, Retry and Delete (and Download adapter, Use as chat backend) were on for any task,
+    """Cancel, Resume, Retry and Delete (and the downloads, Use as chat backend) were on for any task,
     and with none picked, and refused after the click; now only what the task's state (and its saved
     adapter) allows can be clicked (running and completed tasks: in test_a_paused_run_... and
     tests/test_webui_monitor.py)."""
     tasks = idle_app.services.tasks
     assert on(state_buttons(idle_app, None)) == set()
-    assert on(adapter_buttons(idle_app, None)) == set()
+    assert on(file_buttons(idle_app, None)) == set()
     queued = tasks.create(tiny_task_config(dataset))
     assert on(state_buttons(idle_app, queued.id)) == {"cancel", "delete"}
-    assert on(adapter_buttons(idle_app, queued.id)) == set()
+    assert on(file_buttons(idle_app, queued.id)) == set()  # not started: no files
     never_ran = tasks.cancel(queued.id)  # cancelled before it started: nothing to resume from
     assert on(state_buttons(idle_app, never_ran.id)) == {"retry", "delete"}
     client = idle_app.client()

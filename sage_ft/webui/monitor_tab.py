@@ -79,13 +79,13 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
 
 
 # The task actions whose buttons follow the picked task's state (``action_buttons``), and those that
-# follow what its run folder holds (``adapter_buttons``).
+# follow what its run folder holds (``file_buttons``).
 STATE_BUTTONS = ("cancel", "pause", "unpause", "resume", "retry", "delete")
-ADAPTER_BUTTONS = ("download", "use_chat")
+FILE_BUTTONS = ("download", "use_chat", "download_log")
 DETAILS = ("progress", "loss", "eval", "lr", "config", "log", "checkpoints", "metrics", "paths", *STATE_BUTTONS,
-           *ADAPTER_BUTTONS, "resume_from")
+           *FILE_BUTTONS, "resume_from")
 # Before a task is picked: all off, Unpause hidden (see pause_buttons).
-INITIAL_BUTTONS = {**{action: {"interactive": False} for action in (*STATE_BUTTONS, *ADAPTER_BUTTONS)},
+INITIAL_BUTTONS = {**{action: {"interactive": False} for action in (*STATE_BUTTONS, *FILE_BUTTONS)},
                    "unpause": {"visible": False}}
 
 
@@ -106,12 +106,16 @@ def action_buttons(task: Any) -> list[Any]:
             gr.update(interactive=allowed["retry"]), gr.update(interactive=allowed["delete"])]
 
 
-def adapter_buttons(task: Any) -> list[Any]:
-    """⬇️ Download adapter: on once the run has saved its adapter (``lora/``). 💬 Use as chat backend:
-    also for a completed run without one (a full fine-tune serves its own folder). Off with no task."""
-    adapter = task is not None and (Path(task.output_dir) / "lora").is_dir()
-    return [gr.update(interactive=adapter),
-            gr.update(interactive=adapter or (task is not None and task.status is TaskStatus.COMPLETED))]
+def file_buttons(task: Any) -> list[Any]:
+    """The buttons of ``FILE_BUTTONS``. ⬇️ Download adapter: on once the run has saved its adapter
+    (``lora/``). 💬 Use as chat backend: also for a completed run without one (a full fine-tune serves
+    its own folder). ⬇️ Download full log: once the run has a log. All off with no task."""
+    def has(name: str) -> bool:
+        return task is not None and bool(task.output_dir) and (Path(task.output_dir) / name).exists()
+
+    completed = task is not None and task.status is TaskStatus.COMPLETED
+    return [gr.update(interactive=has("lora")), gr.update(interactive=has("lora") or completed),
+            gr.update(interactive=has("logs.txt"))]
 
 
 def resume_from(task: Any, lang: str) -> Any:
@@ -295,7 +299,7 @@ def _plot_data(fig: charts.Figure | None) -> Any:
 def _task_details(services: AppServices, task_id: Any, compare: list[Any], log_y: bool, smoothing: float,
                   lang: str, stamp: str | None = None) -> list[Any]:
     empty = [None, render.progress_html(None, lang), None, None, None, "", "", "", None, "", *action_buttons(None),
-             *adapter_buttons(None), resume_from(None, lang)]
+             *file_buttons(None), resume_from(None, lang)]
     if task_id in (None, ""):
         return [None, unpicked_progress(bool(services.tasks.list()), lang), *empty[2:]]
     try:
@@ -328,7 +332,7 @@ def _task_details(services: AppServices, task_id: Any, compare: list[Any], log_y
     progress = render.progress_html(detail, lang, detail.eta_seconds, render.paused_ahead(services.tasks, detail))
     return [stamp, progress, loss, evals, lr, detail.config_yaml,
             detail.log_tail, f"**{i18n.t('mon.checkpoints', lang)}**\n\n{checkpoints}",
-            render.readable_metrics(_still_true(detail)), paths_md, *action_buttons(detail), *adapter_buttons(detail),
+            render.readable_metrics(_still_true(detail)), paths_md, *action_buttons(detail), *file_buttons(detail),
             resume_from(detail, lang)]
 
 

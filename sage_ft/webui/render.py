@@ -248,12 +248,6 @@ CSS = """
 [id^="cfg-"] [data-testid="block-info"] {overflow-wrap: anywhere;}
 """
 
-# Gradio's textbox autoscroll follows only a box already within 100 px of its bottom, so a log set
-# in one piece (a page load, a reload, another task picked) opened at its first line, under the
-# "Log (tail)" title. This keeps the run's and the chat server's logs at their newest line unless the
-# reader has scrolled up, and scrolls again once a box in a hidden tab or accordion becomes visible.
-# A chat reply starts with a "🤖 model" line (chat_messages.answered_by) that is for the screen: a copied
-# reply is the reply alone, and a copied conversation names each reply's model in plain text.
 # A chart drawn while its tab was hidden (the Monitor's, as a run goes on while the Train tab shows)
 # takes plotly's default width, 700 px, and is cut off in its narrower box once the tab shows: each
 # chart on the page is redrawn at its box's size when a tab is picked (after the tab has been laid out).
@@ -269,6 +263,12 @@ RESIZE_CHARTS_JS = r"""
 }
 """
 
+# Gradio's textbox autoscroll follows only a box already within 100 px of its bottom, so a log set
+# in one piece (a page load, a reload, another task picked) opened at its first line, under the
+# "Log (tail)" title. This keeps the run's and the chat server's logs at their newest line unless the
+# reader has scrolled up, and scrolls again once a box in a hidden tab or accordion becomes visible.
+# A chat reply starts with a "🤖 model" line (chat_messages.answered_by) that is for the screen: a copied
+# reply is the reply alone, and a copied conversation names each reply's model in plain text.
 JS = r"""
 () => {
   const clip = navigator.clipboard;

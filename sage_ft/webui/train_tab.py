@@ -111,7 +111,7 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
 
     with gr.Row(equal_height=True):
         reg.add("train.start", gr.Button(i18n.t("train.start", lang), variant="primary", elem_id="start-btn", scale=2))
-        # on only where the Task box's task allows them (action_buttons, on the page tick)
+        # on only where the Task box's task allows them (action_buttons: as the box changes, and on the tick)
         reg.add("train.cancel", gr.Button(i18n.t("train.cancel", lang), variant="stop", scale=1, interactive=False,
                                           elem_id="train-cancel"))
         reg.add("train.resume", gr.Button(i18n.t("train.resume", lang), scale=1, interactive=False,

@@ -40,7 +40,7 @@ def _held_mid_reply(page: Page, event: str, let_run) -> list[Any] | None:
     """The latest output of ``event`` once its reply is held mid-way: the held server let run in short
     bursts until the page shows a few words, then nothing more for 1 s (what the server wrote before it
     was held has reached the page) and the reply still under way. None when the reply ended instead:
-    now and then (CI; 1 run in 14 here) the bursts let the server write the whole reply before the page
+    now and then (CI; 2 runs in 38 here) the bursts let the server write the whole reply before the page
     showed any of it, and a reply read whole ends while the server is held (the test then sent its
     second message to a free chat, which answered it). The callers try again; a reply that always ends
     (an error, another model) still fails them."""

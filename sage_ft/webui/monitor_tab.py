@@ -113,8 +113,8 @@ def file_buttons(task: Any) -> list[Any]:
     def has(name: str) -> bool:
         return task is not None and bool(task.output_dir) and (Path(task.output_dir) / name).exists()
 
-    completed = task is not None and task.status is TaskStatus.COMPLETED
-    return [gr.update(interactive=has("lora")), gr.update(interactive=has("lora") or completed),
+    adapter, completed = has("lora"), task is not None and task.status is TaskStatus.COMPLETED
+    return [gr.update(interactive=adapter), gr.update(interactive=adapter or completed),
             gr.update(interactive=has("logs.txt"))]
 
 

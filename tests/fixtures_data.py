@@ -1,14 +1,17 @@
 """Shared fixtures of the data area: write small dataset files for any test that needs one.
 
-- ``write_jsonl(rows, path)`` / ``write_json(rows, path)``: plain helpers.
+- ``write_jsonl(rows, path)`` / ``write_json(rows, path)`` / ``write_table(rows, path)``: plain
+  helpers (a table is written the way ``pandas.DataFrame.to_csv`` writes it: a header of every key,
+  list cells as JSON).
 - ``make_dataset(name, rows)``: a factory writing into the test's ``tmp_path`` (``.json`` names
-  become a JSON array, anything else JSON Lines).
+  become a JSON array, ``.csv``/``.tsv`` a table, anything else JSON Lines).
 - ``memorize_dataset``: 4 short Q/A pairs in OpenAI messages format, for trainer tests whose loss
   must fall; ``MEMORIZE_PAIRS`` holds the same pairs for asserting on generations.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -54,6 +57,18 @@ def write_json(rows: list[Any], path: str | Path) -> Path:
     return path
 
 
+def write_table(rows: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with path.open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, columns, delimiter="\t" if path.suffix == ".tsv" else ",")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()})
+    return path
+
+
 def memorize_rows() -> list[dict]:
     return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
             for q, a in MEMORIZE_PAIRS]
@@ -65,6 +80,8 @@ def make_dataset(tmp_path: Path) -> Callable[[str, list[Any]], Path]:
 
     def make(name: str, rows: list[Any]) -> Path:
         path = tmp_path / name
+        if path.suffix in (".csv", ".tsv"):
+            return write_table(rows, path)
         return write_json(rows, path) if path.suffix == ".json" else write_jsonl(rows, path)
 
     return make

@@ -30,9 +30,9 @@ def _assert_valid(conversation):
 # ---------------------------------------------------------------- formats
 
 
-@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv", ".tsv"])
 @pytest.mark.parametrize("fmt", ["alpaca", "sharegpt", "openai"])
-def test_every_format_in_json_and_jsonl_is_detected_and_converted(make_dataset, fmt, suffix):
+def test_every_format_in_every_file_type_is_detected_and_converted(make_dataset, fmt, suffix):
     path = make_dataset(f"data{suffix}", ROWS[fmt])
     report = load_dataset(path)
     assert report.ok and report.format == fmt
@@ -238,14 +238,53 @@ def test_missing_file_and_directory(tmp_path):
 
 
 @pytest.mark.parametrize(("name", "hint"), [
-    ("data.csv", "to_json('data.jsonl'"), ("data.txt", "prepare-docs"), ("data", "(no extension)"),
-    ("data.json.gz", "gunzip"),
+    ("data.parquet", "to_json('data.jsonl'"), ("data.txt", "prepare-docs"), ("data", "(no extension)"),
+    ("data.json.gz", "gunzip"), ("data.xlsx", "save the sheet as CSV UTF-8"),
 ])
 def test_wrong_extension_says_what_to_do(tmp_path, name, hint):
     path = tmp_path / name
     path.write_text("instruction,output\nq,a\n")
     message = _error(path)
     assert name in message and "only .json" in message and hint in message
+
+
+def test_a_spreadsheet_csv_reads_like_the_same_rows_in_json_lines(tmp_path):
+    """What "Save as CSV UTF-8" writes: a byte-order mark, CRLF line ends, quoted cells holding commas,
+    quotes and line breaks, empty cells. A dropped row is named by the line it starts on."""
+    path = tmp_path / "sheet.csv"
+    path.write_bytes("\ufeffinstruction,input,output\r\n"
+                     '"Greet, politely",,"Hello, ""friend""."\r\n'
+                     'Name two colours,,"Blue\r\nand green."\r\n'
+                     "\r\n"
+                     "Empty answer,,\r\n".encode())
+    report = load_dataset(path)
+    assert report.format == "alpaca" and report.rows_total == 3 and report.rows_ok == 2
+    assert report.conversations[0] == [{"role": "user", "content": "Greet, politely"},
+                                       {"role": "assistant", "content": 'Hello, "friend".'}]
+    assert report.conversations[1][1]["content"] == "Blue\r\nand green."
+    [dropped] = report.dropped
+    assert dropped.location == "line 6" and "empty" in dropped.reason
+
+
+@pytest.mark.parametrize(("text", "where", "what"), [
+    ("instruction,output\nq,a\nq, with a comma,a\n", "line 3", "3 cells where the header (line 1) has 2"),
+    ('instruction,output\nq,a\nq,"never closed\nmore\n', "line 3", "the row starting here cannot be read"),
+    ("instruction,output,output\nq,a,b\n", "line 1", "names 'output' more than once"),
+    ("instruction,,output\nq,x,a\n", "line 1", "column 2 of the header has no name"),
+    ("instruction,output\n", "", "the file has no rows"),
+])
+def test_a_table_that_cannot_be_read_names_the_line_and_the_fix(tmp_path, text, where, what):
+    path = tmp_path / "table.csv"
+    path.write_text(text)
+    message = _error(path)
+    assert f"table.csv: {where}" in message and what in message
+
+
+def test_a_table_not_in_utf8_says_how_to_convert_it(tmp_path):
+    path = tmp_path / "latin.tsv"
+    path.write_bytes("instruction\toutput\nq\ta\ncafé\tb\n".encode("cp1252"))
+    message = _error(path)
+    assert "latin.tsv: line 3" in message and "not UTF-8" in message and "iconv" in message
 
 
 def test_invalid_json_in_jsonl_names_line_and_column(make_dataset, tmp_path):

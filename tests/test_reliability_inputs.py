@@ -155,9 +155,9 @@ def test_dataset_that_does_not_exist_or_is_a_folder(app, client, tmp_path):
 
 
 def test_dataset_with_a_wrong_extension(app, client, tmp_path):
-    csv = tmp_path / "table.csv"
-    csv.write_text("instruction,output\nq,a\n")
-    start_refused(app, client, "table.csv", ".json", dataset=str(csv), **tiny())
+    sheet = tmp_path / "table.xlsx"
+    sheet.write_text("instruction,output\nq,a\n")
+    start_refused(app, client, "table.xlsx", "save the sheet as CSV UTF-8", dataset=str(sheet), **tiny())
 
 
 def test_one_bad_file_among_good_ones_refuses_the_whole_start(app, client, good_data, tmp_path):

@@ -11,7 +11,7 @@ from sage_ft import paths
 from sage_ft.config import TrainConfig
 from sage_ft.tasks import TaskStatus
 from sage_ft.webui import i18n
-from tests.fixtures_data import memorize_rows, write_jsonl
+from tests.fixtures_data import MEMORIZE_PAIRS, memorize_rows, write_jsonl, write_table
 from tests.fixtures_webui import form_args
 
 FIELDS = TrainConfig.field_names()
@@ -98,6 +98,19 @@ def test_check_dataset_reports_bad_rows_with_line_numbers(webui_client, tmp_path
     report, histogram, _ = webui_client.predict("en", str(path), "auto", "", None, "demo", "auto", 64,
                                                 api_name="/check_dataset")
     assert "line 1" in report and "invalid JSON" in report and histogram is None
+
+
+def test_a_csv_upload_is_stored_listed_checked_and_previewed(webui_client, tmp_path):
+    """A spreadsheet's CSV export is a dataset like any other: the browser's file picker and the
+    server's upload check accept it, and the report and preview read its rows."""
+    data = write_table([{"instruction": q, "output": a} for q, a in MEMORIZE_PAIRS], tmp_path / "sheet.csv")
+    dataset, registered, _ = webui_client.predict(handle_file(str(data)), "en", api_name="/upload_dataset")
+    assert Path(dataset).name == "sheet.csv" and Path(dataset).read_bytes() == data.read_bytes()
+    assert dataset in [value for _, value in registered["choices"]]
+    report, histogram, preview = webui_client.predict("en", dataset, "auto", "", None, "demo", "auto", 64,
+                                                      api_name="/check_dataset")
+    assert "4 usable rows of 4 read, 0 dropped" in report and histogram is not None
+    assert MEMORIZE_PAIRS[0][1] in preview and "role-assistant" in preview
 
 
 def test_builtin_sample_and_dataset_list(webui_client):

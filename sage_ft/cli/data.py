@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sage_ft.config import TrainConfig
 from sage_ft.data.formats import ALPACA_KEYS, CHAT_KEYS, FORMATS
+from sage_ft.data.load import FILE_TYPES
 
 MAPPING_HELP = (
     "Which keys of your rows hold each field, as field=key pairs separated by commas. "
@@ -28,9 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add this group's commands to the `sage-ft` parser."""
     check = sub.add_parser(
         "check-data", help="validate dataset files and print a report (exit 1 if they cannot be used)",
-        description="Read .json/.jsonl dataset files the way training will, and report rows usable and "
+        description=f"Read {FILE_TYPES} dataset files the way training will, and report rows usable and "
                     "dropped (with file, line/index and reason); with --model also token length statistics.")
-    check.add_argument("files", nargs="+", metavar="FILE", help=".json (array of objects) or .jsonl files")
+    check.add_argument("files", nargs="+", metavar="FILE",
+                       help=".json (array of objects), .jsonl (one object per line), .csv or .tsv (header row) files")
     check.add_argument("--format", default="auto", choices=("auto", *FORMATS),
                        help="dataset layout (default: auto-detect per file)")
     check.add_argument("--column-mapping", default="", metavar="M", help=MAPPING_HELP)

@@ -12,7 +12,9 @@ from sage_ft.data.docs import DocsDatasetResult, prepare_docs
 from sage_ft.data.formats import FORMATS, parse_column_mapping
 from sage_ft.data.load import (
     DEFAULT_MAX_BYTES,
+    FILE_TYPES,
     MAX_LINE_BYTES,
+    SUFFIXES,
     DataError,
     DatasetReport,
     RowIssue,
@@ -23,8 +25,10 @@ from sage_ft.data.sample import builtin_sample_dataset
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
+    "FILE_TYPES",
     "FORMATS",
     "MAX_LINE_BYTES",
+    "SUFFIXES",
     "DataError",
     "DatasetReport",
     "DocsDatasetResult",

@@ -166,7 +166,7 @@ def alpaca_to_conversation(row: dict[str, Any], mapping: dict[str, str]) -> list
         if system.strip():
             conversation.append({"role": "system", "content": system})
     history = row.get(key["history"])
-    if history is not None:
+    if history not in (None, ""):  # "": a table's empty history cell, a row without one
         if not isinstance(history, list):
             raise RowError("bad history", f"'{key['history']}' is {_type_name(history)}, expected a list of "
                                           "[user, assistant] pairs")

@@ -1,11 +1,12 @@
 """Read and validate dataset files before any training starts.
 
-``load_dataset`` reads ``.json`` (an array of objects) and ``.jsonl`` (one object per line) files,
-detects or applies their format (see ``formats``), converts every row into a conversation, and
+``load_dataset`` reads ``.json`` (an array of objects), ``.jsonl`` (one object per line) and
+``.csv`` / ``.tsv`` (a header row, then one row per example; see ``delimited``) files, detects or applies their format (see ``formats``), converts every row into a conversation, and
 returns a ``DatasetReport``. Two kinds of problems:
 
 - file-level (``DataError``): the file cannot be used at all — not found, wrong extension, too big,
-  binary, not UTF-8, invalid JSON, not an array of objects, a line over ``MAX_LINE_BYTES``, or zero
+  binary, not UTF-8, invalid JSON, not an array of objects, a table row whose cells do not match its
+  header, a line over ``MAX_LINE_BYTES``, or zero
   usable rows. The message names the file, the place (line/column, byte offset or index), what is
   wrong and what to do. A bad file never starts a run.
 - row-level (``RowIssue`` in ``report.dropped``): one row is unusable (missing field, empty
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sage_ft.data.delimited import DELIMITERS, TableError, read_table
 from sage_ft.data.formats import (
     FORMATS,
     GENERIC_READING,
@@ -46,12 +48,13 @@ DEFAULT_MAX_BYTES = int(os.environ.get("SAGE_FT_MAX_DATASET_BYTES") or 512 * 102
 # One JSON Lines row larger than this is refused: a real training sample is a few KB of text.
 MAX_LINE_BYTES = 8 * 1024**2
 DETECT_ROWS = 20  # auto-detection looks at this many rows at the top of each file
-SUFFIXES = (".json", ".jsonl")
+SUFFIXES = (".json", ".jsonl", ".csv", ".tsv")
+FILE_TYPES = "/".join(SUFFIXES)  # for messages: ".json/.jsonl/.csv/.tsv"
 _SHOWN_LOCATIONS = 3  # per reason in the summary
 
 _CONVERT_HINTS = {
-    ".csv": "convert it to JSON Lines, e.g. pandas.read_csv(f).to_json('data.jsonl', orient='records', lines=True)",
-    ".tsv": "convert it to JSON Lines, e.g. pandas.read_csv(f, sep='\\t').to_json('data.jsonl', orient='records', lines=True)",
+    ".xlsx": "save the sheet as CSV UTF-8 (File > Save As) and pass the .csv",
+    ".xls": "save the sheet as CSV UTF-8 (File > Save As) and pass the .csv",
     ".parquet": "convert it to JSON Lines, e.g. pandas.read_parquet(f).to_json('data.jsonl', orient='records', lines=True)",
     ".gz": "decompress it first (gunzip FILE) and pass the .json/.jsonl inside",
     ".zip": "unzip it first and pass the .json/.jsonl files inside",
@@ -80,7 +83,7 @@ class DataError(ValueError):
 
 @dataclass
 class RowIssue:
-    """A dropped row: ``location`` is ``"line 7"`` (jsonl) or ``"index 3"`` (json array)."""
+    """A dropped row: ``location`` is ``"line 7"`` (jsonl, csv, tsv) or ``"index 3"`` (json array)."""
 
     file: Path
     location: str
@@ -302,7 +305,7 @@ def load_dataset(
         raise DataError(str(exc)) from None
     files = split_paths(paths)
     if not files:
-        raise DataError("no dataset file given; pass one or more .json/.jsonl files (comma separated)")
+        raise DataError(f"no dataset file given; pass one or more {FILE_TYPES} files (comma separated)")
     report = DatasetReport(files=files, max_samples=max_samples)
     conversations: list[list[dict[str, str]]] = []
     for path in files:
@@ -384,10 +387,14 @@ def detect_format(path: Path, rows: list[tuple[str, Any]], mapping: dict[str, st
 
 
 def read_rows(path: Path, max_bytes: int | None = DEFAULT_MAX_BYTES) -> Iterator[tuple[str, Any]]:
-    """``(location, parsed JSON value)`` for every row of a .json/.jsonl file, after the file checks."""
+    """``(location, row)`` for every row of a dataset file (``SUFFIXES``), after the file checks: the
+    parsed JSON value of a .json/.jsonl row, a ``{column: cell}`` object of a .csv/.tsv row."""
     check_file(path, max_bytes)
-    if path.suffix.lower() == ".jsonl":
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
         yield from _read_jsonl(path)
+    elif suffix in DELIMITERS:
+        yield from _read_table_file(path, DELIMITERS[suffix])
     else:
         yield from _read_json_array(path)
 
@@ -402,12 +409,13 @@ def check_file(path: Path, max_bytes: int | None) -> None:
         raise DataError(f"{path}: file not found (working directory: {Path.cwd()}); check the path")
     if not path.is_file():
         what = "a directory" if path.is_dir() else "not a regular file"
-        raise DataError(f"{path}: is {what}, not a dataset file; pass the .json/.jsonl files themselves")
+        raise DataError(f"{path}: is {what}, not a dataset file; pass the {FILE_TYPES} files themselves")
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         hint = _CONVERT_HINTS.get(suffix, "save it as JSON Lines (one JSON object per line) with a .jsonl name")
         raise DataError(f"{path}: unsupported file type {suffix or '(no extension)'!r}; only .json (an array of "
-                        f"objects) and .jsonl (one object per line) are read. To use it, {hint}")
+                        "objects), .jsonl (one object per line), .csv and .tsv (a header row, then one row per "
+                        f"example) are read. To use it, {hint}")
     size = path.stat().st_size
     if max_bytes is not None and size > max_bytes:
         raise DataError(
@@ -418,14 +426,14 @@ def check_file(path: Path, max_bytes: int | None) -> None:
         head = fh.read(8192)
     for magic, what in _MAGIC.items():
         if head.startswith(magic):
-            raise DataError(f"{path}: this is {what} (binary, not JSON text) — was it renamed to {suffix}?")
+            raise DataError(f"{path}: this is {what} (binary, not text) — was it renamed to {suffix}?")
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise DataError(f"{path}: the file is UTF-16 text; re-save it as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
     nul = head.find(b"\x00")
     if nul >= 0:
         line = head[:nul].count(b"\n") + 1
         raise DataError(f"{path}: binary data (a NUL byte at byte offset {nul}, line {line}); "
-                        f"this is not JSON text — was a binary file renamed to {suffix}? Export the data as JSON Lines")
+                        f"this is not text — was a binary file renamed to {suffix}? Export the data as JSON Lines or CSV")
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
@@ -459,12 +467,25 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
                 raise DataError(f"{path}: line {lineno}, column {exc.colno}: invalid JSON ({exc.msg}); {hint}") from None
 
 
-def _read_json_array(path: Path) -> Iterator[tuple[str, Any]]:
+def _read_text(path: Path) -> str:
+    """The whole file as text, without the byte-order mark spreadsheets write in "CSV UTF-8"."""
     data = path.read_bytes()
     try:
-        text = data.decode("utf-8").removeprefix("\ufeff")
+        return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
         raise DataError(_not_utf8(path, exc, exc.start, data[: exc.start].count(b"\n") + 1)) from None
+
+
+def _read_table_file(path: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
+    text = _read_text(path)
+    try:
+        yield from read_table(text, delimiter, MAX_LINE_BYTES)
+    except TableError as exc:
+        raise DataError(f"{path}: line {exc.line}: {exc}") from None
+
+
+def _read_json_array(path: Path) -> Iterator[tuple[str, Any]]:
+    text = _read_text(path)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:

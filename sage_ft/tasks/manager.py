@@ -26,6 +26,7 @@ from sqlalchemy import case, delete, func, select, update
 from sage_ft import paths
 from sage_ft.atomic import output_path_problem
 from sage_ft.config import ConfigError, TrainConfig, unknown_key_warning
+from sage_ft.data.load import FILE_TYPES
 from sage_ft.estimate import quantization_problem
 from sage_ft.events import Preparation, read_events
 from sage_ft.tasks import rundir
@@ -122,7 +123,7 @@ class TaskManager:
         files: list[Path] = []
         fingerprint = ""
         if not config.datasets:
-            problems.append("dataset: empty; give one or more .json/.jsonl files (comma separated)")
+            problems.append(f"dataset: empty; give one or more {FILE_TYPES} files (comma separated)")
         else:
             data_problems, files = _dataset_problems(config)
             problems += data_problems

@@ -18,7 +18,7 @@ BUILTIN_SAMPLE_NAME = "docs-sample"
 def resolve_dataset_paths(config: TrainConfig) -> list[Path]:
     """``config.dataset`` entries as files: ``docs-sample`` = the built-in sample (built on demand);
     a bare name that is not a file is looked up in the data home's datasets/ folder."""
-    from sage_ft.data.load import DataError
+    from sage_ft.data.load import FILE_TYPES, SUFFIXES, DataError
 
     out: list[Path] = []
     for entry in config.datasets:
@@ -27,19 +27,19 @@ def resolve_dataset_paths(config: TrainConfig) -> list[Path]:
                 from sage_ft.data.sample import builtin_sample_dataset
             except ImportError:
                 raise DataError("the built-in docs-sample dataset is not available in this install; "
-                                "give a .json/.jsonl file instead") from None
+                                f"give a {FILE_TYPES} file instead") from None
             out.append(Path(builtin_sample_dataset()))
             continue
         path = Path(entry).expanduser()
         if not _exists(path) and not path.is_absolute() and "/" not in entry:
-            for candidate in (paths.datasets_dir() / entry, paths.datasets_dir() / f"{entry}.jsonl",
-                              paths.datasets_dir() / f"{entry}.json"):
+            for candidate in (paths.datasets_dir() / entry, *(paths.datasets_dir() / f"{entry}{suffix}"
+                                                              for suffix in SUFFIXES)):
                 if _exists(candidate):
                     path = candidate
                     break
         out.append(path)
     if not out:
-        raise DataError("dataset: empty; give one or more .json/.jsonl files (comma separated) or 'docs-sample'")
+        raise DataError(f"dataset: empty; give one or more {FILE_TYPES} files (comma separated) or 'docs-sample'")
     return out
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sage_ft import paths
+from sage_ft.data.load import SUFFIXES
 from sage_ft.tasks import Task, TaskError, TaskManager, TaskStatus, parse_task_id
 from sage_ft.webui.uploads import MAX_UPLOAD_BYTES, PathGuard, upload_dir
 
@@ -99,7 +100,7 @@ class AppServices:
     def dataset_choices(self) -> list[tuple[str, str]]:
         """Dataset files under the data home's datasets/ (uploads and generated ones)."""
         root = paths.datasets_dir()
-        files = sorted((p for p in root.rglob("*") if p.suffix.lower() in (".json", ".jsonl") and p.is_file()),
+        files = sorted((p for p in root.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()),
                        key=lambda p: p.stat().st_mtime, reverse=True)
         return [(str(p.relative_to(root)), str(p)) for p in files[:200]]
 

@@ -20,6 +20,7 @@ import gradio as gr
 
 from sage_ft import paths
 from sage_ft.config import ConfigError, TrainConfig, closest_key
+from sage_ft.data.load import SUFFIXES
 from sage_ft.tasks import Task, TaskError, TaskStatus, parse_task_id, rundir
 from sage_ft.webui import charts, form, form_memory, i18n, render
 from sage_ft.webui.components import TOAST_S, Registry
@@ -61,7 +62,7 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
     with gr.Group():
         reg.add("train.data_title", gr.Markdown(i18n.t("train.data_title", lang)))
         with gr.Row():
-            reg.add("train.upload", gr.File(label=i18n.t("train.upload", lang), file_types=[".json", ".jsonl"],
+            reg.add("train.upload", gr.File(label=i18n.t("train.upload", lang), file_types=list(SUFFIXES),
                                             file_count="single", height=120, elem_id="dataset-upload"))
             with gr.Column():
                 reg.add("train.registered", gr.Dropdown(choices=services.dataset_choices(), value=None,

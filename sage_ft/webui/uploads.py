@@ -19,8 +19,9 @@ from pathlib import Path
 
 from sage_ft import paths
 from sage_ft.config import TrainConfig
+from sage_ft.data.load import SUFFIXES
 
-KINDS = {"dataset": (".json", ".jsonl"), "config": (".yaml", ".yml")}
+KINDS = {"dataset": SUFFIXES, "config": (".yaml", ".yml")}
 MAX_UPLOAD_BYTES = int(os.environ.get("SAGE_FT_MAX_UPLOAD_BYTES") or 200 * 1024**2)
 
 
@@ -47,7 +48,8 @@ def store_upload(src: str | Path, kind: str, max_bytes: int = MAX_UPLOAD_BYTES) 
     name = src.name
     suffix = src.suffix.lower()
     if suffix not in KINDS[kind]:
-        raise UploadError(f"{name}: a {kind} upload must be {' or '.join(KINDS[kind])}, not {suffix or 'a file without extension'}")
+        raise UploadError(f"{name}: a {kind} upload must be one of {', '.join(KINDS[kind])}, "
+                          f"not {suffix or 'a file without extension'}")
     if not src.is_file():
         raise UploadError(f"{name}: the upload did not arrive; try again")
     size = src.stat().st_size

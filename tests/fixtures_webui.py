@@ -55,7 +55,9 @@ class WebUI:
 
 
 def start_webui(tmp: Path, *, start_worker: bool = True, exposed: bool = False, guard: Any = None,
-                lang: str | None = "en", max_upload_bytes: int | None = None) -> WebUI:
+                lang: str | None = "en", max_upload_bytes: int | None = None, server: Any = None) -> WebUI:
+    """The web app on a free port, over a data home in ``tmp``. ``server``: its chat server (a
+    ``ServerManager``), set before the page is built as ``python webui.py`` does; None is ``--no-llm``."""
     from sage_ft.tasks import TaskManager
     from sage_ft.webui.app import build_app, launch_app
     from sage_ft.webui.services import AppServices
@@ -64,7 +66,7 @@ def start_webui(tmp: Path, *, start_worker: bool = True, exposed: bool = False, 
     tmp.mkdir(parents=True, exist_ok=True)
     services = AppServices(tasks=TaskManager(tmp / "tasks.db", start_worker=start_worker),
                            guard=PathGuard.for_share() if exposed else PathGuard(), default_lang=lang,
-                           configs_dir=tmp / "configs", llm_disabled=True)
+                           configs_dir=tmp / "configs", server=server, llm_disabled=server is None)
     if max_upload_bytes is not None:
         services.max_upload_bytes = max_upload_bytes
     demo = build_app(services, lang)

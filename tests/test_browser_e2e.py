@@ -43,8 +43,7 @@ LONG = 240_000  # ms: training / exports on 2 shared cores
 def e2e_app(vllm_manager, tmp_path):
     (tmp_path / "app" / "configs").mkdir(parents=True)  # the app's configs_dir (see start_webui)
     (tmp_path / "app" / "configs" / "e2e.yaml").write_text(yaml.safe_dump(RUN_CONFIG), encoding="utf-8")
-    app = start_webui(tmp_path / "app")
-    app.services.server, app.services.llm_disabled = vllm_manager, False
+    app = start_webui(tmp_path / "app", server=vllm_manager)
     yield app
     app.close()
     if vllm_manager.status()["model"] != "demo":

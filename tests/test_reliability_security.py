@@ -37,9 +37,8 @@ def shared(tmp_path_factory):
 
     guard = LoginGuard.from_pairs([(USER, PASSWORD)], base_delay_s=0.01, max_delay_s=0.05)
     app = start_webui(tmp_path_factory.mktemp("attacker"), start_worker=False, exposed=True, guard=guard,
-                      max_upload_bytes=64 * 1024)
-    app.services.server = ServerManager(backend="none", install_exit_handlers=False, adopt=False)
-    app.services.llm_disabled = False
+                      max_upload_bytes=64 * 1024,
+                      server=ServerManager(backend="none", install_exit_handlers=False, adopt=False))
     yield app
     app.services.server.close()
     app.close()
@@ -218,8 +217,7 @@ def test_every_v1_route_needs_the_key(vllm_manager, serving_adapters):
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_the_ui_never_shows_the_api_key(vllm_manager, tmp_path):
-    app = start_webui(tmp_path / "app", start_worker=False)
-    app.services.server, app.services.llm_disabled = vllm_manager, False
+    app = start_webui(tmp_path / "app", start_worker=False, server=vllm_manager)
     try:
         client = app.client()
         key = vllm_manager.server.api_key

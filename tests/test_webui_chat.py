@@ -15,6 +15,7 @@ import sys
 import time
 from concurrent.futures import CancelledError
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import pytest
@@ -43,8 +44,7 @@ GREEDY = ("", 0.0, 1.0, 12, "en")  # system prompt, temperature, top_p, max toke
 
 @pytest.fixture(scope="module")
 def chat_app(vllm_manager, tmp_path_factory):
-    app = start_webui(tmp_path_factory.mktemp("webui_chat"), start_worker=False)
-    app.services.server, app.services.llm_disabled = vllm_manager, False
+    app = start_webui(tmp_path_factory.mktemp("webui_chat"), start_worker=False, server=vllm_manager)
     yield app
     app.close()
     if vllm_manager.status()["model"] != "demo":
@@ -329,9 +329,20 @@ def test_server_panel_shows_status_metrics_and_log(client, vllm_manager):
     assert float(rate.replace(",", "")) > 0
 
 
+CHAT_CONTROLS = ("chat-model", "chat-switch", "chat-input", "chat-send", "chat-stop", "compare-input")
+
+
+def _interactive(app, elem_ids) -> dict[str, Any]:
+    """Each control's ``interactive`` as the page is built (None: Gradio's default, on)."""
+    props = [c["props"] for c in app.demo.config["components"]]
+    return {p["elem_id"]: p.get("interactive") for p in props if p.get("elem_id") in elem_ids}
+
+
 def test_no_llm_says_chat_is_off(tmp_path, demo_model):
     app = start_webui(tmp_path / "nollm", start_worker=False)  # llm_disabled, no server
     try:
+        # the page offers nothing that needs a server; the API still answers with the reason
+        assert _interactive(app, CHAT_CONTROLS) == dict.fromkeys(CHAT_CONTROLS, False)
         client = app.client()
         history, _ = client.predict(HELLO, [], *GREEDY, api_name="/chat_send")
         assert "--no-llm" in _reply(history)
@@ -347,9 +358,9 @@ def test_transformers_backend_switch_chat_stop_and_restart(tmp_path, serving_ada
     from sage_ft.serving import ServerManager
 
     manager = ServerManager("demo", backend="transformers", adopt=False)
-    app = start_webui(tmp_path / "tf", start_worker=False)
-    app.services.server, app.services.llm_disabled = manager, False
+    app = start_webui(tmp_path / "tf", start_worker=False, server=manager)
     try:
+        assert False not in _interactive(app, CHAT_CONTROLS).values()  # with a server they are on
         client = app.client()
         status, _, banner, _ = client.predict(str(serving_adapters["a"]), "en", api_name="/chat_switch")
         assert status.startswith("✅") and "transformers" in banner and "[finetuned · LoRA]" in banner

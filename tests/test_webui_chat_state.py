@@ -83,8 +83,7 @@ def _reply_held_mid_way(page: Page, let_run, api_name: str, *data: Any) -> tuple
 
 @pytest.fixture(scope="module")
 def chat_app(vllm_manager, tmp_path_factory):
-    app = start_webui(tmp_path_factory.mktemp("webui_chat_state"), start_worker=False)
-    app.services.server, app.services.llm_disabled = vllm_manager, False
+    app = start_webui(tmp_path_factory.mktemp("webui_chat_state"), start_worker=False, server=vllm_manager)
     yield app
     app.close()
     if vllm_manager.status()["state"] != "ready" or vllm_manager.status()["model"] != "demo":

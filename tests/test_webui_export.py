@@ -30,8 +30,7 @@ def export_app(tmp_path_factory, demo_model):
     from sage_ft.serving import ServerManager
 
     manager = ServerManager("demo", backend="transformers", adopt=False)
-    app = start_webui(tmp_path_factory.mktemp("webui_export"), start_worker=False)
-    app.services.server, app.services.llm_disabled = manager, False
+    app = start_webui(tmp_path_factory.mktemp("webui_export"), start_worker=False, server=manager)
     yield app
     app.close()
     manager.close()

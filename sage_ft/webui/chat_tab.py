@@ -55,13 +55,16 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
     reg.add("chat.banner_stamp", gr.State(None), kind="none")
     reg.add("chat.banner", gr.HTML(banner_html(services, lang), elem_id="chat-banner"), kind="none")
     choices = model_choices(services)
+    # Without a chat server (--no-llm) nothing here can answer or switch: the controls that ask it are
+    # off for the app's life, and the banner says why and how to turn chat on.
+    live = services.server is not None
     with gr.Row(equal_height=True):
         reg.add("chat.model", gr.Dropdown(choices=choices, value=current_value(_status(services), choices), scale=5,
-                                          allow_custom_value=True, elem_id="chat-model",
+                                          allow_custom_value=True, elem_id="chat-model", interactive=live,
                                           label=i18n.t("chat.model", lang), info=i18n.t("chat.model.info", lang)),
                 kind="label_info")
         reg.add("chat.switch", gr.Button(i18n.t("chat.switch", lang), variant="primary", scale=1,
-                                         elem_id="chat-switch"))
+                                         elem_id="chat-switch", interactive=live))
         # on only while a switch has something to cancel (``_switch_cancellable``: the tick and the switch set it)
         reg.add("chat.switch_cancel", gr.Button(i18n.t("chat.switch_cancel", lang), variant="stop", scale=0,
                                                 min_width=120, elem_id="chat-switch-cancel", interactive=False))
@@ -74,13 +77,14 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
                                                feedback_options=None, buttons=["copy"]))
             with gr.Row(equal_height=True):
                 reg.add("chat.message", gr.Textbox(label=i18n.t("chat.message", lang), scale=6, lines=1,
-                                                   max_lines=6, elem_id="chat-input", submit_btn=False))
+                                                   max_lines=6, elem_id="chat-input", submit_btn=False,
+                                                   interactive=live))
                 reg.add("chat.send", gr.Button(i18n.t("chat.send", lang), variant="primary", scale=1,
-                                               elem_id="chat-send"))
+                                               elem_id="chat-send", interactive=live))
                 reg.add("chat.stop", gr.Button(i18n.t("chat.stop", lang), variant="stop", scale=1,
-                                               elem_id="chat-stop"))
+                                               elem_id="chat-stop", interactive=live))
             with gr.Row():
-                reg.add("chat.regenerate", gr.Button(i18n.t("chat.regenerate", lang), size="sm"))
+                reg.add("chat.regenerate", gr.Button(i18n.t("chat.regenerate", lang), size="sm", interactive=live))
                 reg.add("chat.clear", gr.Button(i18n.t("chat.clear", lang), size="sm", elem_id="chat-clear"))
         with reg.add("chat.compare_tab", gr.Tab(i18n.t("chat.compare_tab", lang), elem_id="chat-compare")):
             reg.add("chat.compare_help", gr.Markdown(i18n.t("chat.compare_help", lang)))
@@ -88,18 +92,20 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
                 for side in ("a", "b"):
                     with gr.Column():
                         reg.add(f"chat.model_{side}", gr.Dropdown(choices=choices, value=None, allow_custom_value=True,
-                                                                  label=i18n.t(f"chat.model_{side}", lang)))
+                                                                  label=i18n.t(f"chat.model_{side}", lang),
+                                                                  interactive=live))
                         reg.add(f"chat.compare_{side}", gr.Chatbot(label=i18n.t(f"chat.model_{side}", lang),
                                                                    height=340, feedback_options=None,
                                                                    buttons=["copy"], elem_id=f"compare-{side}"),
                                 key=f"chat.model_{side}")
             with gr.Row(equal_height=True):
                 reg.add("chat.compare_message", gr.Textbox(label=i18n.t("chat.message", lang), scale=6,
-                                                           elem_id="compare-input"), key="chat.message")
+                                                           elem_id="compare-input", interactive=live),
+                        key="chat.message")
                 reg.add("chat.compare_send", gr.Button(i18n.t("chat.compare_send", lang), variant="primary",
-                                                       scale=1))
-                reg.add("chat.compare_stop", gr.Button(i18n.t("chat.stop", lang), variant="stop", scale=1),
-                        key="chat.stop")
+                                                       scale=1, interactive=live))
+                reg.add("chat.compare_stop", gr.Button(i18n.t("chat.stop", lang), variant="stop", scale=1,
+                                                       interactive=live), key="chat.stop")
                 reg.add("chat.compare_clear", gr.Button(i18n.t("chat.clear", lang), scale=1), key="chat.clear")
             reg.add("chat.compare_status", gr.Markdown(""), kind="none")
     with reg.add("chat.settings", gr.Accordion(i18n.t("chat.settings", lang), open=False)):

@@ -40,8 +40,9 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
             reg.add("server.metrics", gr.HTML("", elem_id="server-metrics"), kind="none")
         with gr.Row():
             reg.add("server.refresh", gr.Button(i18n.t("server.refresh", lang), size="sm"))
-            reg.add("server.restart", gr.Button(i18n.t("server.restart", lang), size="sm"))
-            reg.add("server.stop", gr.Button(i18n.t("server.stop", lang), size="sm", variant="stop"))
+            live = services.server is not None  # --no-llm: no server to restart or stop (the status says so)
+            reg.add("server.restart", gr.Button(i18n.t("server.restart", lang), size="sm", interactive=live))
+            reg.add("server.stop", gr.Button(i18n.t("server.stop", lang), size="sm", variant="stop", interactive=live))
         reg.add("server.message", gr.Markdown("", elem_id="server-message"), kind="none")
         # the line above and the server state it tells of ({"state", "text"}; None while a restart writes it)
         reg.add("server.message_for", gr.State(None), kind="none")

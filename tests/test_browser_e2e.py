@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sage_ft.webui.chat_memory import SETTINGS_KEY
+from sage_ft.webui.chat_memory import SETTINGS_KEY, STORAGE_KEY
 from sage_ft.webui.chat_messages import RUNNING
 from tests.fixtures_serving import server_held
 from tests.fixtures_training import MEMORIZE_QA
@@ -296,9 +296,9 @@ def test_a_setting_set_in_another_tab_keeps_the_conversation_this_tab_had(e2e_ap
                 assert time.monotonic() < deadline, "the system prompt was never saved"
                 older.wait_for_timeout(200)
             chatting.bring_to_front()
-            # A reload shows what the browser holds. On a busy machine a late save of the reply can pass
-            # for the system prompt's, and that one lands a moment after: reload until the prompt shows
-            # (settings are shared), and each time the conversation must be the one this tab had.
+            # A reload shows what the browser holds: the prompt (settings are shared; only a setting's own
+            # save writes them, test_a_reply_ending_in_one_tab_keeps_the_system_prompt_set_in_another) and
+            # the conversation this tab had. Reloaded until the prompt shows, for a slow page.
             deadline = time.monotonic() + 60
             while True:
                 chatting.reload()
@@ -311,6 +311,48 @@ def test_a_setting_set_in_another_tab_keeps_the_conversation_this_tab_had(e2e_ap
                     break
                 except AssertionError:
                     assert time.monotonic() < deadline, "the system prompt set in the other tab never showed"
+    finally:
+        browser.close()
+
+
+def test_a_reply_ending_in_one_tab_keeps_the_system_prompt_set_in_another(e2e_app, browser):
+    """Each reply used to save its tab's settings as it ended: a system prompt set in a second tab while
+    the first one's reply streamed was written over with the first tab's (empty) one. Settings are now
+    saved only when one is set."""
+    from playwright.sync_api import expect
+
+    storage = "key => localStorage.getItem(key)"
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    chatting, other = context.new_page(), context.new_page()
+    try:
+        with _screenshot_on_failure(other, "settings-kept-failure.png"):
+            for page in (chatting, other):
+                page.set_default_timeout(60_000)
+            with server_held(e2e_app.services.server) as let_run:  # the reply stays under way meanwhile
+                _start_a_long_reply(chatting, e2e_app.url, chars=1, let_run=let_run)
+                other.goto(e2e_app.url)
+                other.locator("#tab-chat-button").click()
+                other.get_by_text("Generation settings").click()
+                max_tokens = other.locator("#chat-max-tokens input[type=number]")
+                expect(max_tokens).to_have_value("900")  # the settings are shared, and restored by now
+                saved = other.evaluate(storage, SETTINGS_KEY)
+                other.locator("#chat-system textarea").fill("Be brief.")
+                other.locator("#chat-input textarea").click()  # leaving the field sets it
+                other.wait_for_function(f"localStorage.getItem('{SETTINGS_KEY}') !== {json.dumps(saved)}")
+                chats = other.evaluate(storage, STORAGE_KEY)
+                chatting.bring_to_front()
+                chatting.locator("#chat-stop").click()  # the reply ends: its tab saves what it keeps
+            deadline = time.monotonic() + 60
+            while len(RUNNING) and time.monotonic() < deadline:
+                chatting.wait_for_timeout(100)
+            chatting.wait_for_function(f"localStorage.getItem('{STORAGE_KEY}') !== {json.dumps(chats)}")
+            chatting.wait_for_timeout(3000)  # a settings save of the same event would have landed too
+            other.bring_to_front()
+            other.reload()
+            other.locator("#tab-chat-button").click()
+            other.get_by_text("Generation settings").click()
+            expect(other.locator("#chat-system textarea")).to_have_value("Be brief.")
+            expect(max_tokens).to_have_value("900")
     finally:
         browser.close()
 

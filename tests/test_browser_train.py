@@ -1,6 +1,7 @@
 """One real browser session (Playwright + Debian Chromium, headless) over the whole Train flow.
 
-Loads the page, uploads a dataset through the file chooser, starts a run on the demo model,
+Loads the page, uploads a spreadsheet's CSV (its own column names: the report's suggested reading is
+applied with one click) through the file chooser, starts a run on the demo model,
 watches the progress bar and the loss chart update, reloads mid-run and finds the same run still
 going (its log showing the newest lines), switches the language, and saves a screenshot of each
 tab under ``test-artifacts/``.
@@ -15,7 +16,7 @@ import pytest
 
 from sage_ft import paths
 from sage_ft.tasks import TaskStatus
-from tests.fixtures_data import memorize_rows, write_jsonl
+from tests.fixtures_data import MEMORIZE_PAIRS, write_table
 from tests.fixtures_webui import start_webui
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -68,7 +69,7 @@ def test_train_monitor_reload_and_language_in_a_real_browser(browser_app, tmp_pa
 
     ARTIFACTS.mkdir(exist_ok=True)
     expect.set_options(timeout=30_000)  # the machine is shared: retrying assertions get time, never sleeps
-    dataset = write_jsonl(memorize_rows() * 4, tmp_path / "browser-data.jsonl")
+    dataset = write_table([{"Question": q, "Answer": a} for q, a in MEMORIZE_PAIRS] * 4, tmp_path / "browser-data.csv")
     try:
         page = browser.new_page(viewport={"width": 1440, "height": 1000})
         page.set_default_timeout(60_000)
@@ -82,11 +83,16 @@ def test_train_monitor_reload_and_language_in_a_real_browser(browser_app, tmp_pa
         with page.expect_file_chooser() as chooser:
             page.locator("#dataset-upload").get_by_text("Click to Upload").click()
         chooser.value.set_files(str(dataset))
-        expect(page.locator("#cfg-dataset textarea")).to_have_value(re.compile(r"uploads/.*browser-data\.jsonl"))
+        expect(page.locator("#cfg-dataset textarea")).to_have_value(re.compile(r"uploads/.*browser-data\.csv"))
+        expect(page.locator("#data-report")).to_contain_text("instruction=Question,output=Answer")
+        page.locator("#apply-reading").click()  # the reading the report suggests, in one click
         expect(page.locator("#data-report")).to_contain_text("16 usable rows of 16 read")
+        expect(page.locator("#apply-reading")).to_be_hidden()
         expect(page.locator(".sage-preview .role-assistant").first).to_be_visible()
 
         page.get_by_role("button", name="Data options").click()  # collapsed by default
+        expect(page.locator("#cfg-column_mapping input, #cfg-column_mapping textarea")).to_have_value(
+            "instruction=Question,output=Answer")
         page.get_by_role("button", name="Advanced settings").click()
         for field, value in (("max_steps", MAX_STEPS), ("cutoff_len", "64"), ("per_device_train_batch_size", "2"),
                              ("save_steps", "1000")):
@@ -130,7 +136,7 @@ def test_train_monitor_reload_and_language_in_a_real_browser(browser_app, tmp_pa
         # ... and the form as it was left lives in this browser
         expect(page.locator("#cfg-max_steps input")).to_have_value(MAX_STEPS)
         expect(page.locator("#cfg-per_device_train_batch_size input")).to_have_value("2")
-        expect(page.locator("#cfg-dataset textarea")).to_have_value(re.compile(r"uploads/.*browser-data\.jsonl"))
+        expect(page.locator("#cfg-dataset textarea")).to_have_value(re.compile(r"uploads/.*browser-data\.csv"))
         expect(page.locator("#command-preview")).to_contain_text(f"max_steps={MAX_STEPS}")
         page.get_by_role("tab", name="📈 Monitor").click()
         expect(page.locator("#mon-progress .sage-progress")).to_have_attribute("data-task", str(task_id))

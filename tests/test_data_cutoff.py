@@ -88,8 +88,8 @@ def test_the_web_ui_data_report_says_it_too(demo_model, manager, tmp_path):
 
     services = AppServices(tasks=manager, configs_dir=tmp_path / "configs")
     long = write_jsonl(long_rows(10), tmp_path / "long.jsonl")
-    text, _, _ = train_tab.check_dataset(services, "en", str(long), "auto", "", None, "demo", "auto", 128)
+    text, *_ = train_tab.check_dataset(services, "en", str(long), "auto", "", None, "demo", "auto", 128)
     assert "❌" in text and "no sample keeps an assistant token within cutoff_len 128" in text and "✅" not in text
     mixed = write_jsonl(long_rows(10) + short_rows(3), tmp_path / "mixed.jsonl")
-    text, _, _ = train_tab.check_dataset(services, "en", str(mixed), "auto", "", None, "demo", "auto", 128)
+    text, *_ = train_tab.check_dataset(services, "en", str(mixed), "auto", "", None, "demo", "auto", 128)
     assert "✅" in text and "⚠️ 10 of 13 samples keep no assistant token" in text

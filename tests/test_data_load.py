@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from sage_ft.data import DataError, load_dataset
+from sage_ft.data.formats import Reading
 from sage_ft.data.load import MAX_LINE_BYTES
 from tests.fixtures_data import ALPACA_ROWS, OPENAI_ROWS, SHAREGPT_ROWS, write_json, write_jsonl
 
@@ -436,8 +437,25 @@ def test_the_suggested_column_mapping_is_built_from_the_keys_seen(make_dataset, 
         assert f"Column mapping = '{mapping}'" in message and f"--column-mapping '{mapping}'" in message
         assert "web UI: Data options" in message
         assert "question" in mapping or "instruction=question,output=answer" not in message  # not the old fixed text
+        # the same reading, for a client to apply with one click (the Train tab's 🪄 button)
+        assert err.value.reading == Reading("alpaca", mapping)
+        assert load_dataset(path, fmt=fmt, raise_on_error=False).suggested_reading == Reading("alpaca", mapping)
     report = load_dataset(path, fmt="alpaca", column_mapping=mapping)
     assert report.rows_ok == 2 and report.conversations[0][-1] == {"role": "assistant", "content": "Hi!"}
+    assert report.suggested_reading is None
+
+
+def test_a_reading_is_suggested_only_where_it_would_read_every_file(make_dataset):
+    """Format and column mapping apply to every file of a dataset: a one-click reading is offered only
+    when no file was read as it is and all the unreadable ones ask for the same."""
+    qa = make_dataset("qa.csv", [{"Question": "Hi?", "Answer": "Hi!"}])
+    also_qa = make_dataset("qa2.jsonl", [{"Question": "Yo?", "Answer": "Yo!"}])
+    other = make_dataset("pc.jsonl", [{"prompt": "Hi?", "completion": "Hi!"}])
+    fine = make_dataset("fine.jsonl", OPENAI_ROWS)
+    blank = make_dataset("blank.jsonl", [{"a": 1}])  # nothing to suggest
+    suggested = lambda *paths: load_dataset(",".join(map(str, paths)), raise_on_error=False).suggested_reading  # noqa: E731
+    assert suggested(qa, also_qa) == Reading("alpaca", "instruction=Question,output=Answer")
+    assert suggested(qa, other) is None and suggested(qa, fine) is None and suggested(qa, blank) is None
 
 
 def test_a_chat_under_other_key_and_role_names_gets_a_chat_mapping(make_dataset):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gradio as gr
 import yaml
 from gradio_client import handle_file
 
@@ -111,6 +112,23 @@ def test_a_csv_upload_is_stored_listed_checked_and_previewed(webui_client, tmp_p
                                                       api_name="/check_dataset")
     assert "4 usable rows of 4 read, 0 dropped" in report and histogram is not None
     assert MEMORIZE_PAIRS[0][1] in preview and "role-assistant" in preview
+
+
+def test_the_suggested_reading_is_applied_with_one_click(webui, tmp_path):
+    """A table under its own column names: the report's suggested format and column mapping come with
+    a button (not an API output: asked in-process here, clicked in the browser test) that sets both."""
+    from sage_ft.webui import train_tab
+
+    data = write_table([{"Question": q, "Answer": a} for q, a in MEMORIZE_PAIRS], tmp_path / "qa.csv")
+    check = lambda fmt, mapping: train_tab.check_dataset(webui.services, "en", str(data), fmt, mapping,  # noqa: E731
+                                                         None, "demo", "auto", 64)
+    report, _, _, reading, button = check("auto", "")
+    assert "cannot tell the dataset format" in report and "instruction=Question,output=Answer" in report
+    assert reading == ["alpaca", "instruction=Question,output=Answer"] and button["visible"] is True
+    fmt, mapping = train_tab.apply_reading(reading)
+    report, _, _, reading, button = check(fmt, mapping)
+    assert "4 usable rows of 4 read" in report and reading is None and button["visible"] is False
+    assert train_tab.apply_reading(None) == (gr.skip(), gr.skip())
 
 
 def test_builtin_sample_and_dataset_list(webui_client):

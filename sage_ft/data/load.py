@@ -73,12 +73,15 @@ _MAGIC = {
 
 class DataError(ValueError):
     """A dataset that cannot be used. ``problems`` lists each file-level problem; ``report`` is the
-    partial report (rows of the files that were fine) when one exists."""
+    partial report (rows of the files that were fine) when one exists; ``reading`` the format and
+    column mapping that would read the file's rows, when its keys suggest one."""
 
-    def __init__(self, message: str, problems: list[str] | None = None, report: DatasetReport | None = None):
+    def __init__(self, message: str, problems: list[str] | None = None, report: DatasetReport | None = None,
+                 reading: Reading | None = None):
         super().__init__(message)
         self.problems = problems or [message]
         self.report = report
+        self.reading = reading
 
 
 @dataclass
@@ -154,6 +157,15 @@ class DatasetReport:
     notes: list[str] = field(default_factory=list)  # how each file's format was chosen
     max_samples: int | None = None
     token_stats: TokenStats | None = None
+    readings: list[Reading] = field(default_factory=list)  # what each unreadable file's keys suggest
+
+    @property
+    def suggested_reading(self) -> Reading | None:
+        """The one format and column mapping that would read every file, for a client to apply with
+        one click: only where every file needs it (the setting applies to all) and they agree."""
+        if len(self.readings) != len(self.files) or len(set(self.readings)) != 1:
+            return None
+        return self.readings[0]
 
     @property
     def ok(self) -> bool:
@@ -313,13 +325,15 @@ def load_dataset(
             conversations += _load_file(path, fmt, mapping, max_bytes, report)
         except DataError as exc:
             report.errors.append(str(exc))
+            if exc.reading is not None:
+                report.readings.append(exc.reading)
     formats = sorted(set(report.file_formats.values()))
     report.format = formats[0] if len(formats) == 1 else ("mixed" if formats else fmt if fmt != "auto" else "")
     report.rows_ok = len(conversations)
     report.conversations = conversations[:max_samples] if max_samples else conversations
     if report.errors and raise_on_error:
         message = report.errors[0] if len(report.errors) == 1 else "\n".join(["Unusable dataset files:"] + report.errors)
-        raise DataError(message, problems=list(report.errors), report=report)
+        raise DataError(message, problems=list(report.errors), report=report, reading=report.suggested_reading)
     return report
 
 
@@ -345,24 +359,27 @@ def _load_file(path: Path, fmt: str, mapping: dict[str, str], max_bytes: int | N
     report.dropped += dropped
     if not conversations:
         reasons = "\n  - ".join(describe_reasons(dropped))
+        fix, reading = _all_dropped_fix(dropped, rows, file_fmt, mapping)
         raise DataError(f"{path}: 0 usable rows out of {len(rows)} (read as {file_fmt}). Every row was dropped:\n"
-                        f"  - {reasons}\n{_all_dropped_fix(dropped, rows, file_fmt, mapping)}")
+                        f"  - {reasons}\n{fix}", reading=reading)
     return conversations
 
 
-def _all_dropped_fix(dropped: list[RowIssue], rows: list[tuple[str, Any]], fmt: str, mapping: dict[str, str]) -> str:
-    """What to do when every row of a file was dropped: tool-calling rows are said to be unsupported;
-    rows missing their fields get a column mapping built from their own keys; else fix the rows."""
+def _all_dropped_fix(dropped: list[RowIssue], rows: list[tuple[str, Any]], fmt: str,
+                     mapping: dict[str, str]) -> tuple[str, Reading | None]:
+    """What to do when every row of a file was dropped, and the reading that would do it: tool-calling
+    rows are said to be unsupported; rows missing their fields get a column mapping built from their
+    own keys; else fix the rows."""
     reasons = {issue.reason for issue in dropped}
     if TOOL_CALLS_REASON in reasons:
-        return f"Note: {TOOL_CALLS_HELP}."
+        return f"Note: {TOOL_CALLS_HELP}.", None
     if any(reason.startswith(("missing field", "unknown role", "no messages")) for reason in reasons):
         reading = suggest_reading(row for _, row in rows[:DETECT_ROWS])
         current = Reading(fmt, ",".join(f"{k}={v}" for k, v in mapping.items()))
         if reading is not None and reading != current:
-            return f"To read these rows: {reading.how()}."
-        return f"Fix the rows, or name their keys: {GENERIC_READING.how()}."
-    return "Fix the rows listed above."
+            return f"To read these rows: {reading.how()}.", reading
+        return f"Fix the rows, or name their keys: {GENERIC_READING.how()}.", None
+    return "Fix the rows listed above.", None
 
 
 def detect_format(path: Path, rows: list[tuple[str, Any]], mapping: dict[str, str]) -> tuple[str, str]:
@@ -381,7 +398,8 @@ def detect_format(path: Path, rows: list[tuple[str, Any]], mapping: dict[str, st
                else f"name the keys that hold each part: {GENERIC_READING.how()}")
         raise DataError(
             f"{path}: cannot tell the dataset format from the first {len(head)} rows ({head[0][0]} has keys: "
-            f"{keys}). Expected alpaca (instruction, output), sharegpt (conversations) or openai (messages); {fix}")
+            f"{keys}). Expected alpaca (instruction, output), sharegpt (conversations) or openai (messages); {fix}",
+            reading=reading)
     fmt, count = votes.most_common(1)[0]
     return fmt, f"{path.name}: {fmt} (auto-detected from {count} of the first {len(head)} rows)"
 

@@ -7,9 +7,10 @@ sent, and a reply every ``AUTOSAVE_S`` while it streams: a page reloaded mid-rep
 and what the reply had said, marked as cut off (Regenerate answers again); a page opened while another
 tab's reply streams shows its words so far, marked as still being written there (the saves name the
 page whose reply streamed, and the app knows which replies stream). Settings are saved when
-one is set and with each reply. The two are kept apart: every tab of a browser shares that storage,
-and a page opened earlier holds the conversations as they were then, so setting a slider there must
-not write those back over what another tab said since.
+one is set, and only then. The two are kept apart: every tab of a browser shares that storage, and a
+page opened earlier holds the conversations as they were then, so setting a slider there must not
+write those back over what another tab said since; nor may a reply ending in one tab write its
+settings over those just set in another.
 """
 
 from __future__ import annotations

@@ -214,8 +214,8 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
     for change in changes:
         change.then(chat_memory.remember_after(streaming_in), conversations, reg["chat.saved"], api_name=False,
                     show_progress="hidden")
-        change.then(chat_memory.remember_settings, settings[:-1], reg["chat.settings_saved"], api_name=False,
-                    show_progress="hidden")
+    # Settings are saved when one is set, never with a reply: a reply ending in one tab wrote that tab's
+    # settings over a system prompt set in another tab meanwhile (every tab shares the storage).
     # `input`, not `release`: a slider moved with the arrow keys fires no release (pointer up / blur)
     set_by_hand = [reg["chat.system"].blur, *(reg[f"chat.{key}"].input for key in chat_memory.SLIDERS)]
     gr.on(set_by_hand, chat_memory.remember_settings, settings[:-1], reg["chat.settings_saved"], api_name=False,

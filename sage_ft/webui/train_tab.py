@@ -76,6 +76,10 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
                 form.build_fields([n for n in form.names_in("data")], lang, reg)
         reg.add("train.check_data", gr.Button(i18n.t("train.check_data", lang), size="sm"))
         reg.add("train.data_report", gr.Markdown("", elem_id="data-report"), kind="none")
+        # shown while the report suggests a format and column mapping from the file's own keys
+        reg.add("train.reading", gr.State(None), kind="none")
+        reg.add("train.apply_reading", gr.Button(i18n.t("train.apply_reading", lang), variant="primary", size="sm",
+                                                 visible=False, elem_id="apply-reading"))
         with gr.Row():
             reg.add("train.histogram", gr.Plot(label=i18n.t("train.histogram", lang), show_label=False))
             reg.add("train.preview", gr.HTML(render.chat_preview_html([], lang)), kind="none")
@@ -132,7 +136,9 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
     lang = reg["top.lang"]
     data_inputs = [reg[f"train.{n}"] for n in ("dataset", "dataset_format", "column_mapping", "max_samples",
                                                 "model_name_or_path", "template", "cutoff_len")]
-    data_outputs = [reg["train.data_report"], reg["train.histogram"], reg["train.preview"]]
+    # the report, then (not API outputs) the suggested reading and the button that applies it
+    data_outputs = [reg["train.data_report"], reg["train.histogram"], reg["train.preview"], reg["train.reading"],
+                    reg["train.apply_reading"]]
 
     gr.on([f.change for f in fields], preview, inputs=[lang, *fields],
           outputs=[reg["train.command"], reg["train.yaml"]], api_name="preview", show_progress="hidden",
@@ -163,6 +169,10 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
     reg["train.dataset"].change(check, [lang, *data_inputs], data_outputs, api_name="check_dataset",
                                 trigger_mode="always_last")
     reg["train.check_data"].click(check, [lang, *data_inputs], data_outputs, api_name=False)
+    reg["train.apply_reading"].click(
+        apply_reading, reg["train.reading"], [reg["train.dataset_format"], reg["train.column_mapping"]],
+        api_name=False, show_progress="hidden",
+    ).then(check, [lang, *data_inputs], data_outputs, api_name=False)
     # the report, its histogram and the preview are rendered in a language: again when it changes
     lang.change(check, [lang, *data_inputs], data_outputs, api_name=False, trigger_mode="always_last",
                 show_progress="hidden")
@@ -363,13 +373,29 @@ def use_sample(services: AppServices, lang: str) -> tuple[Any, Any, str]:
 
 
 def check_dataset(services: AppServices, lang: str, dataset: str, fmt: str, column_mapping: str,
-                  max_samples: Any, model: str, template: str, cutoff_len: Any) -> tuple[str, Any, str]:
-    """Validation report, token-length histogram and chat preview of the chosen dataset files."""
+                  max_samples: Any, model: str, template: str, cutoff_len: Any) -> tuple[Any, ...]:
+    """Validation report, token-length histogram and chat preview of the chosen dataset files, then
+    the reading their keys suggest (``[format, column mapping]`` or None) and its button."""
+    report_text, figure, preview, reading = _check_dataset(services, lang, dataset, fmt, column_mapping, max_samples,
+                                                           model, template, cutoff_len)
+    suggested = [reading.fmt, reading.column_mapping] if reading else None
+    return report_text, figure, preview, suggested, gr.update(visible=suggested is not None)
+
+
+def apply_reading(reading: list[str] | None) -> tuple[Any, Any]:
+    """Dataset format and column mapping set to the suggested reading (its button is hidden without one)."""
+    if not reading:
+        return gr.skip(), gr.skip()
+    return reading[0], reading[1]
+
+
+def _check_dataset(services: AppServices, lang: str, dataset: str, fmt: str, column_mapping: str,
+                   max_samples: Any, model: str, template: str, cutoff_len: Any) -> tuple[str, Any, str, Any]:
     from sage_ft.data import DataError, load_dataset
 
     dataset = (dataset or "").strip()
     if not dataset:
-        return i18n.t("alert.no_dataset", lang), None, render.chat_preview_html([], lang)
+        return i18n.t("alert.no_dataset", lang), None, render.chat_preview_html([], lang), None
     try:
         for part in dataset.split(","):
             services.guard.check(part, "dataset")
@@ -377,7 +403,7 @@ def check_dataset(services: AppServices, lang: str, dataset: str, fmt: str, colu
         report = load_dataset(dataset, fmt or "auto", column_mapping or "", max_n, raise_on_error=False)
     except (PathRefused, DataError, ValueError) as exc:
         gr.Warning(str(exc).splitlines()[0])
-        return f"❌ {html.escape(str(exc))}", None, render.chat_preview_html([], lang)
+        return f"❌ {html.escape(str(exc))}", None, render.chat_preview_html([], lang), None
     figure = None
     token_line = ""
     if report.conversations:
@@ -409,7 +435,7 @@ def check_dataset(services: AppServices, lang: str, dataset: str, fmt: str, colu
     # Open where the data cannot be used: the header sends the reader to "the problems below".
     state = "" if report.ok else " open"
     text += f"\n\n<details{state}><summary>{i18n.t('data.details', lang)}</summary><pre>{body}</pre></details>"
-    return text, figure, render.chat_preview_html(report.preview(PREVIEW_ROWS), lang)
+    return text, figure, render.chat_preview_html(report.preview(PREVIEW_ROWS), lang), report.suggested_reading
 
 
 def save_config(services: AppServices, name: str, lang: str, *values: Any, overwrite: bool = False) -> tuple[str, Any]:

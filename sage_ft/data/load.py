@@ -56,14 +56,14 @@ _CONVERT_HINTS = {
     ".xlsx": "save the sheet as CSV UTF-8 (File > Save As) and pass the .csv",
     ".xls": "save the sheet as CSV UTF-8 (File > Save As) and pass the .csv",
     ".parquet": "convert it to JSON Lines, e.g. pandas.read_parquet(f).to_json('data.jsonl', orient='records', lines=True)",
-    ".gz": "decompress it first (gunzip FILE) and pass the .json/.jsonl inside",
-    ".zip": "unzip it first and pass the .json/.jsonl files inside",
+    ".gz": f"decompress it first (gunzip FILE) and pass the {FILE_TYPES} inside",
+    ".zip": f"unzip it first and pass the {FILE_TYPES} files inside",
     ".txt": "for plain documents use `sage-ft prepare-docs DIR -o data.jsonl` to build a dataset",
     ".md": "for plain documents use `sage-ft prepare-docs DIR -o data.jsonl` to build a dataset",
 }
 _MAGIC = {
     b"\x1f\x8b": "gzip-compressed data: decompress it first (gunzip)",
-    b"PK\x03\x04": "a zip archive: unzip it and pass the .json/.jsonl inside",
+    b"PK\x03\x04": f"a zip archive: unzip it and pass the {FILE_TYPES} inside",
     b"PAR1": "a Parquet file: convert it, e.g. pandas.read_parquet(f).to_json('data.jsonl', orient='records', lines=True)",
     b"SQLite format 3": "an SQLite database, not a dataset file",
     b"\x89PNG": "a PNG image, not a dataset file",

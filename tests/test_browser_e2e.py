@@ -268,6 +268,15 @@ def test_a_reply_reloaded_while_it_streams_keeps_its_question_and_what_it_had_sa
         browser.close()
 
 
+def _tabs_of_one_browser(browser: Any, count: int) -> list[Any]:
+    """``count`` pages of one browser context: they share its storage, as a person's tabs do (60 s a step)."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pages = [context.new_page() for _ in range(count)]
+    for page in pages:
+        page.set_default_timeout(60_000)
+    return pages
+
+
 def test_a_setting_set_in_another_tab_keeps_the_conversation_this_tab_had(e2e_app, browser):
     """Every tab of a browser shares its storage, and a tab opened earlier holds the conversations as
     they were then. Setting a system prompt there saves the settings alone; before, it wrote that tab's
@@ -275,12 +284,10 @@ def test_a_setting_set_in_another_tab_keeps_the_conversation_this_tab_had(e2e_ap
     from playwright.sync_api import expect
 
     chat_storage = "() => [localStorage.getItem('sage-ft-chats'), localStorage.getItem('sage-ft-chat-settings')]"
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    older, chatting = context.new_page(), context.new_page()
+    older, chatting = _tabs_of_one_browser(browser, 2)
     try:
         with _screenshot_on_failure(chatting, "two-tabs-failure.png"):
             for page in (older, chatting):
-                page.set_default_timeout(60_000)
                 page.goto(e2e_app.url)
                 page.get_by_role("tab", name="💬 Chat").click()
             assert _ask(chatting, "Hello there")  # a new page: its chat is empty
@@ -322,12 +329,9 @@ def test_a_reply_ending_in_one_tab_keeps_the_system_prompt_set_in_another(e2e_ap
     from playwright.sync_api import expect
 
     storage = "key => localStorage.getItem(key)"
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    chatting, other = context.new_page(), context.new_page()
+    chatting, other = _tabs_of_one_browser(browser, 2)
     try:
         with _screenshot_on_failure(other, "settings-kept-failure.png"):
-            for page in (chatting, other):
-                page.set_default_timeout(60_000)
             with server_held(e2e_app.services.server) as let_run:  # the reply stays under way meanwhile
                 _start_a_long_reply(chatting, e2e_app.url, chars=1, let_run=let_run)
                 other.goto(e2e_app.url)

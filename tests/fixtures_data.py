@@ -1,10 +1,11 @@
 """Shared fixtures of the data area: write small dataset files for any test that needs one.
 
-- ``write_jsonl(rows, path)`` / ``write_json(rows, path)`` / ``write_table(rows, path)``: plain
-  helpers (a table is written the way ``pandas.DataFrame.to_csv`` writes it: a header of every key,
-  list cells as JSON).
+- ``write_jsonl(rows, path)`` / ``write_json(rows, path)`` / ``write_table(rows, path)`` /
+  ``write_parquet(rows, path)``: plain helpers (a table is written the way ``pandas.DataFrame.to_csv``
+  writes it: a header of every key, list cells as JSON; a Parquet file by pyarrow, as the Hub's
+  datasets are, a key missing from a row being null there).
 - ``make_dataset(name, rows)``: a factory writing into the test's ``tmp_path`` (``.json`` names
-  become a JSON array, ``.csv``/``.tsv`` a table, anything else JSON Lines).
+  become a JSON array, ``.csv``/``.tsv`` a table, ``.parquet`` Parquet, anything else JSON Lines).
 - ``memorize_dataset``: 4 short Q/A pairs in OpenAI messages format, for trainer tests whose loss
   must fall; ``MEMORIZE_PAIRS`` holds the same pairs for asserting on generations.
 """
@@ -69,6 +70,17 @@ def write_table(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
+def write_parquet(rows: list[dict], path: str | Path, metadata: dict[bytes, bytes] | None = None) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table.replace_schema_metadata(metadata) if metadata else table, path)
+    return path
+
+
 def memorize_rows() -> list[dict]:
     return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
             for q, a in MEMORIZE_PAIRS]
@@ -82,6 +94,8 @@ def make_dataset(tmp_path: Path) -> Callable[[str, list[Any]], Path]:
         path = tmp_path / name
         if path.suffix in (".csv", ".tsv"):
             return write_table(rows, path)
+        if path.suffix == ".parquet":
+            return write_parquet(rows, path)
         return write_json(rows, path) if path.suffix == ".json" else write_jsonl(rows, path)
 
     return make

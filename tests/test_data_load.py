@@ -11,8 +11,15 @@ import pytest
 
 from sage_ft.data import DataError, load_dataset
 from sage_ft.data.formats import Reading
-from sage_ft.data.load import MAX_LINE_BYTES
-from tests.fixtures_data import ALPACA_ROWS, OPENAI_ROWS, SHAREGPT_ROWS, write_json, write_jsonl
+from sage_ft.data.load import MAX_LINE_BYTES, read_rows
+from tests.fixtures_data import (
+    ALPACA_ROWS,
+    OPENAI_ROWS,
+    SHAREGPT_ROWS,
+    write_json,
+    write_jsonl,
+    write_parquet,
+)
 
 ROWS = {"alpaca": ALPACA_ROWS, "sharegpt": SHAREGPT_ROWS, "openai": OPENAI_ROWS}
 
@@ -31,7 +38,7 @@ def _assert_valid(conversation):
 # ---------------------------------------------------------------- formats
 
 
-@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv", ".tsv"])
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv", ".tsv", ".parquet"])
 @pytest.mark.parametrize("fmt", ["alpaca", "sharegpt", "openai"])
 def test_every_format_in_every_file_type_is_detected_and_converted(make_dataset, fmt, suffix):
     path = make_dataset(f"data{suffix}", ROWS[fmt])
@@ -239,7 +246,7 @@ def test_missing_file_and_directory(tmp_path):
 
 
 @pytest.mark.parametrize(("name", "hint"), [
-    ("data.parquet", "to_json('data.jsonl'"), ("data.txt", "prepare-docs"), ("data", "(no extension)"),
+    ("data.txt", "prepare-docs"), ("data", "(no extension)"),
     ("data.json.gz", "gunzip"), ("data.xlsx", "save the sheet as CSV UTF-8"),
 ])
 def test_wrong_extension_says_what_to_do(tmp_path, name, hint):
@@ -286,6 +293,43 @@ def test_a_table_not_in_utf8_says_how_to_convert_it(tmp_path):
     path.write_bytes("instruction\toutput\nq\ta\ncafé\tb\n".encode("cp1252"))
     message = _error(path)
     assert "latin.tsv: line 3" in message and "not UTF-8" in message and "iconv" in message
+
+
+def test_a_parquet_file_reads_like_the_rows_it_was_written_from(tmp_path):
+    """Parquet gives every row every column and every message every field seen anywhere; those nulls
+    read as absent keys, so a tool-calling row is the only one dropped (named by its 0-based index,
+    as pandas and the Hub's viewer count), and pandas' index column is not read as data."""
+    rows = OPENAI_ROWS + [
+        {"messages": [{"role": "user", "content": "Weather?", "name": "ann"},
+                      {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]}]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+         "__index_level_0__": 7},
+    ]
+    pandas_index = {b"pandas": json.dumps({"index_columns": ["__index_level_0__"], "columns": []}).encode()}
+    path = write_parquet(rows, tmp_path / "train-00000-of-00001.parquet", pandas_index)
+    read = [row for _, row in read_rows(path)]
+    assert read[:2] == OPENAI_ROWS and read[3] == {"messages": rows[3]["messages"]}
+    report = load_dataset(path)
+    assert report.format == "openai" and report.rows_total == 4 and report.rows_ok == 3
+    assert report.conversations[:2] == load_dataset(write_jsonl(OPENAI_ROWS, tmp_path / "o.jsonl")).conversations
+    [dropped] = report.dropped
+    assert dropped.location == "index 2" and "tool" in dropped.reason
+
+
+def test_a_parquet_file_that_cannot_be_read_says_why(tmp_path):
+    good = write_parquet(ALPACA_ROWS * 50, tmp_path / "good.parquet")
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    message = _error(cut)
+    assert "cut.parquet: not a readable Parquet file" in message and "to_parquet" in message
+    renamed = write_jsonl(ALPACA_ROWS, tmp_path / "rows.parquet")
+    message = _error(renamed)
+    assert "rows.parquet: not a Parquet file (it does not start with PAR1)" in message and ".jsonl" in message
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    assert "it does not start with PAR1, it is empty" in _error(tmp_path / "empty.parquet")
+    parquet_as_jsonl = tmp_path / "table.jsonl"
+    parquet_as_jsonl.write_bytes(good.read_bytes())
+    assert "table.jsonl: this is a Parquet file: rename it to .parquet" in _error(parquet_as_jsonl)
 
 
 def test_invalid_json_in_jsonl_names_line_and_column(make_dataset, tmp_path):

@@ -23,6 +23,19 @@ def test_both_locale_files_have_the_same_keys_and_no_empty_text():
     assert [k for k, v in {**en, **zh}.items() if not v.strip()] == []
 
 
+def test_the_dataset_file_types_come_from_the_reader_only():
+    """The locales write ``{file_types}``; what the page shows is the reader's own list."""
+    from sage_ft.data.load import FILE_TYPES, SUFFIXES
+
+    for lang in i18n.LANGS:
+        texts = i18n.strings(lang)
+        assert [k for k, v in texts.items() if "{file_types}" in v] == []
+        for key in ("train.upload", "alert.no_dataset", "cfg.dataset.info"):
+            assert FILE_TYPES in texts[key] and all(suffix in texts[key] for suffix in SUFFIXES)
+        raw = (i18n.locales_dir() / f"{lang}.yaml").read_text(encoding="utf-8")
+        assert ".tsv" not in raw, f"{lang}.yaml names a file type: write {{file_types}}"
+
+
 def test_english_help_comes_from_the_config_metadata_only():
     raw_en = yaml.safe_load((i18n.locales_dir() / "en.yaml").read_text(encoding="utf-8"))
     assert not [k for k in raw_en if k.endswith(".info") and k.startswith("cfg.")], "en help belongs in config.py"

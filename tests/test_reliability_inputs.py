@@ -24,7 +24,7 @@ from sage_ft.config import ConfigError, TrainConfig
 from sage_ft.tasks import TaskManager, TaskRefused, TaskStatus
 from sage_ft.tasks.store import StoreUnavailable
 from sage_ft.training import FineTuneRun
-from tests.fixtures_data import memorize_rows, write_jsonl
+from tests.fixtures_data import memorize_rows, write_jsonl, write_parquet
 from tests.fixtures_tasks import tiny_task_config
 from tests.fixtures_training import training_config
 from tests.fixtures_webui import form_args, free_port, start_webui, stop_app_process
@@ -140,6 +140,14 @@ def test_dataset_binary_renamed_jsonl(app, client, tmp_path):
     blob = tmp_path / "photo.jsonl"
     blob.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 64)
     start_refused(app, client, "photo.jsonl", "binary", dataset=str(blob), **tiny())
+
+
+def test_dataset_parquet_cut_short(app, client, tmp_path):
+    """A Hub download that stopped half-way: the file starts as Parquet but cannot be read."""
+    whole = write_parquet(memorize_rows() * 50, tmp_path / "whole.parquet")
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    start_refused(app, client, "cut.parquet: not a readable Parquet file", "to_parquet", dataset=str(cut), **tiny())
 
 
 def test_dataset_zip_bomb_style_single_huge_line(app, client, tmp_path):

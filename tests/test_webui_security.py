@@ -107,7 +107,7 @@ def test_uploads_with_a_wrong_type_or_size_are_refused(client, tmp_path):
     for wrong in (script, renamed_yaml):
         with pytest.raises(AppError, match="Invalid file type"):
             client.predict(handle_file(str(wrong)), "en", api_name="/upload_dataset")
-    with pytest.raises(UploadError, match=r"must be one of \.json, \.jsonl, \.csv, \.tsv, not \.sh"):  # the handler's own check behind it
+    with pytest.raises(UploadError, match=r"must be one of \.json, \.jsonl, \.csv, \.tsv, \.parquet, not \.sh"):  # the handler's own check behind it
         store_upload(script, "dataset")
     with pytest.raises(UploadError, match="over the 0 MiB upload limit"):
         store_upload(write_jsonl(memorize_rows(), tmp_path / "ok.jsonl"), "dataset", max_bytes=10)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import gradio as gr
+import pytest
 import yaml
 from gradio_client import handle_file
 
@@ -12,7 +13,7 @@ from sage_ft import paths
 from sage_ft.config import TrainConfig
 from sage_ft.tasks import TaskStatus
 from sage_ft.webui import i18n
-from tests.fixtures_data import MEMORIZE_PAIRS, memorize_rows, write_jsonl, write_table
+from tests.fixtures_data import MEMORIZE_PAIRS, memorize_rows, write_jsonl, write_parquet, write_table
 from tests.fixtures_webui import form_args
 
 FIELDS = TrainConfig.field_names()
@@ -101,12 +102,15 @@ def test_check_dataset_reports_bad_rows_with_line_numbers(webui_client, tmp_path
     assert "line 1" in report and "invalid JSON" in report and histogram is None
 
 
-def test_a_csv_upload_is_stored_listed_checked_and_previewed(webui_client, tmp_path):
-    """A spreadsheet's CSV export is a dataset like any other: the browser's file picker and the
-    server's upload check accept it, and the report and preview read its rows."""
-    data = write_table([{"instruction": q, "output": a} for q, a in MEMORIZE_PAIRS], tmp_path / "sheet.csv")
+@pytest.mark.parametrize("name", ["sheet.csv", "train-00000-of-00001.parquet"])
+def test_a_table_upload_is_stored_listed_checked_and_previewed(webui_client, tmp_path, name):
+    """A spreadsheet's CSV export and a Hub dataset's Parquet file are datasets like any other: the
+    browser's file picker and the server's upload check accept them, and the report and preview read
+    their rows."""
+    rows = [{"instruction": q, "output": a} for q, a in MEMORIZE_PAIRS]
+    data = (write_parquet if name.endswith(".parquet") else write_table)(rows, tmp_path / name)
     dataset, registered, _ = webui_client.predict(handle_file(str(data)), "en", api_name="/upload_dataset")
-    assert Path(dataset).name == "sheet.csv" and Path(dataset).read_bytes() == data.read_bytes()
+    assert Path(dataset).name == name and Path(dataset).read_bytes() == data.read_bytes()
     assert dataset in [value for _, value in registered["choices"]]
     report, histogram, preview = webui_client.predict("en", dataset, "auto", "", None, "demo", "auto", 64,
                                                       api_name="/check_dataset")

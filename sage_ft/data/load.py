@@ -1,13 +1,14 @@
 """Read and validate dataset files before any training starts.
 
-``load_dataset`` reads ``.json`` (an array of objects), ``.jsonl`` (one object per line) and
-``.csv`` / ``.tsv`` (a header row, then one row per example; see ``delimited``) files, detects or
+``load_dataset`` reads ``.json`` (an array of objects), ``.jsonl`` (one object per line),
+``.csv`` / ``.tsv`` (a header row, then one row per example; see ``delimited``) and ``.parquet``
+(one row per example, as the Hugging Face Hub stores datasets; see ``parquet``) files, detects or
 applies their format (see ``formats``), converts every row into a conversation, and returns a
 ``DatasetReport``. Two kinds of problems:
 
 - file-level (``DataError``): the file cannot be used at all — not found, wrong extension, too big,
   binary, not UTF-8, invalid JSON, not an array of objects, a table row whose cells do not match its
-  header, a line over ``MAX_LINE_BYTES``, or zero usable rows. The message names the file, the place
+  header, an unreadable Parquet file, a line over ``MAX_LINE_BYTES``, or zero usable rows. The message names the file, the place
   (line/column, byte offset or index), what is wrong and what to do. A bad file never starts a run.
 - row-level (``RowIssue`` in ``report.dropped``): one row is unusable (missing field, empty
   response, unknown role, wrong turn order, ...). The row is dropped and reported, nothing aborts
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sage_ft.data import parquet
 from sage_ft.data.delimited import DELIMITERS, TableError, read_table
 from sage_ft.data.formats import (
     FORMATS,
@@ -48,14 +50,13 @@ DEFAULT_MAX_BYTES = int(os.environ.get("SAGE_FT_MAX_DATASET_BYTES") or 512 * 102
 # One JSON Lines row larger than this is refused: a real training sample is a few KB of text.
 MAX_LINE_BYTES = 8 * 1024**2
 DETECT_ROWS = 20  # auto-detection looks at this many rows at the top of each file
-SUFFIXES = (".json", ".jsonl", ".csv", ".tsv")
-FILE_TYPES = "/".join(SUFFIXES)  # for messages: ".json/.jsonl/.csv/.tsv"
+SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
+FILE_TYPES = "/".join(SUFFIXES)  # for messages: ".json/.jsonl/.csv/.tsv/.parquet"
 _SHOWN_LOCATIONS = 3  # per reason in the summary
 
 _CONVERT_HINTS = {
     ".xlsx": "save the sheet as CSV UTF-8 (File > Save As) and pass the .csv",
     ".xls": "save the sheet as CSV UTF-8 (File > Save As) and pass the .csv",
-    ".parquet": "convert it to JSON Lines, e.g. pandas.read_parquet(f).to_json('data.jsonl', orient='records', lines=True)",
     ".gz": f"decompress it first (gunzip FILE) and pass the {FILE_TYPES} inside",
     ".zip": f"unzip it first and pass the {FILE_TYPES} files inside",
     ".txt": "for plain documents use `sage-ft prepare-docs DIR -o data.jsonl` to build a dataset",
@@ -64,7 +65,7 @@ _CONVERT_HINTS = {
 _MAGIC = {
     b"\x1f\x8b": "gzip-compressed data: decompress it first (gunzip)",
     b"PK\x03\x04": f"a zip archive: unzip it and pass the {FILE_TYPES} inside",
-    b"PAR1": "a Parquet file: convert it, e.g. pandas.read_parquet(f).to_json('data.jsonl', orient='records', lines=True)",
+    parquet.MAGIC: "a Parquet file: rename it to .parquet",
     b"SQLite format 3": "an SQLite database, not a dataset file",
     b"\x89PNG": "a PNG image, not a dataset file",
     b"%PDF": "a PDF document: extract its text and use `sage-ft prepare-docs`",
@@ -86,7 +87,7 @@ class DataError(ValueError):
 
 @dataclass
 class RowIssue:
-    """A dropped row: ``location`` is ``"line 7"`` (jsonl, csv, tsv) or ``"index 3"`` (json array)."""
+    """A dropped row: ``location`` is ``"line 7"`` (jsonl, csv, tsv) or ``"index 3"`` (json array, parquet)."""
 
     file: Path
     location: str
@@ -406,11 +407,13 @@ def detect_format(path: Path, rows: list[tuple[str, Any]], mapping: dict[str, st
 
 def read_rows(path: Path, max_bytes: int | None = DEFAULT_MAX_BYTES) -> Iterator[tuple[str, Any]]:
     """``(location, row)`` for every row of a dataset file (``SUFFIXES``), after the file checks: the
-    parsed JSON value of a .json/.jsonl row, a ``{column: cell}`` object of a .csv/.tsv row."""
+    parsed JSON value of a .json/.jsonl row, a ``{column: value}`` object of a .csv/.tsv/.parquet row."""
     check_file(path, max_bytes)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         yield from _read_jsonl(path)
+    elif suffix == ".parquet":
+        yield from _read_parquet_file(path)
     elif suffix in DELIMITERS:
         yield from _read_table_file(path, DELIMITERS[suffix])
     else:
@@ -433,7 +436,7 @@ def check_file(path: Path, max_bytes: int | None) -> None:
         hint = _CONVERT_HINTS.get(suffix, "save it as JSON Lines (one JSON object per line) with a .jsonl name")
         raise DataError(f"{path}: unsupported file type {suffix or '(no extension)'!r}; only .json (an array of "
                         "objects), .jsonl (one object per line), .csv and .tsv (a header row, then one row per "
-                        f"example) are read. To use it, {hint}")
+                        f"example) and .parquet are read. To use it, {hint}")
     size = path.stat().st_size
     if max_bytes is not None and size > max_bytes:
         raise DataError(
@@ -442,6 +445,12 @@ def check_file(path: Path, max_bytes: int | None) -> None:
             "`sage-ft check-data`, or the SAGE_FT_MAX_DATASET_BYTES environment variable)")
     with path.open("rb") as fh:
         head = fh.read(8192)
+    if suffix == ".parquet":
+        if not head.startswith(parquet.MAGIC):
+            empty = ", it is empty" if not head else ""
+            raise DataError(f"{path}: not a Parquet file (it does not start with {parquet.MAGIC.decode()}{empty}); "
+                            f"was a file of another type renamed to .parquet? Give it its own extension ({FILE_TYPES})")
+        return
     for magic, what in _MAGIC.items():
         if head.startswith(magic):
             raise DataError(f"{path}: this is {what} (binary, not text) — was it renamed to {suffix}?")
@@ -500,6 +509,13 @@ def _read_table_file(path: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
         yield from read_table(text, delimiter, MAX_LINE_BYTES)
     except TableError as exc:
         raise DataError(f"{path}: line {exc.line}: {exc}") from None
+
+
+def _read_parquet_file(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        yield from parquet.read_parquet(path)
+    except parquet.ParquetError as exc:
+        raise DataError(f"{path}: {exc}") from None
 
 
 def _read_json_array(path: Path) -> Iterator[tuple[str, Any]]:

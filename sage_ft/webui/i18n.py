@@ -4,6 +4,8 @@ Locales are data: keys like ``train.start`` or ``alert.no_dataset``. Config fiel
 ``cfg.<field>.label`` and ``cfg.<field>.info``; the English help of a field is *not* copied into
 ``en.yaml`` — it comes from the field's own metadata (``TrainConfig.ui(name).help``), the one place
 that fact is declared. ``zh.yaml`` translates both. ``tests/test_locales.py`` keeps the key sets equal.
+Facts that are not words are not copied into locales either: a text writes ``{file_types}`` where
+the readable dataset file types go, filled in from ``sage_ft.data.load.FILE_TYPES`` as it is read.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import yaml
 
 from sage_ft import paths
 from sage_ft.config import TrainConfig
+from sage_ft.data.load import FILE_TYPES
+
+FACTS = {"{file_types}": FILE_TYPES}  # placeholders any locale text may hold, and their values
 
 LANGS = ("en", "zh")
 DEFAULT_LANG = "en"
@@ -45,6 +50,10 @@ def strings(lang: str) -> dict[str, str]:
     if lang == "en":
         for name in TrainConfig.field_names():
             out.setdefault(f"cfg.{name}.info", TrainConfig.ui(name).help)
+    for key, text in out.items():
+        for placeholder, value in FACTS.items():
+            text = text.replace(placeholder, value)
+        out[key] = text
     return out
 
 

@@ -69,7 +69,7 @@ class TrainConfig:
 
     # --- basic ---
     model_name_or_path: str = _f("demo", "basic", "Base model: a local directory, a Hugging Face id, or 'demo' for the built-in tiny model.")
-    dataset: str = _f("", "basic", f"Training data: one or more {FILE_TYPES} files (comma separated) or registered dataset names.")
+    dataset: str = _f("", "basic", f"Training data, comma separated: {FILE_TYPES} files or folders, names in the data home, 'docs-sample', or a Hugging Face dataset id in the local cache.")
     learning_rate: float = _f(2e-4, "basic", "Peak learning rate of the optimizer.", min=0, min_exclusive=True, max=1.0)
     num_train_epochs: float = _f(3.0, "basic", "Passes over the data (ignored when max_steps > 0).", min=0, min_exclusive=True, max=1000)
     max_steps: int = _f(-1, "basic", "Stop after this many optimizer steps; -1 = use num_train_epochs.", min=-1)

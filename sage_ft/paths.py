@@ -80,6 +80,16 @@ def llm_port() -> int:
     return int(os.environ.get("SAGE_FT_LLM_PORT") or DEFAULT_LLM_PORT)
 
 
+def hf_hub_cache() -> Path:
+    """The Hugging Face cache of Hub models and datasets, read at call time (``huggingface_hub``
+    reads ``HF_HUB_CACHE`` / ``HF_HOME`` once, when it is first imported)."""
+    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    hf_home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(hf_home).expanduser() / "hub"
+
+
 def project_root() -> Path:
     """The source checkout (for the shipped docs used as the built-in sample dataset)."""
     return Path(__file__).resolve().parent.parent

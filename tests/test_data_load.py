@@ -241,7 +241,7 @@ def _error(paths, **kwargs) -> str:
 def test_missing_file_and_directory(tmp_path):
     message = _error(tmp_path / "nope.jsonl")
     assert "nope.jsonl: file not found" in message
-    assert "is a directory" in _error(tmp_path)
+    assert "a folder with no dataset file" in _error(tmp_path)  # a folder is read: tests/test_data_sources.py
     assert "no dataset file given" in _error("")
 
 

@@ -118,6 +118,23 @@ def test_a_table_upload_is_stored_listed_checked_and_previewed(webui_client, tmp
     assert MEMORIZE_PAIRS[0][1] in preview and "role-assistant" in preview
 
 
+def test_the_check_reads_what_the_run_reads(webui_client, tmp_path):
+    """A loaded config's ``dataset: docs-sample`` (configs/demo_cpu.yaml) and a folder of a Hub
+    dataset's shards are checked as the run will read them: the check once said "docs-sample: file not
+    found" while Start trained on it."""
+    report, _, _ = webui_client.predict("en", "docs-sample", "auto", "", None, "demo", "auto", 256,
+                                        api_name="/check_dataset")
+    assert "file not found" not in report and "usable rows" in report and "sage-ft-docs.jsonl" in report
+    shards = tmp_path / "hub-dataset" / "data"
+    rows = [{"instruction": q, "output": a} for q, a in MEMORIZE_PAIRS]
+    write_parquet(rows[:2], shards / "train-00000-of-00002.parquet")
+    write_parquet(rows[2:], shards / "train-00001-of-00002.parquet")
+    write_parquet(rows[:1], shards / "test-00000-of-00001.parquet")
+    report, _, _ = webui_client.predict("en", str(shards.parent), "auto", "", None, "demo", "auto", 64,
+                                        api_name="/check_dataset")
+    assert "4 usable rows of 4 read, 0 dropped" in report and "train-00001-of-00002.parquet" in report
+
+
 def test_the_suggested_reading_is_applied_with_one_click(webui, tmp_path):
     """A table under its own column names: the report's suggested format and column mapping come with
     a button (not an API output: asked in-process here, clicked in the browser test) that sets both."""

@@ -32,7 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=f"Read {FILE_TYPES} dataset files the way training will, and report rows usable and "
                     "dropped (with file, line/index and reason); with --model also token length statistics.")
     check.add_argument("files", nargs="+", metavar="FILE",
-                       help=".json (array of objects), .jsonl (one object per line), .csv or .tsv (header row) or .parquet files")
+                       help=".json (array of objects), .jsonl (one object per line), .csv or .tsv (header row) or "
+                            ".parquet files; a folder (its train split), 'docs-sample', a name in the data home, or a "
+                            "Hugging Face dataset id in the local cache")
     check.add_argument("--format", default="auto", choices=("auto", *FORMATS),
                        help="dataset layout (default: auto-detect per file)")
     check.add_argument("--column-mapping", default="", metavar="M", help=MAPPING_HELP)

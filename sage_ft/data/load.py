@@ -300,7 +300,8 @@ def load_dataset(
     *,
     raise_on_error: bool = True,
 ) -> DatasetReport:
-    """Read, validate and merge dataset files (see the module docstring).
+    """Read, validate and merge dataset files (see the module docstring); ``paths`` may also name a
+    folder, ``docs-sample``, a file in the data home or a cached Hub dataset (``sage_ft.data.sources``).
 
     ``fmt``: ``auto`` (detected per file from its first rows) or alpaca / sharegpt / openai.
     ``column_mapping``: ``"instruction=prompt,output=answer"`` style, see ``sage_ft.data.formats``.
@@ -316,12 +317,19 @@ def load_dataset(
         mapping = parse_column_mapping(column_mapping)
     except MappingError as exc:
         raise DataError(str(exc)) from None
-    files = split_paths(paths)
-    if not files:
+    from sage_ft.data.sources import dataset_files  # it reads this module's names
+
+    entries = split_paths(paths)
+    if not entries:
         raise DataError(f"no dataset file given; pass one or more {FILE_TYPES} files (comma separated)")
-    report = DatasetReport(files=files, max_samples=max_samples)
+    report = DatasetReport(max_samples=max_samples)
+    for entry in entries:  # a folder, a name or a Hub id: the files it means
+        try:
+            report.files += dataset_files(entry)
+        except DataError as exc:
+            report.errors.append(str(exc))
     conversations: list[list[dict[str, str]]] = []
-    for path in files:
+    for path in report.files:
         try:
             conversations += _load_file(path, fmt, mapping, max_bytes, report)
         except DataError as exc:

@@ -249,10 +249,9 @@ def _local_entry(name: str, path: Path, source: str, description: str = "") -> M
 def _hf_cache_snapshots() -> dict[str, tuple[Path, int, float]]:
     """repo id -> (newest snapshot dir, repo size on disk, last modified) from the HF cache."""
     try:
-        from huggingface_hub import constants, scan_cache_dir
+        from huggingface_hub import scan_cache_dir
 
-        # read the env at call time (huggingface_hub reads it once at import)
-        info = scan_cache_dir(os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
+        info = scan_cache_dir(paths.hf_hub_cache())
     except Exception:  # no cache dir yet, unreadable cache, old huggingface_hub: nothing cached
         return {}
     out: dict[str, tuple[Path, int, float]] = {}

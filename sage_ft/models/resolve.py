@@ -17,9 +17,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from sage_ft import paths
+
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin", "*.pt", "consolidated*.pth")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")  # a Hugging Face Hub repo id: org/name
 _DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py", "*.jinja"]
 
 
@@ -39,7 +41,7 @@ def resolve_model(name_or_path: str) -> Path:
     path = Path(name).expanduser()
     if path.exists():
         return check_model_dir(path)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or not _HUB_ID.match(name):
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or not HUB_ID.match(name):
         raise ModelError(f"model directory {path} does not exist; give an existing directory with config.json, "
                          "weights and a tokenizer, a Hugging Face id like Qwen/Qwen2.5-0.5B-Instruct, or 'demo'")
     return _from_hub(name)
@@ -78,13 +80,13 @@ def _from_hub(repo_id: str) -> Path:
     except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
         raise ModelError("huggingface_hub is not installed; install transformers' dependencies") from None
     try:
-        return check_model_dir(Path(snapshot_download(repo_id, local_files_only=True)))
+        return check_model_dir(Path(snapshot_download(repo_id, local_files_only=True, cache_dir=paths.hf_hub_cache())))
     except ModelError:
         raise
     except Exception:  # not in the cache (LocalEntryNotFoundError and friends): try the network
         pass
     try:
-        path = Path(snapshot_download(repo_id, allow_patterns=_DOWNLOAD_PATTERNS))
+        path = Path(snapshot_download(repo_id, allow_patterns=_DOWNLOAD_PATTERNS, cache_dir=paths.hf_hub_cache()))
     except Exception as exc:
         kind = type(exc).__name__
         if "Offline" in kind or "Connect" in kind or "LocalEntryNotFound" in kind or "offline" in str(exc).lower():

@@ -1,0 +1,97 @@
+"""Which files a ``dataset:`` entry means: the one place that turns what a user writes into files.
+
+An entry is, in this order:
+
+- a path of a file (``SUFFIXES``) or of a folder: a folder means its dataset files, at any depth
+  (hidden folders skipped), and of those only the train split where it has one, found the way the
+  ``datasets`` library finds it in a Hub dataset's files: a file or folder named ``train`` or
+  ``training``, alone or followed by ``-``, ``_``, ``.``, a space or a digit (``train.jsonl``,
+  ``data/train-00000-of-00001.parquet``, ``train/0000.parquet``);
+- ``docs-sample``: the built-in sample (the project's docs as Q/A pairs), built on demand;
+- a bare name of a file or folder in the data home's ``datasets/`` folder, with or without its extension;
+- a Hugging Face Hub dataset id (``tatsu-lab/alpaca``) already in the local Hugging Face cache: its
+  snapshot, read as a folder. Nothing is downloaded: a dataset is checked as the user types, and a
+  download there would hold the page for minutes; the message says how to fetch one.
+
+Anything else is given back as the path it names, and reading it says what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from sage_ft import paths
+from sage_ft.data.load import FILE_TYPES, SUFFIXES, DataError
+from sage_ft.models.resolve import HUB_ID
+
+BUILTIN_SAMPLE_NAME = "docs-sample"
+_TRAIN_SPLIT = re.compile(r"^(train|training)([-_. 0-9].*)?$")
+
+
+def resolve_entries(entries: Iterable[str | Path]) -> list[Path]:
+    """The files of every entry, in order; ``DataError`` for the first entry that has none."""
+    files: list[Path] = []
+    for entry in entries:
+        files += dataset_files(entry)
+    return files
+
+
+def dataset_files(entry: str | Path) -> list[Path]:
+    """The files one entry means (see the module docstring)."""
+    text = str(entry).strip()
+    path = Path(text).expanduser()
+    if text == BUILTIN_SAMPLE_NAME and not _exists(path):
+        from sage_ft.data.sample import builtin_sample_dataset
+
+        return [builtin_sample_dataset()]
+    if not _exists(path) and not path.is_absolute() and "/" not in text:
+        home = paths.datasets_dir()
+        path = next((c for c in (home / text, *(home / f"{text}{s}" for s in SUFFIXES)) if _exists(c)), path)
+    if _exists(path):
+        return folder_files(path) if path.is_dir() else [path]
+    if HUB_ID.match(text) and path.suffix.lower() not in SUFFIXES:
+        return folder_files(hub_dataset_snapshot(text))
+    return [path]
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """The dataset files in ``folder`` (sorted): its train split where one is named, else all."""
+    found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    if not found:
+        raise DataError(f"{folder}: a folder with no dataset file ({FILE_TYPES}) in it or below it; "
+                        "give the folder that holds the data, or the files themselves")
+    train = [p for p in found if any(_TRAIN_SPLIT.match(part.lower()) for part in _split_parts(p, folder))]
+    return train or found
+
+
+def _split_parts(file: Path, folder: Path) -> list[str]:
+    """The names that may name a split: each folder below ``folder`` and the file's own stem."""
+    relative = file.relative_to(folder)
+    return [*relative.parts[:-1], relative.name.split(".")[0]]
+
+
+def hub_dataset_snapshot(repo_id: str) -> Path:
+    """The local Hugging Face cache's snapshot of dataset ``repo_id`` (never downloaded here)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    cache = paths.hf_hub_cache()
+    try:
+        return Path(snapshot_download(repo_id, repo_type="dataset", local_files_only=True, cache_dir=cache))
+    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError):
+        raise DataError(
+            f"{repo_id}: no such file or folder (working directory: {Path.cwd()}), and no Hugging Face dataset "
+            f"{repo_id!r} in the local cache ({cache}). For a Hub dataset run `huggingface-cli download "
+            f"--repo-type dataset {repo_id}` first (on a machine with network, then copy the cache folder "
+            f"datasets--{repo_id.replace('/', '--')} here); otherwise check the path") from None
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()``, False for a name the file system refuses (too long): reading it says why."""
+    try:
+        return path.exists()
+    except OSError:
+        return False

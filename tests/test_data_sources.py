@@ -1,0 +1,80 @@
+"""What a ``dataset:`` entry means: files, folders (a Hub dataset's train split), data-home names,
+``docs-sample`` and Hub dataset ids in a real (locally built) Hugging Face cache."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import pytest
+
+from sage_ft.data import DataError, load_dataset
+from sage_ft.data.sources import dataset_files, resolve_entries
+from tests.fixtures_data import ALPACA_ROWS, OPENAI_ROWS, SHAREGPT_ROWS, write_jsonl, write_parquet
+
+SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _hub_dataset(root: Path) -> Path:
+    """The layout the Hub gives a dataset's Parquet files (and `datasets` reads): shards per split
+    under data/, a README, and hidden files that are not data."""
+    write_parquet(ALPACA_ROWS, root / "data" / "train-00000-of-00002.parquet")
+    write_parquet(ALPACA_ROWS[:2], root / "data" / "train-00001-of-00002.parquet")
+    write_parquet(OPENAI_ROWS, root / "data" / "test-00000-of-00001.parquet")
+    write_jsonl(SHAREGPT_ROWS, root / ".cache" / "huggingface" / "stale.jsonl")
+    (root / "README.md").write_text("---\nlicense: mit\n---\n# a dataset\n")
+    return root
+
+
+def test_a_folder_means_its_train_split_where_it_names_one(tmp_path):
+    folder = _hub_dataset(tmp_path / "alpaca-like")
+    assert [p.name for p in dataset_files(folder)] == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
+    report = load_dataset(str(folder))
+    assert report.ok and report.format == "alpaca" and report.rows_ok == len(ALPACA_ROWS) + 2
+    assert len(report.files) == 2 and "train-00001-of-00002.parquet: alpaca" in report.summary()
+    for name in ("train.jsonl", "training_set.jsonl"):  # other spellings of the split
+        assert dataset_files(write_jsonl(OPENAI_ROWS, tmp_path / "named" / name).parent)[-1].name == name
+    split_folder = tmp_path / "by-folder"
+    write_jsonl(OPENAI_ROWS, split_folder / "train" / "0000.jsonl")
+    write_jsonl(OPENAI_ROWS, split_folder / "validation" / "0000.jsonl")
+    assert dataset_files(split_folder) == [split_folder / "train" / "0000.jsonl"]
+
+
+def test_a_folder_without_split_names_means_all_its_files_and_an_empty_one_says_so(tmp_path):
+    mine = tmp_path / "mine"
+    write_jsonl(OPENAI_ROWS, mine / "chats.jsonl")
+    write_jsonl(ALPACA_ROWS, mine / "more" / "qa.jsonl")
+    (mine / "notes.txt").write_text("not data")
+    assert resolve_entries([mine]) == [mine / "chats.jsonl", mine / "more" / "qa.jsonl"]
+    assert load_dataset(str(mine)).format == "mixed"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty: a folder with no dataset file \(\.json/\.jsonl/.*\.parquet\)"):
+        load_dataset(str(tmp_path / "empty"))
+
+
+def test_a_hub_dataset_in_the_local_cache_is_read_by_its_id(tmp_path, monkeypatch):
+    cache = tmp_path / "hf-cache"
+    repo = cache / "datasets--tiny-org--alpaca-like"
+    _hub_dataset(repo / "snapshots" / SNAPSHOT)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(SNAPSHOT)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    report = load_dataset("tiny-org/alpaca-like")
+    assert report.ok and report.rows_ok == len(ALPACA_ROWS) + 2
+    assert all(SNAPSHOT in str(p) and p.name.startswith("train-") for p in report.files)
+    with pytest.raises(DataError) as err:
+        load_dataset("tiny-org/not-downloaded")
+    message = str(err.value)
+    assert "no Hugging Face dataset 'tiny-org/not-downloaded' in the local cache" in message and str(cache) in message
+    assert "huggingface-cli download --repo-type dataset tiny-org/not-downloaded" in message
+    with pytest.raises(DataError, match="train.jsonl: file not found"):  # a path, not an id: no Hub talk
+        load_dataset("data/train.jsonl")
+
+
+def test_names_in_the_data_home_and_the_builtin_sample(data_home):
+    name = f"saved-{secrets.token_hex(4)}"
+    write_jsonl(OPENAI_ROWS, data_home / "datasets" / f"{name}.jsonl")
+    assert load_dataset(name).rows_ok == len(OPENAI_ROWS)
+    assert load_dataset(f"{name}.jsonl").rows_ok == len(OPENAI_ROWS)
+    [sample] = dataset_files("docs-sample")
+    assert sample.parent == data_home / "datasets" and load_dataset("docs-sample").ok

@@ -6,6 +6,9 @@
   datasets are, a key missing from a row being null there).
 - ``make_dataset(name, rows)``: a factory writing into the test's ``tmp_path`` (``.json`` names
   become a JSON array, ``.csv``/``.tsv`` a table, ``.parquet`` Parquet, anything else JSON Lines).
+- ``write_hub_dataset(folder)`` / ``cache_hub_dataset(cache, repo_id)``: a Hub dataset's files as the
+  Hub lays them out (train/test Parquet shards under data/, a README, a hidden folder), alone or as
+  the snapshot of a Hugging Face cache.
 - ``memorize_dataset``: 4 short Q/A pairs in OpenAI messages format, for trainer tests whose loss
   must fall; ``MEMORIZE_PAIRS`` holds the same pairs for asserting on generations.
 """
@@ -79,6 +82,28 @@ def write_parquet(rows: list[dict], path: str | Path, metadata: dict[bytes, byte
     table = pa.Table.from_pylist(rows)
     pq.write_table(table.replace_schema_metadata(metadata) if metadata else table, path)
     return path
+
+
+HUB_SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def write_hub_dataset(root: Path) -> Path:
+    """Train rows: ``ALPACA_ROWS`` then its first two, in two shards; a test split of ``OPENAI_ROWS``;
+    a README and a hidden folder that are not data."""
+    write_parquet(ALPACA_ROWS, root / "data" / "train-00000-of-00002.parquet")
+    write_parquet(ALPACA_ROWS[:2], root / "data" / "train-00001-of-00002.parquet")
+    write_parquet(OPENAI_ROWS, root / "data" / "test-00000-of-00001.parquet")
+    write_jsonl(SHAREGPT_ROWS, root / ".cache" / "huggingface" / "stale.jsonl")
+    (root / "README.md").write_text("---\nlicense: mit\n---\n# a dataset\n")
+    return root
+
+
+def cache_hub_dataset(cache: Path, repo_id: str) -> Path:
+    """``write_hub_dataset`` as the snapshot of ``repo_id`` in the Hugging Face cache ``cache``."""
+    repo = cache / f"datasets--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(HUB_SNAPSHOT)
+    return write_hub_dataset(repo / "snapshots" / HUB_SNAPSHOT)
 
 
 def memorize_rows() -> list[dict]:

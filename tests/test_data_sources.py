@@ -4,30 +4,23 @@
 from __future__ import annotations
 
 import secrets
-from pathlib import Path
 
 import pytest
 
 from sage_ft.data import DataError, load_dataset
-from sage_ft.data.sources import dataset_files, resolve_entries
-from tests.fixtures_data import ALPACA_ROWS, OPENAI_ROWS, SHAREGPT_ROWS, write_jsonl, write_parquet
-
-SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def _hub_dataset(root: Path) -> Path:
-    """The layout the Hub gives a dataset's Parquet files (and `datasets` reads): shards per split
-    under data/, a README, and hidden files that are not data."""
-    write_parquet(ALPACA_ROWS, root / "data" / "train-00000-of-00002.parquet")
-    write_parquet(ALPACA_ROWS[:2], root / "data" / "train-00001-of-00002.parquet")
-    write_parquet(OPENAI_ROWS, root / "data" / "test-00000-of-00001.parquet")
-    write_jsonl(SHAREGPT_ROWS, root / ".cache" / "huggingface" / "stale.jsonl")
-    (root / "README.md").write_text("---\nlicense: mit\n---\n# a dataset\n")
-    return root
+from sage_ft.data.sources import cached_hub_datasets, dataset_files, resolve_entries
+from tests.fixtures_data import (
+    ALPACA_ROWS,
+    HUB_SNAPSHOT,
+    OPENAI_ROWS,
+    cache_hub_dataset,
+    write_hub_dataset,
+    write_jsonl,
+)
 
 
 def test_a_folder_means_its_train_split_where_it_names_one(tmp_path):
-    folder = _hub_dataset(tmp_path / "alpaca-like")
+    folder = write_hub_dataset(tmp_path / "alpaca-like")
     assert [p.name for p in dataset_files(folder)] == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
     report = load_dataset(str(folder))
     assert report.ok and report.format == "alpaca" and report.rows_ok == len(ALPACA_ROWS) + 2
@@ -54,14 +47,15 @@ def test_a_folder_without_split_names_means_all_its_files_and_an_empty_one_says_
 
 def test_a_hub_dataset_in_the_local_cache_is_read_by_its_id(tmp_path, monkeypatch):
     cache = tmp_path / "hf-cache"
-    repo = cache / "datasets--tiny-org--alpaca-like"
-    _hub_dataset(repo / "snapshots" / SNAPSHOT)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(SNAPSHOT)
+    cache_hub_dataset(cache, "tiny-org/alpaca-like")
+    model = cache / "models--tiny-org--a-model" / "snapshots" / HUB_SNAPSHOT
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    assert cached_hub_datasets() == ["tiny-org/alpaca-like"]  # what the Train tab's list offers; no model
     report = load_dataset("tiny-org/alpaca-like")
     assert report.ok and report.rows_ok == len(ALPACA_ROWS) + 2
-    assert all(SNAPSHOT in str(p) and p.name.startswith("train-") for p in report.files)
+    assert all(HUB_SNAPSHOT in str(p) and p.name.startswith("train-") for p in report.files)
     with pytest.raises(DataError) as err:
         load_dataset("tiny-org/not-downloaded")
     message = str(err.value)
@@ -69,6 +63,8 @@ def test_a_hub_dataset_in_the_local_cache_is_read_by_its_id(tmp_path, monkeypatc
     assert "huggingface-cli download --repo-type dataset tiny-org/not-downloaded" in message
     with pytest.raises(DataError, match="train.jsonl: file not found"):  # a path, not an id: no Hub talk
         load_dataset("data/train.jsonl")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "no-cache-yet"))
+    assert cached_hub_datasets() == []
 
 
 def test_names_in_the_data_home_and_the_builtin_sample(data_home):

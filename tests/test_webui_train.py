@@ -13,7 +13,14 @@ from sage_ft import paths
 from sage_ft.config import TrainConfig
 from sage_ft.tasks import TaskStatus
 from sage_ft.webui import i18n
-from tests.fixtures_data import MEMORIZE_PAIRS, memorize_rows, write_jsonl, write_parquet, write_table
+from tests.fixtures_data import (
+    MEMORIZE_PAIRS,
+    cache_hub_dataset,
+    memorize_rows,
+    write_jsonl,
+    write_parquet,
+    write_table,
+)
 from tests.fixtures_webui import form_args
 
 FIELDS = TrainConfig.field_names()
@@ -152,10 +159,13 @@ def test_the_suggested_reading_is_applied_with_one_click(webui, tmp_path):
     assert train_tab.apply_reading(None) == (gr.skip(), gr.skip())
 
 
-def test_builtin_sample_and_dataset_list(webui_client):
+def test_builtin_sample_and_dataset_list(webui_client, tmp_path, monkeypatch):
+    cache_hub_dataset(tmp_path / "hf-cache", "tiny-org/alpaca-like")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     dataset, registered, _ = webui_client.predict("en", api_name="/use_sample")
     assert Path(dataset).name == "sage-ft-docs.jsonl" and Path(dataset).is_file()
     assert registered["value"] == dataset
+    assert ["🤗 tiny-org/alpaca-like", "tiny-org/alpaca-like"] in registered["choices"]  # a cached Hub dataset
 
 
 def test_save_then_load_round_trips_every_field(webui, webui_client):

@@ -8,8 +8,9 @@ applies their format (see ``formats``), converts every row into a conversation, 
 
 - file-level (``DataError``): the file cannot be used at all — not found, wrong extension, too big,
   binary, not UTF-8, invalid JSON, not an array of objects, a table row whose cells do not match its
-  header, an unreadable Parquet file, a line over ``MAX_LINE_BYTES``, or zero usable rows. The message names the file, the place
-  (line/column, byte offset or index), what is wrong and what to do. A bad file never starts a run.
+  header, an unreadable Parquet file, a line over ``MAX_LINE_BYTES``, or zero usable rows. The
+  message names the file, the place (line/column, byte offset or index), what is wrong and what to
+  do. A bad file never starts a run.
 - row-level (``RowIssue`` in ``report.dropped``): one row is unusable (missing field, empty
   response, unknown role, wrong turn order, ...). The row is dropped and reported, nothing aborts
   unless no usable row is left.

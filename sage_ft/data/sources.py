@@ -89,6 +89,19 @@ def hub_dataset_snapshot(repo_id: str) -> Path:
             f"datasets--{repo_id.replace('/', '--')} here); otherwise check the path") from None
 
 
+def cached_hub_datasets() -> list[str]:
+    """Ids of the Hub datasets in the local Hugging Face cache that hold a dataset file, for pickers."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        info = scan_cache_dir(paths.hf_hub_cache())
+    except (CacheNotFound, OSError, ValueError):  # no cache yet, or not a folder: nothing cached
+        return []
+    return sorted(repo.repo_id for repo in info.repos if repo.repo_type == "dataset"
+                  and any(f.file_name.lower().endswith(SUFFIXES) for rev in repo.revisions for f in rev.files))
+
+
 def _exists(path: Path) -> bool:
     """``path.exists()``, False for a name the file system refuses (too long): reading it says why."""
     try:

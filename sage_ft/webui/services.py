@@ -98,11 +98,15 @@ class AppServices:
 
     # ------------------------------------------------------------------ datasets
     def dataset_choices(self) -> list[tuple[str, str]]:
-        """Dataset files under the data home's datasets/ (uploads and generated ones)."""
+        """Dataset files under the data home's datasets/ (uploads and generated ones), newest first,
+        then the Hub datasets in the local Hugging Face cache (by id)."""
+        from sage_ft.data.sources import cached_hub_datasets
+
         root = paths.datasets_dir()
         files = sorted((p for p in root.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()),
                        key=lambda p: p.stat().st_mtime, reverse=True)
-        return [(str(p.relative_to(root)), str(p)) for p in files[:200]]
+        hub = [(f"🤗 {repo_id}", repo_id) for repo_id in cached_hub_datasets()]
+        return [(str(p.relative_to(root)), str(p)) for p in files[:200]] + hub
 
     # ------------------------------------------------------------------ configs
     def config_choices(self) -> list[tuple[str, str]]:

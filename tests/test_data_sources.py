@@ -25,6 +25,8 @@ def test_a_folder_means_its_train_split_where_it_names_one(tmp_path):
     report = load_dataset(str(folder))
     assert report.ok and report.format == "alpaca" and report.rows_ok == len(ALPACA_ROWS) + 2
     assert len(report.files) == 2 and "train-00001-of-00002.parquet: alpaca" in report.summary()
+    assert (f"{folder}: the train split, 2 files (train-00000-of-00002.parquet, train-00001-of-00002.parquet); "
+            "left out: 1 file (test-00000-of-00001.parquet)") in report.summary()
     for name in ("train.jsonl", "training_set.jsonl"):  # other spellings of the split
         assert dataset_files(write_jsonl(OPENAI_ROWS, tmp_path / "named" / name).parent)[-1].name == name
     split_folder = tmp_path / "by-folder"
@@ -39,7 +41,8 @@ def test_a_folder_without_split_names_means_all_its_files_and_an_empty_one_says_
     write_jsonl(ALPACA_ROWS, mine / "more" / "qa.jsonl")
     (mine / "notes.txt").write_text("not data")
     assert resolve_entries([mine]) == [mine / "chats.jsonl", mine / "more" / "qa.jsonl"]
-    assert load_dataset(str(mine)).format == "mixed"
+    report = load_dataset(str(mine))
+    assert report.format == "mixed" and "left out" not in report.summary()
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"empty: a folder with no dataset file \(\.json/\.jsonl/.*\.parquet\)"):
         load_dataset(str(tmp_path / "empty"))

@@ -326,7 +326,7 @@ def load_dataset(
     report = DatasetReport(max_samples=max_samples)
     for entry in entries:  # a folder, a name or a Hub id: the files it means
         try:
-            report.files += dataset_files(entry)
+            report.files += dataset_files(entry, report.notes)
         except DataError as exc:
             report.errors.append(str(exc))
     conversations: list[list[dict[str, str]]] = []

@@ -6,7 +6,9 @@ An entry is, in this order:
   (hidden folders skipped), and of those only the train split where it has one, found the way the
   ``datasets`` library finds it in a Hub dataset's files: a file or folder named ``train`` or
   ``training``, alone or followed by ``-``, ``_``, ``.``, a space or a digit (``train.jsonl``,
-  ``data/train-00000-of-00001.parquet``, ``train/0000.parquet``);
+  ``data/train-00000-of-00001.parquet``, ``train/0000.parquet``). The report says which files were
+  read and which left out; splits that both start so (``train_sft``, ``train_gen``) are both read,
+  so name the files to read one;
 - ``docs-sample``: the built-in sample (the project's docs as Q/A pairs), built on demand;
 - a bare name of a file or folder in the data home's ``datasets/`` folder, with or without its extension;
 - a Hugging Face Hub dataset id (``tatsu-lab/alpaca``) already in the local Hugging Face cache: its
@@ -38,8 +40,9 @@ def resolve_entries(entries: Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def dataset_files(entry: str | Path) -> list[Path]:
-    """The files one entry means (see the module docstring)."""
+def dataset_files(entry: str | Path, notes: list[str] | None = None) -> list[Path]:
+    """The files one entry means (see the module docstring); for a folder split by name, a line saying
+    which files were read and which left out is added to ``notes``."""
     text = str(entry).strip()
     path = Path(text).expanduser()
     if text == BUILTIN_SAMPLE_NAME and not _exists(path):
@@ -49,22 +52,31 @@ def dataset_files(entry: str | Path) -> list[Path]:
     if not _exists(path) and not path.is_absolute() and "/" not in text:
         home = paths.datasets_dir()
         path = next((c for c in (home / text, *(home / f"{text}{s}" for s in SUFFIXES)) if _exists(c)), path)
-    if _exists(path):
-        return folder_files(path) if path.is_dir() else [path]
-    if HUB_ID.match(text) and path.suffix.lower() not in SUFFIXES:
-        return folder_files(hub_dataset_snapshot(text))
+    if _exists(path) and not path.is_dir():
+        return [path]
+    if _exists(path) or (HUB_ID.match(text) and path.suffix.lower() not in SUFFIXES):
+        folder = path if _exists(path) else hub_dataset_snapshot(text)
+        files, left_out = split_folder(folder)
+        if left_out and notes is not None:
+            notes.append(f"{text}: the train split, {_names(files)}; left out: {_names(left_out)}")
+        return files
     return [path]
 
 
-def folder_files(folder: Path) -> list[Path]:
-    """The dataset files in ``folder`` (sorted): its train split where one is named, else all."""
+def split_folder(folder: Path) -> tuple[list[Path], list[Path]]:
+    """``(read, left out)``: the folder's train split and its other dataset files, or all and none."""
     found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if not found:
         raise DataError(f"{folder}: a folder with no dataset file ({FILE_TYPES}) in it or below it; "
                         "give the folder that holds the data, or the files themselves")
     train = [p for p in found if any(_TRAIN_SPLIT.match(part.lower()) for part in _split_parts(p, folder))]
-    return train or found
+    return (train, [p for p in found if p not in train]) if train else (found, [])
+
+
+def _names(files: list[Path], shown: int = 3) -> str:
+    names = ", ".join(p.name for p in files[:shown])
+    return f"{len(files)} file{'s' if len(files) != 1 else ''} ({names}{', ...' if len(files) > shown else ''})"
 
 
 def _split_parts(file: Path, folder: Path) -> list[str]:

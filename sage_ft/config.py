@@ -84,6 +84,7 @@ class TrainConfig:
     cutoff_len: int = _f(1024, "data", "Maximum tokens per sample; longer samples are truncated.", min=8, max=1_048_576)
     max_samples: int | None = _f(None, "data", "Use at most this many samples (empty = all).", min=1)
     val_size: float = _f(0.0, "data", "Fraction (0-1) or count (>1) of samples held out for eval loss.", min=0)
+    eval_dataset: str = _f("", "data", "Separate data for the eval loss, instead of val_size, in dataset's forms; a folder or Hugging Face dataset id means its test/validation split.")
     packing: bool = _f(True, "data", "Pack several samples per row (no cross-sample attention) when the model supports it.")
     # --- lora ---
     finetuning_type: str = _f("lora", "lora", "Fine-tuning method (sage-ft trains LoRA adapters).", choices=("lora",))
@@ -112,7 +113,7 @@ class TrainConfig:
     torch_compile: bool = _f(False, "advanced", "Compile each decoder layer with torch.compile: less host work per step (for GPUs, where small models are launch-bound); the first step takes up to a minute longer. On CPU only a few percent faster: worth it for long runs.")
     logging_steps: int = _f(1, "advanced", "Log loss and learning rate every N steps.", min=1)
     save_steps: int = _f(50, "advanced", "Save a checkpoint every N steps.", min=1)
-    eval_steps: int | None = _f(None, "advanced", "Evaluate every N steps when val_size > 0 (empty = save_steps).", min=1)
+    eval_steps: int | None = _f(None, "advanced", "Evaluate every N steps when val_size > 0 or eval_dataset is set (empty = save_steps).", min=1)
     save_total_limit: int | None = _f(3, "advanced", "Keep at most this many checkpoints (empty = all).", min=1)
     report_to: str = _f("none", "advanced", "Extra experiment trackers.", choices=("none", "tensorboard", "wandb"))
     devices: str = _f("auto", "advanced", "Where to train: 'auto' (GPU if present), 'cpu', or GPU ids like '0,1'.")
@@ -229,6 +230,9 @@ class TrainConfig:
             problems.append(devices_problem(self.devices))
         if not self.lora_target.strip():
             problems.append("lora_target: empty; use 'all' or module names such as 'q_proj,v_proj'")
+        if self.eval_datasets and self.val_size > 0:
+            problems.append(f"val_size: {_num(self.val_size)} holds rows of dataset out for the eval loss while "
+                            "eval_dataset gives other rows for it; set one of them (val_size 0 to use eval_dataset)")
         if problems:
             raise ConfigError(problems)
 
@@ -251,6 +255,10 @@ class TrainConfig:
     @property
     def datasets(self) -> list[str]:
         return [d.strip() for d in self.dataset.split(",") if d.strip()]
+
+    @property
+    def eval_datasets(self) -> list[str]:
+        return [d.strip() for d in self.eval_dataset.split(",") if d.strip()]
 
     @property
     def lora_targets(self) -> str | list[str]:

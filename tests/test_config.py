@@ -224,3 +224,11 @@ def test_type_range_and_choice_problems_are_reported_together(tmp_path: Path) ->
     keys = sorted(p.split(":")[0] for p in err.value.problems)
     assert keys == ["learning_rate", "lora_rank", "num_train_epochs", "stage", "template"]
     assert "learning_rate: 'abc' is not a number" in err.value.problems
+
+
+def test_val_size_and_eval_dataset_exclude_each_other():
+    TrainConfig(dataset="a.jsonl", eval_dataset="dev.jsonl").validate()
+    TrainConfig(dataset="a.jsonl", val_size=0.1).validate()
+    with pytest.raises(ConfigError, match="val_size: 0.1 holds rows of dataset out for the eval loss while "
+                                          "eval_dataset gives other rows"):
+        TrainConfig(dataset="a.jsonl", val_size=0.1, eval_dataset="dev.jsonl").validate()

@@ -35,6 +35,18 @@ def test_a_folder_means_its_train_split_where_it_names_one(tmp_path):
     assert dataset_files(split_folder) == [split_folder / "train" / "0000.jsonl"]
 
 
+def test_eval_data_from_a_folder_is_its_test_or_validation_split(tmp_path):
+    folder = write_hub_dataset(tmp_path / "hub")
+    report = load_dataset(str(folder), split="eval")
+    assert [p.name for p in report.files] == ["test-00000-of-00001.parquet"] and report.format == "openai"
+    assert "the eval split, 1 file (test-00000-of-00001.parquet); left out: 2 files" in report.summary()
+    write_jsonl(OPENAI_ROWS, tmp_path / "only-train" / "train.jsonl")
+    with pytest.raises(DataError, match=r"only-train: no eval split in it \(no file or folder named validation, "
+                                        r"valid, val, dev, test, \.\.\.; found 1 file \(train\.jsonl\)\)"):
+        load_dataset(str(tmp_path / "only-train"), split="eval")
+    assert dataset_files(write_jsonl(OPENAI_ROWS, tmp_path / "dev.jsonl"), split="eval") == [tmp_path / "dev.jsonl"]
+
+
 def test_a_folder_without_split_names_means_all_its_files_and_an_empty_one_says_so(tmp_path):
     mine = tmp_path / "mine"
     write_jsonl(OPENAI_ROWS, mine / "chats.jsonl")

@@ -21,6 +21,7 @@ from sage_ft.tasks import TaskError, TaskManager, TaskNotFound, TaskRefused, Tas
 from sage_ft.tasks.procinfo import ProcessIdentity, current_identity, identity_of
 from sage_ft.tasks.task import TaskStateError
 from sage_ft.tasks.worker import LOCAL_RUNS, LOCAL_RUNS_LOCK, claim_next
+from tests.fixtures_data import memorize_rows, write_jsonl
 from tests.fixtures_tasks import tiny_task_config, write_checkpoint_files
 
 
@@ -71,6 +72,24 @@ def test_create_refuses_broken_dataset_with_its_line(idle_manager, tmp_path):
                    '{"messages": [ this is not json\n')
     with pytest.raises(TaskRefused, match="line 2"):
         idle_manager.create(tiny_task_config(bad))
+    assert idle_manager.list() == []
+
+
+def test_create_refuses_eval_data_it_cannot_use(idle_manager, task_dataset, tmp_path):
+    """eval_dataset is checked before anything is queued, as dataset is, and named in each problem."""
+    bad = tmp_path / "dev.jsonl"
+    bad.write_text('{"messages": [ this is not json\n')
+    train_only = tmp_path / "train-only"
+    write_jsonl(memorize_rows(), train_only / "train.jsonl")
+    for change, expected in [
+        ({"eval_dataset": str(bad)}, "eval_dataset: " + str(bad) + ": line 1"),
+        ({"eval_dataset": str(train_only)}, f"eval_dataset: {train_only}: no eval split in it"),
+        ({"eval_dataset": str(tmp_path / "nowhere.jsonl")}, "eval_dataset: " + str(tmp_path / "nowhere.jsonl")),
+        ({"eval_dataset": str(task_dataset), "val_size": 0.25}, "val_size: 0.25 holds rows of dataset out"),
+    ]:
+        with pytest.raises(TaskRefused) as info:
+            idle_manager.create({**tiny_task_config(task_dataset), **change})
+        assert any(p.startswith(expected) for p in info.value.problems), (change, info.value.problems)
     assert idle_manager.list() == []
 
 

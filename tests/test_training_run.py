@@ -13,6 +13,7 @@ import pytest
 from sage_ft.config import ConfigError
 from sage_ft.events import read_events
 from sage_ft.training import FineTuneRun, read_meta
+from tests.fixtures_data import memorize_rows, write_jsonl
 from tests.fixtures_training import (
     MEMORIZE_QA,
     TRAINED_RUN_LOGGING_STEPS,
@@ -263,6 +264,23 @@ def test_pause_resume_and_eval_loss(memorize_jsonl: Path, tmp_path: Path) -> Non
     assert [e["step"] for e in evals] == [2, 4, 6]
     assert result.metrics["eval_loss"] == pytest.approx(evals[-1]["eval_loss"])
     assert read_meta(result.output_dir)["dataset_info"]["samples_eval"] == 1
+
+
+def test_eval_loss_on_a_separate_eval_dataset(memorize_jsonl: Path, tmp_path: Path) -> None:
+    """eval_dataset: every training row trains, the eval loss comes from the other data (here a Hub-style
+    folder, whose validation split is read), evaluated every eval_steps."""
+    folder = tmp_path / "hub-dataset"
+    write_jsonl(memorize_rows()[:1], folder / "data" / "validation-00000-of-00001.jsonl")
+    write_jsonl(memorize_rows(), folder / "data" / "train-00000-of-00001.jsonl")
+    config = training_config(memorize_jsonl, tmp_path / "run", max_steps=4, eval_steps=2, eval_dataset=str(folder),
+                             per_device_train_batch_size=2)
+    result = FineTuneRun(config).run()
+    assert result.status == "completed", result.error
+    evals = [e for e in events_of(result.output_dir) if e["event"] == "metric_update" and e.get("eval_loss")]
+    assert [e["step"] for e in evals] == [2, 4]
+    info = read_meta(result.output_dir)["dataset_info"]
+    assert info["samples_eval"] == 1 and info["samples_train"] == len(MEMORIZE_QA)
+    assert info["eval_files"] == [str(folder / "data" / "validation-00000-of-00001.jsonl")]
 
 
 def _assert_failed(result, *needles: str) -> None:

@@ -3,6 +3,7 @@ values back through TrainConfig's own validation (no second validator in the UI)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import gradio as gr
@@ -15,8 +16,15 @@ from sage_ft.webui.components import Registry
 NAMES = TrainConfig.field_names()
 
 
+def _non_default_configs() -> list[TrainConfig]:
+    """Configs where every field differs from its default (so a round trip proves each one): val_size
+    and eval_dataset exclude each other, so the second config sets eval_dataset instead."""
+    config = _non_default_config()
+    return [config, dataclasses.replace(config, val_size=0.0, eval_dataset="dev.jsonl")]
+
+
 def _non_default_config() -> TrainConfig:
-    """A config where every field differs from its default (so a round trip proves each one)."""
+    """A config where every field but eval_dataset differs from its default."""
     config, _ = TrainConfig.from_dict({
         "model_name_or_path": "/models/x", "dataset": "a.jsonl,b.json", "learning_rate": 1e-4,
         "num_train_epochs": 2.5, "max_steps": 7, "per_device_train_batch_size": 3, "gradient_accumulation_steps": 5,
@@ -60,11 +68,12 @@ def test_chinese_labels_and_help_come_from_zh_yaml():
 
 
 def test_values_round_trip_every_field():
-    config = _non_default_config()
-    assert all(getattr(config, n) != getattr(TrainConfig(), n) for n in NAMES if n not in ("finetuning_type",
-                                                                                            "save_total_limit"))
-    values = form.config_to_values(config, NAMES)
-    assert form.values_to_config(NAMES, values) == config
+    configs = _non_default_configs()
+    assert all(any(getattr(c, n) != getattr(TrainConfig(), n) for c in configs)
+               for n in NAMES if n not in ("finetuning_type", "save_total_limit"))
+    for config in configs:
+        values = form.config_to_values(config, NAMES)
+        assert form.values_to_config(NAMES, values) == config
 
 
 def test_widget_values_go_through_the_config_validation():
@@ -83,9 +92,9 @@ def test_widget_values_go_through_the_config_validation():
 
 
 def test_the_form_memory_round_trips_a_valid_form_and_ignores_what_it_cannot_read(data_home):
-    config = _non_default_config()
-    draft = form_memory.remember(config)
-    assert form_memory.recall(json.loads(json.dumps(draft))) == config  # what localStorage gives back
+    for config in _non_default_configs():
+        draft = form_memory.remember(config)
+        assert form_memory.recall(json.loads(json.dumps(draft))) == config  # what localStorage gives back
     assert form_memory.remember(TrainConfig()) == {}  # the defaults store nothing
     assert form_memory.recall(None) is None and form_memory.recall({}) is None and form_memory.recall("x") is None
     assert form_memory.recall({"lora_rank": -5}) is None  # out of range now: the form keeps its defaults

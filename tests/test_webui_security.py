@@ -92,7 +92,7 @@ def test_typed_paths_outside_the_data_home_are_refused(client, tmp_path):
     _, message = client.predict(os.path.expanduser("~/.ssh"), "en", api_name="/add_model")
     assert "outside the folders" in message
     inside = write_jsonl(memorize_rows(), paths.datasets_dir() / "ok-for-share.jsonl")
-    for field, value in (("dataset", "/etc/hosts"), ("output_dir", str(tmp_path / "elsewhere")),
+    for field, value in (("dataset", "/etc/hosts"), ("eval_dataset", "/etc"), ("output_dir", str(tmp_path / "elsewhere")),
                          ("model_name_or_path", "/etc"), ("resume_from_checkpoint", "/root")):
         overrides = {"dataset": str(inside), field: value}
         task_id, message, _ = client.predict("en", *form_args(**overrides), api_name="/start")

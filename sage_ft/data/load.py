@@ -300,6 +300,7 @@ def load_dataset(
     max_bytes: int | None = DEFAULT_MAX_BYTES,
     *,
     raise_on_error: bool = True,
+    split: str = "train",
 ) -> DatasetReport:
     """Read, validate and merge dataset files (see the module docstring); ``paths`` may also name a
     folder, ``docs-sample``, a file in the data home or a cached Hub dataset (``sage_ft.data.sources``).
@@ -309,6 +310,7 @@ def load_dataset(
     ``max_samples`` keeps the first N usable rows. ``max_bytes=None`` removes the size limit.
     With ``raise_on_error=False`` file-level problems go to ``report.errors`` instead of raising, so
     a UI can show them next to the rows of the good files; ``report.ok`` is then False.
+    ``split``: which split a folder or Hub dataset means (``"train"``, or ``"eval"`` for eval data).
     """
     if fmt not in ("auto", *FORMATS):
         raise DataError(f"format {fmt!r} is not known; choose one of auto, {', '.join(FORMATS)}")
@@ -326,7 +328,7 @@ def load_dataset(
     report = DatasetReport(max_samples=max_samples)
     for entry in entries:  # a folder, a name or a Hub id: the files it means
         try:
-            report.files += dataset_files(entry, report.notes)
+            report.files += dataset_files(entry, report.notes, split)
         except DataError as exc:
             report.errors.append(str(exc))
     conversations: list[list[dict[str, str]]] = []

@@ -8,7 +8,8 @@ An entry is, in this order:
   ``training``, alone or followed by ``-``, ``_``, ``.``, a space or a digit (``train.jsonl``,
   ``data/train-00000-of-00001.parquet``, ``train/0000.parquet``). The report says which files were
   read and which left out; splits that both start so (``train_sft``, ``train_gen``) are both read,
-  so name the files to read one;
+  so name the files to read one. For ``eval_dataset`` a folder means its test or validation split
+  (``SPLITS``) the same way;
 - ``docs-sample``: the built-in sample (the project's docs as Q/A pairs), built on demand;
 - a bare name of a file or folder in the data home's ``datasets/`` folder, with or without its extension;
 - a Hugging Face Hub dataset id (``tatsu-lab/alpaca``) already in the local Hugging Face cache: its
@@ -29,20 +30,24 @@ from sage_ft.data.load import FILE_TYPES, SUFFIXES, DataError
 from sage_ft.models.resolve import HUB_ID
 
 BUILTIN_SAMPLE_NAME = "docs-sample"
-_TRAIN_SPLIT = re.compile(r"^(train|training)([-_. 0-9].*)?$")
+# A split's file or folder names, as the ``datasets`` library infers splits from a Hub dataset's files.
+SPLITS = {"train": ("train", "training"),
+          "eval": ("validation", "valid", "val", "dev", "test", "testing", "eval", "evaluation")}
+_SPLIT_NAME = {split: re.compile(rf"^({'|'.join(names)})([-_. 0-9].*)?$") for split, names in SPLITS.items()}
 
 
-def resolve_entries(entries: Iterable[str | Path]) -> list[Path]:
+def resolve_entries(entries: Iterable[str | Path], split: str = "train") -> list[Path]:
     """The files of every entry, in order; ``DataError`` for the first entry that has none."""
     files: list[Path] = []
     for entry in entries:
-        files += dataset_files(entry)
+        files += dataset_files(entry, split=split)
     return files
 
 
-def dataset_files(entry: str | Path, notes: list[str] | None = None) -> list[Path]:
+def dataset_files(entry: str | Path, notes: list[str] | None = None, split: str = "train") -> list[Path]:
     """The files one entry means (see the module docstring); for a folder split by name, a line saying
-    which files were read and which left out is added to ``notes``."""
+    which files were read and which left out is added to ``notes``. ``split="eval"``: a folder means
+    its test/validation split (``SPLITS``), and one without such files is refused."""
     text = str(entry).strip()
     path = Path(text).expanduser()
     if text == BUILTIN_SAMPLE_NAME and not _exists(path):
@@ -56,22 +61,26 @@ def dataset_files(entry: str | Path, notes: list[str] | None = None) -> list[Pat
         return [path]
     if _exists(path) or (HUB_ID.match(text) and path.suffix.lower() not in SUFFIXES):
         folder = path if _exists(path) else hub_dataset_snapshot(text)
-        files, left_out = split_folder(folder)
+        files, left_out = split_folder(folder, split)
         if left_out and notes is not None:
-            notes.append(f"{text}: the train split, {_names(files)}; left out: {_names(left_out)}")
+            notes.append(f"{text}: the {split} split, {_names(files)}; left out: {_names(left_out)}")
         return files
     return [path]
 
 
-def split_folder(folder: Path) -> tuple[list[Path], list[Path]]:
-    """``(read, left out)``: the folder's train split and its other dataset files, or all and none."""
+def split_folder(folder: Path, split: str = "train") -> tuple[list[Path], list[Path]]:
+    """``(read, left out)``: the folder's files of ``split`` and its other dataset files. Without a
+    file named for it, the train split is every file; an eval split is refused."""
     found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if not found:
         raise DataError(f"{folder}: a folder with no dataset file ({FILE_TYPES}) in it or below it; "
                         "give the folder that holds the data, or the files themselves")
-    train = [p for p in found if any(_TRAIN_SPLIT.match(part.lower()) for part in _split_parts(p, folder))]
-    return (train, [p for p in found if p not in train]) if train else (found, [])
+    named = [p for p in found if any(_SPLIT_NAME[split].match(part.lower()) for part in _split_parts(p, folder))]
+    if not named and split != "train":
+        raise DataError(f"{folder}: no {split} split in it (no file or folder named {', '.join(SPLITS[split][:5])}, "
+                        f"...; found {_names(found)}); give the evaluation files themselves")
+    return (named, [p for p in found if p not in named]) if named else (found, [])
 
 
 def _names(files: list[Path], shown: int = 3) -> str:

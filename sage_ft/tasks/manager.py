@@ -841,16 +841,20 @@ def _short(text: str, limit: int = 80) -> str:
 
 def _dataset_problems(config: TrainConfig) -> tuple[list[str], list[Path]]:
     from sage_ft.data.load import DataError, load_dataset
-    from sage_ft.training.inputs import resolve_dataset_paths
+    from sage_ft.training.inputs import load_run_eval_dataset, resolve_dataset_paths
 
     files: list[Path] = []
-    try:  # the run reads the same files: 'docs-sample' and names in the data home's datasets/ included
-        files = resolve_dataset_paths(config)
-        report = load_dataset(files, config.dataset_format, config.column_mapping, config.max_samples)
+    try:  # the run reads the same files: 'docs-sample', names in the data home, folders, Hub ids
+        report = load_dataset(config.datasets, config.dataset_format, config.column_mapping, config.max_samples)
     except DataError as exc:
         return [f"dataset: {p}" for p in exc.problems], files
     if not report.ok:
         return [f"dataset: {config.dataset} has no usable rows\n{report.summary()}"], files
+    try:
+        eval_report = load_run_eval_dataset(config)
+        files = resolve_dataset_paths(config)  # what the run reads, for the fingerprint a resume compares
+    except DataError as exc:
+        return list(exc.problems), files
     rows = len(report.conversations)
     if config.held_out(rows) >= rows:  # the run would fail on it after loading the model
         return [f"val_size: {config.val_size:g} holds out {config.held_out(rows)} of the {rows} usable rows of "
@@ -858,7 +862,8 @@ def _dataset_problems(config: TrainConfig) -> tuple[list[str], list[Path]]:
     from sage_ft.data.cutoff import cutoff_problem  # every answer cut off: the run would fail after loading
 
     truncated = cutoff_problem(report, config)
-    return ([truncated] if truncated else []), files
+    eval_truncated = cutoff_problem(eval_report, config) if eval_report else None
+    return [p for p in (truncated, eval_truncated and f"eval_dataset: {eval_truncated}") if p], files
 
 
 def _slug(text: str) -> str:

@@ -56,15 +56,18 @@ log = logging.getLogger("sage_ft.training")
 def train(run: FineTuneRun) -> tuple[str, dict[str, Any]]:
     """Run ``run.config`` to completion, cancellation or an exception; returns (status, metrics)."""
     from sage_ft.models.resolve import resolve_model
-    from sage_ft.training.inputs import load_run_dataset
+    from sage_ft.training.inputs import load_run_dataset, load_run_eval_dataset
 
     config, out, meta = run.config, run.output_dir, run._meta
     prep = Preparing(run)
     prep.phase("data")
     report = load_run_dataset(config)  # bad data fails before any model is loaded
+    eval_report = load_run_eval_dataset(config)
     meta["dataset_info"] = {"files": [str(f) for f in report.files], "format": report.format,
                             "rows_total": report.rows_total, "rows_ok": report.rows_ok,
                             "rows_used": len(report.conversations), "rows_dropped": len(report.dropped)}
+    if eval_report:
+        meta["dataset_info"].update(eval_files=[str(f) for f in eval_report.files], eval_rows_ok=eval_report.rows_ok)
     model_dir = resolve_model(config.model_name_or_path)
     meta["base_model_path"] = str(model_dir)
     tokenizer = load_tokenizer(model_dir, config.template)
@@ -75,7 +78,15 @@ def train(run: FineTuneRun) -> tuple[str, dict[str, Any]]:
     if not samples:
         raise RunFailure(f"no sample keeps an assistant token within cutoff_len {config.cutoff_len}; "
                          "raise cutoff_len or shorten the prompts")
-    train_set, eval_set = split_eval(list(samples), config)
+    if eval_report:
+        train_set, eval_set = list(samples), list(tokenize_conversations(
+            eval_report.conversations, tokenizer, config.cutoff_len, config.template))
+        del eval_report
+        if not eval_set:
+            raise RunFailure(f"eval_dataset: no sample keeps an assistant token within cutoff_len {config.cutoff_len}; "
+                             "raise cutoff_len or shorten its prompts")
+    else:
+        train_set, eval_set = split_eval(list(samples), config)
     meta["dataset_info"].update(samples_train=len(train_set), samples_eval=len(eval_set),
                                 samples_truncated=samples.truncated, samples_no_labels=samples.dropped,
                                 token_stats=token_length_stats(train_set, config.cutoff_len))

@@ -14,21 +14,37 @@ from sage_ft.config import TrainConfig
 
 def resolve_dataset_paths(config: TrainConfig) -> list[Path]:
     """The files ``config.dataset`` means (``sage_ft.data.sources``: files, folders, ``docs-sample``,
-    names in the data home, cached Hub datasets)."""
+    names in the data home, cached Hub datasets), then those of ``eval_dataset``: all the run reads."""
     from sage_ft.data.load import FILE_TYPES, DataError
     from sage_ft.data.sources import resolve_entries
 
     if not config.datasets:
         raise DataError(f"dataset: empty; give one or more {FILE_TYPES} files (comma separated) or 'docs-sample'")
-    return resolve_entries(config.datasets)
+    return resolve_entries(config.datasets) + resolve_entries(config.eval_datasets, split="eval")
 
 
 def load_run_dataset(config: TrainConfig) -> Any:
     """The validated ``DatasetReport`` of the run's data; raises ``DataError`` when unusable."""
     from sage_ft.data.load import DataError, load_dataset
 
-    report = load_dataset(resolve_dataset_paths(config), config.dataset_format, config.column_mapping,
-                          config.max_samples)
+    report = load_dataset(config.datasets, config.dataset_format, config.column_mapping, config.max_samples)
     if not report.ok:
         raise DataError("the dataset cannot be used for training:\n" + report.summary(), report=report)
+    return report
+
+
+def load_run_eval_dataset(config: TrainConfig) -> Any:
+    """The validated ``DatasetReport`` of ``eval_dataset`` (read as ``dataset`` is, all its rows; a
+    folder means its test/validation split), None without one. Its ``DataError`` names eval_dataset."""
+    from sage_ft.data.load import DataError, load_dataset
+
+    if not config.eval_datasets:
+        return None
+    try:
+        report = load_dataset(config.eval_datasets, config.dataset_format, config.column_mapping, split="eval")
+    except DataError as exc:
+        raise DataError(f"eval_dataset: {exc}", problems=[f"eval_dataset: {p}" for p in exc.problems],
+                        report=exc.report) from None
+    if not report.ok:
+        raise DataError("eval_dataset: it cannot be used for the eval loss:\n" + report.summary(), report=report)
     return report

@@ -104,7 +104,7 @@ class PathGuard:
         problems = []
         items = [("model_name_or_path", config.model_name_or_path), ("output_dir", config.output_dir),
                  ("resume_from_checkpoint", config.resume_from_checkpoint or "")]
-        items += [("dataset", d) for d in config.datasets]
+        items += [("dataset", d) for d in config.datasets] + [("eval_dataset", d) for d in config.eval_datasets]
         for name, value in items:
             if name == "resume_from_checkpoint" and value == "last":
                 continue

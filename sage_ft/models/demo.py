@@ -1,7 +1,8 @@
 """The built-in demo model: a tiny Llama-architecture causal LM built offline in seconds.
 
-Random weights with a fixed seed, a byte-level BPE tokenizer trained with ``tokenizers`` on the
-project's own docs, a ChatML chat template and head_dim 64 (vLLM's CPU attention needs >= 64). It is
+Random weights with a fixed seed, a byte-level BPE tokenizer trained with ``tokenizers`` on a fixed
+text (``demo_tokenizer_corpus.txt``: the project's docs and UI strings as they were when it was
+frozen), a ChatML chat template and head_dim 64 (vLLM's CPU attention needs >= 64). It is
 saved as a normal Hugging Face directory, so every code path (training, vLLM serving, export) treats
 it exactly like a downloaded model. The same builder is the test fixture.
 """
@@ -30,25 +31,29 @@ MODEL_SHAPE = {
     "max_position_embeddings": 2048,
 }
 _MARKER = "sage_ft_demo.json"
-# The end-of-turn token's row of the output layer, scaled down. Random weights end a reply wherever
-# that token's logit happens to come out on top, and which prompts it does so for changes with every
-# edit of the docs the tokenizer is trained on (and with the server's arithmetic): a greedy reply of
-# the untrained demo ended after one token in one build and ran on in the next. Scaled, it is never
-# the largest of 2,048 random logits, so an untrained greedy reply runs to max_tokens (what the demo
-# and the streaming tests need), while fine-tuning still teaches the model to end its answers.
-EOS_ROW_SCALE = 0.5
+# The output rows of the end-of-turn token and of the tokens that show nothing alone (white space, a
+# piece of a multi-byte character), scaled down. With every weight random, a greedy reply ends, or
+# shows only line breaks, spaces and U+FFFD, wherever those tokens' logits happen to come out on top:
+# one build ended a reply after one token, another answered "Hello" with eight blank lines (which
+# build did what changed with the tokenizer, then trained on the live docs). Scaled, they are never
+# the largest of 2,048 random logits, so an untrained greedy reply is visible text that runs to
+# max_tokens (what the demo and the streaming tests need); fine-tuning still teaches them.
+QUIET_ROW_SCALE = 0.5
+CORPUS_FILE = Path(__file__).with_name("demo_tokenizer_corpus.txt")
 
 
 def _training_corpus() -> list[str]:
-    """Text to train the tokenizer on: the project's docs and sources (always present in a checkout)."""
-    root = paths.project_root()
-    files = sorted([*root.glob("*.md"), *root.glob("docs/**/*.md"), *root.glob("sage_ft/**/*.py"),
-                    *root.glob("locales/*.yaml")])
-    texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
-    # A little plain English and Chinese so chat text does not fall back to single bytes only.
-    texts.append("Hello! How are you? I am a helpful assistant. What is the capital of France? Paris. "
-                 "Thank you. Please explain. The answer is yes. 你好，我是一个有用的助手。谢谢。")
-    return texts
+    """Text to train the tokenizer on: a fixed file, so the demo model is the same in every checkout
+    and after every edit (a tokenizer trained on the live docs changed the model with each change)."""
+    return [CORPUS_FILE.read_text(encoding="utf-8")]
+
+
+def quiet_token_ids(tokenizer) -> list[int]:
+    """The end-of-turn token, then every token that shows nothing alone: white space only, or a piece
+    of a multi-byte character (it decodes to U+FFFD)."""
+    special = set(tokenizer.all_special_ids)
+    texts = {i: tokenizer.decode([i]) for i in range(len(tokenizer)) if i not in special}
+    return [tokenizer.eos_token_id, *(i for i, text in texts.items() if not text.strip() or "\ufffd" in text)]
 
 
 def _build_tokenizer(directory: Path):
@@ -104,12 +109,12 @@ def _build(target: Path) -> Path:
                              pad_token_id=tokenizer.pad_token_id, rms_norm_eps=1e-5, **MODEL_SHAPE)
         torch.manual_seed(SEED)
         model = LlamaForCausalLM(config)
-        with torch.no_grad():  # see EOS_ROW_SCALE
-            model.lm_head.weight[tokenizer.eos_token_id] *= EOS_ROW_SCALE
+        with torch.no_grad():  # see QUIET_ROW_SCALE
+            model.lm_head.weight[quiet_token_ids(tokenizer)] *= QUIET_ROW_SCALE
         model.save_pretrained(staging, safe_serialization=True)
         GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          do_sample=False).save_pretrained(staging)
-        (staging / _MARKER).write_text(json.dumps({"name": DEMO_NAME, "seed": SEED, "eos_row_scale": EOS_ROW_SCALE,
+        (staging / _MARKER).write_text(json.dumps({"name": DEMO_NAME, "seed": SEED, "quiet_row_scale": QUIET_ROW_SCALE,
                                                      **MODEL_SHAPE}, indent=2))
         if target.exists():
             shutil.rmtree(target)

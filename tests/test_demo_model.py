@@ -36,13 +36,12 @@ def test_an_untrained_reply_is_visible_text_that_is_not_ended_by_chance(demo_mod
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sage_ft import paths
-    from sage_ft.models.demo import quiet_token_ids
+    from sage_ft.models.demo import CORPUS_FILE, quiet_token_ids
 
     tokenizer = AutoTokenizer.from_pretrained(demo_model)
     quiet = quiet_token_ids(tokenizer)
     assert quiet[0] == tokenizer.eos_token_id and tokenizer.convert_tokens_to_ids("Ċ") in quiet  # "\n"
-    paragraphs = [p[:300] for p in (paths.project_root() / "README.md").read_text().split("\n\n") if len(p) > 40]
+    paragraphs = [p[:300] for p in CORPUS_FILE.read_text().split("\n\n") if len(p) > 40]  # fixed: no edit moves it
     chat = [{"role": ("user", "assistant")[i % 2], "content": p} for i, p in enumerate(paragraphs[:40])]
     ids = tokenizer.apply_chat_template(chat, return_tensors="pt", return_dict=True)["input_ids"][:, :2048]
     for dtype in (torch.float32, torch.bfloat16):

@@ -69,6 +69,7 @@ def test_every_literal_key_in_the_code_exists():
     keys |= {f"status.{s.value}" for s in TaskStatus}
     keys |= {f"mon.col.{c}" for c in render.TABLE_COLUMNS}
     keys |= {f"alert.task_{a}" for a in ("cancel", "resume", "retry")}
+    keys |= {f"{report}.{verdict}" for report in ("data", "data.eval") for verdict in ("ok", "not_ok")}
     assert len(keys) > 40
     for lang in i18n.LANGS:
         assert sorted(k for k in keys if k not in i18n.strings(lang)) == [], lang

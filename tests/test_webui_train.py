@@ -142,6 +142,23 @@ def test_the_check_reads_what_the_run_reads(webui_client, tmp_path):
     assert "4 usable rows of 4 read, 0 dropped" in report and "train-00001-of-00002.parquet" in report
 
 
+def test_eval_data_is_checked_as_the_run_reads_it(webui_client, tmp_path):
+    """Data options' eval_dataset gets its own verdict under it: a Hub-style folder means its validation
+    split; a folder without one, or a broken file, says what is wrong before Start is pressed."""
+    check = lambda value: webui_client.predict("en", value, "auto", "", api_name="/check_eval_dataset")  # noqa: E731
+    assert check("") == ""
+    folder = tmp_path / "hub"
+    write_jsonl(memorize_rows()[:2], folder / "data" / "validation-00000-of-00001.jsonl")
+    write_jsonl(memorize_rows(), folder / "data" / "train-00000-of-00001.jsonl")
+    report = check(str(folder))
+    assert report.startswith("**✅ Eval data (eval_dataset) can be used") and "2 usable rows of 2 read" in report
+    assert "the eval split, 1 file (validation-00000-of-00001.jsonl)" in report
+    report = check(str(folder / "data" / "train-00000-of-00001.jsonl").replace("train-00000", "nothing"))
+    assert report.startswith("**❌ Eval data (eval_dataset) cannot be used yet") and "file not found" in report
+    write_jsonl(memorize_rows(), tmp_path / "train-only" / "train.jsonl")
+    assert "no eval split in it" in check(str(tmp_path / "train-only"))
+
+
 def test_the_suggested_reading_is_applied_with_one_click(webui, tmp_path):
     """A table under its own column names: the report's suggested format and column mapping come with
     a button (not an API output: asked in-process here, clicked in the browser test) that sets both."""

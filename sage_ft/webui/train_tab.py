@@ -74,6 +74,7 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
         with reg.add("train.data_options", gr.Accordion(i18n.t("train.data_options", lang), open=False)):
             with gr.Row():
                 form.build_fields([n for n in form.names_in("data")], lang, reg)
+            reg.add("train.eval_report", gr.Markdown("", elem_id="eval-report"), kind="none")
         reg.add("train.check_data", gr.Button(i18n.t("train.check_data", lang), size="sm"))
         reg.add("train.data_report", gr.Markdown("", elem_id="data-report"), kind="none")
         # shown while the report suggests a format and column mapping from the file's own keys
@@ -176,6 +177,10 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
     # the report, its histogram and the preview are rendered in a language: again when it changes
     lang.change(check, [lang, *data_inputs], data_outputs, api_name=False, trigger_mode="always_last",
                 show_progress="hidden")
+    eval_inputs = [lang, *(reg[f"train.{n}"] for n in ("eval_dataset", "dataset_format", "column_mapping"))]
+    check_eval = lambda *v: check_eval_dataset(services, *v)  # noqa: E731
+    gr.on([reg["train.eval_dataset"].change, reg["train.check_data"].click, lang.change], check_eval, eval_inputs,
+          reg["train.eval_report"], api_name="check_eval_dataset", trigger_mode="always_last", show_progress="hidden")
 
     # The overwrite tick comes last: API callers that leave it out save without overwriting.
     reg["train.save"].click(lambda name, lg, *v: save_config(services, name, lg, *v[:-1], overwrite=bool(v[-1])),
@@ -427,15 +432,36 @@ def _check_dataset(services: AppServices, lang: str, dataset: str, fmt: str, col
         except Exception as exc:  # token stats are extra information; the report stands without them
             log.info("token stats unavailable: %s", exc)
             token_line = i18n.t("data.no_token_stats", lang, reason=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-    head = "✅ " + i18n.t("data.ok", lang) if report.ok else "❌ " + i18n.t("data.not_ok", lang)
-    body = html.escape(report.summary())
-    text = f"**{head}** — {i18n.t('data.rows', lang, ok=report.rows_ok, total=report.rows_total, dropped=len(report.dropped))}"
-    if token_line:
-        text += f"\n\n{token_line}"
-    # Open where the data cannot be used: the header sends the reader to "the problems below".
-    state = "" if report.ok else " open"
-    text += f"\n\n<details{state}><summary>{i18n.t('data.details', lang)}</summary><pre>{body}</pre></details>"
+    text = _report_markdown(report, lang, "data", token_line)
     return text, figure, render.chat_preview_html(report.preview(PREVIEW_ROWS), lang), report.suggested_reading
+
+
+def _report_markdown(report: Any, lang: str, key: str, extra: str = "") -> str:
+    """The verdict (``{key}.ok`` / ``{key}.not_ok``) with the row counts, ``extra`` lines, then the full
+    report, open where the data cannot be used (the verdict sends the reader to "the problems below")."""
+    head = f"✅ {i18n.t(f'{key}.ok', lang)}" if report.ok else f"❌ {i18n.t(f'{key}.not_ok', lang)}"
+    rows = i18n.t("data.rows", lang, ok=report.rows_ok, total=report.rows_total, dropped=len(report.dropped))
+    text = f"**{head}** — {rows}" + (f"\n\n{extra}" if extra else "")
+    state = "" if report.ok else " open"
+    return (text + f"\n\n<details{state}><summary>{i18n.t('data.details', lang)}</summary>"
+                   f"<pre>{html.escape(report.summary())}</pre></details>")
+
+
+def check_eval_dataset(services: AppServices, lang: str, eval_dataset: str, fmt: str, column_mapping: str) -> str:
+    """One line on ``eval_dataset`` (read as the run will: a folder means its test/validation split),
+    with the full report under it where it cannot be used; empty without eval data."""
+    from sage_ft.data import DataError, load_dataset
+
+    eval_dataset = (eval_dataset or "").strip()
+    if not eval_dataset:
+        return ""
+    try:
+        for part in eval_dataset.split(","):
+            services.guard.check(part, "eval_dataset")
+        report = load_dataset(eval_dataset, fmt or "auto", column_mapping or "", split="eval", raise_on_error=False)
+    except (PathRefused, DataError, ValueError) as exc:
+        return f"❌ eval_dataset: {html.escape(str(exc))}"
+    return _report_markdown(report, lang, "data.eval")
 
 
 def save_config(services: AppServices, name: str, lang: str, *values: Any, overwrite: bool = False) -> tuple[str, Any]:

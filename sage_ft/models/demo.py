@@ -34,8 +34,8 @@ _MARKER = "sage_ft_demo.json"
 # The output rows of the end-of-turn token and of the tokens that show nothing alone (white space, a
 # piece of a multi-byte character), scaled down. With every weight random, a greedy reply ends, or
 # shows only line breaks, spaces and U+FFFD, wherever those tokens' logits happen to come out on top:
-# one build ended a reply after one token, another answered "Hello" with eight blank lines (which
-# build did what changed with the tokenizer, then trained on the live docs). Scaled, they are never
+# one build ended a reply after one token, another answered "Hello" with eight blank lines (builds
+# differed when the tokenizer was trained on the live docs). Scaled, they are never
 # the largest of 2,048 random logits, so an untrained greedy reply is visible text that runs to
 # max_tokens (what the demo and the streaming tests need); fine-tuning still teaches them.
 QUIET_ROW_SCALE = 0.5

@@ -50,11 +50,13 @@ def strings(lang: str) -> dict[str, str]:
     if lang == "en":
         for name in TrainConfig.field_names():
             out.setdefault(f"cfg.{name}.info", TrainConfig.ui(name).help)
-    for key, text in out.items():
-        for placeholder, value in FACTS.items():
-            text = text.replace(placeholder, value)
-        out[key] = text
-    return out
+    return {key: _with_facts(text) for key, text in out.items()}
+
+
+def _with_facts(text: str) -> str:
+    for placeholder, value in FACTS.items():
+        text = text.replace(placeholder, value)
+    return text
 
 
 def t(key: str, lang: str = DEFAULT_LANG, **values: Any) -> str:

@@ -55,6 +55,9 @@ def test_a_folder_without_split_names_means_all_its_files_and_an_empty_one_says_
     assert resolve_entries([mine]) == [mine / "chats.jsonl", mine / "more" / "qa.jsonl"]
     report = load_dataset(str(mine))
     assert report.format == "mixed" and "left out" not in report.summary()
+    write_jsonl(ALPACA_ROWS, mine / "test.jsonl")  # named for evaluation: never trained on
+    assert resolve_entries([mine]) == [mine / "chats.jsonl", mine / "more" / "qa.jsonl"]
+    assert dataset_files(mine, split="eval") == [mine / "test.jsonl"]
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"empty: a folder with no dataset file \(\.json/\.jsonl/.*\.parquet\)"):
         load_dataset(str(tmp_path / "empty"))

@@ -6,7 +6,8 @@ An entry is, in this order:
   (hidden folders skipped), and of those only the train split where it has one, found the way the
   ``datasets`` library finds it in a Hub dataset's files: a file or folder named ``train`` or
   ``training``, alone or followed by ``-``, ``_``, ``.``, a space or a digit (``train.jsonl``,
-  ``data/train-00000-of-00001.parquet``, ``train/0000.parquet``). The report says which files were
+  ``data/train-00000-of-00001.parquet``, ``train/0000.parquet``), else all but the eval split's
+  (``test.jsonl``: eval data is never trained on). The report says which files were
   read and which left out; splits that both start so (``train_sft``, ``train_gen``) are both read,
   so name the files to read one. For ``eval_dataset`` a folder means its test or validation split
   (``SPLITS``) the same way;
@@ -70,17 +71,24 @@ def dataset_files(entry: str | Path, notes: list[str] | None = None, split: str 
 
 def split_folder(folder: Path, split: str = "train") -> tuple[list[Path], list[Path]]:
     """``(read, left out)``: the folder's files of ``split`` and its other dataset files. Without a
-    file named for it, the train split is every file; an eval split is refused."""
+    file named for it, the train split is every file not named for evaluation (eval data must never
+    be trained on), or every file where all are; an eval split is refused."""
     found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if not found:
         raise DataError(f"{folder}: a folder with no dataset file ({FILE_TYPES}) in it or below it; "
                         "give the folder that holds the data, or the files themselves")
-    named = [p for p in found if any(_SPLIT_NAME[split].match(part.lower()) for part in _split_parts(p, folder))]
+    named = [p for p in found if _in_split(p, folder, split)]
     if not named and split != "train":
         raise DataError(f"{folder}: no {split} split in it (no file or folder named {', '.join(SPLITS[split][:5])}, "
                         f"...; found {_names(found)}); give the evaluation files themselves")
-    return (named, [p for p in found if p not in named]) if named else (found, [])
+    if not named:
+        named = [p for p in found if not _in_split(p, folder, "eval")] or found
+    return named, [p for p in found if p not in named]
+
+
+def _in_split(file: Path, folder: Path, split: str) -> bool:
+    return any(_SPLIT_NAME[split].match(part.lower()) for part in _split_parts(file, folder))
 
 
 def _names(files: list[Path], shown: int = 3) -> str:

@@ -57,13 +57,19 @@ def test_pause_unpause_task_box_and_download_in_a_real_browser(demo_model, tmp_p
             # the page re-attaches to the running task first (a pick made before that is overwritten)
             expect(progress.locator(".sage-progress")).to_have_attribute("data-task", str(long.id))
             # a file downloaded for one task is not offered once another is picked
-            # (visible=true: a hidden sizing row of the table may hold the same text). Once, in a fresh-clone
-            # run, this pick did not take (the progress stayed on the running task for 30 s; not seen since
-            # in 3 local runs or 40 clicks on a table updating under a run): the picker is checked first,
-            # so that a repeat says whether the pick or the details were lost.
+            # (visible=true: a hidden sizing row of the table may hold the same text). Twice in fresh-clone
+            # runs the details did not follow this pick: the picker showed it, yet the progress stayed on
+            # the running task, redrawn with new steps for 30 s (not reproduced in 6 local runs, 3 of them
+            # on a machine kept busy, nor in 40 clicks). Where it fails, the message says what the picker
+            # holds by then: whether something set it back to the running task, or the details lost it.
             table.locator("text=done run >> visible=true").first.click()
-            expect(page.locator("#task-select input")).to_have_value(re.compile(rf"^#{done.id} "))
-            expect(progress.locator(".sage-progress")).to_have_attribute("data-task", str(done.id))
+            picker = page.locator("#task-select input")
+            expect(picker).to_have_value(re.compile(rf"^#{done.id} "))
+            try:
+                expect(progress.locator(".sage-progress")).to_have_attribute("data-task", str(done.id))
+            except AssertionError as exc:
+                raise AssertionError(f"the pick of #{done.id} did not reach the details; the picker now shows "
+                                     f"{picker.input_value()!r}\n{exc}") from None
             expect(pause).to_be_disabled()  # a finished task: in sight, but off
             cancel, resume = page.get_by_role("button", name="⏹ Cancel"), page.get_by_role("button", name="⏯ Resume")
             expect(cancel).to_be_disabled()  # and so is what it does not allow; Retry (run it again) is on

@@ -196,14 +196,14 @@ def test_kill_9_then_resume_from_last_checkpoint(memorize_jsonl: Path, tmp_path:
 
 def test_shipped_configs_load_without_unknown_keys() -> None:
     from sage_ft.config import TrainConfig
-    from sage_ft.training.inputs import resolve_dataset_paths
+    from sage_ft.data.sources import dataset_files
 
     folder = Path(__file__).resolve().parent.parent / "configs"
     for name in ("demo_cpu.yaml", "qwen2.5-0.5b_lora_24gb.yaml", "llama-7b_lora_80gb.yaml"):
         config, unknown = TrainConfig.from_yaml(folder / name)
         assert unknown == [] and config.finetuning_type == "lora", (name, unknown)
     demo, _ = TrainConfig.from_yaml(folder / "demo_cpu.yaml")
-    [sample] = resolve_dataset_paths(demo)  # 'docs-sample' -> the built-in sample file
+    [sample] = dataset_files(demo.dataset)  # 'docs-sample' -> the built-in sample file
     assert sample.suffix == ".jsonl" and sample.exists()
 
 

@@ -8,7 +8,7 @@ import secrets
 import pytest
 
 from sage_ft.data import DataError, load_dataset
-from sage_ft.data.sources import cached_hub_datasets, dataset_files, resolve_entries
+from sage_ft.data.sources import cached_hub_datasets, dataset_files
 from tests.fixtures_data import (
     ALPACA_ROWS,
     HUB_SNAPSHOT,
@@ -52,11 +52,11 @@ def test_a_folder_without_split_names_means_all_its_files_and_an_empty_one_says_
     write_jsonl(OPENAI_ROWS, mine / "chats.jsonl")
     write_jsonl(ALPACA_ROWS, mine / "more" / "qa.jsonl")
     (mine / "notes.txt").write_text("not data")
-    assert resolve_entries([mine]) == [mine / "chats.jsonl", mine / "more" / "qa.jsonl"]
+    assert dataset_files(mine) == [mine / "chats.jsonl", mine / "more" / "qa.jsonl"]
     report = load_dataset(str(mine))
     assert report.format == "mixed" and "left out" not in report.summary()
     write_jsonl(ALPACA_ROWS, mine / "test.jsonl")  # named for evaluation: never trained on
-    assert resolve_entries([mine]) == [mine / "chats.jsonl", mine / "more" / "qa.jsonl"]
+    assert dataset_files(mine) == [mine / "chats.jsonl", mine / "more" / "qa.jsonl"]
     assert dataset_files(mine, split="eval") == [mine / "test.jsonl"]
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"empty: a folder with no dataset file \(\.json/\.jsonl/.*\.parquet\)"):

@@ -23,7 +23,6 @@ Anything else is given back as the path it names, and reading it says what is wr
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from pathlib import Path
 
 from sage_ft import paths
@@ -35,14 +34,6 @@ BUILTIN_SAMPLE_NAME = "docs-sample"
 SPLITS = {"train": ("train", "training"),
           "eval": ("validation", "valid", "val", "dev", "test", "testing", "eval", "evaluation")}
 _SPLIT_NAME = {split: re.compile(rf"^({'|'.join(names)})([-_. 0-9].*)?$") for split, names in SPLITS.items()}
-
-
-def resolve_entries(entries: Iterable[str | Path], split: str = "train") -> list[Path]:
-    """The files of every entry, in order; ``DataError`` for the first entry that has none."""
-    files: list[Path] = []
-    for entry in entries:
-        files += dataset_files(entry, split=split)
-    return files
 
 
 def dataset_files(entry: str | Path, notes: list[str] | None = None, split: str = "train") -> list[Path]:

@@ -841,7 +841,7 @@ def _short(text: str, limit: int = 80) -> str:
 
 def _dataset_problems(config: TrainConfig) -> tuple[list[str], list[Path]]:
     from sage_ft.data.load import DataError, load_dataset
-    from sage_ft.training.inputs import load_run_eval_dataset, resolve_dataset_paths
+    from sage_ft.training.inputs import load_run_eval_dataset
 
     files: list[Path] = []
     try:  # the run reads the same files: 'docs-sample', names in the data home, folders, Hub ids
@@ -852,9 +852,10 @@ def _dataset_problems(config: TrainConfig) -> tuple[list[str], list[Path]]:
         return [f"dataset: {config.dataset} has no usable rows\n{report.summary()}"], files
     try:
         eval_report = load_run_eval_dataset(config)
-        files = resolve_dataset_paths(config)  # what the run reads, for the fingerprint a resume compares
     except DataError as exc:
         return list(exc.problems), files
+    # what the run reads, for the fingerprint a resume compares
+    files = report.files + (eval_report.files if eval_report else [])
     rows = len(report.conversations)
     if config.held_out(rows) >= rows:  # the run would fail on it after loading the model
         return [f"val_size: {config.val_size:g} holds out {config.held_out(rows)} of the {rows} usable rows of "

@@ -6,21 +6,9 @@ fraction of a second, before it commits to loading a model.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from sage_ft.config import TrainConfig
-
-
-def resolve_dataset_paths(config: TrainConfig) -> list[Path]:
-    """The files ``config.dataset`` means (``sage_ft.data.sources``: files, folders, ``docs-sample``,
-    names in the data home, cached Hub datasets), then those of ``eval_dataset``: all the run reads."""
-    from sage_ft.data.load import FILE_TYPES, DataError
-    from sage_ft.data.sources import resolve_entries
-
-    if not config.datasets:
-        raise DataError(f"dataset: empty; give one or more {FILE_TYPES} files (comma separated) or 'docs-sample'")
-    return resolve_entries(config.datasets) + resolve_entries(config.eval_datasets, split="eval")
 
 
 def load_run_dataset(config: TrainConfig) -> Any:

@@ -63,6 +63,11 @@ _IGNORED_KEYS = frozenset({"do_train", "overwrite_cache", "preprocessing_num_wor
 LORA_RANKS_SERVABLE = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank
 
 
+def comma_list(text: str) -> list[str]:
+    """``"a.jsonl, b.jsonl,"`` -> ``["a.jsonl", "b.jsonl"]``: the items of a comma-separated field."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 @dataclass
 class TrainConfig:
     """Everything a LoRA supervised fine-tuning run needs. ``validate()`` is the only validator."""
@@ -254,18 +259,18 @@ class TrainConfig:
 
     @property
     def datasets(self) -> list[str]:
-        return [d.strip() for d in self.dataset.split(",") if d.strip()]
+        return comma_list(self.dataset)
 
     @property
     def eval_datasets(self) -> list[str]:
-        return [d.strip() for d in self.eval_dataset.split(",") if d.strip()]
+        return comma_list(self.eval_dataset)
 
     @property
     def lora_targets(self) -> str | list[str]:
         """peft's ``target_modules``: 'all-linear' or a list of module names."""
         if self.lora_target.strip().lower() in ("all", "all-linear"):
             return "all-linear"
-        return [t.strip() for t in self.lora_target.split(",") if t.strip()]
+        return comma_list(self.lora_target)
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self, *, only_changed: bool = False) -> dict[str, Any]:

@@ -22,6 +22,12 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
 JOURNAL_LINES = 300  # the last ones are kept: about ten minutes of one page's 2-s timer
+# How long a retrying assertion (``expect``) waits unless it names its own timeout (ms). Playwright's
+# default, 5 s, is too short on this shared 2-core machine (a page restored after a reload takes a
+# server round trip, queued behind the page's other load events). Set for every browser test by its
+# fixture: ``expect.set_options`` is global to the worker, so a test setting it alone made the
+# others' waits depend on which tests that worker had run before (a CI failure, 5 s after a reload).
+EXPECT_TIMEOUT_MS = 30_000
 
 
 class BrowserJournal:
@@ -88,8 +94,9 @@ class WatchedBrowser:
 
 @pytest.fixture
 def browser(request: pytest.FixtureRequest) -> Iterator[WatchedBrowser]:
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
+    expect.set_options(timeout=EXPECT_TIMEOUT_MS)
     journal = BrowserJournal()
     request.node.browser_journal = journal  # read by pytest_runtest_makereport when the test fails
     with sync_playwright() as pw:

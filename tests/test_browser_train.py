@@ -68,7 +68,6 @@ def test_train_monitor_reload_and_language_in_a_real_browser(browser_app, tmp_pa
     from playwright.sync_api import expect
 
     ARTIFACTS.mkdir(exist_ok=True)
-    expect.set_options(timeout=30_000)  # the machine is shared: retrying assertions get time, never sleeps
     dataset = write_table([{"Question": q, "Answer": a} for q, a in MEMORIZE_PAIRS] * 4, tmp_path / "browser-data.csv")
     try:
         page = browser.new_page(viewport={"width": 1440, "height": 1000})

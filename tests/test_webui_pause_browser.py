@@ -30,7 +30,6 @@ def test_pause_unpause_task_box_and_download_in_a_real_browser(demo_model, tmp_p
     from playwright.sync_api import expect
 
     ARTIFACTS.mkdir(exist_ok=True)
-    expect.set_options(timeout=30_000)  # the machine is shared: retrying assertions get time, never sleeps
     app = start_webui(tmp_path / "app")
     tasks = app.services.tasks
     dataset = write_jsonl(memorize_rows() * 2, tmp_path / "pause-browser.jsonl")

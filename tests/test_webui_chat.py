@@ -89,7 +89,7 @@ def test_model_list_has_tags_and_checkpoints_under_their_run(client, trained_run
     listed = paths.runs_dir() / "memorize-listed"
     if not listed.exists():
         shutil.copytree(trained_run, listed)
-    model, model_a, model_b, banner = client.predict("en", None, None, api_name="/chat_models")  # States are not returned
+    model, model_a, model_b, banner, _stamp = client.predict("en", None, None, api_name="/chat_models")
     labels = [label for label, _ in model["choices"]]
     run_label = next(label for label in labels if label.startswith("memorize"))
     assert "[finetuned · LoRA]" in run_label and any("[base" in label for label in labels)
@@ -108,18 +108,18 @@ def test_model_list_has_tags_and_checkpoints_under_their_run(client, trained_run
 
 def test_switch_to_a_lora_is_live_then_back_to_base(client, vllm_manager, serving_adapters):
     adapter = str(serving_adapters["a"])
-    status, _, banner, _ = client.predict(adapter, "en", api_name="/chat_switch")
+    status, _, banner, *_ = client.predict(adapter, "en", api_name="/chat_switch")
     assert status.startswith("✅") and "is live" in status and "took" in status, status
     assert "⚠️" not in status and "❌" not in status
     assert "[finetuned · LoRA]" in banner and "vLLM" in banner and f"port {vllm_manager.status()['port']}" in banner
     assert vllm_manager.status()["model_type"] == "adapter"
-    _, model_a, model_b, _ = client.predict("en", None, None, api_name="/chat_models")
+    _, model_a, model_b, *_ = client.predict("en", None, None, api_name="/chat_models")
     assert model_a["value"] == vllm_manager.status()["base_model"] and model_b["value"] == adapter  # base vs tune
     label = vllm_manager.status()["model_label"]
     history = client.predict(HELLO, [], *GREEDY, api_name="/chat_send")[0]
     tuned = _reply(history)
     assert _answered_by(history) == [label] and label == "adapter-a"
-    status, _, banner, _ = client.predict("demo", "en", api_name="/chat_switch")
+    status, _, banner, *_ = client.predict("demo", "en", api_name="/chat_switch")
     assert status.startswith("✅") and "[base]" in banner
     base = _reply(client.predict(HELLO, [], *GREEDY, api_name="/chat_send")[0])
     assert tuned and base and tuned != base
@@ -149,7 +149,7 @@ def test_the_model_is_sent_the_conversation_without_our_labels_and_notes():
 
 def test_switch_failure_says_why_and_keeps_the_current_model(client, vllm_manager, tmp_path):
     missing = tmp_path / "no-such-model"
-    status, log_file, banner, picker = client.predict(str(missing), "en", api_name="/chat_switch")
+    status, log_file, banner, _stamp, picker = client.predict(str(missing), "en", api_name="/chat_switch")
     assert status.startswith("❌") and str(missing) in status
     assert picker["value"] == vllm_manager.status()["model_path"]  # the picker goes back to the model that answers
     # no server started, so no server log is offered (it offered the log of the server that kept running)
@@ -176,11 +176,11 @@ def test_cancel_during_a_base_switch_keeps_the_current_model(chat_app, client, v
     time.sleep(2.0)  # the new server is launched by then; its start takes tens of seconds on CPU
     assert chat_tab.tick(chat_app.services, None, "en")[3]["interactive"] is True  # its start can be cancelled
     client.predict("en", api_name="/chat_switch_cancel")
-    status, _, banner, picker = job.result(timeout=60)
+    status, _, banner, _stamp, picker = job.result(timeout=60)
     assert status.startswith("⏹") and "cancelled" in status and "still chatting with demo" in status, status
     assert status.lower().count("switch to") == 1, status  # the switch is named once, not by the UI and the core
     # the second pick waited for the first switch, then made the adapter (on the demo base) the chat model
-    status, _, banner, picker = second.result(timeout=60)
+    status, _, banner, _stamp, picker = second.result(timeout=60)
     assert status.startswith("✅") and picker["value"] == adapter and "adapter-a" in banner, status
     assert any("when the switch to demo-copy" in out[0] for out in second.outputs()), second.outputs()
     assert vllm_manager.switch("demo").outcome == "live"
@@ -346,7 +346,7 @@ def test_no_llm_says_chat_is_off(tmp_path, demo_model):
         client = app.client()
         history, _ = client.predict(HELLO, [], *GREEDY, api_name="/chat_send")
         assert "--no-llm" in _reply(history)
-        status, _, banner, _ = client.predict("demo", "en", api_name="/chat_switch")
+        status, _, banner, *_ = client.predict("demo", "en", api_name="/chat_switch")
         assert status.startswith("⚠️") and "--no-llm" in status and "--no-llm" in banner
         assert "--no-llm" in client.predict("en", api_name="/server_status")[0]
     finally:
@@ -362,7 +362,7 @@ def test_transformers_backend_switch_chat_stop_and_restart(tmp_path, serving_ada
     try:
         assert False not in _interactive(app, CHAT_CONTROLS).values()  # with a server they are on
         client = app.client()
-        status, _, banner, _ = client.predict(str(serving_adapters["a"]), "en", api_name="/chat_switch")
+        status, _, banner, *_ = client.predict(str(serving_adapters["a"]), "en", api_name="/chat_switch")
         assert status.startswith("✅") and "transformers" in banner and "[finetuned · LoRA]" in banner
         assert _reply(client.predict(HELLO, [], *GREEDY, api_name="/chat_send")[0])
         assert "stopped" in client.predict("en", api_name="/server_stop")

@@ -100,7 +100,7 @@ def test_export_merges_verifies_writes_gguf_and_zip_and_is_listed_and_servable(c
     labels = [label for label, _ in client.predict("en", None, None, api_name="/chat_models")[0]["choices"]]
     assert "ui-merged [finetuned · merged]" in labels
 
-    status, _, banner, _ = client.predict(str(out), "en", api_name="/chat_switch")
+    status, _, banner, *_ = client.predict(str(out), "en", api_name="/chat_switch")
     assert status.startswith("✅") and "[merged]" in banner
     # a merged model is its own base: the banner says what it was merged from (it showed Base = its own path)
     assert "Merged from: <code>demo</code>" in banner and "Base:" not in banner
@@ -173,7 +173,7 @@ def test_overwriting_the_export_this_app_chats_with_is_refused(client, run_in_ho
     """The chat serves an export: overwriting it would change the banner and the record, not the weights."""
     out = paths.exports_dir() / "served-here"
     merge_lora(run_in_home / "checkpoint-30", out_dir=out, verify=False)
-    status, _, banner, _ = client.predict(str(out), "en", api_name="/chat_switch")
+    status, _, banner, *_ = client.predict(str(out), "en", api_name="/chat_switch")
     assert status.startswith("✅") and "served-here" in banner
     progress, result, _ = _export(client, run_in_home / "lora", "served-here", overwrite=True, verify=False)
     assert result.startswith("❌") and f"refusing to overwrite {out}: it is being served" in result, result

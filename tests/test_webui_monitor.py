@@ -7,6 +7,7 @@ import html
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -67,7 +68,7 @@ def test_overlay_log_scale_and_table(webui_client, finished):
     figure = json.loads(loss["plot"])
     assert {f"#{first}", f"#{second}"} <= {t["name"].split(" ")[0] for t in figure["data"]}
     assert figure["layout"]["yaxis"]["type"] == "log"
-    tick = webui_client.predict(first, [], False, 0.6, "en", api_name="/monitor_tick")
+    tick = webui_client.predict(None, None, first, [], False, 0.6, "en", api_name="/monitor_tick")
     table = tick[0]
     ids = [row[0] for row in table["data"]]
     assert first in ids and second in ids
@@ -159,7 +160,7 @@ def test_text_typed_into_the_task_picker_is_named_not_a_crash(webui, webui_clien
     assert "no task 'abc'" in html.unescape(message)
     page = webui.client()  # a page of its own: the tick remembers what it sent to each page
     try:
-        table = page.predict("abc", [], False, 0.6, "en", api_name="/monitor_tick")[0]
+        table = page.predict(None, None, "abc", [], False, 0.6, "en", api_name="/monitor_tick")[0]
     finally:
         page.close()
     assert finished[0] in [row[0] for row in table["data"]]
@@ -218,6 +219,12 @@ def test_page_tick_is_one_event_that_skips_what_did_not_change(webui, finished):
     tick = ticks[0]
     # it fires whether or not the last tick has answered: under "once", one answer lost froze the page
     assert tick.trigger_mode == "multiple" and tick.concurrency_limit is None
+    # what it compares with (its fingerprints, fed back) is held by the page, so each arrives in the message
+    # that draws what it describes: a gr.State is stored on the server apart from that message, and a tick in
+    # flight at a click drew its older details last while the click's stamp was stored last (CI, 3 runs)
+    stamps = [reg[k] for k in ("top.stamp", "train.stamp", "mon.version", "mon.stamp", "chat.banner_stamp")]
+    assert all(c in tick.inputs and c in tick.outputs for c in stamps)
+    assert [c for c in tick.inputs if c.stateful] == []
     given = {reg["top.lang"]._id: "en", reg["train.task_id"]._id: finished[0], reg["mon.task"]._id: finished[0],
              reg["mon.compare"]._id: [], reg["mon.log_y"]._id: False, reg["mon.smoothing"]._id: 0.6}
     values = {c._id: given.get(c._id) for c in tick.inputs}
@@ -251,17 +258,24 @@ def test_tick_resends_task_pickers_only_when_the_task_list_changes(webui, webui_
         return [c[1] if isinstance(c, (list, tuple)) else c for c in update["choices"]] \
             if isinstance(update, dict) and "choices" in update else None
 
-    first = webui_client.predict(finished[0], [], False, 0.6, "en", api_name="/monitor_tick")
+    held: dict[int, Any] = {1: None, 4: None}  # the version and stamp, held as the page holds them
+
+    def tick() -> Any:
+        out = webui_client.predict(held[1], held[4], finished[0], [], False, 0.6, "en", api_name="/monitor_tick")
+        held.update({i: out[i] for i in held if isinstance(out[i], str)})  # a skip leaves them as they were
+        return out
+
+    first = tick()
     assert set(finished) <= set(choices(first))
     queued = webui.services.tasks.create({"model_name_or_path": "demo", "dataset": dataset, "max_steps": 1},
                                          name="picker-check")
     try:
-        second = webui_client.predict(finished[0], [], False, 0.6, "en", api_name="/monitor_tick")
+        second = tick()
         assert queued.id in choices(second)
     finally:
         webui.services.tasks.cancel(queued.id)  # its row changes; no task is added, renamed or deleted
     ended = webui.services.tasks.wait(queued.id, 120)
-    third = webui_client.predict(finished[0], [], False, 0.6, "en", api_name="/monitor_tick")
+    third = tick()
     row = next(r for r in third[0]["data"] if r[0] == queued.id)
     assert ended.status.value in row[1]  # the table did follow the change
     assert choices(third) is None

@@ -45,7 +45,7 @@ def _table(app, task_id) -> dict[int, str]:
     page already has, so each look is a page of its own)."""
     page = app.client()
     try:
-        table = page.predict(task_id, [], False, 0.6, "en", api_name="/monitor_tick")[0]
+        table = page.predict(None, None, task_id, [], False, 0.6, "en", api_name="/monitor_tick")[0]
     finally:
         page.close()
     return {row[0]: row[1] for row in table["data"]}

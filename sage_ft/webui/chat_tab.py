@@ -36,7 +36,7 @@ from sage_ft.webui.chat_messages import (
     prompt_of,
     reply_key,
 )
-from sage_ft.webui.components import TOAST_S, Registry
+from sage_ft.webui.components import TOAST_S, Registry, page_stamp
 from sage_ft.webui.services import AppServices
 from sage_ft.webui.topbar import TickPart
 from sage_ft.webui.uploads import PathRefused
@@ -52,7 +52,7 @@ _STATE_COLORS = {"ready": "#16a34a", "starting": "#d97706", "switching": "#d9770
 
 # ====================================================================== layout
 def build(reg: Registry, services: AppServices, lang: str) -> None:
-    reg.add("chat.banner_stamp", gr.State(None), kind="none")
+    reg.add("chat.banner_stamp", page_stamp(), kind="none")
     reg.add("chat.banner", gr.HTML(banner_html(services, lang), elem_id="chat-banner"), kind="none")
     choices = model_choices(services)
     # Without a chat server (--no-llm) nothing here can answer or switch: the controls that ask it are

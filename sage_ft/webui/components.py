@@ -23,6 +23,17 @@ Kind = Literal["field", "value", "label", "label_info", "none"]
 TOAST_S = 8
 
 
+def page_stamp() -> gr.Textbox:
+    """A fingerprint of what the page shows (the page tick skips a redraw while it is unchanged), held
+    by the page itself: a hidden textbox, sent with each tick and written in the same message as the
+    display it describes. A ``gr.State`` is kept on the server and written when its event ends, apart
+    from the message that redraws the page: a tick in flight at a click could draw its (older) details
+    last while the click's stamp was stored last, and every later tick then found that stamp current and
+    skipped; the details ignored the pick until that task changed (a finished one never does; seen in CI).
+    """
+    return gr.Textbox(None, visible=False)
+
+
 @dataclass
 class Entry:
     elem_id: str

@@ -26,7 +26,7 @@ from gradio.components.plot import PlotData
 from sage_ft.tasks import TaskError, TaskStatus
 from sage_ft.tasks.status import RESUMABLE_STATES
 from sage_ft.webui import charts, chat_tab, i18n, render
-from sage_ft.webui.components import Registry
+from sage_ft.webui.components import Registry, page_stamp
 from sage_ft.webui.services import AppServices, task_id_of
 from sage_ft.webui.topbar import TickPart
 
@@ -35,8 +35,8 @@ LOG_LINES = 200
 
 
 def build(reg: Registry, services: AppServices, lang: str) -> None:
-    reg.add("mon.version", gr.State(None), kind="none")
-    reg.add("mon.stamp", gr.State(None), kind="none")
+    reg.add("mon.version", page_stamp(), kind="none")
+    reg.add("mon.stamp", page_stamp(), kind="none")
     reg.add("mon.table", gr.Dataframe(headers=render.table_headers(lang), value=[], interactive=False,
                                       label=i18n.t("mon.table", lang), elem_id="task-table", max_height=320,
                                       wrap=True))
@@ -137,6 +137,7 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
     lang = reg["top.lang"]
     view = [reg["mon.task"], reg["mon.compare"], reg["mon.log_y"], reg["mon.smoothing"], lang]
     table_out = [reg["mon.table"], reg["mon.version"], reg["mon.task"], reg["mon.compare"]]
+    # an API client passes the version and stamp its last answer gave (or none: all is sent), as the page does
     reg["top.api"].tick(lambda ver, stamp, *v: tick(services, ver, stamp, *v),
                         [reg["mon.version"], reg["mon.stamp"], *view],
                         [*table_out, reg["mon.stamp"], *detail_outputs(reg)], api_name="monitor_tick",
@@ -145,8 +146,10 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
     details = lambda *v: task_details(services, *v)  # noqa: E731
     # the smoothing slider's `input` (each move; always_last coalesces a drag): arrow keys fire no `release`
     gr.on([reg["mon.task"].change, reg["mon.compare"].change, reg["mon.log_y"].change, reg["mon.smoothing"].input],
-          details, view, [reg["mon.stamp"], *detail_outputs(reg)], api_name="task_details", show_progress="hidden",
+          details, view, [reg["mon.stamp"], *detail_outputs(reg)], api_name=False, show_progress="hidden",
           trigger_mode="always_last")
+    reg["top.api"].tick(lambda *v: details(*v)[1:], view, detail_outputs(reg), api_name="task_details",
+                        concurrency_limit=None, show_progress="hidden")  # the same, without the page's stamp
     lang.change(lambda lg, tid: _relabel_table(services, lg, tid), [lang, reg["mon.task"]],
                 [*table_out, reg["mon.progress"]], api_name=False)
     for action in ("cancel", "resume", "retry", "delete"):

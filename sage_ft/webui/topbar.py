@@ -4,7 +4,7 @@ one ``gr.Timer``.
 Every ~2 s the timer fires ONE event per page (``wire_tick``), not one per tab: each tab contributes
 a ``TickPart`` (its inputs, outputs and a cheap function) and the combined handler returns
 ``gr.skip()`` for every output whose data did not change since that page's last tick (each part
-keeps a fingerprint in a ``gr.State``). The timer event has no concurrency limit and no progress
+keeps a fingerprint in the page, ``components.page_stamp``). The timer event has no concurrency limit and no progress
 animation, so it never queues behind a long handler, and it fires whether or not the last tick has
 answered (``trigger_mode="multiple"``): under Gradio's default for a timer ("once") a tick whose
 answer never reaches the page holds back every later one, and the page stays frozen until reloaded
@@ -25,7 +25,7 @@ from typing import Any
 import gradio as gr
 
 from sage_ft.webui import i18n
-from sage_ft.webui.components import Registry
+from sage_ft.webui.components import Registry, page_stamp
 from sage_ft.webui.services import AppServices
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
                                         min_width=130))
     reg.add("top.timer", gr.Timer(REFRESH_S), kind="none")
     reg.add("top.api", gr.Timer(REFRESH_S, active=False), kind="none")
-    reg.add("top.stamp", gr.State(None), kind="none")
+    reg.add("top.stamp", page_stamp(), kind="none")
 
 
 def wire(reg: Registry, services: AppServices) -> TickPart:

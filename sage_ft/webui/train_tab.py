@@ -23,7 +23,7 @@ from sage_ft.config import ConfigError, TrainConfig, closest_key
 from sage_ft.data.load import SUFFIXES
 from sage_ft.tasks import Task, TaskError, TaskStatus, parse_task_id, rundir
 from sage_ft.webui import charts, form, form_memory, i18n, render
-from sage_ft.webui.components import TOAST_S, Registry
+from sage_ft.webui.components import TOAST_S, Registry, page_stamp
 from sage_ft.webui.presets import PRESETS
 from sage_ft.webui.services import AppServices, tokenizer_for
 from sage_ft.webui.topbar import TickPart
@@ -122,7 +122,7 @@ def build(reg: Registry, services: AppServices, lang: str) -> None:
                                           elem_id="train-cancel"))
         reg.add("train.resume", gr.Button(i18n.t("train.resume", lang), scale=1, interactive=False,
                                           elem_id="train-resume"))
-        reg.add("train.stamp", gr.State(None), kind="none")
+        reg.add("train.stamp", page_stamp(), kind="none")
         # no rounding (precision=None): with precision=0 a typed 2.5 reached the handlers as task 2;
         # typed_task_id reads what is typed with the one task-id syntax and names anything else
         reg.add("train.task_id", gr.Number(label=i18n.t("train.task_id", lang), precision=None, value=None, scale=1,

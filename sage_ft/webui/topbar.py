@@ -4,14 +4,16 @@ one ``gr.Timer``.
 Every ~2 s the timer fires ONE event per page (``wire_tick``), not one per tab: each tab contributes
 a ``TickPart`` (its inputs, outputs and a cheap function) and the combined handler returns
 ``gr.skip()`` for every output whose data did not change since that page's last tick (each part
-keeps a fingerprint in the page, ``components.page_stamp``). The timer event has no concurrency limit and no progress
-animation, so it never queues behind a long handler, and it fires whether or not the last tick has
-answered (``trigger_mode="multiple"``): under Gradio's default for a timer ("once") a tick whose
-answer never reaches the page holds back every later one, and the page stays frozen until reloaded
-(a CI run saw a Train tab's progress stop while its task went on; that cause is likely, not proven).
-A tick that lands late is corrected by the next (each compares against the fingerprint it read).
+keeps a fingerprint in the page, ``components.page_stamp``). The timer event has no concurrency
+limit and no progress animation, so it never queues behind a long handler, and it fires whether or
+not the last tick has answered (``trigger_mode="multiple"``): under Gradio's default for a timer
+("once") a tick whose answer never reaches the page holds back every later one, and the page stays
+frozen until reloaded (a CI run saw a Train tab's progress stop while its task went on; that cause is
+likely, not proven). A tick that lands late is corrected by the next: its fingerprint came in the
+same message as what it drew, so the next tick compares with what the page really shows.
 The per-part endpoints that API clients and tests call by name (``top_status``, ``train_progress``,
-``monitor_tick``) hang on ``top.api``, a timer that is never active, so they never fire from the page.
+``monitor_tick``, ``task_details``) hang on ``top.api``, a timer that is never active, so they never
+fire from the page.
 """
 
 from __future__ import annotations

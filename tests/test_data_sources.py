@@ -92,3 +92,64 @@ def test_names_in_the_data_home_and_the_builtin_sample(data_home):
     assert load_dataset(f"{name}.jsonl").rows_ok == len(OPENAI_ROWS)
     [sample] = dataset_files("docs-sample")
     assert sample.parent == data_home / "datasets" and load_dataset("docs-sample").ok
+
+
+CARD = """---
+license: mit
+configs:
+- config_name: en
+  default: true
+  data_files:
+  - split: train
+    path: en/part-*.jsonl
+  - split: validation
+    path: en/holdout.jsonl
+- config_name: zh
+  data_files: zh/*.jsonl
+---
+# a dataset in two languages
+"""
+
+
+def test_a_card_that_declares_configs_decides_the_subset_and_the_splits(tmp_path):
+    """A Hub dataset's README may say which files make each split and which subset is read by default
+    (as the ``datasets`` library reads it); by file names alone, both languages and the held-out file
+    here would all have been trained on."""
+    folder = tmp_path / "two-languages"
+    for name in ("part-0.jsonl", "part-1.jsonl", "holdout.jsonl"):
+        write_jsonl(OPENAI_ROWS, folder / "en" / name)
+    write_jsonl(ALPACA_ROWS, folder / "zh" / "a.jsonl")
+    (folder / "README.md").write_text(CARD)
+    report = load_dataset(str(folder))
+    assert [p.relative_to(folder).as_posix() for p in report.files] == ["en/part-0.jsonl", "en/part-1.jsonl"]
+    assert report.format == "openai" and report.rows_ok == 2 * len(OPENAI_ROWS)
+    assert (f"{folder}: config 'en' (read by default; others: zh), the train split, 2 files (part-0.jsonl, "
+            "part-1.jsonl); left out: 2 files (holdout.jsonl, a.jsonl)") in report.summary()
+    assert dataset_files(folder, split="eval") == [folder / "en" / "holdout.jsonl"]
+    # one config, splits as a mapping: train_sft is its train split, test_sft its eval split
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n"
+                                      "    train_sft: en/part-*.jsonl\n    test_sft: [en/holdout.jsonl]\n---\n")
+    assert dataset_files(folder) == [folder / "en" / "part-0.jsonl", folder / "en" / "part-1.jsonl"]
+    assert dataset_files(folder, split="eval") == [folder / "en" / "holdout.jsonl"]
+    assert "config" not in load_dataset(str(folder)).summary()  # one config: nothing to say about it
+
+
+def test_a_card_that_cannot_be_followed_says_what_is_wrong_with_it(tmp_path):
+    folder = tmp_path / "carded"
+    write_jsonl(OPENAI_ROWS, folder / "data" / "train.jsonl")
+    card = folder / "README.md"
+    card.write_text("---\nconfigs:\n- config_name: default\n  data_files: [data/*.arrow\n---\n")
+    with pytest.raises(DataError, match=r"README\.md: its YAML header cannot be read \(line \d+\)"):
+        load_dataset(str(folder))
+    card.write_text("---\nconfigs:\n- config_name: default\n  data_files: data/*.arrow\n---\n")
+    with pytest.raises(DataError, match=r"its card \(README\.md\) says the train split is data/\*\.arrow, which "
+                                        r"matches no \.json/.*file \(matched: nothing\)"):
+        load_dataset(str(folder))
+    with pytest.raises(DataError, match=r"gives the splits train; none of them is the eval split"):
+        load_dataset(str(folder), split="eval")
+    card.write_text("---\nconfigs:\n- config_name: default\n  data_files: 7\n---\n")
+    with pytest.raises(DataError, match=r"config 'default' has no readable `data_files`"):
+        load_dataset(str(folder))
+    # a README of one's own whose front matter YAML cannot read, and that declares no configs: file names decide
+    card.write_text("---\ntitle: [unclosed\n---\nmy notes\n")
+    assert load_dataset(str(folder)).rows_ok == len(OPENAI_ROWS)

@@ -7,10 +7,11 @@ An entry is, in this order:
   ``datasets`` library finds it in a Hub dataset's files: a file or folder named ``train`` or
   ``training``, alone or followed by ``-``, ``_``, ``.``, a space or a digit (``train.jsonl``,
   ``data/train-00000-of-00001.parquet``, ``train/0000.parquet``), else all but the eval split's
-  (``test.jsonl``: eval data is never trained on). The report says which files were
-  read and which left out; splits that both start so (``train_sft``, ``train_gen``) are both read,
-  so name the files to read one. For ``eval_dataset`` a folder means its test or validation split
-  (``SPLITS``) the same way;
+  (``test.jsonl``: eval data is never trained on). Where the folder's card (``README.md``) declares
+  ``configs:``, as a Hub dataset's may, its default config's splits decide instead (``card``). The
+  report says which files were read and which left out; splits that both start so (``train_sft``,
+  ``train_gen``) are both read, so name the files to read one. For ``eval_dataset`` a folder means
+  its test or validation split (``SPLITS``) the same way;
 - ``docs-sample``: the built-in sample (the project's docs as Q/A pairs), built on demand;
 - a bare name of a file or folder in the data home's ``datasets/`` folder, with or without its extension;
 - a Hugging Face Hub dataset id (``tatsu-lab/alpaca``) already in the local Hugging Face cache: its
@@ -26,6 +27,7 @@ import re
 from pathlib import Path
 
 from sage_ft import paths
+from sage_ft.data.card import CARD_NAME, CardConfig, card_configs
 from sage_ft.data.load import FILE_TYPES, SUFFIXES, DataError
 from sage_ft.models.resolve import HUB_ID
 
@@ -53,19 +55,25 @@ def dataset_files(entry: str | Path, notes: list[str] | None = None, split: str 
         return [path]
     if _exists(path) or (HUB_ID.match(text) and path.suffix.lower() not in SUFFIXES):
         folder = path if _exists(path) else hub_dataset_snapshot(text)
-        files, left_out = split_folder(folder, split)
-        if left_out and notes is not None:
-            notes.append(f"{text}: the {split} split, {_names(files)}; left out: {_names(left_out)}")
+        files, left_out, config = split_folder(folder, split)
+        if (left_out or config) and notes is not None:
+            notes.append(f"{text}: {config}the {split} split, {_names(files)}"
+                         + (f"; left out: {_names(left_out)}" if left_out else ""))
         return files
     return [path]
 
 
-def split_folder(folder: Path, split: str = "train") -> tuple[list[Path], list[Path]]:
-    """``(read, left out)``: the folder's files of ``split`` and its other dataset files. Without a
-    file named for it, the train split is every file not named for evaluation (eval data must never
-    be trained on), or every file where all are; an eval split is refused."""
+def split_folder(folder: Path, split: str = "train") -> tuple[list[Path], list[Path], str]:
+    """``(read, left out, which config)``: the folder's files of ``split``, its other dataset files,
+    and where its card declares several configs, which one was read (``"config 'en' (others: zh), "``,
+    else ``""``). By file names: without a file named for it, the train split is every file not named
+    for evaluation (eval data must never be trained on), or every file where all are; an eval split
+    is refused."""
     found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    configs = card_configs(folder)
+    if configs:
+        return _card_split(folder, configs, split, found)
     if not found:
         raise DataError(f"{folder}: a folder with no dataset file ({FILE_TYPES}) in it or below it; "
                         "give the folder that holds the data, or the files themselves")
@@ -75,7 +83,34 @@ def split_folder(folder: Path, split: str = "train") -> tuple[list[Path], list[P
                         f"...; found {_names(found)}); give the evaluation files themselves")
     if not named:
         named = [p for p in found if not _in_split(p, folder, "eval")] or found
-    return named, [p for p in found if p not in named]
+    return named, [p for p in found if p not in named], ""
+
+
+def _card_split(folder: Path, configs: list[CardConfig], split: str,
+                found: list[Path]) -> tuple[list[Path], list[Path], str]:
+    """``split_folder`` for a folder whose card declares configs: the default config's splits named
+    for ``split`` (for train, else every split not named for evaluation), their files matched by
+    its patterns."""
+    config = configs[0]
+    label = (f"config {config.name!r} (read by default; others: {', '.join(c.name for c in configs[1:])}), "
+             if len(configs) > 1 else "")
+    names = [name for name in config.splits if _SPLIT_NAME[split].match(name.lower())]
+    if not names and split == "train":
+        names = [name for name in config.splits if not _SPLIT_NAME["eval"].match(name.lower())]
+    if not names:
+        raise DataError(f"{folder}: its card ({CARD_NAME}) gives {label}the splits {', '.join(config.splits)}; "
+                        f"none of them is the {split} split. Give the files to read themselves")
+    patterns = [pattern for name in names for pattern in config.splits[name]]
+    try:
+        matched = sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
+    except (ValueError, NotImplementedError) as exc:  # a pattern pathlib cannot follow
+        raise DataError(f"{folder}: its card ({CARD_NAME}) has a file pattern that cannot be read ({exc})") from None
+    files = [p for p in matched if p.suffix.lower() in SUFFIXES]
+    if not files:
+        raise DataError(f"{folder}: its card ({CARD_NAME}) says the {split} split is {', '.join(patterns)}, which "
+                        f"matches no {FILE_TYPES} file (matched: {_names(matched) if matched else 'nothing'}); "
+                        "give the files to read themselves")
+    return files, [p for p in found if p not in files], label
 
 
 def _in_split(file: Path, folder: Path, split: str) -> bool:

@@ -147,6 +147,9 @@ def test_a_card_that_cannot_be_followed_says_what_is_wrong_with_it(tmp_path):
         load_dataset(str(folder))
     with pytest.raises(DataError, match=r"gives the splits train; none of them is the eval split"):
         load_dataset(str(folder), split="eval")
+    card.write_text("---\nconfigs:\n- config_name: default\n  data_files: data/../../secret/*.jsonl\n---\n")
+    with pytest.raises(DataError, match=r"'data/\.\./\.\./secret/\*\.jsonl' leaves the dataset's folder"):
+        load_dataset(str(folder))
     card.write_text("---\nconfigs:\n- config_name: default\n  data_files: 7\n---\n")
     with pytest.raises(DataError, match=r"config 'default' has no readable `data_files`"):
         load_dataset(str(folder))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -84,4 +84,9 @@ def _patterns(card: Path, config: dict[str, Any], paths: Any) -> list[str]:
     if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) and p for p in patterns):
         raise DataError(f"{card}: config {config.get('config_name', 'default')!r}: a `path` must be a file "
                         f"pattern or a list of them, not {paths!r}")
-    return [p.lstrip("/") for p in patterns]
+    patterns = [p.lstrip("/") for p in patterns]
+    outside = [p for p in patterns if ".." in PurePosixPath(p).parts]
+    if outside:  # a card comes with a download: it names files in its own folder, nowhere else
+        raise DataError(f"{card}: config {config.get('config_name', 'default')!r}: {outside[0]!r} leaves the "
+                        "dataset's folder; a card's paths stay inside it")
+    return patterns

@@ -65,7 +65,7 @@ def dataset_files(entry: str | Path, notes: list[str] | None = None, split: str 
 
 def split_folder(folder: Path, split: str = "train") -> tuple[list[Path], list[Path], str]:
     """``(read, left out, which config)``: the folder's files of ``split``, its other dataset files,
-    and where its card declares several configs, which one was read (``"config 'en' (others: zh), "``,
+    and where its card declares several configs, which one was read (``"config 'en' (read by default; others: zh), "``,
     else ``""``). By file names: without a file named for it, the train split is every file not named
     for evaluation (eval data must never be trained on), or every file where all are; an eval split
     is refused."""

@@ -41,13 +41,13 @@ def _text(value) -> str:
 
 
 def _table(app, task_id) -> dict[int, str]:
-    """Status column of the task table by id, as a freshly opened page gets it (the tick skips what a
-    page already has, so each look is a page of its own)."""
-    page = app.client()
+    """Status column of the task table by id, as a freshly opened page gets it (no version or stamp
+    given: the tick sends all)."""
+    client = app.client()
     try:
-        table = page.predict(None, None, task_id, [], False, 0.6, "en", api_name="/monitor_tick")[0]
+        table = client.predict(None, None, task_id, [], False, 0.6, "en", api_name="/monitor_tick")[0]
     finally:
-        page.close()
+        client.close()
     return {row[0]: row[1] for row in table["data"]}
 
 

@@ -106,6 +106,7 @@ configs:
     path: en/holdout.jsonl
 - config_name: zh
   data_files: zh/*.jsonl
+- config_name: broken
 ---
 # a dataset in two languages
 """
@@ -119,11 +120,11 @@ def test_a_card_that_declares_configs_decides_the_subset_and_the_splits(tmp_path
     for name in ("part-0.jsonl", "part-1.jsonl", "holdout.jsonl"):
         write_jsonl(OPENAI_ROWS, folder / "en" / name)
     write_jsonl(ALPACA_ROWS, folder / "zh" / "a.jsonl")
-    (folder / "README.md").write_text(CARD)
+    (folder / "README.md").write_text(CARD)  # its config "broken" has no data_files: only the default's are read
     report = load_dataset(str(folder))
     assert [p.relative_to(folder).as_posix() for p in report.files] == ["en/part-0.jsonl", "en/part-1.jsonl"]
     assert report.format == "openai" and report.rows_ok == 2 * len(OPENAI_ROWS)
-    assert (f"{folder}: config 'en' (read by default; others: zh), the train split, 2 files (part-0.jsonl, "
+    assert (f"{folder}: config 'en' (read by default; others: zh, broken), the train split, 2 files (part-0.jsonl, "
             "part-1.jsonl); left out: 2 files (holdout.jsonl, a.jsonl)") in report.summary()
     assert dataset_files(folder, split="eval") == [folder / "en" / "holdout.jsonl"]
     # one config, splits as a mapping: train_sft is its train split, test_sft its eval split

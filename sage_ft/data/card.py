@@ -30,36 +30,37 @@ class CardConfig:
     splits: dict[str, list[str]]
 
 
-def card_configs(folder: Path) -> list[CardConfig]:
-    """The configs the card in ``folder`` declares, the default one first (``default: true``, else the
-    one named ``default``, else the first listed); none without a card, a YAML header or ``configs:``.
-    A header that cannot be read is an error only where it mentions ``configs`` (a README of one's own
-    may start with any front matter)."""
+def default_config(folder: Path) -> tuple[CardConfig, list[str]] | None:
+    """The config the card in ``folder`` reads by default (``default: true``, else the one named
+    ``default``, else the first listed) and the other configs' names; None without a card, a YAML
+    header or ``configs:``. Only the default's ``data_files`` are read (a quirk in another config must
+    not block this one). A header that cannot be read is an error only where it mentions ``configs``
+    (a README of one's own may start with any front matter)."""
     card = folder / CARD_NAME
     if not card.is_file():
-        return []
+        return None
     header = _HEADER.match(card.read_text(encoding="utf-8", errors="replace"))
     if header is None:
-        return []
+        return None
     try:
         meta = yaml.safe_load(header.group(1))
     except yaml.YAMLError as exc:
         if "configs" not in header.group(1):
-            return []
+            return None
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 2})" if mark is not None else ""  # +1 for the opening ---, +1 from 0-based
         raise DataError(f"{card}: its YAML header cannot be read{where}: {getattr(exc, 'problem', exc)}; fix it, "
                         "or give the data files themselves") from None
     entries = meta.get("configs") if isinstance(meta, dict) else None
-    if entries is None:
-        return []
+    if entries is None or entries == []:
+        return None
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise DataError(f"{card}: `configs:` must be a list of configs (config_name, data_files), not {entries!r}")
-    configs = [CardConfig(str(e.get("config_name", "default")), _splits(card, e)) for e in entries]
+    names = [str(e.get("config_name", "default")) for e in entries]
     first = next((i for i, e in enumerate(entries) if e.get("default") is True), None)
     if first is None:
-        first = next((i for i, c in enumerate(configs) if c.name == "default"), 0)
-    return [configs[first], *configs[:first], *configs[first + 1:]] if configs else []
+        first = names.index("default") if "default" in names else 0
+    return CardConfig(names[first], _splits(card, entries[first])), names[:first] + names[first + 1:]
 
 
 def _splits(card: Path, config: dict[str, Any]) -> dict[str, list[str]]:

@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 
 from sage_ft import paths
-from sage_ft.data.card import CARD_NAME, CardConfig, card_configs
+from sage_ft.data.card import CARD_NAME, CardConfig, default_config
 from sage_ft.data.load import FILE_TYPES, SUFFIXES, DataError
 from sage_ft.models.resolve import HUB_ID
 
@@ -71,9 +71,9 @@ def split_folder(folder: Path, split: str = "train") -> tuple[list[Path], list[P
     is refused."""
     found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    configs = card_configs(folder)
-    if configs:
-        return _card_split(folder, configs, split, found)
+    carded = default_config(folder)
+    if carded is not None:
+        return _card_split(folder, *carded, split, found)
     if not found:
         raise DataError(f"{folder}: a folder with no dataset file ({FILE_TYPES}) in it or below it; "
                         "give the folder that holds the data, or the files themselves")
@@ -86,14 +86,12 @@ def split_folder(folder: Path, split: str = "train") -> tuple[list[Path], list[P
     return named, [p for p in found if p not in named], ""
 
 
-def _card_split(folder: Path, configs: list[CardConfig], split: str,
+def _card_split(folder: Path, config: CardConfig, others: list[str], split: str,
                 found: list[Path]) -> tuple[list[Path], list[Path], str]:
     """``split_folder`` for a folder whose card declares configs: the default config's splits named
     for ``split`` (for train, else every split not named for evaluation), their files matched by
     its patterns."""
-    config = configs[0]
-    label = (f"config {config.name!r} (read by default; others: {', '.join(c.name for c in configs[1:])}), "
-             if len(configs) > 1 else "")
+    label = f"config {config.name!r} (read by default; others: {', '.join(others)}), " if others else ""
     names = [name for name in config.splits if _SPLIT_NAME[split].match(name.lower())]
     if not names and split == "train":
         names = [name for name in config.splits if not _SPLIT_NAME["eval"].match(name.lower())]

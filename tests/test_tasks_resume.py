@@ -193,9 +193,11 @@ def test_the_curve_keeps_the_attempt_that_continued_read_as_it_grows(tmp_path):
 def test_time_held_by_a_pause_is_not_counted_as_training(worker_manager, task_dataset):
     """A task paused for a while showed '1 tok/s' and a duration that ran on while it was held: the
     duration, the tokens/s after the pause and the run's final tokens/s leave the pause out."""
-    # (60 steps: with 6, a loaded machine's run could end before it saw the pause, and this waited 4 min)
-    task = worker_manager.create(tiny_task_config(task_dataset, max_steps=60, save_steps=1000))
-    wait_for(lambda: worker_manager.task(task.id).step >= 2, what="the second step")
+    # The second step is seen in the run's events, written as it ends (the task row's step is written
+    # about once a second: an idle machine did all 60 steps within one, and the pause came after them).
+    # 200 steps (~3 s here) leave the pause time to land on a loaded machine too.
+    task = worker_manager.create(tiny_task_config(task_dataset, max_steps=200, save_steps=1000))
+    wait_for(lambda: max(_loss_steps(task.output_dir), default=0) >= 2, what="the second step")
     worker_manager.pause(task.id)
     paused_at = time.time()
     log = Path(task.output_dir) / "logs.txt"

@@ -68,6 +68,10 @@ class TaskRun:
         self._run: Any = None
         self._cancel_reason: str | None = None  # "cancel" (user) or "interrupt" (app shutting down)
         self._paused = bool(task.paused)
+        # Held while a pause is set and while the watcher reads the row's flag and applies it: read and
+        # applied apart, a row read just before a pause was written undid that pause (and a fast run
+        # could end without holding; seen in CI). ``TaskManager`` writes the row first, then calls here.
+        self._pause_lock = threading.Lock()
         self._finished = threading.Event()
         self._pending: dict[str, Any] = {}
 
@@ -88,10 +92,12 @@ class TaskRun:
 
     def pause(self) -> None:
         """Hold the run between two steps (see ``TaskManager.pause``)."""
-        self._set_paused(True)
+        with self._pause_lock:
+            self._set_paused(True)
 
     def unpause(self) -> None:
-        self._set_paused(False)
+        with self._pause_lock:
+            self._set_paused(False)
 
     def _set_paused(self, paused: bool) -> None:
         with self._lock:
@@ -186,11 +192,12 @@ class TaskRun:
             run = FineTuneRun(config, emitter=emitter)
             if arbiter_message:  # in the run's events, so every client (any process) can show it
                 emitter.emit("log", level="info", source="memory", message=arbiter_message)
-            with self._lock:
-                self._run = run
-                reason, paused = self._cancel_reason, self._paused
-            if paused:  # paused before the trainer existed: it stops after its first step
-                run.pause()
+            with self._pause_lock:  # (an unpause between the two must not leave the run held)
+                with self._lock:
+                    self._run = run
+                    reason = self._cancel_reason
+                if self._paused:  # paused before the trainer existed: it stops after its first step
+                    run.pause()
             if reason:  # cancelled before the trainer existed
                 run.cancel()
             result = run.run()
@@ -337,12 +344,13 @@ class TaskRun:
         while not self._finished.wait(FLUSH_INTERVAL_S):
             try:
                 self._flush()
-                cancel, paused = self._requested()
+                with self._pause_lock:  # read and applied as one step (see __init__)
+                    cancel, paused = self._requested()
+                    if paused != self._paused:
+                        self._set_paused(paused)
                 if self._cancel_reason is None and cancel:
                     log.info("task %s: cancel requested through the database", self.task.id)
                     self.cancel()
-                if paused != self._paused:
-                    self._set_paused(paused)
             except Exception:  # the database being busy must not stop the run
                 log.exception("task %s: progress update failed", self.task.id)
 

@@ -69,8 +69,8 @@ class TaskRun:
         self._cancel_reason: str | None = None  # "cancel" (user) or "interrupt" (app shutting down)
         self._paused = bool(task.paused)
         # Held while a pause is set and while the watcher reads the row's flag and applies it: read and
-        # applied apart, a row read just before a pause was written undid that pause (and a fast run
-        # could end without holding; seen in CI). ``TaskManager`` writes the row first, then calls here.
+        # applied apart, a row read just before a pause was written undid that pause until the next
+        # poll (a short run could end unheld). ``TaskManager`` writes the row first, then calls here.
         self._pause_lock = threading.Lock()
         self._finished = threading.Event()
         self._pending: dict[str, Any] = {}

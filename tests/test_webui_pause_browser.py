@@ -56,11 +56,11 @@ def test_pause_unpause_task_box_and_download_in_a_real_browser(demo_model, tmp_p
             # the page re-attaches to the running task first (a pick made before that is overwritten)
             expect(progress.locator(".sage-progress")).to_have_attribute("data-task", str(long.id))
             # a file downloaded for one task is not offered once another is picked
-            # (visible=true: a hidden sizing row of the table may hold the same text). Twice in fresh-clone
-            # runs the details did not follow this pick: the picker showed it, yet the progress stayed on
-            # the running task, redrawn with new steps for 30 s (not reproduced in 6 local runs, 3 of them
-            # on a machine kept busy, nor in 40 clicks). Where it fails, the message says what the picker
-            # holds by then: whether something set it back to the running task, or the details lost it.
+            # (visible=true: a hidden sizing row of the table may hold the same text). In 3 of 11 fresh-clone
+            # runs the details did not follow this pick: the picker showed it, the progress stayed on the
+            # running task, frozen. The likely cause, fixed since: the tick's fingerprint was server-side
+            # state, stored apart from the details it described (see components.page_stamp). Where it
+            # fails, the message says what the picker holds by then.
             table.locator("text=done run >> visible=true").first.click()
             picker = page.locator("#task-select input")
             expect(picker).to_have_value(re.compile(rf"^#{done.id} "))

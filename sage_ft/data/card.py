@@ -60,34 +60,33 @@ def default_config(folder: Path) -> tuple[CardConfig, list[str]] | None:
     first = next((i for i, e in enumerate(entries) if e.get("default") is True), None)
     if first is None:
         first = names.index("default") if "default" in names else 0
-    return CardConfig(names[first], _splits(card, entries[first])), names[:first] + names[first + 1:]
+    config = CardConfig(names[first], _splits(card, names[first], entries[first].get("data_files")))
+    return config, names[:first] + names[first + 1:]
 
 
-def _splits(card: Path, config: dict[str, Any]) -> dict[str, list[str]]:
-    """``data_files`` in each form the ``datasets`` library takes: a pattern or a list of them (the
-    train split), ``{split: pattern(s)}``, or a list of ``{split, path}``."""
-    files = config.get("data_files")
+def _splits(card: Path, name: str, files: Any) -> dict[str, list[str]]:
+    """Config ``name``'s ``data_files`` in each form the ``datasets`` library takes: a pattern or a
+    list of them (the train split), ``{split: pattern(s)}``, or a list of ``{split, path}``."""
     if isinstance(files, str) or (isinstance(files, list) and all(isinstance(f, str) for f in files)):
-        return {"train": _patterns(card, config, files)}
+        return {"train": _patterns(card, name, files)}
     if isinstance(files, dict):
-        return {str(split): _patterns(card, config, paths) for split, paths in files.items()}
+        return {str(split): _patterns(card, name, paths) for split, paths in files.items()}
     if isinstance(files, list) and all(isinstance(f, dict) and "path" in f for f in files):
         splits: dict[str, list[str]] = {}
         for f in files:
-            splits.setdefault(str(f.get("split", "train")), []).extend(_patterns(card, config, f["path"]))
+            splits.setdefault(str(f.get("split", "train")), []).extend(_patterns(card, name, f["path"]))
         return splits
-    raise DataError(f"{card}: config {config.get('config_name', 'default')!r} has no readable `data_files` "
+    raise DataError(f"{card}: config {name!r} has no readable `data_files` "
                     f"(a path pattern, a list of them, or a list of {{split, path}}; found {files!r})")
 
 
-def _patterns(card: Path, config: dict[str, Any], paths: Any) -> list[str]:
+def _patterns(card: Path, name: str, paths: Any) -> list[str]:
     patterns = [paths] if isinstance(paths, str) else paths
     if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) and p for p in patterns):
-        raise DataError(f"{card}: config {config.get('config_name', 'default')!r}: a `path` must be a file "
-                        f"pattern or a list of them, not {paths!r}")
+        raise DataError(f"{card}: config {name!r}: a `path` must be a file pattern or a list of them, not {paths!r}")
     patterns = [p.lstrip("/") for p in patterns]
     outside = [p for p in patterns if ".." in PurePosixPath(p).parts]
     if outside:  # a card comes with a download: it names files in its own folder, nowhere else
-        raise DataError(f"{card}: config {config.get('config_name', 'default')!r}: {outside[0]!r} leaves the "
-                        "dataset's folder; a card's paths stay inside it")
+        raise DataError(f"{card}: config {name!r}: {outside[0]!r} leaves the dataset's folder; a card's paths stay "
+                        "inside it")
     return patterns

@@ -24,7 +24,9 @@ Anything else is given back as the path it names, and reading it says what is wr
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from sage_ft import paths
 from sage_ft.data.card import CARD_NAME, CardConfig, default_config
@@ -65,10 +67,10 @@ def dataset_files(entry: str | Path, notes: list[str] | None = None, split: str 
 
 def split_folder(folder: Path, split: str = "train") -> tuple[list[Path], list[Path], str]:
     """``(read, left out, which config)``: the folder's files of ``split``, its other dataset files,
-    and where its card declares several configs, which one was read (``"config 'en' (read by default; others: zh), "``,
-    else ``""``). By file names: without a file named for it, the train split is every file not named
-    for evaluation (eval data must never be trained on), or every file where all are; an eval split
-    is refused."""
+    and where its card declares several configs, which one was read (``"config 'en' (read by
+    default; others: zh), "``, else ``""``). By file names: without a file named for it, the train
+    split is every file not named for evaluation (eval data must never be trained on), or every file
+    where all are; an eval split is refused."""
     found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     carded = default_config(folder)
@@ -77,12 +79,11 @@ def split_folder(folder: Path, split: str = "train") -> tuple[list[Path], list[P
     if not found:
         raise DataError(f"{folder}: a folder with no dataset file ({FILE_TYPES}) in it or below it; "
                         "give the folder that holds the data, or the files themselves")
-    named = [p for p in found if _in_split(p, folder, split)]
+    named = _of_split(found, split, lambda p: _split_parts(p, folder))
     if not named and split != "train":
         raise DataError(f"{folder}: no {split} split in it (no file or folder named {', '.join(SPLITS[split][:5])}, "
                         f"...; found {_names(found)}); give the evaluation files themselves")
-    if not named:
-        named = [p for p in found if not _in_split(p, folder, "eval")] or found
+    named = named or found  # every file is named for evaluation: there is nothing else to train on
     return named, [p for p in found if p not in named], ""
 
 
@@ -92,9 +93,7 @@ def _card_split(folder: Path, config: CardConfig, others: list[str], split: str,
     for ``split`` (for train, else every split not named for evaluation), their files matched by
     its patterns."""
     label = f"config {config.name!r} (read by default; others: {', '.join(others)}), " if others else ""
-    names = [name for name in config.splits if _SPLIT_NAME[split].match(name.lower())]
-    if not names and split == "train":
-        names = [name for name in config.splits if not _SPLIT_NAME["eval"].match(name.lower())]
+    names = _of_split(list(config.splits), split, lambda name: [name])
     if not names:
         raise DataError(f"{folder}: its card ({CARD_NAME}) gives {label}the splits {', '.join(config.splits)}; "
                         f"none of them is the {split} split. Give the files to read themselves")
@@ -111,8 +110,19 @@ def _card_split(folder: Path, config: CardConfig, others: list[str], split: str,
     return files, [p for p in found if p not in files], label
 
 
-def _in_split(file: Path, folder: Path, split: str) -> bool:
-    return any(_SPLIT_NAME[split].match(part.lower()) for part in _split_parts(file, folder))
+_Item = TypeVar("_Item")  # a file, or a split name of a card
+
+
+def _of_split(items: list[_Item], split: str, names_of: Callable[[_Item], list[str]]) -> list[_Item]:
+    """The items (files, or a card's split names) of which a name (``names_of``) names ``split``; for
+    train, where none does, every item none of whose names is for evaluation."""
+    def named(item: _Item, which: str) -> bool:
+        return any(_SPLIT_NAME[which].match(name.lower()) for name in names_of(item))
+
+    chosen = [item for item in items if named(item, split)]
+    if not chosen and split == "train":
+        chosen = [item for item in items if not named(item, "eval")]
+    return chosen
 
 
 def _names(files: list[Path], shown: int = 3) -> str:

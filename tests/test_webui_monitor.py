@@ -246,6 +246,23 @@ def test_page_tick_is_one_event_that_skips_what_did_not_change(webui, finished):
     assert "已完成" in third[reg["train.progress"]._id]
 
 
+def test_an_event_that_draws_a_ticked_display_without_its_stamp_empties_the_stamp_after(webui):
+    """A Start, Cancel or Resume draws the Train tab's bar, a page load re-attaches, a language change
+    relabels the Monitor: none writes the stamp the tick compares with, and its answer may land after a
+    tick that drew a newer state with its stamp (CI: the bar stayed on "running" after a cancel, every
+    later tick skipping). Each is followed by an event that empties that stamp, so the next tick draws."""
+    reg = webui.demo.registry
+    fns = list(webui.demo.fns.values())
+    api_only = reg["top.api"]._id  # an inactive timer: endpoints for API clients, never fired by the page
+    for display, stamp in (("train.progress", "train.stamp"), ("mon.progress", "mon.stamp")):
+        drawers = [f for f in fns if reg[display] in f.outputs and reg[stamp] not in f.outputs
+                   and (api_only, "tick") not in [tuple(t) for t in f.targets]]
+        assert len(drawers) >= (4 if display == "train.progress" else 2), [f.name for f in drawers]
+        for f in drawers:
+            assert any(g.trigger_after == f._id and reg[stamp] in g.outputs and not g.inputs for g in fns), \
+                (display, f.name)
+
+
 def test_tick_resends_task_pickers_only_when_the_task_list_changes(webui, webui_client, finished, dataset):
     """The table follows every progress write; the pickers' choices only a new, renamed or deleted task
     (re-sending them each tick re-renders an open dropdown under the user's cursor)."""

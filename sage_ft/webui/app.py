@@ -24,7 +24,7 @@ from sage_ft.webui import (
     train_tab,
 )
 from sage_ft.webui.auth import LoginGuard
-from sage_ft.webui.components import Registry
+from sage_ft.webui.components import Registry, forget_stamps
 from sage_ft.webui.services import AppServices
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,11 @@ def build_app(services: AppServices, lang: str | None = None) -> gr.Blocks:
         localized = [e.component for e in reg.localized()]
         reg["top.lang"].change(lambda lg: reg.relabel(i18n.normalize(lg)), reg["top.lang"], localized,
                                api_name="set_lang", show_progress="hidden")
-        demo.load(lambda lg: on_load(services, i18n.normalize(lg)), reg["top.lang"],
-                  [reg["train.task_id"], reg["train.progress"], reg["mon.table"], reg["mon.version"], reg["mon.task"],
-                   reg["mon.compare"], reg["mon.progress"]], api_name="reattach", show_progress="hidden")
+        reattach = demo.load(lambda lg: on_load(services, i18n.normalize(lg)), reg["top.lang"],
+                             [reg["train.task_id"], reg["train.progress"], reg["mon.table"], reg["mon.version"],
+                              reg["mon.task"], reg["mon.compare"], reg["mon.progress"]], api_name="reattach",
+                             show_progress="hidden")
+        forget_stamps(reattach, reg["train.stamp"], reg["mon.stamp"])
         fields = [reg[f"train.{n}"] for n in train_tab.FIELDS]
         demo.load(lambda lg, *v: train_tab.preview(lg, *v), [reg["top.lang"], *fields],
                   [reg["train.command"], reg["train.yaml"]], api_name=False, show_progress="hidden")
@@ -112,3 +114,4 @@ def launch_app(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = N
         auth=guard.check if guard else None, auth_message="SAGE Fine-Tune Studio" if guard else None,
         max_file_size=demo.services.max_upload_bytes, allowed_paths=[], run_history=False, show_error=False,
         css=render.CSS, js=render.JS, theme=gr.themes.Soft(), footer_links=["api", "settings"], **extra)
+

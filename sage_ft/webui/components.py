@@ -34,6 +34,16 @@ def page_stamp() -> gr.Textbox:
     return gr.Textbox(None, visible=False)
 
 
+def forget_stamps(event: Any, *stamps: gr.Textbox) -> None:
+    """Once ``event`` has drawn what ``stamps`` describe without writing them (a Start, Cancel or
+    Resume draws the Train tab's bar; a page load re-attaches), empty them: the next tick then draws
+    anew. The event's answer may land after a tick that had drawn a newer state with its stamp (the
+    Cancel's "running" after the tick's "cancelled"), and the page kept the older drawing under the
+    newer stamp, every later tick skipping it (seen in CI: the bar stayed on "running" after a cancel)."""
+    empty = (lambda: None) if len(stamps) == 1 else (lambda: (None,) * len(stamps))  # Gradio: one output, one value
+    event.then(empty, None, list(stamps), api_name=False, show_progress="hidden")
+
+
 @dataclass
 class Entry:
     elem_id: str

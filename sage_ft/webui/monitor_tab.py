@@ -26,7 +26,7 @@ from gradio.components.plot import PlotData
 from sage_ft.tasks import TaskError, TaskStatus
 from sage_ft.tasks.status import RESUMABLE_STATES
 from sage_ft.webui import charts, chat_tab, i18n, render
-from sage_ft.webui.components import Registry, page_stamp
+from sage_ft.webui.components import Registry, forget_stamps, page_stamp
 from sage_ft.webui.services import AppServices, task_id_of
 from sage_ft.webui.topbar import TickPart
 
@@ -150,8 +150,9 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
           trigger_mode="always_last")
     reg["top.api"].tick(lambda *v: details(*v)[1:], view, detail_outputs(reg), api_name="task_details",
                         concurrency_limit=None, show_progress="hidden")  # the same, without the page's stamp
-    lang.change(lambda lg, tid: _relabel_table(services, lg, tid), [lang, reg["mon.task"]],
-                [*table_out, reg["mon.progress"]], api_name=False)
+    relabelled = lang.change(lambda lg, tid: _relabel_table(services, lg, tid), [lang, reg["mon.task"]],
+                             [*table_out, reg["mon.progress"]], api_name=False)
+    forget_stamps(relabelled, reg["mon.stamp"])
     for action in ("cancel", "resume", "retry", "delete"):
         extra = [reg["mon.resume_from"]] if action == "resume" else []
         reg[f"mon.{action}"].click(_action_handler(services, action), [reg["mon.task"], lang, *extra],

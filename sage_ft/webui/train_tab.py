@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import html
 import logging
 import time
@@ -23,7 +24,7 @@ from sage_ft.config import ConfigError, TrainConfig, closest_key
 from sage_ft.data.load import SUFFIXES
 from sage_ft.tasks import Task, TaskError, TaskStatus, parse_task_id, rundir
 from sage_ft.webui import charts, form, form_memory, i18n, render
-from sage_ft.webui.components import TOAST_S, Registry, page_stamp
+from sage_ft.webui.components import TOAST_S, Registry, forget_stamps, page_stamp
 from sage_ft.webui.presets import PRESETS
 from sage_ft.webui.services import AppServices, tokenizer_for
 from sage_ft.webui.topbar import TickPart
@@ -193,13 +194,16 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
                                       api_name="upload_config")
 
     progress_out = [reg["train.task_id"], reg["train.message"], reg["train.progress"]]
-    reg["train.start"].click(lambda lg, *v: start(services, lg, *v), [lang, *fields], progress_out, api_name="start") \
-        .success(lambda tid: parse_task_id(tid or "") or gr.skip(), reg["train.task_id"], reg["mon.task"],
-                 api_name=False, show_progress="hidden")
-    reg["train.cancel"].click(lambda tid, lg: cancel(services, tid, lg), [reg["train.task_id"], lang], progress_out,
-                              api_name="cancel")
-    reg["train.resume"].click(lambda tid, lg: resume(services, tid, lg), [reg["train.task_id"], lang], progress_out,
-                              api_name="resume")
+    started = reg["train.start"].click(lambda lg, *v: start(services, lg, *v), [lang, *fields], progress_out,
+                                       api_name="start")
+    started.success(lambda tid: parse_task_id(tid or "") or gr.skip(), reg["train.task_id"], reg["mon.task"],
+                    api_name=False, show_progress="hidden")
+    acted = [started]
+    for action, handler in (("cancel", cancel), ("resume", resume)):
+        acted.append(reg[f"train.{action}"].click(functools.partial(handler, services), [reg["train.task_id"], lang],
+                                                  progress_out, api_name=action))
+    for event in acted:
+        forget_stamps(event, reg["train.stamp"])
     reg["top.api"].tick(lambda tid, lg: train_progress(services, tid, lg), [reg["train.task_id"], lang],
                         reg["train.progress"], api_name="train_progress", concurrency_limit=None,
                         show_progress="hidden")

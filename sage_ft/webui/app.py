@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
@@ -93,6 +95,11 @@ def on_load(services: AppServices, lang: str) -> list[Any]:
 # event starts and sends progress bars 20 times a second (streamed chat tokens are not delayed).
 QUEUE_IDLE_POLL_S = 0.01
 PROGRESS_IDLE_POLL_S = 0.05
+# How long launch waits for its own server to answer on localhost (seconds). Gradio sends one HEAD
+# with a 3-s timeout and gives up at the first timeout, raising "When localhost is not accessible, a
+# shareable link must be created", with its server left running: a machine busy training (or a test
+# session under load) made the app fail to start with that misleading message.
+LOCALHOST_CHECK_S = 60.0
 
 
 def launch_app(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
@@ -103,6 +110,7 @@ def launch_app(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = N
     # default; each open page sends an event every 2 s, so that cost grew with the app's uptime
     # (about 8 ms per tick at 10,000 events, bench/monitoring.py). Every 200 events is plenty.
     os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "200")
+    _wait_longer_for_localhost()
     demo.queue(default_concurrency_limit=4)
     queue = getattr(demo, "_queue", None)  # private: tuned only where the attributes exist
     for attr, seconds in (("sleep_when_free", QUEUE_IDLE_POLL_S),
@@ -115,3 +123,26 @@ def launch_app(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = N
         max_file_size=demo.services.max_upload_bytes, allowed_paths=[], run_history=False, show_error=False,
         css=render.CSS, js=render.JS, theme=gr.themes.Soft(), footer_links=["api", "settings"], **extra)
 
+
+def _wait_longer_for_localhost() -> None:
+    """Make Gradio's own "is my server reachable" check (``gradio.networking.url_ok``, called at
+    launch) try again until ``LOCALHOST_CHECK_S`` has passed, instead of failing at its first 3-s
+    timeout. Installed once per process; a server that really cannot be reached still fails, later."""
+    from gradio import networking
+
+    if getattr(networking.url_ok, "sage_ft_patient", False):
+        return
+    networking.url_ok = _patient(networking.url_ok, LOCALHOST_CHECK_S)
+
+
+def _patient(url_ok: Callable[[str], bool], seconds: float) -> Callable[[str], bool]:
+    def patient_url_ok(url: str) -> bool:
+        deadline = time.monotonic() + seconds
+        while not url_ok(url):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)
+        return True
+
+    patient_url_ok.sage_ft_patient = True  # type: ignore[attr-defined]
+    return patient_url_ok

@@ -248,19 +248,25 @@ def test_page_tick_is_one_event_that_skips_what_did_not_change(webui, finished):
 
 def test_an_event_that_draws_a_ticked_display_without_its_stamp_empties_the_stamp_after(webui):
     """A Start, Cancel or Resume draws the Train tab's bar, a page load re-attaches, a language change
-    relabels the Monitor: none writes the stamp the tick compares with, and its answer may land after a
-    tick that drew a newer state with its stamp (CI: the bar stayed on "running" after a cancel, every
-    later tick skipping). Each is followed by an event that empties that stamp, so the next tick draws."""
+    relabels the Monitor's table, Pause and Unpause trade the Monitor's buttons: none writes the stamp
+    the tick compares with, and its answer may land after a tick that drew a newer state with its stamp
+    (CI: the bar stayed on "running" after a cancel, every later tick skipping). Each is followed by an
+    event that empties that stamp, so the next tick draws."""
+    from sage_ft.webui import monitor_tab
+
     reg = webui.demo.registry
     fns = list(webui.demo.fns.values())
     api_only = reg["top.api"]._id  # an inactive timer: endpoints for API clients, never fired by the page
-    for display, stamp in (("train.progress", "train.stamp"), ("mon.progress", "mon.stamp")):
-        drawers = [f for f in fns if reg[display] in f.outputs and reg[stamp] not in f.outputs
-                   and (api_only, "tick") not in [tuple(t) for t in f.targets]]
-        assert len(drawers) >= (4 if display == "train.progress" else 2), [f.name for f in drawers]
+    ticked = {"train.stamp": ["train.progress", "train.cancel", "train.resume"],
+              "mon.stamp": [f"mon.{name}" for name in monitor_tab.DETAILS]}
+    for stamp, displays in ticked.items():
+        drawers = [f for f in fns if any(reg[d] in f.outputs for d in displays) and reg[stamp] not in f.outputs
+                   and (api_only, "tick") not in [tuple(t) for t in f.targets]
+                   and f.api_name != "set_lang"]  # labels only: no state
+        assert len(drawers) >= 4, [f.api_name for f in drawers]
         for f in drawers:
             assert any(g.trigger_after == f._id and reg[stamp] in g.outputs and not g.inputs for g in fns), \
-                (display, f.name)
+                (stamp, f.api_name)
 
 
 def test_tick_resends_task_pickers_only_when_the_task_list_changes(webui, webui_client, finished, dataset):

@@ -158,9 +158,10 @@ def wire(reg: Registry, services: AppServices) -> TickPart:
         reg[f"mon.{action}"].click(_action_handler(services, action), [reg["mon.task"], lang, *extra],
                                    [reg["mon.message"], reg["mon.task"]], api_name=f"task_{action}")
     for action in ("pause", "unpause"):  # the buttons trade places at once, not on the next tick
-        reg[f"mon.{action}"].click(_pause_handler(services, action), [reg["mon.task"], lang],
-                                   [reg["mon.message"], reg["mon.task"], reg["mon.pause"], reg["mon.unpause"]],
-                                   api_name=f"task_{action}")
+        paused = reg[f"mon.{action}"].click(_pause_handler(services, action), [reg["mon.task"], lang],
+                                            [reg["mon.message"], reg["mon.task"], reg["mon.pause"],
+                                             reg["mon.unpause"]], api_name=f"task_{action}")
+        forget_stamps(paused, reg["mon.stamp"])
     # a file offered for one task must not stay on offer once another is picked
     reg["mon.task"].change(lambda: gr.update(value=None, visible=False), None, reg["mon.file"], api_name=False,
                            show_progress="hidden")
